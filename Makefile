@@ -1,0 +1,8 @@
+.PHONY: setup main test test-fast demo notebooks sync-notebooks bench
+setup:          ; bash scripts/run.sh setup
+main:           ; bash scripts/run.sh main
+demo:           ; bash scripts/run.sh demo
+test:           ; bash scripts/run.sh test
+test-fast:      ; bash scripts/run.sh test -m "not slow and not notebooks"
+sync-notebooks: ; .venv/bin/jupytext --sync notebooks/*.py
+bench:          ; .venv/bin/python -m benchmarks.run_all
