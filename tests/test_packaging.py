@@ -1,0 +1,69 @@
+"""The project's set-up files agree with each other (pyproject, environment.yml, README, CI)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~ \[;]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject_reqs() -> dict[str, str]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    reqs = list(data["project"]["dependencies"])
+    for extra in ("dev", "notebooks"):
+        reqs += data["project"]["optional-dependencies"][extra]
+    return {_name(r): r.replace(" ", "") for r in reqs}
+
+
+def _conda_pip_reqs(path: Path) -> dict[str, str]:
+    env = yaml.safe_load(path.read_text())
+    pip = [d for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip) == 1, f"{path.name} must have exactly one pip: section"
+    return {_name(r): r.replace(" ", "") for r in pip[0]["pip"]}
+
+
+def test_environment_yml_matches_pyproject():
+    py = _pyproject_reqs()
+    conda = _conda_pip_reqs(ROOT / "environment.yml")
+    # torch is pinned to the CPU wheel in the environment; pyproject only states the supported range
+    assert conda.pop("torch") == "torch==2.13.0"
+    py.pop("torch")
+    assert set(conda) == set(py), f"only in environment.yml: {set(conda) - set(py)}; only in pyproject: {set(py) - set(conda)}"
+    for name, req in py.items():
+        assert conda[name] == req, f"{name}: pyproject says {req!r}, environment.yml says {conda[name]!r}"
+
+
+def test_gpu_environment_has_vllm_and_no_cpu_torch_pin():
+    gpu = _conda_pip_reqs(ROOT / "environment-gpu.yml")
+    assert "vllm" in gpu
+    assert "torch" not in gpu, "vLLM pins its own torch; the GPU environment must not pin the CPU wheel"
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(_name(r) == "vllm" for r in data["project"]["optional-dependencies"]["gpu"])
+
+
+def test_readme_quick_start_has_exactly_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"## Quick start\n(.*?)\n## ", text, flags=re.S)
+    assert m, "README must open with a '## Quick start' section"
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", m.group(1), flags=re.S)
+    assert block, "Quick start needs a code block"
+    cmds = [l for l in block.group(1).splitlines() if l.strip() and not l.strip().startswith("#")]
+    assert cmds == ["bash scripts/run.sh main", "bash scripts/run.sh test"], cmds
+
+
+def test_ci_runs_the_readme_test_command_offline():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/run.sh test" in ci
+    assert "HF_HUB_OFFLINE=1" in ci and "OMP_WAIT_POLICY=PASSIVE" in ci
+    assert "IBPO_DATA_DIR" in ci
+    run = (ROOT / "scripts" / "run.sh").read_text()
+    # torch pinned before the package is installed
+    assert run.index('"torch==2.13.0"') < run.index('-e ".[dev,notebooks]"')
