@@ -1,0 +1,438 @@
+"""Reproduction pipeline: runs the lab's notebooks with papermill and writes a report.
+
+``python -m ibpo_lab.reproduce --profile smoke|full [--only 01 04 ...] [-p key value ...]``
+
+Every notebook in ``notebooks/`` named ``NN_name.ipynb`` runs in reading order into a
+timestamped folder::
+
+    runs/<stamp>-<profile>/
+        notebooks/NN_name.ipynb      executed copies (outputs included)
+        figures/NN_name/*.png        what each notebook saved with ``viz.save_fig``
+        figures/NN_name/*.csv        tables saved with ``viz.save_table``
+        records/                     training run records (``runs_dir`` of the notebooks)
+        status.json                  per notebook: ok/failed, wall time, error
+        report.md, report.html       key figures, results tables, failures with their error
+
+Every notebook receives ``profile`` and ``out_dir`` (its figures folder) and, when it declares
+it, ``runs_dir`` (the shared records folder). A failed notebook is marked failed with its error
+and the run goes on; the exit status is 1 if any notebook failed, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import html
+import json
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = [
+    "PROFILES",
+    "NotebookResult",
+    "find_notebooks",
+    "select_notebooks",
+    "notebook_parameters",
+    "parse_overrides",
+    "check_profile",
+    "run_notebook",
+    "reproduce",
+    "write_report",
+    "main",
+]
+
+PROFILES = ("smoke", "full")
+#: parameters reproduce.py passes itself; ``-p`` may not override them
+RESERVED = ("profile", "out_dir", "runs_dir")
+KERNEL = "python3"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_NOTEBOOKS = REPO_ROOT / "notebooks"
+_NB_NAME = re.compile(r"^(\d{2})_[A-Za-z0-9_]+\.ipynb$")
+
+
+class UsageError(ValueError):
+    """Bad command-line input (unknown parameter, unknown notebook, full without a GPU)."""
+
+
+@dataclass
+class NotebookResult:
+    """Outcome of one notebook run."""
+
+    name: str = field(metadata={"help": "notebook stem, e.g. 01_quickstart"})
+    status: str = field(default="pending", metadata={"help": "ok, failed or skipped"})
+    seconds: float = field(default=0.0, metadata={"help": "wall time of the execution"})
+    figures: list[str] = field(default_factory=list, metadata={"help": "PNG paths relative to the run folder"})
+    tables: list[str] = field(default_factory=list, metadata={"help": "CSV paths relative to the run folder"})
+    error: str | None = field(default=None, metadata={"help": "exception name and message when failed"})
+    error_cell: str | None = field(default=None, metadata={"help": "source of the failing cell"})
+    parameters: dict[str, Any] = field(default_factory=dict, metadata={"help": "parameters injected"})
+
+
+# ---------------------------------------------------------------------------------------- notebooks
+def find_notebooks(notebooks_dir: str | Path = DEFAULT_NOTEBOOKS) -> list[Path]:
+    """The ``NN_name.ipynb`` notebooks of ``notebooks_dir`` in reading order."""
+    d = Path(notebooks_dir)
+    if not d.is_dir():
+        raise UsageError(f"notebooks_dir: {d} is not a directory")
+    return sorted(p for p in d.glob("*.ipynb") if _NB_NAME.match(p.name))
+
+
+def select_notebooks(notebooks: Sequence[Path], only: Sequence[str] | None) -> list[Path]:
+    """Keep the notebooks matching ``only`` (a number like ``4``/``04``, a full stem, or a
+    substring of the stem such as ``quickstart``), in reading order. Unknown → UsageError."""
+    if not only:
+        return list(notebooks)
+    keep: set[Path] = set()
+    for sel in only:
+        s = str(sel).strip()
+        if s.isdigit():
+            hit = [p for p in notebooks if p.name[:2] == f"{int(s):02d}"]
+        else:
+            hit = [p for p in notebooks if s == p.stem or s in p.stem]
+        if not hit:
+            names = ", ".join(p.stem for p in notebooks)
+            raise UsageError(f"--only: no notebook matches {s!r}; available: {names}")
+        keep.update(hit)
+    return [p for p in notebooks if p in keep]
+
+
+def notebook_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The parameters of a notebook's ``parameters``-tagged cell, as papermill reads them:
+    name → {"default": source text, "type": inferred type name, "help": comment}."""
+    import papermill
+
+    params = papermill.inspect_notebook(str(path))
+    return {
+        k: {"default": v.get("default"), "type": v.get("inferred_type_name"), "help": v.get("help", "")}
+        for k, v in params.items()
+    }
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value: a Python literal (``3``, ``0.5``, ``True``, ``None``, ``['grpo', 'ibpo']``)
+    or, failing that, the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_overrides(pairs: Sequence[Sequence[str]] | None, notebooks: Sequence[Path]) -> dict[str, Any]:
+    """Validate ``-p key value`` pairs against the parameters the selected notebooks declare.
+
+    A key no selected notebook declares → UsageError listing each notebook's parameters.
+    """
+    overrides: dict[str, Any] = {}
+    if not pairs:
+        return overrides
+    declared = {p.stem: notebook_parameters(p) for p in notebooks}
+    known = set().union(*[set(v) for v in declared.values()]) if declared else set()
+    for key, value in pairs:
+        if key in RESERVED:
+            raise UsageError(
+                f"-p {key}: {key!r} is set by reproduce itself"
+                + (" (use --profile)" if key == "profile" else " (use --out)")
+            )
+        if key not in known:
+            listing = "\n".join(
+                f"  {nb}: " + ", ".join(k for k in ps if k not in RESERVED) for nb, ps in declared.items()
+            )
+            raise UsageError(f"-p {key}: no selected notebook has a parameter {key!r}. Parameters:\n{listing}")
+        overrides[key] = parse_value(value)
+    return overrides
+
+
+def check_profile(profile: str) -> None:
+    """``full`` needs a CUDA GPU: say so here, before any notebook loads a model."""
+    if profile not in PROFILES:
+        raise UsageError(f"--profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    if profile == "full":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--profile full needs a CUDA GPU (it trains 1.5B-parameter models with vLLM sampling) "
+                "and torch.cuda.is_available() is False on this machine. "
+                "Use --profile smoke on a CPU, or run on a machine with one 80 GB GPU."
+            )
+
+
+# ---------------------------------------------------------------------------------------- running
+def _kernel_env() -> None:
+    # The kernel inherits our environment. MPLBACKEND=Agg (set by scripts/run.sh for scripts)
+    # would stop figures from showing in the executed notebooks, so the kernel gets the inline
+    # backend; threads must not busy-wait on a small shared CPU.
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _collect(folder: Path, run_dir: Path, ext: str) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [str(p.relative_to(run_dir)) for p in sorted(folder.rglob(f"*.{ext}"))]
+
+
+def run_notebook(
+    path: Path,
+    run_dir: Path,
+    profile: str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    cell_timeout: int | None = None,
+    progress_bar: bool = False,
+) -> NotebookResult:
+    """Execute one notebook into ``run_dir`` and return its result (never raises on notebook errors)."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    name = path.stem
+    fig_dir = run_dir / "figures" / name
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    records = run_dir / "records"
+    records.mkdir(parents=True, exist_ok=True)
+    declared = notebook_parameters(path)
+    params: dict[str, Any] = {"profile": profile, "out_dir": str(fig_dir.resolve())}
+    if "runs_dir" in declared:
+        params["runs_dir"] = str(records.resolve())
+    params.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    res = NotebookResult(name=name, parameters=params)
+    out_nb = run_dir / "notebooks" / path.name
+    out_nb.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(path),
+            str(out_nb),
+            parameters=params,
+            kernel_name=KERNEL,
+            cwd=str(path.parent),
+            progress_bar=progress_bar,
+            execution_timeout=cell_timeout,
+        )
+        res.status = "ok"
+    except PapermillExecutionError as e:
+        res.status = "failed"
+        res.error = f"{e.ename}: {e.evalue}"
+        res.error_cell = e.source
+    except Exception as e:  # kernel died, timeout, bad notebook file: still a failed notebook
+        res.status = "failed"
+        res.error = f"{type(e).__name__}: {e}"
+        res.error_cell = traceback.format_exc(limit=3)
+    res.seconds = time.perf_counter() - t0
+    res.figures = _collect(fig_dir, run_dir, "png")
+    res.tables = _collect(fig_dir, run_dir, "csv")
+    return res
+
+
+def reproduce(
+    profile: str = "smoke",
+    *,
+    only: Sequence[str] | None = None,
+    overrides: Sequence[Sequence[str]] | None = None,
+    out: str | Path = "runs",
+    notebooks_dir: str | Path = DEFAULT_NOTEBOOKS,
+    cell_timeout: int | None = None,
+    stamp: str | None = None,
+    log=print,
+    progress_bar: bool = False,
+) -> tuple[Path, list[NotebookResult]]:
+    """Run the selected notebooks in order into ``out/<stamp>-<profile>/`` and write the report.
+
+    Returns (run folder, results). Raises UsageError on bad input before anything runs.
+    """
+    check_profile(profile)
+    notebooks = select_notebooks(find_notebooks(notebooks_dir), only)
+    if not notebooks:
+        raise UsageError(f"notebooks_dir: no NN_name.ipynb notebooks in {notebooks_dir}")
+    params = parse_overrides(overrides, notebooks)
+    stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(out) / f"{stamp}-{profile}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    _kernel_env()
+    log(f"[reproduce] profile={profile}: {len(notebooks)} notebooks -> {run_dir}")
+    results: list[NotebookResult] = []
+    t_start = time.perf_counter()
+    for i, nb in enumerate(notebooks, 1):
+        tag = f"[{i}/{len(notebooks)}] {nb.stem}"
+        log(f"{tag}: running (elapsed {time.perf_counter() - t_start:.0f} s)")
+        res = run_notebook(
+            nb, run_dir, profile, params, cell_timeout=cell_timeout, progress_bar=progress_bar
+        )
+        results.append(res)
+        msg = f"{tag}: {res.status} ({res.seconds:.1f} s, {len(res.figures)} figures)"
+        if res.error:
+            msg += f"\n      {res.error.splitlines()[0][:300]}"
+        log(msg)
+        # status after each notebook, so an interrupted run still says how far it got
+        _write_status(run_dir, profile, results, time.perf_counter() - t_start)
+    total = time.perf_counter() - t_start
+    write_report(run_dir, profile, results, total)
+    n_bad = sum(r.status != "ok" for r in results)
+    log(
+        f"[reproduce] {len(results) - n_bad}/{len(results)} notebooks ok in {total:.0f} s; "
+        f"report: {run_dir / 'report.md'}"
+    )
+    return run_dir, results
+
+
+# ---------------------------------------------------------------------------------------- report
+def _write_status(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float) -> None:
+    data = {"profile": profile, "seconds": round(seconds, 1), "notebooks": [asdict(r) for r in results]}
+    (run_dir / "status.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def _machine() -> str:
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # the report must not fail because torch is unhappy
+        pass
+    return f"{platform.node()} · {os.cpu_count()} CPU cores · {gpu} · Python {platform.python_version()}"
+
+
+def _read_table(run_dir: Path, rel: str, max_rows: int = 40):
+    import pandas as pd
+
+    df = pd.read_csv(run_dir / rel)
+    note = f" (first {max_rows} of {len(df)} rows)" if len(df) > max_rows else ""
+    return df.head(max_rows), note
+
+
+def _results_tables(run_dir: Path, results: list[NotebookResult]) -> list[tuple[str, str]]:
+    # the results notebook's summary tables go to the top of the report
+    out = []
+    for r in results:
+        if "results" in r.name:
+            out += [(r.name, t) for t in r.tables]
+    return out
+
+
+def write_report(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float) -> Path:
+    """Write ``status.json``, ``report.md`` and ``report.html`` into ``run_dir``; returns report.md."""
+    import pandas as pd
+
+    _write_status(run_dir, profile, results, seconds)
+    n_ok = sum(r.status == "ok" for r in results)
+    overview = pd.DataFrame(
+        [
+            {
+                "notebook": r.name,
+                "status": "✅ ok" if r.status == "ok" else f"❌ {r.status}",
+                "wall time (s)": round(r.seconds, 1),
+                "figures": len(r.figures),
+                "tables": len(r.tables),
+            }
+            for r in results
+        ]
+    )
+    head = (
+        f"profile **{profile}** · {n_ok}/{len(results)} notebooks ok · total {seconds:.0f} s · "
+        f"{datetime.now():%Y-%m-%d %H:%M} · {_machine()}"
+    )
+    md = [f"# ibpo_lab reproduction report ({profile})", "", head, "", overview.to_markdown(index=False), ""]
+    hl = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>ibpo_lab report ({html.escape(profile)})</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "pre{background:#fee;padding:6px;overflow-x:auto}</style></head><body>",
+        f"<h1>ibpo_lab reproduction report ({html.escape(profile)})</h1>",
+        f"<p>{html.escape(head.replace('**', ''))}</p>",
+        overview.to_html(index=False),
+    ]
+    summary = _results_tables(run_dir, results)
+    if summary:
+        md += ["## Results", ""]
+        hl += ["<h2>Results</h2>"]
+        for _, rel in summary:
+            df, note = _read_table(run_dir, rel)
+            title = Path(rel).stem.replace("_", " ")
+            md += [f"### {title}{note}", "", df.to_markdown(index=False, floatfmt=".4g"), ""]
+            hl += [f"<h3>{html.escape(title + note)}</h3>", df.to_html(index=False, float_format="%.4g")]
+    for r in results:
+        md += [f"## {r.name} — {r.status} ({r.seconds:.1f} s)", "", f"executed notebook: `notebooks/{r.name}.ipynb`", ""]
+        hl += [f"<h2>{html.escape(r.name)} — {r.status} ({r.seconds:.1f} s)</h2>"]
+        if r.error:
+            md += ["**Error:**", "", "```", r.error, "```", ""]
+            hl += [f"<p><b>Error:</b></p><pre>{html.escape(r.error)}</pre>"]
+            if r.error_cell:
+                md += ["in the cell:", "", "```python", r.error_cell.strip()[:2000], "```", ""]
+                hl += [f"<p>in the cell:</p><pre>{html.escape(r.error_cell.strip()[:2000])}</pre>"]
+        for fig in r.figures:
+            cap = Path(fig).stem.replace("_", " ")
+            md += [f"![{cap}]({fig})", ""]
+            hl += [f"<figure><img src='{html.escape(fig)}'><figcaption>{html.escape(cap)}</figcaption></figure>"]
+        for tab in r.tables:
+            if (r.name, tab) in summary:
+                continue
+            df, note = _read_table(run_dir, tab)
+            title = Path(tab).stem.replace("_", " ")
+            md += [f"**{title}**{note}", "", df.to_markdown(index=False, floatfmt=".4g"), ""]
+            hl += [f"<h4>{html.escape(title + note)}</h4>", df.to_html(index=False, float_format="%.4g")]
+    hl += ["</body></html>"]
+    (run_dir / "report.html").write_text("\n".join(hl))
+    path = run_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ibpo_lab.reproduce",
+        description="Run the ibpo_lab notebooks with papermill into runs/<stamp>-<profile>/ and write a report.",
+    )
+    p.add_argument("--profile", default="smoke", help="smoke: 2-core CPU in minutes; full: one 80 GB GPU")
+    p.add_argument("--only", nargs="+", metavar="NB", help="notebooks to run: numbers (4, 04), stems or substrings")
+    p.add_argument(
+        "-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"), dest="parameters",
+        help="override a notebook parameter (Python literal or string); repeatable",
+    )
+    p.add_argument("--out", default="runs", help="parent folder of the timestamped run folder (default: runs)")
+    p.add_argument("--notebooks-dir", default=str(DEFAULT_NOTEBOOKS), help="where the NN_name.ipynb notebooks are")
+    p.add_argument("--cell-timeout", type=int, default=None, help="seconds one cell may run (default: no limit)")
+    p.add_argument("--list", action="store_true", help="list the notebooks and their parameters, then exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list:
+            for nb in select_notebooks(find_notebooks(args.notebooks_dir), args.only):
+                ps = notebook_parameters(nb)
+                print(nb.stem)
+                for k, v in ps.items():
+                    print(f"    {k} = {v['default']}" + (f"    # {v['help']}" if v["help"] else ""))
+            return 0
+        _, results = reproduce(
+            args.profile,
+            only=args.only,
+            overrides=args.parameters,
+            out=args.out,
+            notebooks_dir=args.notebooks_dir,
+            cell_timeout=args.cell_timeout,
+            log=lambda m: print(m, flush=True),
+            progress_bar=sys.stderr.isatty(),  # per-cell bar for people, plain lines for CI logs
+        )
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,863 @@
+"""Seeing IBPO's credit: token colouring, repair diffs, divergence heatmaps, prefix tries, curves.
+
+Every view exists twice: a static function (a matplotlib figure or an HTML string that
+papermill outputs and reports keep) and, for exploring, :func:`explorer`, an ipywidgets box
+whose panels are drawn by the very same static functions.
+
+HTML views return :class:`HTML`, a ``str`` that Jupyter renders (``_repr_html_``), so tests
+and reports can read it as text. Figures are plain ``matplotlib`` figures; :func:`save_fig`
+writes them as PNG into a notebook's ``out_dir`` where ``ibpo_lab.reproduce`` collects them.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "HTML",
+    "save_fig",
+    "save_table",
+    "token_html",
+    "batch_token_html",
+    "repair_diff_html",
+    "divergence_heatmap",
+    "prefix_trie_plot",
+    "advantage_panel",
+    "runs_frame",
+    "learning_curves",
+    "metric_grid",
+    "summary_bars",
+    "roc_curve",
+    "roc_plot",
+    "step_credit_plot",
+    "step_labels_html",
+    "load_trajectories",
+    "trajectory_view",
+    "explorer",
+]
+
+
+class HTML(str):
+    """An HTML fragment: a plain ``str`` that Jupyter displays rendered."""
+
+    def _repr_html_(self) -> str:
+        return str(self)
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_.")
+    if not s:
+        raise ValueError(f"name {name!r} has no usable characters for a file name")
+    return s
+
+
+def save_fig(fig, out_dir: str | Path | None, name: str, *, dpi: int = 110) -> Path | None:
+    """Save ``fig`` as ``out_dir/name.png`` (folder created) and return the path.
+
+    ``out_dir=None`` saves nothing (interactive use) and returns None. The figure stays open so
+    the notebook still shows it.
+    """
+    if out_dir is None:
+        return None
+    if not hasattr(fig, "savefig"):
+        raise ValueError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
+    path = Path(out_dir) / f"{_slug(name)}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def save_table(df: pd.DataFrame, out_dir: str | Path | None, name: str) -> Path | None:
+    """Save a results table as ``out_dir/name.csv`` (the report shows it); returns the path."""
+    if out_dir is None:
+        return None
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    path = Path(out_dir) / f"{_slug(name)}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ colours
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+    if x is None:
+        raise ValueError(f"{name} is None")
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().float().cpu().numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numeric ({e})") from e
+
+
+def _hex(rgba) -> str:
+    r, g, b = (int(round(255 * float(c))) for c in rgba[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _text_colour(rgba) -> str:
+    # relative luminance decides black or white text, so dark cells stay readable
+    lum = 0.2126 * rgba[0] + 0.7152 * rgba[1] + 0.0722 * rgba[2]
+    return "#000000" if lum > 0.5 else "#ffffff"
+
+
+def _show_token(tok: str) -> str:
+    # make whitespace visible: a newline shows as ↵ and breaks the line, a tab as →
+    t = _html.escape(str(tok))
+    return t.replace("\t", "→").replace("\n", "↵<br>")
+
+
+# ------------------------------------------------------------------------------------------ tokens
+def token_html(
+    tokens: Sequence[str],
+    values: Any,
+    *,
+    mask: Any = None,
+    edited: Any = None,
+    vmax: float | None = None,
+    cmap: str = "RdBu",
+    tooltips: Sequence[str] | None = None,
+    title: str | None = None,
+) -> HTML:
+    """Tokens as coloured HTML spans: background = value on a diverging colour map.
+
+    tokens [T] strings, values [T] (e.g. one trajectory's advantages); mask [T] bool (False →
+    grey text, no colour: the token is not trained); edited [T] bool (underlined: the repair
+    changed it). Colours are symmetric around 0 with ``vmax`` (default max |value|); with
+    ``RdBu`` negative credit is red and positive blue. Every span has a tooltip with position
+    and value (or ``tooltips[i]``).
+    """
+    import matplotlib
+
+    toks = [str(t) for t in tokens]
+    vals = _to_numpy(values, "values").reshape(-1)
+    if len(vals) != len(toks):
+        raise ValueError(f"values has {len(vals)} entries but tokens has {len(toks)}")
+    m = np.ones(len(toks), dtype=bool) if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
+    e = np.zeros(len(toks), dtype=bool) if edited is None else np.asarray(edited, dtype=bool).reshape(-1)
+    for nm, arr in (("mask", m), ("edited", e)):
+        if len(arr) != len(toks):
+            raise ValueError(f"{nm} has {len(arr)} entries but tokens has {len(toks)}")
+    if tooltips is not None and len(tooltips) != len(toks):
+        raise ValueError(f"tooltips has {len(tooltips)} entries but tokens has {len(toks)}")
+    if not np.all(np.isfinite(vals[m])):
+        raise ValueError("values must be finite on masked-in tokens")
+    scale = vmax if vmax is not None else float(np.max(np.abs(vals[m]), initial=0.0))
+    if scale < 0:
+        raise ValueError(f"vmax must be >= 0, got {vmax}")
+    cm = matplotlib.colormaps[cmap]
+    spans = []
+    for i, (tok, v) in enumerate(zip(toks, vals)):
+        tip = tooltips[i] if tooltips is not None else f"pos {i} · value {v:+.4f}"
+        style = "white-space:pre-wrap;padding:1px 0;border-radius:2px;"
+        if m[i]:
+            # map [-scale, scale] onto [0, 1]; all-zero credit is the colour map's midpoint
+            x = 0.5 if scale == 0 else 0.5 + 0.5 * float(np.clip(v / scale, -1, 1))
+            rgba = cm(x)
+            style += f"background-color:{_hex(rgba)};color:{_text_colour(rgba)};"
+        else:
+            style += "color:#999999;"
+            tip += " · not trained"
+        if e[i]:
+            style += "text-decoration:underline;text-decoration-thickness:2px;"
+            tip += " · edited by the repair"
+        spans.append(
+            f'<span class="tok" data-pos="{i}" title="{_html.escape(tip, quote=True)}" style="{style}">'
+            f"{_show_token(tok)}</span>"
+        )
+    head = f"<div><b>{_html.escape(title)}</b></div>" if title else ""
+    legend = (
+        f'<div style="font-size:80%;color:#555">colour scale ±{scale:.3g} '
+        f"({_html.escape(cmap)}: low → high); grey = not trained; underline = edited by the repair</div>"
+    )
+    return HTML(
+        f'<div class="ibpo-tokens" style="font-family:monospace;line-height:1.6">{head}'
+        + "".join(spans)
+        + legend
+        + "</div>"
+    )
+
+
+def _decode_each(token_ids: Sequence[int], tokenizer) -> list[str]:
+    if tokenizer is None:
+        return [str(t) for t in token_ids]
+    return [tokenizer.decode([int(t)]) for t in token_ids]
+
+
+def batch_token_html(batch, advantages: Any, tokenizer=None, index: int = 0, *, vmax: float | None = None) -> HTML:
+    """:func:`token_html` of trajectory ``index`` of a RolloutBatch with advantages [B, T]."""
+    adv = _to_numpy(advantages, "advantages")
+    if adv.ndim != 2 or adv.shape[0] != len(batch):
+        raise ValueError(f"advantages must be [B, T] with B={len(batch)}, got shape {adv.shape}")
+    if not 0 <= int(index) < len(batch):
+        raise ValueError(f"index {index} out of range for a batch of {len(batch)}")
+    ids = batch.response_ids[index]
+    n = len(ids)
+    mask = batch.response_mask[index, :n].numpy() > 0
+    edited = batch.edit_masks[index] if batch.edit_masks is not None else None
+    title = f"trajectory {index} · group {int(batch.group_ids[index])} · reward {float(batch.rewards[index]):g}"
+    return token_html(_decode_each(ids, tokenizer), adv[index, :n], mask=mask, edited=edited, vmax=vmax, title=title)
+
+
+# ------------------------------------------------------------------------------------------ repairs
+def _as_units(x: Any, tokenizer, vocab: dict[str, int]) -> tuple[list[int], list[str]]:
+    """(ids for alignment, display strings) of a failed/repaired attempt. ``vocab`` is shared by
+    both sides so that equal token strings get equal ids."""
+    if isinstance(x, str):
+        if tokenizer is not None:
+            ids = tokenizer.encode(x, add_special_tokens=False)
+            return list(ids), _decode_each(ids, tokenizer)
+        return [ord(c) for c in x], list(x)  # no tokenizer: a character-level diff
+    seq = list(x)
+    if seq and all(isinstance(t, str) for t in seq):
+        return [vocab.setdefault(t, len(vocab)) for t in seq], seq
+    from ibpo_lab.diff import as_token_array
+
+    ids = as_token_array(seq, "failed/repaired").tolist()
+    return ids, _decode_each(ids, tokenizer)
+
+
+def repair_diff_html(failed: Any, repaired: Any, tokenizer=None, *, title: str | None = None) -> HTML:
+    """The repair as an inline diff: kept tokens plain, tokens of the failed attempt that the
+    repair changed struck through in red, tokens it inserted in green.
+
+    failed, repaired: texts (tokenised with ``tokenizer``, or diffed by character without one),
+    token-id sequences (decoded with ``tokenizer``) or token-string lists. The alignment is
+    ``ibpo_lab.diff.opcodes``, so the red tokens are exactly IBPO's edit mask.
+    """
+    from ibpo_lab.diff import opcodes
+
+    if isinstance(failed, str) != isinstance(repaired, str):
+        raise ValueError("failed and repaired must both be texts or both be token sequences")
+    vocab: dict[str, int] = {}
+    a_ids, a_txt = _as_units(failed, tokenizer, vocab)
+    b_ids, b_txt = _as_units(repaired, tokenizer, vocab)
+    ops = opcodes(a_ids, b_ids)
+    out, n_del, n_ins = [], 0, 0
+    for tag, i1, i2, j1, j2 in ops:
+        if tag == "equal":
+            out += [f'<span class="eq">{_show_token(t)}</span>' for t in a_txt[i1:i2]]
+            continue
+        if i2 > i1:
+            n_del += i2 - i1
+            out += [
+                '<del class="del" style="background:#ffd7d7;color:#a00000;white-space:pre-wrap" '
+                f'title="changed in the failed attempt (pos {i1 + k})">{_show_token(t)}</del>'
+                for k, t in enumerate(a_txt[i1:i2])
+            ]
+        if j2 > j1:
+            n_ins += j2 - j1
+            out += [
+                '<ins class="ins" style="background:#d4f7d4;color:#006000;text-decoration:none;white-space:pre-wrap" '
+                f'title="inserted by the repair (pos {j1 + k})">{_show_token(t)}</ins>'
+                for k, t in enumerate(b_txt[j1:j2])
+            ]
+    head = f"<div><b>{_html.escape(title)}</b></div>" if title else ""
+    summary = (
+        f'<div style="font-size:80%;color:#555">{n_del} of {len(a_txt)} tokens changed in the failed attempt '
+        f"(red), {n_ins} inserted by the repair (green)</div>"
+    )
+    return HTML(
+        f'<div class="ibpo-diff" style="font-family:monospace;line-height:1.6">{head}{"".join(out)}{summary}</div>'
+    )
+
+
+def step_labels_html(steps: Sequence[str], labels: Sequence[bool | None] | None, *, title: str | None = None) -> HTML:
+    """A trajectory's steps with their ground-truth labels (✓ correct, ✗ wrong, ? unknown)."""
+    steps = [str(s) for s in steps]
+    if labels is not None and len(labels) != len(steps):
+        raise ValueError(f"labels has {len(labels)} entries but steps has {len(steps)}")
+    rows = []
+    for k, s in enumerate(steps):
+        lab = None if labels is None else labels[k]
+        mark, colour = ("?", "#777777") if lab is None else (("✓", "#006000") if lab else ("✗", "#a00000"))
+        rows.append(
+            f'<tr><td style="color:{colour};font-weight:bold">{mark}</td><td>{k}</td>'
+            f'<td style="font-family:monospace;white-space:pre-wrap">{_html.escape(s)}</td></tr>'
+        )
+    head = f"<div><b>{_html.escape(title)}</b></div>" if title else ""
+    return HTML(f'<div class="ibpo-steps">{head}<table>{"".join(rows)}</table></div>')
+
+
+# ------------------------------------------------------------------------------------------ groups
+def _new_ax(ax, figsize):
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax
+
+
+def divergence_heatmap(
+    matrix: Any,
+    ax=None,
+    *,
+    rewards: Any = None,
+    labels: Sequence[str] | None = None,
+    title: str = "shared prefix length",
+    unit: str = "tokens",
+    annotate: bool | None = None,
+):
+    """Heatmap of a group's divergence matrix (``diff.divergence_matrix`` or
+    ``diff.step_divergence_matrix``): cell (i, j) = length of the prefix trajectories i and j share
+    (the diagonal is each trajectory's own length). int[G, G] -> Figure."""
+    M = _to_numpy(matrix, "matrix")
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"matrix must be square [G, G], got shape {M.shape}")
+    G = M.shape[0]
+    if labels is None:
+        r = None if rewards is None else _to_numpy(rewards, "rewards").reshape(-1)
+        if r is not None and len(r) != G:
+            raise ValueError(f"rewards has {len(r)} entries but the matrix is {G}x{G}")
+        labels = [f"{i}" + ("" if r is None else f" (R={r[i]:g})") for i in range(G)]
+    elif len(labels) != G:
+        raise ValueError(f"labels has {len(labels)} entries but the matrix is {G}x{G}")
+    fig, ax = _new_ax(ax, (1.2 + 0.45 * G, 0.9 + 0.4 * G))
+    im = ax.imshow(M, cmap="viridis", vmin=0)
+    ax.set_xticks(range(G), labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(G), labels, fontsize=8)
+    ax.set_title(f"{title} ({unit})", fontsize=10)
+    if annotate is None:
+        annotate = G <= 16
+    if annotate:
+        top = M.max() if M.size else 0
+        for i in range(G):
+            for j in range(G):
+                ax.text(j, i, f"{M[i, j]:g}", ha="center", va="center", fontsize=7,
+                        color="black" if M[i, j] > 0.6 * top else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return fig
+
+
+def _trie_layout(parent: np.ndarray) -> np.ndarray:
+    """y position of every trie node: leaves 0, 1, 2... in depth-first order, an inner node in
+    the middle of its children (the usual tidy dendrogram layout, written out: it is ten lines)."""
+    n = len(parent)
+    kids: list[list[int]] = [[] for _ in range(n)]
+    for c in range(1, n):
+        kids[int(parent[c])].append(c)
+    y = np.zeros(n)
+    next_leaf = 0
+    order, stack = [], [0]
+    while stack:  # iterative DFS (deep tries would hit Python's recursion limit)
+        v = stack.pop()
+        order.append(v)
+        stack.extend(reversed(kids[v]))
+    for v in order:
+        if not kids[v]:
+            y[v] = next_leaf
+            next_leaf += 1
+    for v in reversed(order):
+        if kids[v]:
+            y[v] = np.mean([y[c] for c in kids[v]])
+    return y
+
+
+def prefix_trie_plot(trie, ax=None, *, title: str = "step prefix trie", annotate: bool = True):
+    """Draw a ``diff.PrefixTrie``: x = step depth, one row per distinct path; node size = how many
+    trajectories share the prefix, colour = their mean reward (the prefix's Monte-Carlo value)."""
+    for attr in ("parent", "depth", "count", "mean"):
+        if not hasattr(trie, attr):
+            raise ValueError(f"trie must be a PrefixTrie (missing {attr!r})")
+    parent = np.asarray(trie.parent, dtype=int)
+    depth = np.asarray(trie.depth, dtype=float)
+    count = np.asarray(trie.count, dtype=float)
+    mean = np.asarray(trie.mean, dtype=float)
+    y = _trie_layout(parent)
+    n_leaves = int(y.max()) + 1 if len(y) else 1
+    fig, ax = _new_ax(ax, (1.5 + 0.9 * max(depth.max(initial=0), 1), 1.0 + 0.35 * n_leaves))
+    for c in range(1, len(parent)):
+        p = parent[c]
+        ax.plot([depth[p], depth[p], depth[c]], [y[p], y[c], y[c]], color="#999999", lw=1, zorder=1)
+    size = 40 + 260 * count / max(count.max(initial=1), 1)
+    sc = ax.scatter(depth, y, s=size, c=mean, cmap="RdYlGn", vmin=0, vmax=1, edgecolors="black", zorder=2)
+    if annotate:
+        for v in range(len(parent)):  # the count inside its node
+            ax.text(depth[v], y[v], f"{int(count[v])}", ha="center", va="center", fontsize=7, zorder=3)
+    ax.margins(x=0.12, y=0.15)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("step")
+    ax.set_yticks([])
+    ax.invert_yaxis()
+    ax.set_title(title + "\n(node: #trajectories sharing the prefix, colour = their mean reward)", fontsize=9)
+    fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="mean reward")
+    return fig
+
+
+def advantage_panel(
+    advantages: Mapping[str, Any],
+    mask: Any = None,
+    *,
+    rewards: Any = None,
+    group_ids: Any = None,
+    step_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+    title: str | None = None,
+):
+    """Token advantages of several estimators side by side: one heatmap per estimator, one row
+    per trajectory, one column per response token, red < 0 < blue (masked-out tokens blank).
+
+    advantages: name -> [B, T]; mask [B, T] (response mask); rewards [B], group_ids [B] label
+    the rows; step_spans (B lists of token spans) draw step boundaries.
+    """
+    import matplotlib.pyplot as plt
+
+    if not advantages:
+        raise ValueError("advantages is empty: pass {estimator name: [B, T] tensor}")
+    arrs = {k: _to_numpy(v, f"advantages[{k!r}]") for k, v in advantages.items()}
+    shapes = {a.shape for a in arrs.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"every advantages[...] must be [B, T] with one shape, got {sorted(shapes)}")
+    B, T = next(iter(shapes))
+    m = np.ones((B, T), dtype=bool) if mask is None else _to_numpy(mask, "mask") > 0
+    if m.shape != (B, T):
+        raise ValueError(f"mask has shape {m.shape}, expected {(B, T)}")
+    labels = [str(i) for i in range(B)]
+    if rewards is not None:
+        r = _to_numpy(rewards, "rewards").reshape(-1)
+        g = None if group_ids is None else _to_numpy(group_ids, "group_ids").reshape(-1)
+        labels = [f"{i}" + (f" g{int(g[i])}" if g is not None else "") + f" R={r[i]:g}" for i in range(B)]
+    k = len(arrs)
+    ncol = min(k, 3)
+    nrow = math.ceil(k / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 0.6 + max(1.6, 0.28 * B) * nrow), squeeze=False)
+    for ax, (name, a) in zip(axes.flat, arrs.items()):
+        shown = np.where(m, a, np.nan)
+        vmax = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 1.0
+        vmax = vmax or 1.0
+        im = ax.imshow(shown, aspect="auto", cmap="RdBu", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        if step_spans is not None:
+            for i, spans in enumerate(step_spans):
+                for _, end in spans[:-1]:
+                    ax.plot([end - 0.5, end - 0.5], [i - 0.5, i + 0.5], color="black", lw=0.6)
+        ax.set_title(name, fontsize=10)
+        ax.set_yticks(range(B), labels, fontsize=7)
+        ax.set_xlabel("response token")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    for ax in list(axes.flat)[k:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ runs
+def runs_frame(runs: Any, *, label: str | Callable | None = None) -> pd.DataFrame:
+    """Metrics of several runs as one long DataFrame with ``label`` and ``seed`` columns.
+
+    ``runs``: a DataFrame (returned as is), or run records / run folders (anything with a
+    ``metrics`` DataFrame and a ``config``; folders are read with ``ibpo_lab.train.load_run``).
+    ``label``: config attribute or function(record) naming the curve (default: the config's
+    ``label`` if it has one, else its ``estimator``).
+    """
+    if isinstance(runs, pd.DataFrame):
+        return runs
+    if isinstance(runs, (str, Path)) or hasattr(runs, "metrics"):
+        runs = [runs]
+    frames = []
+    for r in runs:
+        if isinstance(r, (str, Path)):
+            from ibpo_lab.train import load_run
+
+            r = load_run(r)
+        if not hasattr(r, "metrics"):
+            raise ValueError(f"runs: expected run records with .metrics, got {type(r).__name__}")
+        cfg = getattr(r, "config", None)
+        df = pd.DataFrame(r.metrics).copy()
+
+        def get(name, default=None):
+            if isinstance(cfg, Mapping):
+                return cfg.get(name, default)
+            return getattr(cfg, name, default)
+
+        if callable(label):
+            lab = label(r)
+        elif isinstance(label, str):
+            lab = get(label)
+        else:
+            lab = get("label") or get("estimator") or "run"
+        if "label" not in df.columns:
+            df["label"] = str(lab)
+        if "seed" not in df.columns:
+            df["seed"] = get("seed", 0)
+        frames.append(df)
+    if not frames:
+        raise ValueError("runs is empty")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _band(values: pd.Series, band: str | None) -> tuple[float, float, float]:
+    v = values.dropna().to_numpy(dtype=float)
+    mu = float(v.mean()) if len(v) else math.nan
+    if band is None or len(v) < 2:
+        return mu, mu, mu
+    if band == "ci":  # normal-approximation 95% interval of the mean across seeds
+        h = 1.96 * v.std(ddof=1) / math.sqrt(len(v))
+        return mu, mu - h, mu + h
+    if band == "std":
+        s = v.std(ddof=1)
+        return mu, mu - s, mu + s
+    if band == "minmax":
+        return mu, float(v.min()), float(v.max())
+    raise ValueError(f"band must be 'ci', 'std', 'minmax' or None, got {band!r}")
+
+
+def learning_curves(
+    runs: Any,
+    metric: str = "reward_mean",
+    *,
+    by: str = "label",
+    band: str | None = "ci",
+    x: str = "step",
+    smooth: int = 1,
+    ax=None,
+    title: str | None = None,
+):
+    """Mean curve of ``metric`` against ``x`` for each value of ``by`` with a band across seeds
+    (``"ci"`` 95% CI of the mean, ``"std"``, ``"minmax"`` or None). ``smooth``: rolling-mean window
+    applied per run before averaging. ``runs``: see :func:`runs_frame`. -> Figure."""
+    df = runs_frame(runs)
+    for col in (metric, by, x):
+        if col not in df.columns:
+            raise ValueError(f"column {col!r} not in the run metrics; available: {sorted(df.columns)}")
+    if smooth < 1:
+        raise ValueError(f"smooth must be >= 1, got {smooth}")
+    _band(pd.Series([0.0, 1.0]), band)  # validate band before drawing
+    fig, ax = _new_ax(ax, (6, 3.6))
+    seed_col = "seed" if "seed" in df.columns else None
+    for name, sub in df.groupby(by, sort=False):
+        sub = sub.dropna(subset=[metric]).sort_values(x)
+        if sub.empty:
+            continue
+        if smooth > 1:
+            keys = [seed_col] if seed_col else []
+            if keys:
+                sub = sub.assign(**{metric: sub.groupby(keys)[metric].transform(
+                    lambda s: s.rolling(smooth, min_periods=1).mean())})
+            else:
+                sub = sub.assign(**{metric: sub[metric].rolling(smooth, min_periods=1).mean()})
+        stats = [(xv, *_band(g[metric], band)) for xv, g in sub.groupby(x)]
+        xs, mu, lo, hi = (np.array(c, dtype=float) for c in zip(*stats))
+        n_seeds = sub[seed_col].nunique() if seed_col else 1
+        (line,) = ax.plot(xs, mu, label=f"{name} (n={n_seeds})", lw=1.6)
+        if band is not None and n_seeds > 1:
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric}" + (f" (band: {band} over seeds)" if band else ""), fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def metric_grid(runs: Any, metrics: Sequence[str], *, by: str = "label", band: str | None = "ci",
+                x: str = "step", smooth: int = 1, ncol: int = 2, title: str | None = None):
+    """:func:`learning_curves` of several metrics in one figure (missing metrics are listed in an
+    error, not skipped)."""
+    import matplotlib.pyplot as plt
+
+    df = runs_frame(runs)
+    missing = [m for m in metrics if m not in df.columns]
+    if missing:
+        raise ValueError(f"metrics {missing} not in the run metrics; available: {sorted(df.columns)}")
+    if not metrics:
+        raise ValueError("metrics is empty")
+    ncol = min(ncol, len(metrics))
+    nrow = math.ceil(len(metrics) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.3 * nrow), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        learning_curves(df, m, by=by, band=band, x=x, smooth=smooth, ax=ax, title=m)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, err: str | None = None,
+                 ax=None, title: str | None = None):
+    """Grouped bar chart of a summary table: bars of ``y`` per ``x`` (one colour per ``hue``),
+    error bars from column ``err``. If ``df`` has several rows per (x, hue), they are averaged
+    and the error bar is their 95% CI."""
+    cols = [c for c in (x, y, hue, err) if c is not None]
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"columns {missing} not in the table; available: {sorted(df.columns)}")
+    keys = [x] + ([hue] if hue else [])
+    rows = []
+    for k, g in df.groupby(keys, sort=False):
+        k = k if isinstance(k, tuple) else (k,)
+        mu, lo, hi = _band(g[y], "ci")
+        e = float(g[err].mean()) if err else (hi - mu)
+        rows.append((*k, mu, e))
+    agg = pd.DataFrame(rows, columns=keys + ["_mu", "_err"])
+    xs = list(dict.fromkeys(agg[x]))
+    hues = list(dict.fromkeys(agg[hue])) if hue else [None]
+    fig, ax = _new_ax(ax, (1.5 + 0.8 * len(xs) * max(1, len(hues)) ** 0.5, 3.4))
+    w = 0.8 / len(hues)
+    for h_i, h in enumerate(hues):
+        sub = agg if h is None else agg[agg[hue] == h]
+        pos = [xs.index(v) + (h_i - (len(hues) - 1) / 2) * w for v in sub[x]]
+        ax.bar(pos, sub["_mu"], w, yerr=np.nan_to_num(sub["_err"].to_numpy(dtype=float)), capsize=3,
+               label=None if h is None else str(h))
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(y)
+    if hue:
+        ax.legend(fontsize=7, title=hue)
+    ax.set_title(title or y, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ credit
+def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC of ``scores`` for boolean ``labels`` (True = positive): (fpr, tpr, auc).
+
+    Written here (a sort and two cumulative sums) rather than adding scikit-learn as a
+    dependency for one curve; ties get the average rank, as in the Mann-Whitney AUC.
+    """
+    s = _to_numpy(scores, "scores").reshape(-1)
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    if len(s) != len(y):
+        raise ValueError(f"scores has {len(s)} entries but labels has {len(y)}")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("labels must contain both classes to draw a ROC curve")
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s) - 1]
+    tps = np.cumsum(y_sorted)[distinct]
+    fps = (distinct + 1) - tps
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    return fpr, tpr, auc
+
+
+def roc_plot(df: pd.DataFrame, *, score: str = "advantage", label: str = "correct", by: str = "estimator",
+             ax=None, title: str = "step credit vs ground-truth step labels"):
+    """ROC curves, one per ``by`` group, of how well ``score`` ranks steps with ``label`` True above
+    the rest (AUC in the legend; 0.5 = no information)."""
+    for c in (score, label, by):
+        if c not in df.columns:
+            raise ValueError(f"column {c!r} not in the table; available: {sorted(df.columns)}")
+    fig, ax = _new_ax(ax, (4.4, 4))
+    for name, g in df.groupby(by, sort=False):
+        y = g[label].astype(bool)
+        if y.all() or not y.any():
+            continue
+        fpr, tpr, auc = roc_curve(g[score], y)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.2f})")
+    ax.plot([0, 1], [0, 1], color="#aaaaaa", ls="--", lw=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def step_credit_plot(df: pd.DataFrame, *, value: str = "advantage", label: str = "correct", by: str = "estimator",
+                     ax=None, title: str = "per-step advantage by ground-truth step label"):
+    """Per ``by`` group, the distribution of step advantages on correct vs wrong steps (box plots
+    side by side): good credit puts wrong steps clearly below correct ones."""
+    for c in (value, label, by):
+        if c not in df.columns:
+            raise ValueError(f"column {c!r} not in the table; available: {sorted(df.columns)}")
+    names = list(dict.fromkeys(df[by]))
+    fig, ax = _new_ax(ax, (1.5 + 1.2 * len(names), 3.6))
+    data, pos, colours = [], [], []
+    for i, n in enumerate(names):
+        g = df[df[by] == n]
+        for j, (lab, col) in enumerate(((True, "#4c9a4c"), (False, "#c04040"))):
+            v = g.loc[g[label].astype(bool) == lab, value].dropna().to_numpy(dtype=float)
+            data.append(v if len(v) else np.array([np.nan]))
+            pos.append(i + (j - 0.5) * 0.35)
+            colours.append(col)
+    bp = ax.boxplot(data, positions=pos, widths=0.3, patch_artist=True, showfliers=False)
+    for patch, c in zip(bp["boxes"], colours):
+        patch.set_facecolor(c)
+        patch.set_alpha(0.6)
+    ax.axhline(0, color="#999999", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(value)
+    ax.set_title(title + " (green = correct, red = wrong)", fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ explorer
+def _step_files(run_dir: Path) -> dict[int, Path]:
+    files = {}
+    for p in sorted((run_dir / "trajectories").glob("step_*.parquet")):
+        m = re.search(r"step_(\d+)", p.stem)
+        if m:
+            files[int(m.group(1))] = p
+    return files
+
+
+def load_trajectories(run_dir: str | Path, step: int | None = None) -> pd.DataFrame:
+    """The trajectories a run logged at ``step`` (default: the last logged step), one row each."""
+    run_dir = Path(run_dir)
+    files = _step_files(run_dir)
+    if not files:
+        raise ValueError(f"run_dir: {run_dir} has no trajectories/step_*.parquet files")
+    if step is None:
+        step = max(files)
+    if step not in files:
+        raise ValueError(f"step {step} was not logged in {run_dir}; logged steps: {sorted(files)}")
+    return pd.read_parquet(files[step])
+
+
+def _col(row: Mapping, *names, default=None):
+    for n in names:
+        if n in row and row[n] is not None and not (isinstance(row[n], float) and math.isnan(row[n])):
+            return row[n]
+    return default
+
+
+def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None) -> dict[str, Any]:
+    """Every static view of one logged trajectory (the explorer shows exactly these):
+
+    ``tokens`` HTML coloured by advantage, ``diff`` HTML of its repair (if it was repaired),
+    ``steps`` HTML of its step labels, ``heatmap`` Figure of its group's divergence matrix.
+    ``frame``: :func:`load_trajectories` output; ``traj``: the row's ``traj`` value (or index).
+    """
+    from ibpo_lab.diff import divergence_matrix
+
+    if "traj" in frame.columns:
+        rows = frame[frame["traj"] == traj]
+        if rows.empty:
+            raise ValueError(f"traj {traj} not in this step; available: {frame['traj'].tolist()[:50]}")
+        row = rows.iloc[0].to_dict()
+    else:
+        if not 0 <= traj < len(frame):
+            raise ValueError(f"traj {traj} out of range for {len(frame)} rows")
+        row = frame.iloc[traj].to_dict()
+    ids = list(_col(row, "response_ids", default=[]))
+    toks = _col(row, "tokens", "response_tokens")
+    toks = list(toks) if toks is not None else _decode_each(ids, tokenizer)
+    adv = _col(row, "advantages", "advantage")
+    adv = np.zeros(len(toks)) if adv is None or np.ndim(adv) == 0 else np.asarray(adv, dtype=float)
+    mask = _col(row, "response_mask", "mask")
+    edited = _col(row, "edit_mask", "edited")
+    reward = _col(row, "reward", default=math.nan)
+    group = _col(row, "group", default=-1)
+    out: dict[str, Any] = {}
+    out["tokens"] = token_html(toks, adv[: len(toks)], mask=mask, edited=edited,
+                               title=f"traj {traj} · group {group} · reward {reward:g}")
+    failed_text = _col(row, "response")
+    repaired = _col(row, "repaired_ids", "repaired_response_ids")
+    repaired_text = _col(row, "repaired_response", "repair")
+    if repaired is not None and len(repaired):
+        out["diff"] = repair_diff_html(ids, list(repaired), tokenizer, title="repair")
+    elif repaired_text is not None and failed_text is not None:
+        out["diff"] = repair_diff_html(str(failed_text), str(repaired_text), None, title="repair")
+    else:
+        out["diff"] = HTML("<div><i>no repair for this trajectory (it was correct, or no repair succeeded)</i></div>")
+    spans = _col(row, "step_spans")
+    labels = _col(row, "step_labels")
+    if spans is not None and len(spans):
+        steps = ["".join(toks[int(a):int(b)]) for a, b in spans]
+        labs = None if labels is None else [None if v is None else bool(v) for v in labels]
+        if labs is not None and len(labs) != len(steps):
+            labs = None  # label and span counts disagree: show the steps unlabelled rather than misaligned
+        out["steps"] = step_labels_html(steps, labs, title="steps")
+    else:
+        out["steps"] = HTML("<div><i>no step spans logged</i></div>")
+    if "group" in frame.columns and "response_ids" in frame.columns:
+        grp = frame[frame["group"] == group]
+        M = divergence_matrix([list(x) for x in grp["response_ids"]])
+        fig = divergence_heatmap(M, rewards=grp["reward"].to_numpy() if "reward" in grp else None,
+                                 labels=[str(t) for t in grp.get("traj", range(len(grp)))],
+                                 title=f"group {group}: shared prefix")
+        out["heatmap"] = fig
+    return out
+
+
+def explorer(run_dir: str | Path, tokenizer=None):
+    """Interactive explorer of logged trajectories: pick run → step → prompt (group) → trajectory
+    and see its tokens coloured by advantage, its repair diff, its step labels and its group's
+    divergence heatmap. ``run_dir``: one run folder, or a folder of run folders. -> ipywidgets.VBox.
+    The panels are :func:`trajectory_view`'s static views."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ValueError(f"run_dir: {root} is not a directory")
+    runs = [root] if (root / "trajectories").is_dir() else sorted(
+        p for p in root.rglob("*") if p.is_dir() and (p / "trajectories").is_dir()
+    )
+    runs = [r for r in runs if _step_files(r)]
+    if not runs:
+        raise ValueError(f"run_dir: no run with trajectories/step_*.parquet under {root}")
+    run_dd = W.Dropdown(options=[(str(r.relative_to(root)) if r != root else r.name, r) for r in runs],
+                        description="run")
+    step_dd = W.Dropdown(description="step")
+    group_dd = W.Dropdown(description="prompt")
+    traj_dd = W.Dropdown(description="trajectory")
+    out_tokens, out_diff, out_steps, out_heat = W.HTML(), W.HTML(), W.HTML(), W.Output()
+    state: dict[str, Any] = {}
+
+    def on_run(*_):
+        steps = sorted(_step_files(run_dd.value))
+        step_dd.options = steps
+        step_dd.value = steps[-1]
+
+    def on_step(*_):
+        if step_dd.value is None:
+            return
+        state["frame"] = frame = load_trajectories(run_dd.value, step_dd.value)
+        groups = sorted(frame["group"].unique().tolist()) if "group" in frame else [0]
+        group_dd.options = groups
+        group_dd.value = groups[0]
+
+    def on_group(*_):
+        frame = state.get("frame")
+        if frame is None or group_dd.value is None:
+            return
+        sub = frame[frame["group"] == group_dd.value] if "group" in frame else frame
+        trajs = sub["traj"].tolist() if "traj" in sub else list(range(len(sub)))
+        traj_dd.options = [(f"{t} (R={r:g})", t) for t, r in zip(trajs, sub.get("reward", [math.nan] * len(sub)))]
+        traj_dd.value = trajs[0]
+
+    def on_traj(*_):
+        frame = state.get("frame")
+        if frame is None or traj_dd.value is None:
+            return
+        views = trajectory_view(frame, traj_dd.value, tokenizer)
+        out_tokens.value, out_diff.value, out_steps.value = views["tokens"], views["diff"], views["steps"]
+        out_heat.clear_output(wait=True)
+        if "heatmap" in views:
+            with out_heat:
+                display(views["heatmap"])
+            plt.close(views["heatmap"])
+
+    run_dd.observe(on_run, "value")
+    step_dd.observe(on_step, "value")
+    group_dd.observe(on_group, "value")
+    traj_dd.observe(on_traj, "value")
+    on_run()
+    on_step()
+    on_group()
+    on_traj()
+    box = W.VBox([
+        W.HBox([run_dd, step_dd, group_dd, traj_dd]),
+        W.HBox([W.VBox([W.HTML("<b>tokens by advantage</b>"), out_tokens, W.HTML("<b>repair</b>"), out_diff],
+                       layout=W.Layout(width="60%")),
+                W.VBox([W.HTML("<b>step labels</b>"), out_steps, out_heat], layout=W.Layout(width="40%"))]),
+    ])
+    box.views = {"tokens": out_tokens, "diff": out_diff, "steps": out_steps, "heatmap": out_heat}
+    box.controls = {"run": run_dd, "step": step_dd, "prompt": group_dd, "trajectory": traj_dd}
+    return box
