@@ -1,0 +1,209 @@
+"""Verifier helpers for the real-data tasks: response hygiene, numeric final answers, data files.
+
+Shared by ``gsm8k``, ``math``, ``humaneval`` and ``rg:<dataset>`` so that every task treats bad
+input the same way: a response that is not text, not UTF-8, empty or absurdly long gets reward 0
+with a reason, never an exception; a malformed data file raises one ``ValueError`` naming the
+file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+__all__ = [
+    "MAX_RESPONSE_CHARS",
+    "as_text",
+    "parse_number",
+    "numbers_equal",
+    "extract_numeric_answer",
+    "last_boxed",
+    "read_jsonl",
+    "data_dir_file",
+    "hub_offline",
+]
+
+#: responses longer than this are refused before any parsing (the verifiers are regex/sympy based;
+#: a megabyte of text is not a real answer and only costs time)
+MAX_RESPONSE_CHARS = 200_000
+
+
+def as_text(response: Any, max_chars: int = MAX_RESPONSE_CHARS) -> tuple[str | None, str]:
+    """Coerce a response to ``str`` or say why it cannot be scored.
+
+    Returns ``(text, "ok")`` or ``(None, reason)``. Bytes must be valid UTF-8; ``str`` must be
+    encodable as UTF-8 (no lone surrogates, which is what ``errors="surrogateescape"`` leaves).
+    """
+    if isinstance(response, (bytes, bytearray, memoryview)):
+        try:
+            response = bytes(response).decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"response is not valid UTF-8 ({e.reason} at byte {e.start})"
+    if not isinstance(response, str):
+        return None, f"response is not text (got {type(response).__name__})"
+    if len(response) > max_chars:
+        return None, f"response too long ({len(response)} > {max_chars} characters)"
+    try:
+        response.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, f"response is not valid UTF-8 ({e.reason} at character {e.start})"
+    if not response.strip():
+        return None, "empty response"
+    return response, "ok"
+
+
+# a number as people write it in answers: -1,234.50  3/4  .5  1e3 (thousands commas only in groups
+# of three, so "1,2,3" reads as three numbers; no letter or dot right before it, so "x2" is no number)
+_NUMBER_BODY = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+_NUMBER_RE = re.compile(r"(?<![\w.])" + _NUMBER_BODY)
+_VALUE_RE = re.compile(r"(?<![\w.])(" + _NUMBER_BODY + r")(?:[eE]([-+]?\d+))?(?:\s*/\s*(\d+))?")
+_LATEX_FRAC_RE = re.compile(r"(-?)\s*\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_HASH_RE = re.compile(r"####\s*([^\n]*)")
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)\s*([^\n]*)", re.IGNORECASE)
+
+
+def parse_number(text: str) -> Fraction | None:
+    """Exact value of the first number in ``text``, written as ``-1,234.5``, ``$12``, ``40%``,
+    ``3/4``, ``\\frac{3}{4}`` or ``1e3`` (``$``, units after the number and a trailing period are
+    ignored); None when ``text`` holds no number."""
+    if not isinstance(text, str):
+        return None
+    s = text.replace("\\$", "$").replace("\\!", "").replace("\\,", "").replace("{,}", ",")
+    frac = _LATEX_FRAC_RE.search(s)
+    m = _VALUE_RE.search(s)
+    if frac and (m is None or frac.start() <= m.start()):
+        den = int(frac.group(3))
+        if den == 0:
+            return None
+        value = Fraction(int(frac.group(2)), den)
+        return -value if frac.group(1) else value
+    if m is None:
+        return None
+    try:
+        value = Fraction(m.group(1).replace(",", ""))
+        if m.group(2):
+            exp = int(m.group(2))
+            if abs(exp) > 400:  # 1e999999999 would take forever to materialise exactly
+                return None
+            value *= Fraction(10) ** exp
+        if m.group(3):
+            den = int(m.group(3))
+            if den == 0:
+                return None
+            value /= den
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return value
+
+
+def numbers_equal(a: Fraction | None, b: Fraction | None, rel_tol: float = 1e-6) -> bool:
+    """Exact equality, or relative difference below ``rel_tol`` (answers like 0.333333 for 1/3)."""
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    scale = max(abs(a), abs(b))
+    return bool(abs(a - b) <= Fraction(rel_tol) * scale)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces, or None."""
+    # balanced-brace scan written here because the \boxed{} content must be found before any
+    # LaTeX parsing (and latex2sympy's extract_boxed_content joins several boxes, which we don't want)
+    matches = list(_BOXED_RE.finditer(text))
+    for m in reversed(matches):
+        depth, i = 1, m.end()
+        while i < len(text):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[m.end() : i]
+            i += 1
+    return None
+
+
+def extract_numeric_answer(text: str) -> tuple[str | None, str]:
+    """Final numeric answer of a worked solution: the last ``#### N``, else the last ``\\boxed{N}``,
+    else the last "answer is N", else the last number in the text.
+
+    Returns ``(answer_string, how)`` where ``how`` is ``"####"``, ``"boxed"``, ``"answer is"``,
+    ``"last number"``; ``(None, reason)`` when no number is found.
+    """
+    hashes = _HASH_RE.findall(text)
+    if hashes:
+        return (hashes[-1].strip(), "####") if parse_number(hashes[-1]) is not None else (None, "#### without a number")
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return (boxed.strip(), "boxed") if parse_number(boxed) is not None else (None, "\\boxed{} without a number")
+    said = _ANSWER_IS_RE.findall(text)
+    if said and parse_number(said[-1]) is not None:
+        return said[-1].strip(), "answer is"
+    nums = _NUMBER_RE.findall(text)
+    if nums:
+        return nums[-1], "last number"
+    return None, "no final answer"
+
+
+# -- data files ------------------------------------------------------------------------------------
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[tuple[int, dict[str, Any]]]:
+    """``(line_number, row)`` for each row of a jsonl file (blank lines skipped). Raises one
+    ``ValueError`` naming ``path:line`` for invalid JSON, a row that is not an object, or a
+    missing/non-string ``required`` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    required = tuple(required)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for key in required:
+                if not isinstance(row.get(key), str):
+                    raise ValueError(f"{path}:{lineno}: missing or non-string field {key!r} (need {list(required)})")
+            rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def data_dir_file(subdir: str, split: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """``<data_dir or $IBPO_DATA_DIR>/<subdir>/<split>.jsonl`` if it exists, else None."""
+    root = data_dir if data_dir is not None else os.environ.get("IBPO_DATA_DIR")
+    if not root:
+        return None
+    candidate = Path(root) / subdir / f"{split}.jsonl"
+    return candidate if candidate.is_file() else None
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def resolve_split_path(path: str | os.PathLike | Mapping[str, Any] | None, split: str) -> Path | None:
+    """``path`` as given to a task: one file for every split, or a mapping split -> file."""
+    if path is None:
+        return None
+    if isinstance(path, Mapping):
+        if split not in path:
+            raise ValueError(f"path: no file for split {split!r} (have {sorted(path)})")
+        return Path(path[split])
+    return Path(path)
