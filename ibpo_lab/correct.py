@@ -1,0 +1,656 @@
+"""Compare-and-correct: IBPO's counterfactual repairs of failed trajectories (φ and edit masks).
+
+For every failed trajectory of a group the corrector picks sibling trajectories as
+references (correct ones first), asks the policy itself — the *implicit behaviour policy* —
+to rewrite the failed attempt given a reference (the task's repair prompt), verifies every
+revision with the task's reward, and keeps the best successful one (smallest normalised edit
+distance to the failed attempt). From that:
+
+* ``repair_success[i]`` = share of trajectory i's revisions that verify; the estimator turns
+  it into φ = ρ·share and shapes the reward R' = R + λ·φ before group centring;
+* ``edit_masks[i]`` = tokens of the failed response that a Levenshtein alignment to the best
+  repair deletes or replaces (``ibpo_lab.diff.edit_masks``) — the only tokens that get credit;
+  optionally truncated to the first K* edited tokens (IOP);
+* ``repaired`` = the best repairs as a :class:`RolloutBatch` under the ORIGINAL solve prompt,
+  with ``edit_masks`` = the inserted tokens, for IOP's bilateral training.
+
+Operators (registry :data:`OPERATORS`, all behind :func:`compare_and_correct`):
+``policy`` (repair prompt → policy revisions; the method), ``splice`` (keep the failed prefix up
+to its first divergence from the reference and let the policy continue under the solve prompt —
+for models that cannot follow a repair prompt) and ``oracle`` (the task's ground-truth minimal
+repair, ``task.oracle_repair``; synthetic task only, for validating credit).
+
+Token ids. Everything is compared at the policy tokenizer's token level. ``policy`` and
+``splice`` revisions keep the ids the sampler generated (so their log-probs stay aligned);
+text-only revisions (``oracle``) are re-tokenised with ``tokenizer(text,
+add_special_tokens=False)`` and get the failed response's trailing EOS back if it had one.
+With a character tokenizer this is exact; with BPE a re-tokenised span can differ from a
+generated one near the edit (a few spurious edited tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ibpo_lab.diff import apply_opcodes, edit_distance, edit_masks, first_divergence, opcodes
+from ibpo_lab.rollout import RolloutBatch
+
+__all__ = [
+    "CorrectConfig",
+    "CorrectionResult",
+    "RepairRequest",
+    "Revision",
+    "OPERATORS",
+    "register_operator",
+    "get_operator",
+    "list_operators",
+    "select_references",
+    "truncation_blocks",
+    "compare_and_correct",
+    "TABLE_COLUMNS",
+]
+
+REFERENCE_SELECTIONS = ("correct_first", "correct_only", "any", "most_similar")
+NO_CORRECT_POLICIES = ("skip", "any")
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class CorrectConfig:
+    """Compare-and-correct settings. Validated on construction (``ValueError`` naming the field)."""
+
+    operator: str = field(
+        default="policy",
+        metadata={"help": "how revisions are made: 'policy' (repair prompt, the policy rewrites its failed attempt), "
+                  "'splice' (failed prefix up to the first divergence from the reference, policy continues), "
+                  "'oracle' (task.oracle_repair ground truth; synthetic task only)"},
+    )
+    num_references: int = field(
+        default=2,
+        metadata={"help": "sibling references per failed trajectory: the paper's K (its K=1 ablation = one "
+                  "reference). The issue's 'K-1 references' counts the failed attempt among K compared "
+                  "trajectories; under that reading set this to K-1. Must be <= group size - 1"},
+    )
+    revisions_per_reference: int = field(
+        default=1, metadata={"help": "revisions sampled per (failed, reference) pair"}
+    )
+    reference_selection: str = field(
+        default="correct_first",
+        metadata={"help": "which siblings become references: 'correct_first' (correct siblings in batch order, then "
+                  "failed ones to fill num_references), 'correct_only' (correct siblings only; may give fewer), "
+                  "'any' (siblings in batch order regardless of reward), 'most_similar' (like correct_first but "
+                  "each class ordered by normalised token edit distance to the failed attempt)"},
+    )
+    no_correct: str = field(
+        default="skip",
+        metadata={"help": "groups without a correct sibling: 'skip' (no repair, repair_success 0, sequence-level "
+                  "credit) or 'any' (use failed siblings as references). Applies to every reference_selection; "
+                  "the oracle operator needs no reference and ignores it"},
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature of the revisions (>= 0; 0 = greedy, one revision suffices)"}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the revisions, in (0, 1]"})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "token budget of one revision; None = 2 x the longest response in the batch + 16 "
+                  "(a repair is about as long as the attempt it fixes)"},
+    )
+    stop: list[str] | None = field(
+        default=None, metadata={"help": "stop strings of the revisions (as in sampling.sample); None = EOS only"}
+    )
+    truncate_k: int | None = field(
+        default=None,
+        metadata={"help": "IOP credit truncation: None = credit every edited token; K = credit only the first K* "
+                  "edited tokens, K* = K if grafting the edit blocks holding the first K edited tokens onto the "
+                  "failed attempt already verifies, else 2K if that verifies, else all"},
+    )
+    rho: float = field(default=0.5, metadata={"help": "ρ in φ = ρ·(share of successful repairs); reported in stats "
+                                                       "(the estimator applies φ with its own rho and λ)"})
+    success_threshold: float = field(
+        default=1.0, metadata={"help": "a trajectory or revision is correct when its reward >= this"}
+    )
+    insertion_credit: bool = field(
+        default=False,
+        metadata={"help": "also credit the failed token at each pure-insertion point (the token after it, or the "
+                  "last token when the repair appends), so an omission-only repair still marks a token; "
+                  "False = exactly diff.edit_masks (deleted or replaced tokens)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.operator not in OPERATORS:
+            raise ValueError(f"operator must be one of {sorted(OPERATORS)}, got {self.operator!r}")
+        for name in ("num_references", "revisions_per_reference"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.reference_selection not in REFERENCE_SELECTIONS:
+            raise ValueError(f"reference_selection must be one of {REFERENCE_SELECTIONS}, got {self.reference_selection!r}")
+        if self.no_correct not in NO_CORRECT_POLICIES:
+            raise ValueError(f"no_correct must be one of {NO_CORRECT_POLICIES}, got {self.no_correct!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be None or an int >= 1, got {self.max_new_tokens!r}")
+        if self.truncate_k is not None and (
+            not isinstance(self.truncate_k, (int, np.integer)) or isinstance(self.truncate_k, bool) or self.truncate_k < 1
+        ):
+            raise ValueError(f"truncate_k must be None or an int >= 1, got {self.truncate_k!r}")
+        if not 0 <= self.rho:
+            raise ValueError(f"rho must be >= 0, got {self.rho!r}")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """field name -> help text."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class RepairRequest:
+    """One (failed trajectory, reference) pair to repair; ``reference`` is None for the oracle."""
+
+    traj: int
+    group: int
+    reference: int | None
+    example: Any
+    solve_prompt: str
+    failed_ids: list[int]
+    failed_text: str
+    failed_logprobs: list[float] | None
+    reference_ids: list[int] | None
+    reference_text: str | None
+
+
+@dataclass
+class Revision:
+    """A candidate repair: policy token ids, its text, and its behaviour log-probs (None if unknown)."""
+
+    ids: list[int]
+    text: str
+    logprobs: list[float] | None
+
+
+@dataclass
+class CorrectionResult:
+    """What compare-and-correct returns.
+
+    batch     the input batch with ``repair_success`` [B] and ``edit_masks`` filled
+    repaired  the selected successful repairs (one per repaired failed trajectory) as a batch:
+              prompt = original solve prompt ids, response = repair ids, logprobs = the
+              corrector's behaviour log-probs (under the repair prompt for ``policy``; None for
+              ``oracle``), edit_masks = inserted tokens, group ids = source groups, reward = the
+              repair's reward, meta ``source_traj``/``reference_traj`` (+ the input's meta columns)
+    table     one row per revision (:data:`TABLE_COLUMNS`)
+    stats     summary numbers (counts, success rates, φ mean, edited tokens, K* counts)
+    """
+
+    batch: RolloutBatch
+    repaired: RolloutBatch
+    table: pd.DataFrame
+    stats: dict[str, float]
+
+
+TABLE_COLUMNS = [
+    "group", "traj", "reference_traj", "operator", "failed", "reference", "revision", "reward", "verified",
+    "edit_distance", "n_edited", "selected", "k_star",
+]
+
+
+@dataclass
+class _Context:
+    task: Any
+    sampler: Any
+    cfg: CorrectConfig
+    tokenizer: Any
+    seed: int | None
+    max_new_tokens: int
+
+
+# --------------------------------------------------------------------------- operators
+Operator = Callable[[list[RepairRequest], _Context], list[list[Revision]]]
+OPERATORS: dict[str, Operator] = {}
+
+
+def register_operator(name: str):
+    """Register ``fn(requests, ctx) -> revisions per request`` under ``name``."""
+
+    def wrap(fn):
+        if name in OPERATORS and OPERATORS[name] is not fn:
+            raise ValueError(f"operator {name!r} registered twice")
+        OPERATORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_operator(name: str) -> Operator:
+    if name not in OPERATORS:
+        raise ValueError(f"unknown operator {name!r}; known: {', '.join(sorted(OPERATORS))}")
+    return OPERATORS[name]
+
+
+def list_operators() -> list[str]:
+    return sorted(OPERATORS)
+
+
+def _sample(ctx: _Context, prompts: list[str], n: int) -> RolloutBatch:
+    out = ctx.sampler.sample(
+        prompts, n=n, max_new_tokens=ctx.max_new_tokens, temperature=ctx.cfg.temperature, top_p=ctx.cfg.top_p,
+        stop=ctx.cfg.stop, seed=ctx.seed,
+    )
+    if len(out) != len(prompts) * n:
+        raise ValueError(f"sampler returned {len(out)} trajectories for {len(prompts)} prompts x n={n}")
+    return out
+
+
+def _texts(b: RolloutBatch, tokenizer) -> list[str]:
+    if b.responses is not None:
+        return list(b.responses)
+    if tokenizer is None:
+        raise ValueError("tokenizer is required when the sampler returns no response texts")
+    return [_decode(tokenizer, r) for r in b.response_ids]
+
+
+@register_operator("policy")
+def policy_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[Revision]]:
+    """The policy rewrites each failed attempt given a reference (task.repair_prompt); one batched call."""
+    n = ctx.cfg.revisions_per_reference
+    prompts = [ctx.task.repair_prompt(r.example, r.failed_text, r.reference_text) for r in requests]
+    out = _sample(ctx, prompts, n)
+    texts = _texts(out, ctx.tokenizer)
+    revs = [
+        Revision(ids=list(out.response_ids[j]), text=texts[j], logprobs=None if out.logprobs is None else list(out.logprobs[j]))
+        for j in range(len(out))
+    ]
+    return [revs[k * n : (k + 1) * n] for k in range(len(requests))]
+
+
+@register_operator("splice")
+def splice_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[Revision]]:
+    """Keep the failed prefix up to its first token divergence from the reference, let the policy
+    continue under the solve prompt. The prefix's behaviour log-probs are the failed trajectory's
+    own (same policy, same context), so the spliced revision's log-probs are exact."""
+    if ctx.tokenizer is None:
+        raise ValueError("tokenizer is required for the splice operator (to decode the kept prefix)")
+    n = ctx.cfg.revisions_per_reference
+    cuts = [first_divergence(r.failed_ids, r.reference_ids) for r in requests]
+    prefix_texts = [_decode(ctx.tokenizer, r.failed_ids[:d]) for r, d in zip(requests, cuts)]
+    out = _sample(ctx, [r.solve_prompt + p for r, p in zip(requests, prefix_texts)], n)
+    texts = _texts(out, ctx.tokenizer)
+    result = []
+    for k, (r, d, p) in enumerate(zip(requests, cuts, prefix_texts)):
+        revs = []
+        for j in range(k * n, (k + 1) * n):
+            lp = None
+            if r.failed_logprobs is not None and out.logprobs is not None:
+                lp = list(r.failed_logprobs[:d]) + list(out.logprobs[j])
+            revs.append(Revision(ids=list(r.failed_ids[:d]) + list(out.response_ids[j]), text=p + texts[j], logprobs=lp))
+        result.append(revs)
+    return result
+
+
+@register_operator("oracle")
+def oracle_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[Revision]]:
+    """The task's ground-truth minimal repair (``task.oracle_repair``), re-tokenised; no log-probs."""
+    if not callable(getattr(ctx.task, "oracle_repair", None)):
+        raise ValueError(f"operator 'oracle' needs a task with oracle_repair (the synthetic task); {ctx.task!r} has none")
+    if ctx.tokenizer is None:
+        raise ValueError("tokenizer is required for the oracle operator (to tokenise the repair text)")
+    eos = getattr(ctx.tokenizer, "eos_token_id", None)
+    result = []
+    for r in requests:
+        text = ctx.task.oracle_repair(r.example, r.failed_text)
+        ids = _encode(ctx.tokenizer, text)
+        # sampled responses end with EOS; without it every oracle repair would "delete" the EOS
+        if eos is not None and r.failed_ids and r.failed_ids[-1] == eos and (not ids or ids[-1] != eos):
+            ids.append(int(eos))
+        result.append([Revision(ids=ids, text=text, logprobs=None)])
+    return result
+
+
+# --------------------------------------------------------------------------- pure helpers
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def select_references(
+    failed: int,
+    members: Sequence[int],
+    correct: Sequence[bool],
+    k: int,
+    rule: str = "correct_first",
+    no_correct: str = "skip",
+    response_ids: Sequence[Sequence[int]] | None = None,
+) -> list[int]:
+    """References for failed trajectory ``failed`` among its group ``members`` (batch indices).
+
+    correct [B] bool over the whole batch; k references at most; ``rule`` and ``no_correct`` as in
+    :class:`CorrectConfig`; ``response_ids`` (whole batch) only for ``most_similar``.
+    Siblings keep batch order within a class: they are i.i.d. draws, so batch order is already random.
+    Returns [] when the group has no correct sibling and ``no_correct == "skip"``.
+    """
+    if rule not in REFERENCE_SELECTIONS:
+        raise ValueError(f"reference_selection must be one of {REFERENCE_SELECTIONS}, got {rule!r}")
+    if no_correct not in NO_CORRECT_POLICIES:
+        raise ValueError(f"no_correct must be one of {NO_CORRECT_POLICIES}, got {no_correct!r}")
+    sibs = [int(j) for j in members if int(j) != int(failed)]
+    good = [j for j in sibs if correct[j]]
+    bad = [j for j in sibs if not correct[j]]
+    if not good:
+        if no_correct == "skip":
+            return []
+        # no_correct == "any": failed siblings are the only references there are
+        if rule == "most_similar":
+            bad = _by_similarity(failed, bad, response_ids)
+        return bad[:k]
+    if rule == "correct_only":
+        return good[:k]
+    if rule == "any":
+        return sibs[:k]
+    if rule == "most_similar":
+        good, bad = _by_similarity(failed, good, response_ids), _by_similarity(failed, bad, response_ids)
+    return (good + bad)[:k]
+
+
+def _by_similarity(failed: int, cands: list[int], response_ids) -> list[int]:
+    if response_ids is None:
+        raise ValueError("response_ids is required for reference_selection='most_similar'")
+    # stable sort: equal distances keep batch order
+    return sorted(cands, key=lambda j: edit_distance(response_ids[failed], response_ids[j]))
+
+
+def truncation_blocks(a: Sequence[int], b: Sequence[int], k: int) -> int:
+    """Number of leading edit blocks of ``a -> b`` that hold the first ``k`` changed tokens of ``a``
+    (all blocks if ``a`` has fewer than k changed tokens). Pure-insertion blocks change no token of
+    ``a`` and ride along with the block after them."""
+    blocks = [op for op in opcodes(a, b) if op[0] != "equal"]
+    seen = 0
+    for m, (_, i1, i2, _, _) in enumerate(blocks, start=1):
+        seen += i2 - i1
+        if seen >= k:
+            return m
+    return len(blocks)
+
+
+def _first_true(mask: np.ndarray, k: int) -> np.ndarray:
+    """mask with only its first k True positions kept."""
+    out = np.zeros_like(mask)
+    idx = np.flatnonzero(mask)[:k]
+    out[idx] = True
+    return out
+
+
+def _insertion_points(a: Sequence[int], b: Sequence[int]) -> np.ndarray:
+    n = len(a)
+    out = np.zeros(n, dtype=bool)
+    for tag, i1, _, _, _ in opcodes(a, b):
+        if tag == "insert" and n:
+            out[min(i1, n - 1)] = True
+    return out
+
+
+def _credit_masks(failed_ids, repair_ids, cfg: CorrectConfig, k_star: int | None) -> tuple[np.ndarray, np.ndarray]:
+    changed, inserted = edit_masks(failed_ids, repair_ids)
+    if cfg.insertion_credit:
+        changed = changed | _insertion_points(failed_ids, repair_ids)
+    if k_star is not None:
+        changed, inserted = _first_true(changed, k_star), _first_true(inserted, k_star)
+    return changed, inserted
+
+
+# --------------------------------------------------------------------------- main entry
+def _example_of(examples, batch: RolloutBatch) -> Callable[[int], Any]:
+    B = len(batch)
+    if isinstance(examples, Mapping):
+        gids = batch.group_ids.tolist()
+        missing = sorted({g for g in gids if g not in examples})
+        if missing:
+            raise ValueError(f"examples (a mapping by group id) has no entry for groups {missing[:5]}")
+        return lambda i: examples[gids[i]]
+    if len(examples) != B:
+        raise ValueError(
+            f"examples has {len(examples)} entries but the batch has {B} trajectories "
+            "(pass one Example per trajectory, or a mapping group id -> Example)"
+        )
+    return lambda i: examples[i]
+
+
+def _resolve_tokenizer(tokenizer, sampler):
+    if tokenizer is not None:
+        return tokenizer
+    tok = getattr(sampler, "tokenizer", None)
+    if tok is None:
+        tok = getattr(getattr(sampler, "policy", None), "tokenizer", None)
+    return tok
+
+
+def compare_and_correct(
+    batch: RolloutBatch,
+    examples: Sequence[Any] | Mapping[int, Any],
+    task: Any,
+    sampler: Any,
+    cfg: CorrectConfig | None = None,
+    tokenizer: Any = None,
+    seed: int | None = None,
+) -> CorrectionResult:
+    """Repair every failed trajectory of ``batch`` with its siblings as references.
+
+    batch: B trajectories (rewards, group ids, response ids; ``responses`` texts or a tokenizer);
+    examples: the Example of each trajectory (len B) or a mapping group id -> Example;
+    task: a ``Task`` (repair_prompt, reward; oracle_repair for the oracle operator);
+    sampler: object with ``.sample(prompts, n, max_new_tokens, temperature, top_p, seed) -> RolloutBatch``
+    (not used by the oracle); tokenizer: the policy tokenizer (default: ``sampler.tokenizer`` or
+    ``sampler.policy.tokenizer``); seed: sampler seed of this call.
+    All repairs of the batch are sampled in ONE sampler call.
+    """
+    cfg = CorrectConfig() if cfg is None else cfg
+    if not isinstance(cfg, CorrectConfig):
+        raise ValueError(f"cfg must be a CorrectConfig, got {type(cfg).__name__}")
+    if not isinstance(batch, RolloutBatch):
+        raise ValueError(f"batch must be a RolloutBatch, got {type(batch).__name__}")
+    example_of = _example_of(examples, batch)
+    tokenizer = _resolve_tokenizer(tokenizer, sampler)
+    B = len(batch)
+    rewards = batch.rewards.tolist()
+    correct = [r >= cfg.success_threshold for r in rewards]
+    groups = batch.groups()
+    group_of = batch.group_ids.tolist()
+    failed = [i for i in range(B) if not correct[i]]
+
+    if cfg.operator != "oracle":
+        for i in failed:
+            size = len(groups[group_of[i]])
+            if cfg.num_references > size - 1:
+                raise ValueError(
+                    f"num_references={cfg.num_references} but group {group_of[i]} has only {size} trajectories "
+                    f"(at most {size - 1} siblings)"
+                )
+
+    def text_of(i: int) -> str:
+        if batch.responses is not None:
+            return batch.responses[i]
+        if tokenizer is None:
+            raise ValueError("tokenizer is required when the batch has no response texts")
+        return _decode(tokenizer, batch.response_ids[i])
+
+    def solve_prompt_of(i: int) -> str:
+        return batch.prompts[i] if batch.prompts is not None else task.solve_prompt(example_of(i))
+
+    # ---- references and requests
+    requests: list[RepairRequest] = []
+    skipped: list[int] = []
+    for i in failed:
+        if cfg.operator == "oracle":
+            refs: list[int | None] = [None]
+        else:
+            refs = select_references(
+                i, groups[group_of[i]], correct, cfg.num_references, cfg.reference_selection, cfg.no_correct,
+                batch.response_ids,
+            )
+        if not refs:
+            skipped.append(i)
+            continue
+        for ref in refs:
+            requests.append(
+                RepairRequest(
+                    traj=i, group=group_of[i], reference=ref, example=example_of(i), solve_prompt=solve_prompt_of(i),
+                    failed_ids=list(batch.response_ids[i]), failed_text=text_of(i),
+                    failed_logprobs=None if batch.logprobs is None else list(batch.logprobs[i]),
+                    reference_ids=None if ref is None else list(batch.response_ids[ref]),
+                    reference_text=None if ref is None else text_of(ref),
+                )
+            )
+
+    max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else 2 * batch.max_response_len + 16
+    ctx = _Context(task=task, sampler=sampler, cfg=cfg, tokenizer=tokenizer, seed=seed, max_new_tokens=max_new)
+    revisions = get_operator(cfg.operator)(requests, ctx) if requests else []
+    if len(revisions) != len(requests):
+        raise ValueError(f"operator {cfg.operator!r} returned {len(revisions)} revision lists for {len(requests)} requests")
+
+    # ---- verify, score, pick the best per failed trajectory
+    rows: list[dict[str, Any]] = []
+    per_traj: dict[int, list[int]] = {}  # failed traj -> row indices
+    revs_flat: list[Revision] = []
+    for req, revs in zip(requests, revisions):
+        for rev in revs:
+            reward = float(task.reward(req.example, rev.text))
+            rows.append(
+                dict(
+                    group=req.group, traj=req.traj, reference_traj=-1 if req.reference is None else req.reference,
+                    operator=cfg.operator, failed=req.failed_text, reference=req.reference_text, revision=rev.text,
+                    reward=reward, verified=reward >= cfg.success_threshold,
+                    edit_distance=edit_distance(req.failed_ids, rev.ids),
+                    n_edited=int(edit_masks(req.failed_ids, rev.ids)[0].sum()), selected=False, k_star=-1,
+                )
+            )
+            per_traj.setdefault(req.traj, []).append(len(rows) - 1)
+            revs_flat.append(rev)
+
+    repair_success = torch.zeros(B)
+    masks = [np.zeros(len(r), dtype=bool) for r in batch.response_ids]
+    rep: dict[str, list] = {k: [] for k in ("prompt_ids", "response_ids", "rewards", "group_ids", "logprobs",
+                                            "edit_masks", "prompts", "responses", "source", "reference")}
+    k_stars: list[int] = []
+    for i, idx in per_traj.items():
+        ok = [r for r in idx if rows[r]["verified"]]
+        repair_success[i] = len(ok) / len(idx)
+        if not ok:
+            continue
+        # smallest normalised edit distance to the failed attempt; ties keep the first revision
+        best = min(ok, key=lambda r: rows[r]["edit_distance"])
+        rev = revs_flat[best]
+        failed_ids = batch.response_ids[i]
+        k_star = None
+        if cfg.truncate_k is not None:
+            k_star = _iop_k_star(failed_ids, rev.ids, cfg.truncate_k, example_of(i), task, tokenizer, cfg)
+        changed, inserted = _credit_masks(failed_ids, rev.ids, cfg, k_star)
+        masks[i] = changed
+        rows[best]["selected"] = True
+        rows[best]["k_star"] = -1 if k_star is None else k_star
+        k_stars.append(-1 if k_star is None else k_star)
+        rep["prompt_ids"].append(batch.prompt_ids[i])
+        rep["response_ids"].append(rev.ids)
+        rep["rewards"].append(rows[best]["reward"])
+        rep["group_ids"].append(group_of[i])
+        rep["logprobs"].append(rev.logprobs)
+        rep["edit_masks"].append(inserted)
+        rep["prompts"].append(solve_prompt_of(i))
+        rep["responses"].append(rev.text)
+        rep["source"].append(i)
+        rep["reference"].append(rows[best]["reference_traj"])
+
+    out_batch = batch.replace(repair_success=repair_success, edit_masks=masks)
+    repaired = _repaired_batch(batch, rep, task, tokenizer)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    stats = _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, k_stars)
+    return CorrectionResult(batch=out_batch, repaired=repaired, table=table, stats=stats)
+
+
+def _iop_k_star(failed_ids, repair_ids, k: int, example, task, tokenizer, cfg: CorrectConfig) -> int | None:
+    """IOP's K*: K if grafting the blocks of the first K edited tokens verifies, else 2K, else None (all)."""
+    n_changed = int(edit_masks(failed_ids, repair_ids)[0].sum())
+    ops = opcodes(failed_ids, repair_ids)
+    n_blocks = sum(op[0] != "equal" for op in ops)
+    for kk in (k, 2 * k):
+        m = truncation_blocks(failed_ids, repair_ids, kk)
+        if m >= n_blocks:
+            # the graft is the whole (verified) repair: no need to ask the verifier again
+            return kk if kk < n_changed else None
+        if tokenizer is None:
+            raise ValueError("tokenizer is required for truncate_k (the graft is decoded and verified)")
+        graft = apply_opcodes(failed_ids, repair_ids, ops, upto=m)
+        if task.reward(example, _decode(tokenizer, graft.tolist())) >= cfg.success_threshold:
+            return kk
+    return None
+
+
+def _repaired_batch(batch: RolloutBatch, rep: dict[str, list], task, tokenizer) -> RolloutBatch:
+    idx = rep["source"]
+    have_lp = bool(idx) and all(lp is not None for lp in rep["logprobs"])
+    spans = None
+    if batch.step_spans is not None and tokenizer is not None:
+        from ibpo_lab.steps import split_steps  # only needed when the caller tracks steps
+
+        delim = getattr(task, "step_delimiter", "newline")
+        spans = [split_steps(ids, tokenizer, delim) for ids in rep["response_ids"]]
+    meta = {k: [v[i] for i in idx] for k, v in batch.meta.items()}
+    meta["source_traj"] = list(idx)
+    meta["reference_traj"] = list(rep["reference"])
+    return RolloutBatch(
+        prompt_ids=rep["prompt_ids"],
+        response_ids=rep["response_ids"],
+        rewards=torch.tensor(rep["rewards"], dtype=torch.float32),
+        group_ids=torch.tensor(rep["group_ids"], dtype=torch.long),
+        logprobs=rep["logprobs"] if have_lp else None,
+        step_spans=spans,
+        prompts=rep["prompts"],
+        responses=rep["responses"],
+        # repairs are correct trajectories: φ is 0 on them
+        repair_success=torch.zeros(len(idx)),
+        edit_masks=rep["edit_masks"],
+        meta=meta,
+        pad_id=batch.pad_id,
+    )
+
+
+def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, k_stars) -> dict[str, float]:
+    attempted = list(per_traj)
+    n_rev = len(rows)
+    n_ok = sum(r["verified"] for r in rows)
+    repaired = [i for i in attempted if repair_success[i] > 0]
+    edited = [int(masks[i].sum()) for i in repaired]
+    frac = [int(masks[i].sum()) / max(len(masks[i]), 1) for i in repaired]
+    share_failed = float(repair_success[failed].mean()) if failed else 0.0
+    out = {
+        "n_trajectories": float(B),
+        "n_failed": float(len(failed)),
+        "n_attempted": float(len(attempted)),
+        "n_skipped": float(len(skipped)),
+        "n_revisions": float(n_rev),
+        "revision_success_rate": n_ok / n_rev if n_rev else float("nan"),
+        "n_repaired": float(len(repaired)),
+        "repair_rate": len(repaired) / len(failed) if failed else float("nan"),
+        "repair_success_mean": share_failed,
+        "phi_mean": cfg.rho * share_failed,
+        "edited_tokens_mean": float(np.mean(edited)) if edited else float("nan"),
+        "edited_fraction_mean": float(np.mean(frac)) if frac else float("nan"),
+        "repaired_without_credit": float(sum(e == 0 for e in edited)),
+    }
+    if cfg.truncate_k is not None:
+        k = cfg.truncate_k
+        out["k_star_k"] = float(sum(s == k for s in k_stars))
+        out["k_star_2k"] = float(sum(s == 2 * k for s in k_stars))
+        out["k_star_all"] = float(sum(s == -1 for s in k_stars))
+    return out

@@ -1,0 +1,256 @@
+"""Compare-and-correct: reference selection, best-repair choice, φ share, edit masks, IOP K*,
+operators (policy / splice / oracle) on scripted samplers, and config validation."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from _sampler_fakes import CharTok, PredTask, ScriptedSampler, make_batch
+from ibpo_lab.correct import (
+    TABLE_COLUMNS,
+    CorrectConfig,
+    compare_and_correct,
+    select_references,
+    truncation_blocks,
+)
+from ibpo_lab.diff import edit_masks
+
+TOK = CharTok()
+NO_BANG = PredTask(lambda r: "!" not in r)
+
+
+def ids(text: str) -> list[int]:
+    return TOK.encode(text)
+
+
+def parse_repair(prompt: str) -> tuple[str, str]:
+    m = re.search(r"A failed attempt:\n(.*)\nA reference attempt:\n(.*)\nRewrite", prompt, re.S)
+    assert m, prompt
+    return m.group(1), m.group(2)
+
+
+# --------------------------------------------------------------------------- reference selection
+CORRECT = [False, True, False, True, False]
+
+
+def test_correct_first_prefers_correct_then_fills_with_failed():
+    members = [0, 1, 2, 3, 4]
+    assert select_references(0, members, CORRECT, 2, "correct_first") == [1, 3]
+    assert select_references(0, members, CORRECT, 3, "correct_first") == [1, 3, 2]
+    assert select_references(0, members, CORRECT, 4, "correct_only") == [1, 3]
+    # 'any' ignores rewards: siblings in batch order
+    assert select_references(4, members, CORRECT, 2, "any") == [0, 1]
+
+
+def test_no_correct_sibling_policy():
+    members, corr = [0, 1, 2], [False, False, False]
+    for rule in ("correct_first", "correct_only", "any", "most_similar"):
+        assert select_references(1, members, corr, 2, rule, "skip", [[1], [2], [3]]) == []
+    assert select_references(1, members, corr, 2, "correct_first", "any") == [0, 2]
+
+
+def test_most_similar_orders_each_class_by_token_edit_distance():
+    resp = [ids("abcdef"), ids("zzzzzz"), ids("abcdxx"), ids("abcdeX"), ids("abzzzz")]
+    corr = [False, True, False, True, True]
+    # correct siblings 1 (far), 3 (1 edit), 4 (4 edits) -> 3, 4, 1; then failed sibling 2
+    assert select_references(0, range(5), corr, 4, "most_similar", response_ids=resp) == [3, 4, 1, 2]
+    with pytest.raises(ValueError, match="response_ids"):
+        select_references(0, range(5), corr, 2, "most_similar")
+
+
+# --------------------------------------------------------------------------- policy operator
+def repair_script(prompt: str, j: int) -> str:
+    failed, ref = parse_repair(prompt)
+    table = {
+        ("ab!cd", "abXcd"): ["abZcd", "ab!c"],
+        ("ab!cd", "abYcd"): ["xbZcdd", "abQcd"],
+    }
+    return table.get((failed, ref), [failed, failed])[j]
+
+
+def policy_setup(**cfg_kw):
+    batch, exs = make_batch([["ab!cd", "abXcd", "qq!qq", "abYcd"], ["!!", "!?", "?!"]], NO_BANG)
+    sampler = ScriptedSampler(repair_script, lp=-0.7)
+    cfg = CorrectConfig(num_references=2, revisions_per_reference=2, **cfg_kw)
+    return batch, exs, sampler, cfg
+
+
+def test_policy_operator_best_repair_share_and_masks():
+    batch, exs, sampler, cfg = policy_setup()
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
+    # one batched sampler call: 2 failed trajectories of group 0 x 2 references; group 1 is skipped
+    assert len(sampler.calls) == 1 and sampler.calls[0]["n"] == 2 and len(sampler.calls[0]["prompts"]) == 4
+    rs = res.batch.repair_success.tolist()
+    assert rs[0] == pytest.approx(3 / 4)  # abZcd, abQcd, xbZcdd verify; ab!c does not
+    assert rs[2] == 0.0 and rs[4] == rs[5] == rs[6] == 0.0 and rs[1] == 0.0 and rs[3] == 0.0
+    # best = smallest normalised edit distance among verified; the tie abZcd/abQcd keeps the first
+    expected_changed, expected_inserted = edit_masks(ids("ab!cd"), ids("abZcd"))
+    assert res.batch.edit_masks[0].tolist() == expected_changed.tolist() == [False, False, True, False, False]
+    for i in (1, 2, 3, 4, 5, 6):
+        assert not res.batch.edit_masks[i].any()
+    # the repaired batch: original solve prompt, repair ids, sampler log-probs, inserted mask
+    rep = res.repaired
+    assert len(rep) == 1
+    assert rep.response_ids[0] == ids("abZcd") and rep.responses[0] == "abZcd"
+    assert rep.prompt_ids[0] == batch.prompt_ids[0] and rep.prompts[0] == batch.prompts[0]
+    assert rep.logprobs[0] == pytest.approx([-0.7] * 5)
+    assert rep.edit_masks[0].tolist() == expected_inserted.tolist()
+    assert rep.group_ids.tolist() == [0] and rep.meta["source_traj"] == [0] and rep.meta["reference_traj"] == [1]
+    assert rep.rewards.tolist() == [1.0]
+    # table: one row per revision, exactly one selected, for trajectory 0
+    t = res.table
+    assert list(t.columns) == TABLE_COLUMNS and len(t) == 8
+    sel = t[t.selected]
+    assert len(sel) == 1 and sel.iloc[0].revision == "abZcd" and sel.iloc[0].traj == 0
+    assert t[t.traj == 0].verified.sum() == 3 and not t[t.traj == 2].verified.any()
+    assert set(t.reference_traj) == {1, 3}
+    # φ = ρ · share, averaged over the 5 failed trajectories
+    assert res.stats["phi_mean"] == pytest.approx(0.5 * 0.75 / 5)
+    assert res.stats["n_skipped"] == 3 and res.stats["n_failed"] == 5 and res.stats["n_repaired"] == 1
+    # the input batch is untouched
+    assert batch.repair_success is None and batch.edit_masks is None
+
+
+def test_no_correct_any_uses_failed_siblings():
+    batch, exs = make_batch([["!!", "!?"]], NO_BANG)
+    sampler = ScriptedSampler(lambda p, j: "ok" if parse_repair(p)[0] == "!!" else "!")
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, CorrectConfig(num_references=1, no_correct="any"))
+    assert res.table.reference_traj.tolist() == [1, 0]
+    assert res.batch.repair_success.tolist() == [1.0, 0.0]
+    skip = compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(lambda p, j: "ok"), CorrectConfig(num_references=1))
+    assert skip.batch.repair_success.tolist() == [0.0, 0.0] and len(skip.table) == 0 and len(skip.repaired) == 0
+
+
+def test_no_failed_trajectories_is_a_noop():
+    batch, exs = make_batch([["ok", "fine"], ["yes", "sure"]], NO_BANG)
+    sampler = ScriptedSampler(lambda p, j: pytest.fail("sampler must not be called"))
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, CorrectConfig(num_references=1))
+    assert sampler.calls == []
+    assert res.batch.repair_success.tolist() == [0.0] * 4
+    assert [m.tolist() for m in res.batch.edit_masks] == [[False] * len(r) for r in batch.response_ids]
+    assert len(res.repaired) == 0 and list(res.table.columns) == TABLE_COLUMNS and len(res.table) == 0
+    assert res.stats["n_failed"] == 0 and res.stats["phi_mean"] == 0
+
+
+def test_examples_by_group_mapping_and_length_check():
+    batch, exs = make_batch([["a!", "ok"]], NO_BANG)
+    sampler = ScriptedSampler(lambda p, j: "a")
+    res = compare_and_correct(batch, {0: exs[0]}, NO_BANG, sampler, CorrectConfig(num_references=1))
+    assert res.batch.repair_success.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="examples"):
+        compare_and_correct(batch, exs[:1], NO_BANG, sampler, CorrectConfig(num_references=1))
+
+
+# --------------------------------------------------------------------------- IOP truncation
+def test_truncation_blocks_counts_changed_tokens():
+    a, b = ids("a!b!c!d"), ids("aXbXcXd")
+    assert truncation_blocks(a, b, 1) == 1 and truncation_blocks(a, b, 2) == 2 and truncation_blocks(a, b, 9) == 3
+    # a two-token replace block holds the first 2 changed tokens at once
+    assert truncation_blocks(ids("a!!b!c"), ids("aXXbXc"), 2) == 1
+
+
+@pytest.mark.parametrize(
+    "window, k_star, n_credit",
+    [(3, 1, 1),      # grafting the first edit already verifies -> K* = K = 1
+     (5, 2, 2),      # needs the first two edits -> K* = 2K
+     (7, -1, 3)],    # only the full repair verifies -> all edits
+)
+def test_truncate_k_graft_logic(window, k_star, n_credit):
+    # correct iff no '!' among the first `window` characters
+    task = PredTask(lambda r: "!" not in r[:window])
+    batch, exs = make_batch([["a!b!c!d", "aYbYcYd"]], task)
+    sampler = ScriptedSampler(lambda p, j: "aXbXcXd")
+    res = compare_and_correct(batch, exs, task, sampler, CorrectConfig(num_references=1, truncate_k=1))
+    full = edit_masks(ids("a!b!c!d"), ids("aXbXcXd"))[0]
+    mask = res.batch.edit_masks[0]
+    assert mask.sum() == n_credit
+    # credit is the first K* edited tokens of the failed attempt
+    assert mask.tolist() == (full & (np.cumsum(full) <= n_credit)).tolist()
+    assert res.table.k_star[res.table.selected].tolist() == [k_star]
+    assert res.repaired.edit_masks[0].sum() == n_credit
+    # the grafts that were verified: first edit (and the first two when K failed)
+    assert "aXb!c!d" in task.reward_calls
+    assert ("aXbXc!d" in task.reward_calls) == (window != 3)
+
+
+def test_without_truncation_all_edits_are_credited():
+    task = PredTask(lambda r: "!" not in r)
+    batch, exs = make_batch([["a!b!c!d", "aYbYcYd"]], task)
+    res = compare_and_correct(batch, exs, task, ScriptedSampler(lambda p, j: "aXbXcXd"), CorrectConfig(num_references=1))
+    assert res.batch.edit_masks[0].sum() == 3 and res.table.k_star.tolist() == [-1]
+
+
+def test_insertion_credit_marks_the_insertion_point():
+    task = PredTask(lambda r: "c" in r)
+    batch, exs = make_batch([["ab", "abc"]], task)
+    sampler = ScriptedSampler(lambda p, j: "abc")
+    plain = compare_and_correct(batch, exs, task, sampler, CorrectConfig(num_references=1))
+    assert not plain.batch.edit_masks[0].any() and plain.stats["repaired_without_credit"] == 1
+    credit = compare_and_correct(batch, exs, task, sampler, CorrectConfig(num_references=1, insertion_credit=True))
+    assert credit.batch.edit_masks[0].tolist() == [False, True]
+
+
+# --------------------------------------------------------------------------- splice and oracle
+def test_splice_keeps_failed_prefix_and_its_logprobs():
+    task = PredTask(lambda r: r.endswith("QRS"))
+    batch, exs = make_batch([["abcXYZ", "abcQRS"]], task)
+    seen = []
+
+    def cont(prompt, j):
+        seen.append(prompt)
+        return "QRS"
+
+    sampler = ScriptedSampler(cont, lp=-0.9)
+    res = compare_and_correct(batch, exs, task, sampler, CorrectConfig(operator="splice", num_references=1))
+    assert seen == [batch.prompts[0] + "abc"]  # solve prompt + failed prefix up to the divergence
+    rep = res.repaired
+    assert rep.responses == ["abcQRS"] and rep.response_ids[0] == ids("abcQRS")
+    assert rep.logprobs[0] == pytest.approx(batch.logprobs[0][:3] + [-0.9] * 3)
+    assert res.batch.edit_masks[0].tolist() == [False] * 3 + [True] * 3
+
+
+def test_oracle_operator_and_its_absence():
+    task = PredTask(lambda r: "!" not in r, oracle=lambda failed: failed.replace("!", "."))
+    batch, exs = make_batch([["a!b", "!!"]], task)  # no correct sibling: the oracle does not need one
+    res = compare_and_correct(batch, exs, task, None, CorrectConfig(operator="oracle"), tokenizer=TOK)
+    assert res.batch.repair_success.tolist() == [1.0, 1.0]
+    assert res.batch.edit_masks[0].tolist() == [False, True, False]
+    assert res.repaired.logprobs is None and res.repaired.responses == ["a.b", ".."]
+    assert res.table.reference_traj.tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="oracle_repair"):
+        compare_and_correct(batch, exs, NO_BANG, None, CorrectConfig(operator="oracle"), tokenizer=TOK)
+
+
+def test_oracle_keeps_trailing_eos():
+    eos = chr(TOK.eos_token_id)
+    task = PredTask(lambda r: "!" not in r, oracle=lambda failed: failed.replace("!", "."))
+    batch, exs = make_batch([["a!b" + eos, "!!" + eos]], task)
+    batch = batch.replace(responses=["a!b", "!!"])  # decoded texts drop the special token
+    res = compare_and_correct(batch, exs, task, None, CorrectConfig(operator="oracle"), tokenizer=TOK)
+    assert res.repaired.response_ids[0][-1] == TOK.eos_token_id
+    assert res.batch.edit_masks[0].tolist() == [False, True, False, False]
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "field, value",
+    [("operator", "magic"), ("num_references", 0), ("revisions_per_reference", 0), ("reference_selection", "best"),
+     ("no_correct", "retry"), ("temperature", -1.0), ("top_p", 0.0), ("max_new_tokens", 0), ("truncate_k", 0),
+     ("rho", -0.1)],
+)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        CorrectConfig(**{field: value})
+
+
+def test_num_references_must_fit_the_group():
+    batch, exs = make_batch([["a!", "ok"]], NO_BANG)
+    with pytest.raises(ValueError, match="num_references"):
+        compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(lambda p, j: "x"), CorrectConfig(num_references=2))
+
+
+def test_every_config_field_has_help():
+    assert all(CorrectConfig.help().values())
