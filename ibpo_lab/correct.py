@@ -116,10 +116,11 @@ class CorrectConfig:
         default=1.0, metadata={"help": "a trajectory or revision is correct when its reward >= this"}
     )
     insertion_credit: bool = field(
-        default=False,
-        metadata={"help": "also credit the failed token at each pure-insertion point (the token after it, or the "
-                  "last token when the repair appends), so an omission-only repair still marks a token; "
-                  "False = exactly diff.edit_masks (deleted or replaced tokens)"},
+        default=True,
+        metadata={"help": "also credit the failed token at each pure-insertion point (the token the insertion "
+                  "goes before, or the last token when the repair appends): an omission-only repair then still "
+                  "marks a token (the ibpo estimator rejects a successful repair with an empty mask); "
+                  "False = exactly diff.edit_masks (deleted or replaced tokens only)"},
     )
 
     def __post_init__(self) -> None:

@@ -187,10 +187,25 @@ def test_insertion_credit_marks_the_insertion_point():
     task = PredTask(lambda r: "c" in r)
     batch, exs = make_batch([["ab", "abc"]], task)
     sampler = ScriptedSampler(lambda p, j: "abc")
-    plain = compare_and_correct(batch, exs, task, sampler, CorrectConfig(num_references=1))
+    plain = compare_and_correct(batch, exs, task, sampler, CorrectConfig(num_references=1, insertion_credit=False))
     assert not plain.batch.edit_masks[0].any() and plain.stats["repaired_without_credit"] == 1
-    credit = compare_and_correct(batch, exs, task, sampler, CorrectConfig(num_references=1, insertion_credit=True))
+    # default: the token where the omission happened (here the last one: the repair appends)
+    credit = compare_and_correct(batch, exs, task, sampler, CorrectConfig(num_references=1))
     assert credit.batch.edit_masks[0].tolist() == [False, True]
+    assert credit.stats["repaired_without_credit"] == 0
+    has_b = PredTask(lambda r: "b" in r)
+    mid = compare_and_correct(*make_batch([["ac", "abc"]], has_b), has_b, sampler, CorrectConfig(num_references=1))
+    assert mid.batch.edit_masks[0].tolist() == [False, True]  # 'b' belongs before 'c'
+
+
+def test_ibpo_estimator_accepts_the_masks():
+    from ibpo_lab.advantages import get_estimator
+
+    batch, exs, sampler, cfg = policy_setup()
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
+    adv = get_estimator("ibpo")(res.batch)
+    # the repaired failed trajectory gets credit only on its edited token
+    assert (adv[0] != 0).tolist()[:5] == res.batch.edit_masks[0].tolist()
 
 
 # --------------------------------------------------------------------------- splice and oracle
