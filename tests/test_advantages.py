@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ibpo_lab import advantages as A
 from ibpo_lab.rollout import RolloutBatch
@@ -125,6 +127,30 @@ def test_loop_and_vectorised_agree(seed):
         v = A.ibpo_advantages(r, g, p, lam=0.6, rho=0.5, scale=scale)
         ref = A.ibpo_advantages_reference(r, g, p, lam=0.6, rho=0.5, scale=scale)
         assert torch.allclose(v, ref, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 4), st.floats(-1e3, 1e3, allow_nan=False, width=32), st.floats(0, 1)),
+        min_size=1,
+        max_size=24,
+    ),
+    st.sampled_from(A.SCALES),
+)
+def test_property_finite_and_loop_agrees(rows, scale):
+    g = torch.tensor([x[0] for x in rows])
+    r = torch.tensor([x[1] for x in rows], dtype=torch.float32)
+    p = torch.tensor([x[2] for x in rows], dtype=torch.float32)
+    for fn, ref in ((A.grpo_advantages, A.grpo_advantages_reference),):
+        v = fn(r, g, scale=scale)
+        assert torch.isfinite(v).all()
+        assert torch.allclose(v, ref(r, g, scale=scale), rtol=1e-5, atol=1e-5)
+    v = A.ibpo_advantages(r, g, p, scale=scale)
+    assert torch.isfinite(v).all()
+    assert torch.allclose(v, A.ibpo_advantages_reference(r, g, p, scale=scale), rtol=1e-5, atol=1e-5)
+    v = A.rloo_advantages(r, g)
+    assert torch.allclose(v, A.rloo_advantages_reference(r, g), rtol=1e-5, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- IBPO

@@ -114,7 +114,7 @@ def test_ratio_exactly_at_boundary_is_not_clipped():
     old = torch.zeros(1, 1, dtype=torch.float64)
     lp = torch.tensor([[math.log(1.2)]], dtype=torch.float64, requires_grad=True)
     loss, m = L.ppo_loss(lp, old, torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64))
-    assert m["clip_frac"] == 0.0 and float(loss) == pytest.approx(-1.2)
+    assert m["clip_frac"] == 0.0 and float(loss.detach()) == pytest.approx(-1.2)
 
 
 def test_metrics():
@@ -165,7 +165,7 @@ def test_gspo_equals_ppo_with_one_token_per_sequence():
     lb, mb = L.gspo_loss(b, old, adv, mask, clip_low=0.2, clip_high=0.28)
     la.backward()
     lb.backward()
-    assert float(la) == pytest.approx(float(lb), rel=1e-10)
+    assert float(la.detach()) == pytest.approx(float(lb.detach()), rel=1e-10)
     assert torch.allclose(a.grad, b.grad)
     assert ma["clip_frac"] == mb["clip_frac"]
 
@@ -177,7 +177,7 @@ def test_gspo_uses_sequence_geometric_mean_ratio():
     mask = torch.ones(1, 3, dtype=torch.float64)
     loss, m = L.gspo_loss(lp, old, adv, mask, clip_low=0.5, clip_high=0.5)
     s = math.exp(0.1)
-    assert float(loss) == pytest.approx(-s)
+    assert float(loss.detach()) == pytest.approx(-s)
     loss.backward()
     # each token's gradient is s·(-A)/T under token-mean
     assert torch.allclose(lp.grad, torch.full((1, 3), -s / 3, dtype=torch.float64))
@@ -199,7 +199,7 @@ def test_gspo_gate_mask():
     lp2 = lp.clone()
     lp2[0, 1:] += 0.5 * mask[0, 1:]
     loss2, _ = L.gspo_loss(lp2, old, adv, mask, gate_mask=gate)
-    assert float(loss2) != pytest.approx(float(loss))
+    assert float(loss2) != pytest.approx(float(loss.detach()))
 
 
 # ----------------------------------------------------------------------------- KL and IS
