@@ -8,6 +8,7 @@ file and the line.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -153,7 +154,7 @@ def extract_numeric_answer(text: str) -> tuple[str | None, str]:
 
 # -- data files ------------------------------------------------------------------------------------
 def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[tuple[int, dict[str, Any]]]:
-    """``(line_number, row)`` for each row of a jsonl file (blank lines skipped). Raises one
+    """``(line_number, row)`` for each row of a jsonl(.gz) file (blank lines skipped). Raises one
     ``ValueError`` naming ``path:line`` for invalid JSON, a row that is not an object, or a
     missing/non-string ``required`` field."""
     path = Path(path)
@@ -161,7 +162,8 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[tu
         raise ValueError(f"data file {str(path)!r} does not exist")
     required = tuple(required)
     rows: list[tuple[int, dict[str, Any]]] = []
-    with open(path, "rb") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")

