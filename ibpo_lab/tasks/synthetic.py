@@ -90,23 +90,30 @@ _QUESTION_RE = re.compile(r"(\d{1,9})((?: [+-]\d{1,9})+) mod (\d{1,9})")
 
 
 def text_steps(text: str) -> list[tuple[int, int]]:
-    """Character spans ``(start, end)`` of the steps of ``text``: its non-empty lines, each span
-    including the newline that ends it; whitespace-only lines merge into the previous step.
+    """Character spans ``(start, end)`` of the steps of ``text``, the rule of
+    ``ibpo_lab.steps.split_text_steps(text, "newline")``: a step is a line with its ending newline;
+    whitespace-only lines merge into the previous step (into the next one at the very start);
+    empty text has no step, whitespace-only text is one step.
 
-    Written here (not imported) so the reward stays a fast, dependency-free pure function; the
-    tests check it agrees with ``ibpo_lab.steps.split_text_steps(text, "newline")`` on the steps.
+    Mirrored here (not imported) so the reward stays a fast pure function with no dependency on a
+    module that changes more often; the tests check both agree on arbitrary text.
     """
     spans: list[list[int]] = []
-    pos = 0
-    n = len(text)
+    pending = None  # start of leading whitespace-only lines, waiting for the first real step
+    pos, n = 0, len(text)
     while pos < n:
         nl = text.find("\n", pos)
         end = n if nl < 0 else nl + 1
         if text[pos:end].strip():
-            spans.append([pos, end])
+            spans.append([pos if pending is None else pending, end])
+            pending = None
         elif spans:
             spans[-1][1] = end
+        elif pending is None:
+            pending = pos
         pos = end
+    if n and not spans:
+        return [(0, n)]
     return [(a, b) for a, b in spans]
 
 
@@ -334,15 +341,19 @@ class SyntheticTask(Task):
         signs = sorted(c.ops)
         seen: set[tuple] = set()
         out: list[Example] = []
-        tries, max_tries = 0, 200 * size + 1000
+        n_kinds = len(signs) * (c.operand_max - c.operand_min + 1)
+        # distinct problems: start values x multisets of n_steps operations, minus one-operation multisets
+        space = c.modulus * (math.comb(n_kinds + c.n_steps - 1, c.n_steps) - n_kinds)
+        misses = 0
         while len(out) < size:
-            tries += 1
-            if tries > max_tries:
+            # the split gets ~test_fraction (or the rest) of `space`; many misses in a row = it is used up
+            if size > space or misses > 20_000:
                 raise ValueError(
                     f"only {len(out)} distinct {split} problems found for n_{split}={size}: the problem space of "
                     f"n_steps={c.n_steps}, modulus={c.modulus}, ops={c.ops!r}, operands {c.operand_min}..{c.operand_max} "
-                    f"is too small; lower n_train/n_test or raise the difficulty"
+                    f"({space} problems in all) is too small; lower n_train/n_test or raise the difficulty"
                 )
+            misses += 1
             start = rng.randrange(c.modulus)
             ops = [(rng.choice(signs), rng.randint(c.operand_min, c.operand_max)) for _ in range(c.n_steps)]
             if len(set(ops)) < 2:  # one distinct operation = one solution path; we want several
@@ -351,6 +362,7 @@ class SyntheticTask(Task):
             if key in seen or self._split_of(key) != split:
                 continue
             seen.add(key)
+            misses = 0
             out.append(self.make_example(start, ops, id=f"{split}-{len(out)}"))
         return out
 
