@@ -1,0 +1,168 @@
+"""Tests for ibpo_lab.models: char tokenizer, tiny policy, loading, THE trainer forward pass."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+
+from ibpo_lab.models import (
+    Policy,
+    build_tiny_policy,
+    char_tokenizer,
+    load_policy,
+    position_ids_from_mask,
+    response_logprobs,
+    tiny_policy_dir,
+)
+from ibpo_lab.rollout import RolloutBatch
+
+VOCAB = string.printable
+
+
+@pytest.fixture(scope="module")
+def small_policy() -> Policy:
+    return build_tiny_policy(VOCAB, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=0)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def test_char_tokenizer_round_trips_text_with_whitespace():
+    tok = char_tokenizer(VOCAB)
+    text = "Question: 3 + 4\n  x=7\tdone\n\n"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert len(ids) == len(text) + 1  # one token per character, plus BOS
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id} == {0, 1, 2, 3}
+    assert tok.padding_side == "left"
+
+
+def test_char_tokenizer_unknown_char_and_batch_padding():
+    tok = char_tokenizer("ab")
+    enc = tok(["ab", "é"], padding=True)
+    assert enc["input_ids"][1] == [tok.pad_token_id, tok.bos_token_id, tok.unk_token_id]
+    assert enc["attention_mask"][1] == [0, 1, 1]
+
+
+def test_char_tokenizer_save_load_keeps_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = char_tokenizer(VOCAB)
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "line 1\nline 2 = 9"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert again.decode(again(text)["input_ids"], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("vocab", ["", ["ab"]])
+def test_char_tokenizer_rejects_bad_vocab(vocab):
+    with pytest.raises(ValueError, match="vocab"):
+        char_tokenizer(vocab)
+
+
+# ---------------------------------------------------------------------------- tiny policy + loading
+def test_build_tiny_policy_default_size():
+    pol = build_tiny_policy(VOCAB)
+    assert 1e6 <= pol.num_parameters() <= 4e6
+    assert pol.context_length >= 512
+    assert pol.eos_token_ids == [pol.tokenizer.eos_token_id]
+
+
+def test_save_and_load_tiny_via_env(tmp_path, monkeypatch, small_policy):
+    small_policy.model.save_pretrained(tmp_path)
+    small_policy.tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    monkeypatch.setenv("IBPO_TINY_POLICY", str(tmp_path))
+    assert tiny_policy_dir() == tmp_path
+    pol = load_policy("tiny")
+    assert pol.tokenizer.padding_side == "left" and pol.tokenizer.pad_token_id == 0
+    ids = torch.tensor([small_policy.tokenizer("abc\n")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(pol.model(ids).logits, small_policy.model(ids).logits, atol=1e-6)
+    by_path = load_policy(str(tmp_path), dtype=torch.bfloat16)
+    assert next(by_path.model.parameters()).dtype == torch.bfloat16
+
+
+def test_load_tiny_missing_checkpoint_says_how_to_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setenv("IBPO_TINY_POLICY", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="ibpo_lab.warmup"):
+        load_policy("tiny")
+
+
+def test_unknown_model_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+    with pytest.raises(ValueError, match="not available offline") as e:
+        load_policy("ibpo-lab-test/no-such-model-xyz")
+    assert "local" in str(e.value) and "load_policy(" in str(e.value)
+
+
+def test_load_policy_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        load_policy("tiny", dtype="float8")
+    with pytest.raises(ValueError, match="name_or_path"):
+        load_policy("")
+    with pytest.raises(ValueError, match="gguf_file"):
+        load_policy(str(tmp_path), gguf_file="missing.gguf")
+
+
+def test_reference_is_a_frozen_independent_copy(small_policy):
+    ref = small_policy.reference()
+    assert all(not p.requires_grad for p in ref.model.parameters())
+    assert not ref.model.training
+    p0 = next(small_policy.model.parameters())
+    r0 = next(ref.model.parameters())
+    assert p0.data_ptr() != r0.data_ptr() and torch.equal(p0, r0)
+
+
+# ---------------------------------------------------------------------------- the forward pass
+def _batch(policy, prompts, responses) -> RolloutBatch:
+    tok = policy.tokenizer
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    r_ids = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
+    return RolloutBatch(p_ids, r_ids, rewards=[0.0] * len(p_ids), group_ids=list(range(len(p_ids))), pad_id=tok.pad_token_id)
+
+
+def test_position_ids_ignore_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logprobs_match_unpadded_forward(small_policy, temperature):
+    """Padding (left for prompts, right for responses) must not change any token's log-prob."""
+    prompts = ["Q: 1+2\n", "a much longer question here?\n", "x"]
+    responses = ["3", "some answer\nwith lines", "yz"]
+    batch = _batch(small_policy, prompts, responses)
+    lp, ent = response_logprobs(small_policy.model, batch.padded(), temperature)
+    assert lp.shape == ent.shape == (3, batch.max_response_len)
+    for i, (p, r) in enumerate(zip(batch.prompt_ids, batch.response_ids)):
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = small_policy.model(ids).logits[0, len(p) - 1 : -1].float() / temperature
+        logp = torch.log_softmax(logits, -1)
+        want = logp.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+        want_ent = -(logp.exp() * logp).sum(-1)
+        assert torch.allclose(lp[i, : len(r)], want, atol=1e-5)
+        assert torch.allclose(ent[i, : len(r)], want_ent, atol=1e-5)
+        assert torch.all(lp[i, len(r) :] == 0) and torch.all(ent[i, len(r) :] == 0)
+    assert torch.all(lp <= 0) and torch.all(ent >= 0)
+
+
+def test_response_logprobs_gradients_are_finite(small_policy):
+    batch = _batch(small_policy, ["short\n", "a longer prompt\n"], ["ab", "a longer response"])
+    model = small_policy.model
+    model.zero_grad()
+    lp, _ = response_logprobs(model, batch.padded())
+    (lp * batch.response_mask).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad()
+
+
+def test_response_logprobs_rejects_bad_temperature(small_policy):
+    batch = _batch(small_policy, ["a"], ["b"])
+    with pytest.raises(ValueError, match="temperature"):
+        response_logprobs(small_policy.model, batch.padded(), 0.0)
