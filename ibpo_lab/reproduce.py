@@ -307,6 +307,8 @@ def _read_table(run_dir: Path, rel: str, max_rows: int = 40):
     import pandas as pd
 
     df = pd.read_csv(run_dir / rel)
+    # tabulate prints booleans as 1/0; show them as words
+    df = df.astype({c: str for c in df.columns if df[c].dtype == bool})
     note = f" (first {max_rows} of {len(df)} rows)" if len(df) > max_rows else ""
     return df.head(max_rows), note
 

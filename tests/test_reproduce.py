@@ -1,0 +1,150 @@
+"""reproduce: notebook discovery, -p validation, the full-without-GPU guard, the papermill run
+(continues past a failure, marks it, exits non-zero) and the report, on tiny throwaway notebooks."""
+
+from __future__ import annotations
+
+import json
+
+import jupytext
+import pytest
+
+from ibpo_lab import reproduce as rp
+
+OK_NB = '''# %% tags=["parameters"]
+profile = "smoke"  # smoke or full
+out_dir = None  # where figures go
+n = 2  # how many points
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+from ibpo_lab import viz
+fig, ax = plt.subplots()
+ax.plot(range(n))
+viz.save_fig(fig, out_dir, "line")
+viz.save_table(pd.DataFrame({"profile": [profile], "n": [n]}), out_dir, "numbers")
+'''
+
+BAD_NB = '''# %% tags=["parameters"]
+profile = "smoke"
+out_dir = None
+
+# %%
+raise RuntimeError("this notebook is broken on purpose")
+'''
+
+RESULTS_NB = '''# %% tags=["parameters"]
+profile = "smoke"
+out_dir = None
+runs_dir = None
+
+# %%
+import os
+import pandas as pd
+from ibpo_lab import viz
+viz.save_table(pd.DataFrame({"runs_dir_exists": [os.path.isdir(runs_dir)]}), out_dir, "summary")
+'''
+
+
+def _write(folder, name, text):
+    nb = jupytext.reads(text, fmt="py:percent")
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    jupytext.write(nb, folder / f"{name}.ipynb")
+
+
+@pytest.fixture
+def nbdir(tmp_path):
+    d = tmp_path / "notebooks"
+    d.mkdir()
+    _write(d, "01_first", OK_NB)
+    _write(d, "02_broken", BAD_NB)
+    _write(d, "03_results", RESULTS_NB)
+    _write(d, "not_numbered", OK_NB)  # ignored: not NN_name
+    return d
+
+
+def test_find_and_select(nbdir):
+    nbs = rp.find_notebooks(nbdir)
+    assert [p.stem for p in nbs] == ["01_first", "02_broken", "03_results"]
+    assert [p.stem for p in rp.select_notebooks(nbs, ["3", "first"])] == ["01_first", "03_results"]
+    assert [p.stem for p in rp.select_notebooks(nbs, ["02"])] == ["02_broken"]
+    assert rp.select_notebooks(nbs, None) == nbs
+    with pytest.raises(rp.UsageError, match="available: 01_first, 02_broken, 03_results"):
+        rp.select_notebooks(nbs, ["quickstart"])
+
+
+def test_parameters_and_overrides(nbdir):
+    ps = rp.notebook_parameters(nbdir / "01_first.ipynb")
+    assert list(ps) == ["profile", "out_dir", "n"]
+    assert ps["n"]["default"] == "2" and "how many" in ps["n"]["help"]
+    nbs = rp.find_notebooks(nbdir)
+    assert rp.parse_overrides([["n", "5"]], nbs) == {"n": 5}
+    assert rp.parse_overrides([["n", "[1, 'a']"]], nbs) == {"n": [1, "a"]}
+    with pytest.raises(rp.UsageError) as e:
+        rp.parse_overrides([["lr", "0.1"]], nbs)
+    msg = str(e.value)
+    assert "'lr'" in msg and "01_first: n" in msg and "02_broken: " in msg
+    with pytest.raises(rp.UsageError, match="--profile"):
+        rp.parse_overrides([["profile", "full"]], nbs)
+
+
+def test_parse_value():
+    assert rp.parse_value("3") == 3 and rp.parse_value("0.5") == 0.5
+    assert rp.parse_value("True") is True and rp.parse_value("None") is None
+    assert rp.parse_value("grpo") == "grpo" and rp.parse_value("['a', 'b']") == ["a", "b"]
+
+
+def test_unknown_parameter_cli_exits_2_before_running(nbdir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = rp.main(["--notebooks-dir", str(nbdir), "--out", str(out), "-p", "nope", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "01_first: n" in err
+    assert not out.exists()
+
+
+def test_full_without_gpu_is_refused_up_front(nbdir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "runs"
+    code = rp.main(["--profile", "full", "--notebooks-dir", str(nbdir), "--out", str(out)])
+    assert code == 2
+    assert "CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(rp.UsageError, match="unknown profile"):
+        rp.check_profile("medium")
+
+
+def test_list_prints_parameters(nbdir, capsys):
+    assert rp.main(["--list", "--notebooks-dir", str(nbdir)]) == 0
+    out = capsys.readouterr().out
+    assert "01_first" in out and "n = 2" in out and "how many points" in out
+
+
+def test_run_continues_past_failure_and_reports_it(nbdir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    code = rp.main(["--profile", "smoke", "--notebooks-dir", str(nbdir), "--out", str(out), "-p", "n", "4"])
+    assert code == 1
+    (run,) = list(out.iterdir())
+    assert run.name.endswith("-smoke")
+    status = json.loads((run / "status.json").read_text())
+    by = {nb["name"]: nb for nb in status["notebooks"]}
+    assert [nb["name"] for nb in status["notebooks"]] == ["01_first", "02_broken", "03_results"]
+    assert by["01_first"]["status"] == "ok" and by["03_results"]["status"] == "ok"
+    assert by["02_broken"]["status"] == "failed"
+    assert "RuntimeError: this notebook is broken on purpose" in by["02_broken"]["error"]
+    # parameters reached the notebooks; runs_dir only where declared
+    assert by["01_first"]["parameters"]["n"] == 4 and "runs_dir" not in by["01_first"]["parameters"]
+    assert (run / by["01_first"]["figures"][0]).read_bytes()[:4] == b"\x89PNG"
+    assert "n" not in by["03_results"]["parameters"]
+    assert (run / "notebooks" / "02_broken.ipynb").exists()  # the failed notebook is kept with its traceback
+    report = (run / "report.md").read_text()
+    assert "❌ failed" in report and "broken on purpose" in report
+    assert "![line](figures/01_first/line.png)" in report
+    assert "## Results" in report and "runs_dir_exists" in report and "True" in report
+    assert "| smoke     |   4 |" in report.split("**numbers**")[1]
+    html = (run / "report.html").read_text()
+    assert "<img src='figures/01_first/line.png'>" in html
+    log = capsys.readouterr().out
+    assert "[1/3] 01_first: ok" in log and "[2/3] 02_broken: failed" in log and "2/3 notebooks ok" in log

@@ -1,0 +1,305 @@
+"""viz: HTML token colouring, repair diffs, figures, curves and the explorer on small synthetic inputs."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ibpo_lab import viz
+from ibpo_lab.diff import build_prefix_trie, divergence_matrix, edit_masks
+from ibpo_lab.rollout import RolloutBatch
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _spans(h: str) -> list[re.Match]:
+    return list(re.finditer(r'<span class="tok" data-pos="(\d+)" title="([^"]*)" style="([^"]*)">(.*?)</span>', h))
+
+
+def _bg(style: str) -> tuple[int, int, int] | None:
+    m = re.search(r"background-color:#([0-9a-f]{6})", style)
+    if not m:
+        return None
+    x = m.group(1)
+    return int(x[0:2], 16), int(x[2:4], 16), int(x[4:6], 16)
+
+
+# ------------------------------------------------------------------------------------ token_html
+def test_token_html_one_span_per_token_in_order_with_diverging_colours():
+    toks = ["a", "b", "c", "d", "e"]
+    vals = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    h = viz.token_html(toks, vals)
+    assert isinstance(h, str) and h._repr_html_() == h
+    spans = _spans(h)
+    assert [s.group(4) for s in spans] == toks
+    assert [int(s.group(1)) for s in spans] == list(range(5))
+    cols = [_bg(s.group(3)) for s in spans]
+    # RdBu: negative red-ish (r > b), positive blue-ish (b > r), zero near white
+    assert cols[0][0] > cols[0][2] and cols[1][0] > cols[1][2]
+    assert cols[3][2] > cols[3][0] and cols[4][2] > cols[4][0]
+    assert min(cols[2]) > 230
+    # stronger credit is a darker colour
+    assert sum(cols[0]) < sum(cols[1]) and sum(cols[4]) < sum(cols[3])
+    assert "+2.0000" in spans[4].group(2)
+
+
+def test_token_html_mask_edit_escape_and_errors():
+    h = viz.token_html(["<x>", "\n", "y"], torch.tensor([1.0, 1.0, -1.0]), mask=[True, False, True],
+                       edited=[False, False, True])
+    spans = _spans(h)
+    assert spans[0].group(4) == "&lt;x&gt;"
+    assert "↵" in spans[1].group(4) and _bg(spans[1].group(3)) is None and "not trained" in spans[1].group(2)
+    assert "underline" in spans[2].group(3) and "edited" in spans[2].group(2)
+    assert "underline" not in spans[0].group(3)
+    with pytest.raises(ValueError, match="values"):
+        viz.token_html(["a", "b"], [1.0])
+    with pytest.raises(ValueError, match="mask"):
+        viz.token_html(["a", "b"], [1.0, 2.0], mask=[True])
+
+
+def test_token_html_vmax_saturates():
+    a = _bg(_spans(viz.token_html(["a"], [0.5], vmax=0.5))[0].group(3))
+    b = _bg(_spans(viz.token_html(["a"], [5.0], vmax=0.5))[0].group(3))
+    c = _bg(_spans(viz.token_html(["a"], [0.5], vmax=5.0))[0].group(3))
+    assert a == b and a != c
+
+
+def test_batch_token_html_reads_batch_fields():
+    b = RolloutBatch(prompt_ids=[[1], [1]], response_ids=[[3, 4, 5], [6]], rewards=[0.0, 1.0], group_ids=[0, 0],
+                     edit_masks=[[False, True, False], [False]])
+    adv = torch.tensor([[-1.0, -2.0, 0.0], [1.0, 0.0, 0.0]])
+    h = viz.batch_token_html(b, adv, None, 0)
+    spans = _spans(h)
+    assert [s.group(4) for s in spans] == ["3", "4", "5"]
+    assert "underline" in spans[1].group(3)
+    assert "reward 0" in h
+    with pytest.raises(ValueError, match="advantages"):
+        viz.batch_token_html(b, torch.zeros(3, 3), None, 0)
+
+
+# ------------------------------------------------------------------------------------ repair diff
+def test_repair_diff_marks_exactly_the_edit_mask():
+    failed, repaired = "x = 3+4 = 8\ny = 9\n", "x = 3+4 = 7\ny = 8\n"
+    h = viz.repair_diff_html(failed, repaired)
+    dels = re.findall(r"<del [^>]*>(.*?)</del>", h)
+    inss = re.findall(r"<ins [^>]*>(.*?)</ins>", h)
+    changed, inserted = edit_masks([ord(c) for c in failed], [ord(c) for c in repaired])
+    assert dels == [c for c, m in zip(failed, changed) if m]
+    assert inss == [c for c, m in zip(repaired, inserted) if m]
+    # the kept characters plus the deletions re-spell the failed attempt
+    kept = re.sub(r"<ins [^>]*>.*?</ins>", "", h).replace("↵<br>", "\n")
+    text = "".join(re.findall(r">([^<>]*)</(?:span|del)>", kept.split('<div style="font-size')[0]))
+    assert text == failed
+
+
+def test_repair_diff_token_ids_and_strings():
+    class Tok:
+        def decode(self, ids):
+            return "".join(chr(96 + i) for i in ids)
+
+    h = viz.repair_diff_html([1, 2, 3], [1, 5, 3], Tok())
+    assert re.findall(r"<del [^>]*>(.*?)</del>", h) == ["b"]
+    assert re.findall(r"<ins [^>]*>(.*?)</ins>", h) == ["e"]
+    h2 = viz.repair_diff_html(["x", "=", "1"], ["x", "=", "2", "!"])
+    assert re.findall(r"<del [^>]*>(.*?)</del>", h2) == ["1"]
+    assert re.findall(r"<ins [^>]*>(.*?)</ins>", h2) == ["2", "!"]
+    with pytest.raises(ValueError, match="both"):
+        viz.repair_diff_html("abc", [1, 2])
+
+
+def test_step_labels_html():
+    h = viz.step_labels_html(["a=1\n", "b=2\n", "c"], [True, False, None])
+    assert h.index("✓") < h.index("✗") < h.index("?")
+    with pytest.raises(ValueError, match="labels"):
+        viz.step_labels_html(["a"], [True, False])
+
+
+# ------------------------------------------------------------------------------------ figures
+def test_divergence_heatmap_shows_the_matrix():
+    seqs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6], [7]]
+    M = divergence_matrix(seqs)
+    fig = viz.divergence_heatmap(M, rewards=[1, 0, 1, 0])
+    ax = fig.axes[0]
+    np.testing.assert_array_equal(ax.images[0].get_array(), M)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0 (R=1)", "1 (R=0)", "2 (R=1)", "3 (R=0)"]
+    assert len(ax.texts) == 16
+    with pytest.raises(ValueError, match="square"):
+        viz.divergence_heatmap(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="rewards"):
+        viz.divergence_heatmap(M, rewards=[1, 0])
+
+
+def test_prefix_trie_plot_one_marker_per_node_and_distinct_leaves():
+    trie = build_prefix_trie([["a", "b"], ["a", "c"], ["a", "b", "d"], ["e"]], [1, 0, 1, 0])
+    fig = viz.prefix_trie_plot(trie)
+    sc = fig.axes[0].collections[0]
+    xy = sc.get_offsets()
+    assert len(xy) == trie.n_nodes
+    np.testing.assert_array_equal(xy[:, 0], trie.depth)
+    np.testing.assert_allclose(sc.get_array(), trie.mean)
+    leaves = trie.leaves()
+    assert len(set(xy[leaves, 1])) == len(leaves)
+    # an inner node sits between its children
+    for v in range(trie.n_nodes):
+        kids = trie.children(v)
+        if kids:
+            assert min(xy[kids, 1]) <= xy[v, 1] <= max(xy[kids, 1])
+    with pytest.raises(ValueError, match="PrefixTrie"):
+        viz.prefix_trie_plot(object())
+
+
+def test_advantage_panel_one_heatmap_per_estimator_masked_blank():
+    adv = {"grpo": torch.randn(3, 5), "rloo": torch.randn(3, 5), "ibpo": torch.randn(3, 5), "x": torch.randn(3, 5)}
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    fig = viz.advantage_panel(adv, mask, rewards=[1, 0, 0], group_ids=[0, 0, 0], step_spans=[[(0, 2), (2, 5)]] * 3)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in shown] == list(adv)
+    arr = shown[0].images[0].get_array()
+    assert np.ma.getmaskarray(arr)[1, 3:].all() and not np.ma.getmaskarray(arr)[0].any()
+    assert np.allclose(np.ma.getdata(arr)[0], adv["grpo"][0].numpy())
+    with pytest.raises(ValueError, match="one shape"):
+        viz.advantage_panel({"a": torch.zeros(2, 3), "b": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match="empty"):
+        viz.advantage_panel({})
+
+
+def _curves_df(seeds=4, steps=6):
+    rng = np.random.default_rng(0)
+    rows = [dict(step=s, seed=k, label=lab, reward_mean=off + 0.1 * s + rng.normal(0, 0.1))
+            for lab, off in (("grpo", 0.0), ("ibpo", 0.5)) for k in range(seeds) for s in range(steps)]
+    return pd.DataFrame(rows)
+
+
+def test_learning_curves_mean_and_ci_band():
+    df = _curves_df()
+    fig = viz.learning_curves(df, "reward_mean", band="ci")
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["grpo (n=4)", "ibpo (n=4)"]
+    sub = df[(df.label == "ibpo") & (df.step == 3)]["reward_mean"]
+    assert np.isclose(ax.lines[1].get_ydata()[3], sub.mean())
+    band = ax.collections[1].get_paths()[0].vertices
+    half = 1.96 * sub.std(ddof=1) / np.sqrt(len(sub))
+    assert np.any(np.isclose(band[:, 1], sub.mean() + half))
+    with pytest.raises(ValueError, match="column"):
+        viz.learning_curves(df, "nope")
+    with pytest.raises(ValueError, match="band"):
+        viz.learning_curves(df, "reward_mean", band="iqr")
+
+
+def test_runs_frame_from_records_and_metric_grid():
+    class Rec:
+        def __init__(self, est, seed):
+            self.config = {"estimator": est, "seed": seed}
+            self.metrics = pd.DataFrame({"step": [0, 1, 2], "reward_mean": [0.1, 0.2, seed], "entropy": [1, 1, 1]})
+
+    recs = [Rec(e, s) for e, s in itertools.product(["grpo", "ibpo"], [0, 1])]
+    df = viz.runs_frame(recs)
+    assert set(df.label) == {"grpo", "ibpo"} and set(df.seed) == {0, 1} and len(df) == 12
+    fig = viz.metric_grid(recs, ["reward_mean", "entropy"])
+    assert len([a for a in fig.axes if a.get_visible()]) == 2
+    with pytest.raises(ValueError, match="grad_norm"):
+        viz.metric_grid(recs, ["grad_norm"])
+
+
+def test_summary_bars_heights_are_group_means():
+    df = pd.DataFrame({"estimator": ["a", "a", "b", "b"], "auc": [0.6, 0.8, 0.4, 0.5]})
+    fig = viz.summary_bars(df, "estimator", "auc")
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    np.testing.assert_allclose(heights, [0.7, 0.45])
+
+
+def test_roc_auc_matches_pairwise_count():
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 5, 40).astype(float)  # ties on purpose
+    y = rng.random(40) < 0.4
+    _, _, auc = viz.roc_curve(s, y)
+    pos, neg = s[y], s[~y]
+    mw = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert np.isclose(auc, mw)
+    with pytest.raises(ValueError, match="both classes"):
+        viz.roc_curve([1, 2], [True, True])
+
+
+def test_roc_plot_and_step_credit_plot():
+    df = pd.DataFrame({"estimator": ["a"] * 6 + ["b"] * 6, "advantage": [1, 2, 3, -1, -2, -3] * 2,
+                       "correct": [True, True, True, False, False, False] * 2})
+    fig = viz.roc_plot(df)
+    assert "AUC 1.00" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    fig2 = viz.step_credit_plot(df)
+    assert len(fig2.axes[0].patches) == 4  # correct and wrong box per estimator
+
+
+def test_save_fig_and_table(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    p = viz.save_fig(fig, tmp_path / "figs", "my fig/1")
+    assert p.name == "my_fig_1.png" and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert viz.save_fig(fig, None, "x") is None
+    t = viz.save_table(pd.DataFrame({"a": [1]}), tmp_path, "tab")
+    assert pd.read_csv(t).a.tolist() == [1]
+    with pytest.raises(ValueError, match="Figure"):
+        viz.save_fig("not a figure", tmp_path, "x")
+
+
+# ------------------------------------------------------------------------------------ explorer
+def _fake_run(tmp_path):
+    b = RolloutBatch(
+        prompt_ids=[[1]] * 4, response_ids=[[3, 4, 5, 6], [3, 4, 7], [3, 8], [9, 9]], rewards=[1.0, 0.0, 1.0, 0.0],
+        group_ids=[0, 0, 1, 1], step_spans=[[(0, 2), (2, 4)], [(0, 2), (2, 3)], [(0, 2)], [(0, 1), (1, 2)]],
+        responses=["cdef", "cdg", "ch", "ii"],
+    )
+    df = b.to_dataframe()
+    df["advantages"] = [[0.5] * 4, [-0.5, -0.5, -1.0], [0.2, 0.2], [-0.3, -0.9]]
+    df["edit_mask"] = [[False] * 4, [False, False, True], [False] * 2, [False, True]]
+    df["repaired_ids"] = [[], [3, 4, 5, 6], [], [9, 8]]
+    df["step_labels"] = [[True, True], [True, False], [True], [True, False]]
+    run = tmp_path / "run_a"
+    (run / "trajectories").mkdir(parents=True)
+    df.to_parquet(run / "trajectories" / "step_000002.parquet")
+    df.assign(reward=0.0).to_parquet(run / "trajectories" / "step_000001.parquet")
+    return run
+
+
+def test_trajectory_view_static(tmp_path):
+    run = _fake_run(tmp_path)
+    frame = viz.load_trajectories(run)
+    assert frame.reward.tolist() == [1.0, 0.0, 1.0, 0.0]  # last step by default
+    v = viz.trajectory_view(frame, 1)
+    assert [s.group(4) for s in _spans(v["tokens"])] == ["3", "4", "7"]
+    assert re.findall(r"<del [^>]*>(.*?)</del>", v["diff"]) == ["7"]
+    assert "✗" in v["steps"]
+    np.testing.assert_array_equal(v["heatmap"].axes[0].images[0].get_array(), divergence_matrix([[3, 4, 5, 6], [3, 4, 7]]))
+    assert "no repair" in viz.trajectory_view(frame, 0)["diff"]
+    with pytest.raises(ValueError, match="step 5"):
+        viz.load_trajectories(run, 5)
+
+
+def test_explorer_builds_and_follows_the_dropdowns(tmp_path):
+    run = _fake_run(tmp_path)
+    box = viz.explorer(tmp_path)
+    c = box.controls
+    assert c["step"].value == 2 and list(c["step"].options) == [1, 2]
+    assert c["prompt"].value == 0 and c["trajectory"].value == 0
+    c["trajectory"].value = 1
+    assert re.findall(r"<del [^>]*>(.*?)</del>", box.views["diff"].value) == ["7"]
+    c["prompt"].value = 1
+    assert c["trajectory"].value == 2
+    assert [s.group(4) for s in _spans(box.views["tokens"].value)] == ["3", "8"]
+    with pytest.raises(ValueError, match="no run"):
+        viz.explorer(tmp_path / "run_a" / "trajectories")
