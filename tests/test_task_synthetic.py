@@ -213,6 +213,16 @@ def test_each_error_kind_does_what_it_says(task, train, kind):
         assert all(task.step_labels(ex, inj.text)[e + 1:-1])
 
 
+def test_injected_error_is_a_str_that_pickles(task, train):
+    import pickle
+
+    inj = task.inject_error(train[0], task.solution(train[0]), 0, kind="slip")
+    assert isinstance(inj, str) and inj == inj.text and type(inj.text) is str
+    assert task.score(train[0], inj).reward == 0.0 and task.oracle_repair(train[0], inj) == task.solution(train[0])
+    back = pickle.loads(pickle.dumps(inj))
+    assert back == inj and back.kind == "slip" and back.step_labels == inj.step_labels
+
+
 def test_inject_error_rejects_a_wrong_solution(task, train):
     with pytest.raises(ValueError, match="not a correct chain"):
         task.inject_error(train[0], "1+1=2\nans=2", 0)
@@ -252,6 +262,10 @@ def test_oracle_repair_of_odd_failures(task):
     # an operation that is not in the problem becomes the textually closest unused one
     ex2 = task.make_example(1, ["+3", "-6", "+2"])
     assert task.oracle_repair(ex2, "1+3=4\n4-5=9\n9+2=1\nans=1") == "1+3=4\n4-6=8\n8+2=0\nans=0"
+    # a correct chain without its answer line: the first error is the missing answer, which is appended
+    sol = task.solution(ex)
+    assert task.first_error(ex, sol.rsplit("\n", 1)[0]) == 3
+    assert task.oracle_repair(ex, sol.rsplit("\n", 1)[0]) == sol
     # empty attempt: a full solution in question order
     assert task.oracle_repair(ex, "") == task.solution(ex)
 

@@ -42,7 +42,6 @@ final answer after a broken chain earns nothing; ``"answer"`` gives 1 iff the la
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import random
 import re
@@ -240,24 +239,35 @@ class ChainCheck:
     answer: int | None
 
 
-@dataclass
-class InjectedError:
-    """A failed attempt made from a correct solution by :meth:`SyntheticTask.inject_error`.
+class InjectedError(str):
+    """A failed attempt made from a correct solution by :meth:`SyntheticTask.inject_error`: the text
+    itself (a ``str``, usable wherever a response is) carrying what was injected:
 
-    text         the failed attempt (steps after the error recomputed from the wrong value)
     kind         one of ``ERROR_KINDS``
     first_error  index of the injected error's step (for ``skip`` the answer line, where the missing
                  operation shows; for ``operand`` the answer line is wrong too, an operation being unused)
     step_labels  the expected local-correctness label of every step, derived from the construction
     """
 
-    text: str
     kind: str
     first_error: int
     step_labels: list[bool]
 
-    def __str__(self) -> str:
-        return self.text
+    def __new__(cls, text: str, kind: str, first_error: int, step_labels: list[bool]) -> "InjectedError":
+        obj = super().__new__(cls, text)
+        obj.kind, obj.first_error, obj.step_labels = kind, first_error, list(step_labels)
+        return obj
+
+    @property
+    def text(self) -> str:
+        """The failed attempt as a plain ``str``."""
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"InjectedError({self.text!r}, kind={self.kind!r}, first_error={self.first_error})"
+
+    def __reduce__(self):  # pickles (multiprocessing, caching) keep the attributes
+        return (InjectedError, (self.text, self.kind, self.first_error, self.step_labels))
 
 
 class SyntheticTask(Task):
@@ -418,9 +428,8 @@ class SyntheticTask(Task):
         start, ops, m = self._problem(ex)
         orders: list[tuple[Op, ...]] = []
         seen: set[tuple[Op, ...]] = set()
-        if k * 3 > total:  # dense request: enumerate every distinct order and sample without replacement
-            allo = sorted(set(itertools.permutations(ops)))
-            orders = r.sample(allo, k)
+        if k * 3 > total:  # dense request: enumerate the distinct orders and sample without replacement
+            orders = r.sample(_distinct_orders(Counter(ops)), k)
         else:
             while len(orders) < k:
                 o = list(ops)
@@ -554,7 +563,8 @@ class SyntheticTask(Task):
         skip     step i is left out (shows only at the answer line: operations left)
         answer   the answer line states a wrong value
 
-        The final answer is always wrong. Returns the text with the labels expected by construction.
+        The final answer is always wrong. Returns the failed text as an :class:`InjectedError` (a ``str``
+        with ``.kind``, ``.first_error`` and ``.step_labels`` expected by construction).
         """
         r = _as_rng(rng)
         start, ops, m = self._problem(ex)
@@ -709,6 +719,18 @@ class SyntheticTask(Task):
                 failed = self.inject_error(ex, sol, r).text
                 out.append((self.repair_prompt(ex, failed, ref), self.oracle_repair(ex, failed)))
         return out
+
+
+def _distinct_orders(counts: Counter) -> list[tuple[Op, ...]]:
+    """Every distinct order of a multiset, sorted (itertools.permutations would repeat duplicates n! times)."""
+    if not +counts:
+        return [()]
+    out = []
+    for op in sorted(k for k, c in counts.items() if c > 0):
+        counts[op] -= 1
+        out += [(op,) + rest for rest in _distinct_orders(counts)]
+        counts[op] += 1
+    return out
 
 
 def _apply_all(start: int, order: Sequence[Op], m: int) -> int:
