@@ -16,8 +16,8 @@ is the ground-truth local repair). Values stay below ``m`` so a tiny character-l
 learns the task in minutes.
 
 Step ground truth (see :meth:`SyntheticTask.analyse`). Steps are the non-empty lines of the
-response (whitespace-only lines are not steps), as ``ibpo_lab.steps.split_text_steps(r, "newline")``
-splits them. Walking the steps with a running value ``v`` (starts at the start value) and the
+response, as ``ibpo_lab.steps.split_text_steps(r, "newline")`` splits them (whitespace-only lines
+are not steps; a response of only whitespace is one empty, wrong step). Walking the steps with a running value ``v`` (starts at the start value) and the
 multiset ``R`` of unused operations (starts at the problem's operations):
 
 * an operation step ``a±b=c`` is *locally correct* iff ``a == v`` (it carries the most recent
@@ -33,6 +33,12 @@ multiset ``R`` of unused operations (starts at the problem's operations):
 locally correct but there is no answer line it is ``len(steps)`` (the missing answer); ``None``
 iff the response is a complete correct chain. Because the operations commute, a complete
 correct chain always ends in the gold answer.
+
+Failures and repairs: :meth:`SyntheticTask.inject_error` makes realistic failed attempts (``ERROR_KINDS``:
+arithmetic slip, wrong carry, wrong operand, repeated or skipped operation, wrong answer line) with
+every later step recomputed from the wrong value, and their expected labels; :meth:`SyntheticTask.oracle_repair`
+keeps the failed prefix and order, fixes the first error in place and recomputes the rest;
+:meth:`SyntheticTask.sft_pairs` builds solve and repair warm-up data from them.
 
 Reward (``reward_on``): ``"chain"`` (default) gives 1 iff ``first_error is None`` — a lucky
 final answer after a broken chain earns nothing; ``"answer"`` gives 1 iff the last step is
