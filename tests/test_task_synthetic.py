@@ -367,6 +367,7 @@ def test_text_after_the_answer_is_an_error(task, train):
     assert task.score(ex, sol + "\n" + sol).reward == 0.0
 
 
+_SMALL = SyntheticTask(n_train=50, n_test=5)  # built once: hypothesis calls the tests hundreds of times
 _line = st.one_of(
     st.text(alphabet=VOCAB, max_size=12),
     st.builds(lambda a, s, b, c: f"{a}{s}{b}={c}", st.integers(0, 12), st.sampled_from("+-"), st.integers(0, 12), st.integers(0, 12)),
@@ -374,10 +375,10 @@ _line = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(lines=st.lists(_line, max_size=8), sep=st.sampled_from(["\n", "\n\n", " \n"]), i=st.integers(0, 49))
 def test_labels_align_with_nonempty_lines_on_any_response(lines, sep, i):
-    t = SyntheticTask(n_train=50, n_test=5)
+    t = _SMALL
     ex = t.examples("train")[i]
     text = sep.join(lines)
     labels = t.step_labels(ex, text)
@@ -390,6 +391,21 @@ def test_labels_align_with_nonempty_lines_on_any_response(lines, sep, i):
     assert (s.reward == 1.0) == (fe is None)
     if fe is not None and fe < len(labels):
         assert labels[fe] is False and all(labels[:fe])
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(_line, max_size=8), sep=st.sampled_from(["\n", "\n\n", " \n"]), i=st.integers(0, 49))
+def test_oracle_repair_fixes_any_response_keeping_its_correct_prefix(lines, sep, i):
+    t = _SMALL
+    ex = t.examples("train")[i]
+    text = sep.join(lines)
+    rep = t.oracle_repair(ex, text)
+    assert t.score(ex, rep).reward == 1.0
+    fe = t.first_error(ex, text)
+    if fe is None:
+        assert rep == text
+    else:
+        assert t.analyse(ex, rep).steps[:fe] == t.analyse(ex, text).steps[:fe]
 
 
 def test_text_steps_spans_cover_steps():

@@ -389,12 +389,12 @@ class SyntheticTask(Task):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train', 'test' or 'eval', got {split!r}")
         size = self.config.n_train if split == "train" else self.config.n_test
-        if n is not None and (not isinstance(n, int) or not 0 <= n <= size):
+        if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= size):
             raise ValueError(f"n must be an int in [0, {size}] for the {split} split (n_{split}={size}), got {n!r}")
         if split not in self._splits:
             self._splits[split] = self._generate(split, size)
         exs = self._splits[split]
-        return list(exs if n is None else exs[:n])
+        return list(exs if n is None else exs[: int(n)])
 
     # ------------------------------------------------------------------ prompts
     def _check_template(self, name: str) -> str:
