@@ -1005,7 +1005,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
             upd = policy_update(model, ref_model, optimizer, train_batch, train_adv, cfg, device,
                                 is_weights=isw, n_onpolicy=len(batch))
             lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            with warnings.catch_warnings():
+                # the schedule follows training steps, also when every optimiser step of one was skipped
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
             sampler.sync_weights(model)
         times["time_step"] = time.perf_counter() - t_step
 
@@ -1043,8 +1046,9 @@ def _join_offpolicy(batch, adv, repaired, rep_adv, rep_w):
     from ibpo_lab.rollout import RolloutBatch as RB
 
     def strip(b: RB) -> RB:  # keep only what training reads, so optional fields need not agree
+        masks = b.response_masks or [np.ones(len(r), dtype=bool) for r in b.response_ids]
         return RB(prompt_ids=b.prompt_ids, response_ids=b.response_ids, rewards=b.rewards, group_ids=b.group_ids,
-                  logprobs=b.logprobs, response_masks=b.response_masks, pad_id=b.pad_id)
+                  logprobs=b.logprobs, response_masks=masks, pad_id=b.pad_id)
 
     joined = concat_batches([strip(batch), strip(repaired)])
     T = joined.max_response_len

@@ -1,0 +1,343 @@
+"""Trainer: config validation and YAML, the loop's run records, checkpoints/resume, NaN handling, CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ibpo_lab.train as T
+from ibpo_lab.losses import LOSSES, get_loss, register_loss
+from ibpo_lab.models import tiny_policy_dir
+from ibpo_lab.tasks import Score, register_task
+from ibpo_lab.tasks.base import _TASKS
+from ibpo_lab.tasks.synthetic import SyntheticTask
+from ibpo_lab.train import RunRecord, TrainConfig
+
+# the committed tiny policy when it is there, else a randomly initialised one of the same shape
+MODEL = "tiny" if (tiny_policy_dir() / "config.json").is_file() else T.RANDOM_TINY
+
+
+class ParityTask(SyntheticTask):
+    """Synthetic prompts, reward 1 iff the response has an even number of characters: any policy,
+    trained or random, gets mixed rewards inside a group, so every estimator has signal to train on."""
+
+    name = "parity-test"
+
+    def score(self, example, response):
+        return Score(float(isinstance(response, str) and len(response) % 2 == 0), "parity")
+
+
+if "parity-test" not in _TASKS:
+    register_task("parity-test")(ParityTask)
+
+
+def small(**kw) -> TrainConfig:
+    """A run small enough for a unit test (a second or two per step on 2 CPU cores)."""
+    base = dict(task="parity-test", model=MODEL, device="cpu", steps=2, prompts_per_step=2, group_size=4,
+                max_new_tokens=16, repair_max_new_tokens=16, lr=1e-3, eval_n=2, eval_k=2, estimator="grpo")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+METRIC_COLUMNS = [
+    "step", "reward_mean", "accuracy", "entropy", "approx_kl", "clip_frac", "grad_norm", "zero_var_groups",
+    "active_tokens", "repair_success", "skipped", "skipped_total", "lr",
+    "time_sample", "time_reward", "time_correct", "time_advantage", "time_update", "time_step",
+]
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_yaml_round_trip(tmp_path):
+    cfg = TrainConfig(label="x", estimator="ibpo", lam=0.3, task_kwargs={"n_steps": 3}, stop=["\n\n"],
+                      adam_betas=[0.8, 0.9], lr=2e-5, minibatch_size=8)
+    text = cfg.to_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    assert TrainConfig.from_yaml(text) == cfg
+    # YAML 1.1 reads 1e-5 as a string: the config coerces it to the field's type
+    assert TrainConfig.from_yaml("lr: 1e-5\nsteps: '3'\n").lr == pytest.approx(1e-5)
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f.name
+    assert "repair_k" in TrainConfig.help()
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(estimator="ppo2"), "estimator"),
+        (dict(estimator="ibpo", repair_k=8, group_size=8), "repair_k"),
+        (dict(lam=-0.1), "lam"),
+        (dict(prompts_per_step=3, group_size=4, minibatch_size=5), "minibatch_size"),
+        (dict(task=""), "task"),
+        (dict(task=None), "task"),
+        (dict(task="no-such-task"), "task"),
+        (dict(loss="dpo"), "loss"),
+        (dict(device="tpu"), "device"),
+        (dict(group_size=1), "group_size"),
+        (dict(seed="abc"), "seed"),
+        (dict(bilateral=True, estimator="grpo"), "bilateral"),
+        (dict(agg="mean"), "agg"),
+    ],
+)
+def test_invalid_config_raises_one_error_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=rf"invalid TrainConfig: .*\b{field}\b") as e:
+        TrainConfig(**kw)
+    assert str(e.value).count(field) >= 1
+
+
+def test_unknown_yaml_field_is_an_error():
+    with pytest.raises(ValueError, match="unknown field.*'lamda'"):
+        TrainConfig.from_yaml("lamda: 0.5\nsteps: 2\n")
+
+
+def test_repair_k_only_limited_for_correcting_estimators():
+    TrainConfig(estimator="grpo", group_size=2, repair_k=5)  # no corrector runs: K is unused
+    with pytest.raises(ValueError, match="repair_k"):
+        TrainConfig(estimator="ibpo", group_size=2, repair_k=2)
+
+
+def test_overrides_parse_yaml_values_and_dict_keys():
+    cfg = TrainConfig().with_overrides(["steps=3", "lr=1e-4", "task_kwargs.n_steps=3", "stop=['\\n\\n']",
+                                        "bilateral=true"])
+    assert (cfg.steps, cfg.lr, cfg.task_kwargs, cfg.bilateral) == (3, 1e-4, {"n_steps": 3}, True)
+    with pytest.raises(ValueError, match="unknown field 'stepz'"):
+        TrainConfig().with_overrides(["stepz=3"])
+    with pytest.raises(ValueError, match="lam"):
+        TrainConfig().with_overrides(["lam=-1"])
+
+
+def test_presets():
+    s = T.presets("smoke", estimator="grpo", seed=3)
+    assert (s.estimator, s.seed, s.device) == ("grpo", 3, "cpu")
+    assert s.steps * s.batch_size <= 6 * 4 * 8 and s.model == "tiny"
+    f = T.presets("full")
+    assert f.backend == "vllm" and f.task == "gsm8k"
+    with pytest.raises(ValueError, match="profile"):
+        T.presets("huge")
+    with pytest.raises(ValueError, match="lam"):
+        T.presets("smoke", lam=-1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_fails_before_loading(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model was built before the device check")
+
+    monkeypatch.setattr(T, "_build_policy", boom)
+    with pytest.raises(ValueError, match="device.*'cuda'.*no CUDA"):
+        T.train(small(device="cuda"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_out_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="out_dir: cannot write the run folder"):
+        T.train(small(), blocker / "run", progress=False)
+
+
+def test_existing_run_needs_resume(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="already holds a run"):
+        T.train(small(), tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ records
+def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
+    T.save_checkpoint(tmp_path, {"step": 1, "x": torch.ones(2)})
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="could not write the checkpoint.*previous checkpoint.*kept"):
+        T.save_checkpoint(tmp_path, {"step": 2, "x": torch.zeros(2)})
+    monkeypatch.setattr(torch, "save", real_save)
+    state = T._load_checkpoint_state(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["x"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temp folders left behind
+
+
+def test_load_run_tolerates_a_truncated_last_line(tmp_path):
+    TrainConfig().to_yaml(tmp_path / "config.yaml")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "accuracy": 0.5}) + "\n{\"step\": 2, \"acc")
+    with pytest.warns(UserWarning, match="truncated last line"):
+        rec = T.load_run(tmp_path)
+    assert rec.metrics["step"].tolist() == [1]
+    with pytest.raises(ValueError, match="not a run folder"):
+        T.load_run(tmp_path / "nope")
+
+
+def test_summarise_runs_ci_over_seeds():
+    def rec(label, seed, acc):
+        return RunRecord(path=None, config=TrainConfig(label=label, seed=seed),
+                         metrics=pd.DataFrame({"accuracy": [0.0, acc], "reward_mean": [0.0, acc]}),
+                         eval=pd.DataFrame({"step": [2], "avg@k": [acc]}))
+
+    vals = [0.2, 0.4, 0.6]
+    df = T.summarise_runs([rec("a", s, v) for s, v in enumerate(vals)] + [rec("b", 0, 0.9)]).set_index("label")
+    m, sd = np.mean(vals), np.std(vals, ddof=1)
+    assert df.loc["a", "mean"] == pytest.approx(m)
+    assert df.loc["a", "ci_hi"] - m == pytest.approx(4.303 * sd / math.sqrt(3), rel=1e-3)  # t(0.975, df=2)
+    assert df.loc["a", "n_seeds"] == 3 and df.loc["b", "n_seeds"] == 1 and math.isnan(df.loc["b", "ci_lo"])
+
+
+# ------------------------------------------------------------------------------------------ training runs
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["grpo", "ibpo"])
+def test_two_step_run_writes_every_record(tmp_path, estimator):
+    rec = T.train(small(estimator=estimator, repair_k=1), tmp_path / estimator, progress=False)
+    p = rec.path
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoint/state.pt",
+                 "trajectories/step_000001.parquet", "trajectories/step_000002.parquet"):
+        assert (p / name).is_file(), name
+    assert TrainConfig.from_yaml(p / "config.yaml") == rec.config
+    m = rec.metrics
+    assert m["step"].tolist() == [1, 2]
+    assert not set(METRIC_COLUMNS) - set(m.columns), set(METRIC_COLUMNS) - set(m.columns)
+    assert (m["grad_norm"] > 0).all() and m["updates"].eq(1).all()  # parity rewards always give signal
+    assert {"avg@k", "pass@1", "pass@k", "avg@k_lo", "avg@k_hi"} <= set(rec.eval.columns)
+    t = rec.trajectories(2)
+    assert len(t[t["kind"] == "policy"]) == 8 and set(t["group"]) == {0, 1}
+    assert [len(a) for a in t["advantages"]] == t["response_len"].tolist()
+    assert rec.trajectories()["step"].tolist().count(1) >= 8
+    if estimator == "ibpo":
+        assert {"edit_mask", "repair", "repair_success"} <= set(t.columns)
+        assert m["correct_n_attempted"].sum() > 0
+        failed = t[(t["kind"] == "policy") & (t["reward"] < 1)]
+        has_repair = failed["repair"].notna()
+        assert has_repair.any()
+        assert (failed.loc[has_repair, "repair_success"] > 0).all()
+        # credit sits on the edited tokens only (where a repair exists)
+        for _, row in failed[has_repair].iterrows():
+            adv, edited = np.array(row["advantages"]), np.array(row["edit_mask"])
+            assert np.all(adv[~edited] == 0)
+
+
+def _strip_times(df: pd.DataFrame) -> pd.DataFrame:
+    return df[[c for c in df.columns if not c.startswith("time_")]].reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = small(steps=4, checkpoint_every=2, eval_every=2, estimator="rloo")
+    straight = T.train(cfg, tmp_path / "straight", progress=False)
+
+    real_update, calls = T.policy_update, []
+
+    def killed_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run dies mid-step 3, after the step-2 checkpoint
+        return real_update(*a, **k)
+
+    monkeypatch.setattr(T, "policy_update", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, tmp_path / "resumed", progress=False)
+    after = []
+
+    def counted(*a, **k):
+        after.append(1)
+        return real_update(*a, **k)
+
+    monkeypatch.setattr(T, "policy_update", counted)
+    resumed = T.train(cfg, tmp_path / "resumed", progress=False, resume=True)
+    assert len(after) == 2  # it continued from the step-2 checkpoint, it did not start over
+
+    pd.testing.assert_frame_equal(_strip_times(straight.metrics), _strip_times(resumed.metrics))
+    pd.testing.assert_frame_equal(straight.eval, resumed.eval)
+    pd.testing.assert_frame_equal(straight.trajectories(4), resumed.trajectories(4))
+    a = T._load_checkpoint_state(straight.path)["model"]
+    b = T._load_checkpoint_state(resumed.path)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_is_skipped_counted_and_stops_after_three(tmp_path):
+    ppo = get_loss("ppo")
+    calls = []
+
+    def nan_first_then_ppo(*a, **k):
+        calls.append(1)
+        loss, m = ppo(*a, **k)
+        return (loss * float("nan") if len(calls) == 1 else loss), m
+
+    def always_nan(*a, **k):
+        loss, m = ppo(*a, **k)
+        return loss * float("nan"), m
+
+    for name, fn in (("nan-once-test", nan_first_then_ppo), ("nan-always-test", always_nan)):
+        if name not in LOSSES:
+            register_loss(name)(fn)
+
+    rec = T.train(small(loss="nan-once-test", eval_n=0), tmp_path / "once", progress=False)
+    assert rec.metrics["skipped"].tolist() == [1, 0] and rec.metrics["skipped_total"].tolist() == [1, 1]
+    assert rec.metrics["updates"].tolist() == [0, 1]
+
+    cfg = small(loss="nan-always-test", steps=5, eval_n=0)
+    with pytest.raises(T.NonFiniteLossError, match="3 optimiser steps in a row"):
+        T.train(cfg, tmp_path / "always", progress=False)
+    rec = T.load_run(tmp_path / "always")
+    assert rec.metrics["skipped_total"].tolist() == [1, 2, 3]
+    state = T._load_checkpoint_state(rec.path)
+    assert state["step"] == 3
+    # nothing was applied: the checkpointed weights are the initial ones
+    init = T._build_policy(cfg, None, torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(init[k], state["model"][k]) for k in init)
+
+
+@pytest.mark.slow
+def test_bilateral_trains_repairs_off_policy(tmp_path):
+    rec = T.train(small(estimator="ibpo", bilateral=True, repair_k=2, is_cap=1.5, eval_n=0, steps=1,
+                        prompts_per_step=3), tmp_path / "bi", progress=False)
+    t = rec.trajectories(1)
+    rep = t[t["kind"] == "repaired"]
+    assert len(rep) == rec.metrics["n_repaired"].iloc[0] > 0
+    for _, row in rep.iterrows():
+        w, mask = np.array(row["is_weights"]), np.array(row["response_mask"])
+        assert np.all(w[~mask] == 0) and np.all((w[mask] > 0) & (w[mask] <= 1.5 + 1e-6))
+        assert np.array_equal(mask, np.array(row["edit_mask"]))  # trained on inserted tokens only
+
+
+@pytest.mark.slow
+def test_vineppo_step(tmp_path):
+    rec = T.train(small(estimator="vineppo", mc_rollouts=1, steps=1, prompts_per_step=1, eval_n=0),
+                  tmp_path / "v", progress=False)
+    t = rec.trajectories(1)
+    assert all(len(v) == n + 1 for v, n in zip(t["step_values"], t["n_steps"]))
+    assert all(v[-1] == r for v, r in zip(t["step_values"], t["reward"]))
+
+
+@pytest.mark.slow
+def test_cli_prints_run_dir(tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    small().to_yaml(cfg_path)
+    out = tmp_path / "cli-run"
+    assert T.main([str(cfg_path), "--set", "steps=1", "label=cli", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    rec = T.load_run(out)
+    assert rec.config.label == "cli" and rec.metrics["step"].tolist() == [1]
+
+
+@pytest.mark.slow
+def test_evaluate_and_train_many(tmp_path):
+    recs = T.train_many([small(steps=1, seed=s, eval_n=2) for s in (0, 1)], tmp_path, progress=False)
+    assert [r.path.name for r in recs] == ["grpo-seed0", "grpo-seed1"]
+    df = T.summarise_runs(recs)
+    assert df["n_seeds"].tolist() == [2]
+    policy = recs[0].load_policy()
+    ev = T.evaluate(policy, ParityTask(), split="test", n=3, k=2, temperature=1.0, seed=0, max_new_tokens=8)
+    assert ev["n"] == 3 and ev["k"] == 2 and 0 <= ev["avg@k"] <= ev["pass@k"] <= 1
+    assert ev["avg@k_lo"] <= ev["avg@k"] <= ev["avg@k_hi"]
