@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from _sampler_fakes import CharTok, PredTask, ScriptedSampler, make_batch
 from ibpo_lab.correct import (
@@ -269,3 +270,138 @@ def test_num_references_must_fit_the_group():
 
 def test_every_config_field_has_help():
     assert all(CorrectConfig.help().values())
+
+
+# --------------------------------------------------------------------------- real synthetic task
+def synthetic_batch(task, tok, n_groups=4, seed=0):
+    """Groups of 4: two correct solutions (different orders) and two injected errors, EOS-terminated."""
+    import random
+
+    from ibpo_lab.rollout import RolloutBatch
+    from ibpo_lab.steps import split_steps
+
+    rng = random.Random(seed)
+    exs = task.examples("train", n=n_groups)
+    texts, ex_of, gids = [], [], []
+    for g, ex in enumerate(exs):
+        for j, s in enumerate(task.solutions(ex, 4, rng)):
+            texts.append(s if j < 2 else str(task.inject_error(ex, s, rng)))
+            ex_of.append(ex)
+            gids.append(g)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+    prompts = [task.solve_prompt(e) for e in ex_of]
+    b = RolloutBatch(
+        prompt_ids=[tok(p)["input_ids"] for p in prompts], response_ids=[enc(t) for t in texts],
+        rewards=task.rewards(ex_of, texts), group_ids=gids, prompts=prompts, responses=texts,
+        pad_id=tok.pad_token_id,
+    )
+    spans = [split_steps(r, tok, task.step_delimiter, skip_special_tokens=True) for r in b.response_ids]
+    return b.replace(step_spans=spans), ex_of
+
+
+@pytest.fixture(scope="module")
+def synth():
+    from ibpo_lab.models import char_tokenizer
+    from ibpo_lab.tasks import get_task
+    from ibpo_lab.tasks.synthetic import VOCAB
+
+    return get_task("synthetic", n_train=50, n_test=10), char_tokenizer(VOCAB)
+
+
+def test_oracle_credit_starts_at_the_first_error_and_beats_sequence_credit(synth):
+    from ibpo_lab.advantages import get_estimator
+    from ibpo_lab.diagnostics import batch_credit_quality
+
+    task, tok = synth
+    b, exs = synthetic_batch(task, tok, n_groups=6)
+    assert b.rewards.tolist().count(0.0) == 12
+    res = compare_and_correct(b, exs, task, None, CorrectConfig(operator="oracle"), tokenizer=tok)
+    assert res.stats["repair_rate"] == 1.0
+    for i in np.flatnonzero(b.rewards.numpy() == 0):
+        fe = task.first_error(exs[i], b.responses[i])
+        m = res.batch.edit_masks[i]
+        first_edit = int(np.flatnonzero(m)[0])
+        start, end = b.step_spans[i][fe] if fe < len(b.step_spans[i]) else (len(m) - 1, len(m))
+        assert start <= first_edit < end, (b.responses[i], fe)
+        assert m[len(m) - 1] == False  # noqa: E712  the EOS both end with is not an edit
+    q_ibpo = batch_credit_quality(res.batch, get_estimator("ibpo")(res.batch), task, exs)
+    q_grpo = batch_credit_quality(res.batch, get_estimator("grpo")(res.batch), task, exs)
+    assert q_grpo["auc_within_failed"] == 0.5
+    assert q_ibpo["auc_within_failed"] > 0.6
+    assert q_ibpo["first_error_localisation"] > q_grpo["first_error_localisation"]
+    # the repaired batch carries steps for IOP, split like the sampled ones
+    assert res.repaired.step_spans is not None and len(res.repaired) == 12
+
+
+class AlwaysVerifies:
+    """The synthetic task's prompts, but every revision verifies (to exercise a random policy's repairs)."""
+
+    def __init__(self, task):
+        self.task = task
+        self.step_delimiter = task.step_delimiter
+
+    def repair_prompt(self, ex, failed, reference):
+        return self.task.repair_prompt(ex, failed, reference)
+
+    def solve_prompt(self, ex):
+        return self.task.solve_prompt(ex)
+
+    def reward(self, ex, response):
+        return 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler(synth):
+    from ibpo_lab.models import build_tiny_policy
+    from ibpo_lab.sampling import get_sampler
+    from ibpo_lab.tasks.synthetic import VOCAB
+
+    policy = build_tiny_policy(VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, context_length=512)
+    return get_sampler("hf", policy)
+
+
+@pytest.mark.parametrize("operator", ["policy", "splice"])
+def test_real_sampler_revisions_carry_behaviour_logprobs(synth, tiny_sampler, operator):
+    from ibpo_lab.models import response_logprobs
+    from ibpo_lab.rollout import RolloutBatch
+
+    task, tok = synth
+    model = tiny_sampler.policy.model
+    b, exs = synthetic_batch(task, tok, n_groups=2)
+    with torch.no_grad():
+        lp, _ = response_logprobs(model, b.padded())
+    b = b.replace(logprobs=[lp[i, : len(r)].tolist() for i, r in enumerate(b.response_ids)])
+    calls = []
+    orig = tiny_sampler.sample
+
+    def counted(*a, **kw):
+        calls.append(a[0])
+        return orig(*a, **kw)
+
+    tiny_sampler.sample = counted
+    try:
+        cfg = CorrectConfig(operator=operator, num_references=2, max_new_tokens=6, temperature=1.0)
+        res = compare_and_correct(b, exs, AlwaysVerifies(task), tiny_sampler, cfg, seed=0)
+    finally:
+        del tiny_sampler.sample
+    assert len(calls) == 1 and len(calls[0]) == 4 * 2  # 4 failed x 2 references, one call
+    rep = res.repaired
+    assert len(rep) == 4 and res.batch.repair_success[b.rewards == 0].tolist() == [1.0] * 4
+    # behaviour log-probs: under the repair prompt (policy), under the solve prompt (splice)
+    sel = res.table[res.table.selected].reset_index(drop=True)
+    for j in range(len(rep)):
+        i = rep.meta["source_traj"][j]
+        if operator == "policy":
+            prompt = task.repair_prompt(exs[i], sel.failed[j], sel.reference[j])
+        else:
+            prompt = b.prompts[i]
+            from ibpo_lab.diff import first_divergence
+
+            cut = first_divergence(b.response_ids[i], b.response_ids[rep.meta["reference_traj"][j]])
+            assert rep.response_ids[j][:cut] == b.response_ids[i][:cut]  # the failed prefix is kept
+        one = RolloutBatch(prompt_ids=[tok(prompt)["input_ids"]], response_ids=[rep.response_ids[j]], rewards=[1],
+                           group_ids=[0], pad_id=tok.pad_token_id)
+        with torch.no_grad():
+            ref, _ = response_logprobs(model, one.padded())
+        assert torch.allclose(torch.tensor(rep.logprobs[j]), ref[0], atol=1e-4)
+        assert rep.prompt_ids[j] == b.prompt_ids[i]
