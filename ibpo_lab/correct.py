@@ -113,7 +113,9 @@ class CorrectConfig:
     rho: float = field(default=0.5, metadata={"help": "ρ in φ = ρ·(share of successful repairs); reported in stats "
                                                        "(the estimator applies φ with its own rho and λ)"})
     success_threshold: float = field(
-        default=1.0, metadata={"help": "a trajectory or revision is correct when its reward >= this"}
+        default=0.5,
+        metadata={"help": "a trajectory or revision is correct when its reward >= this (0.5, as the ibpo "
+                  "estimator's success_threshold, so both agree on which trajectories failed)"},
     )
     insertion_credit: bool = field(
         default=True,
