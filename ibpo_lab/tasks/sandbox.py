@@ -10,8 +10,8 @@ What is isolated
   ``RLIMIT_CPU``.
 * process tree: ``unshare --pid --fork --kill-child`` puts the program in its own PID namespace, so
   when it ends or is killed the kernel kills every descendant (also ones that ``setsid()`` away).
-  Without ``unshare`` we kill the process group and then every process that carries this run's
-  ``IBPO_SANDBOX_ID`` environment marker.
+  Then (and without ``unshare``, instead) we kill the process group and every process that still
+  carries this run's ``IBPO_SANDBOX_ID`` environment marker, until none is left.
 * memory / files / processes: ``RLIMIT_AS`` (``memory_bytes``), ``RLIMIT_FSIZE`` (``max_file_bytes``),
   ``RLIMIT_NOFILE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC`` (``max_processes``). Linux ignores
   NPROC for root, so when we are root the program runs as ``nobody`` (``unshare --setuid``); the
@@ -252,7 +252,7 @@ def live_processes(sandbox_id: str) -> list[int]:
     return found
 
 
-def _kill_tree(proc: subprocess.Popen, sandbox_id: str, sweep: bool) -> None:
+def _kill_tree(proc: subprocess.Popen, sandbox_id: str) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the child's pid
     except (ProcessLookupError, PermissionError):
@@ -265,17 +265,19 @@ def _kill_tree(proc: subprocess.Popen, sandbox_id: str, sweep: bool) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
-    if sweep:  # without a PID namespace, catch descendants that left the group with setsid()
-        for _ in range(20):
-            pids = live_processes(sandbox_id)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            time.sleep(0.01)
+    # Catch descendants that left the group with setsid() (no PID namespace), and wait until the
+    # kernel has finished tearing a PID namespace down (its SIGKILLs are delivered asynchronously).
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        pids = live_processes(sandbox_id)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
 
 
 def run_python(program: str, cfg: SandboxConfig | None = None) -> SandboxResult:
@@ -372,7 +374,7 @@ def run_python(program: str, cfg: SandboxConfig | None = None) -> SandboxResult:
                 overflow = True
                 break
         sel.close()
-        _kill_tree(proc, sandbox_id, sweep=not plan["pid_namespace"])
+        _kill_tree(proc, sandbox_id)
         for f in (proc.stdout, proc.stderr, result_file):
             f.close()
         duration = time.monotonic() - start
