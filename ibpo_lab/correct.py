@@ -374,14 +374,15 @@ def _by_similarity(failed: int, cands: list[int], response_ids) -> list[int]:
     return sorted(cands, key=lambda j: edit_distance(response_ids[failed], response_ids[j]))
 
 
-def truncation_blocks(a: Sequence[int], b: Sequence[int], k: int) -> int:
+def truncation_blocks(a: Sequence[int], b: Sequence[int], k: int, count_insertions: bool = False) -> int:
     """Number of leading edit blocks of ``a -> b`` that hold the first ``k`` changed tokens of ``a``
-    (all blocks if ``a`` has fewer than k changed tokens). Pure-insertion blocks change no token of
-    ``a`` and ride along with the block after them."""
+    (all blocks if ``a`` has fewer than k changed tokens). A pure-insertion block changes no token
+    of ``a`` and rides along with the block after it, unless ``count_insertions`` (the
+    ``insertion_credit`` convention: it marks one token, its insertion point)."""
     blocks = [op for op in opcodes(a, b) if op[0] != "equal"]
     seen = 0
-    for m, (_, i1, i2, _, _) in enumerate(blocks, start=1):
-        seen += i2 - i1
+    for m, (tag, i1, i2, _, _) in enumerate(blocks, start=1):
+        seen += 1 if (tag == "insert" and count_insertions) else i2 - i1
         if seen >= k:
             return m
     return len(blocks)
@@ -583,11 +584,11 @@ def compare_and_correct(
 
 def _iop_k_star(failed_ids, repair_ids, k: int, example, task, tokenizer, cfg: CorrectConfig) -> int | None:
     """IOP's K*: K if grafting the blocks of the first K edited tokens verifies, else 2K, else None (all)."""
-    n_changed = int(edit_masks(failed_ids, repair_ids)[0].sum())
+    n_changed = int(_credit_masks(failed_ids, repair_ids, cfg, None)[0].sum())
     ops = opcodes(failed_ids, repair_ids)
     n_blocks = sum(op[0] != "equal" for op in ops)
     for kk in (k, 2 * k):
-        m = truncation_blocks(failed_ids, repair_ids, kk)
+        m = truncation_blocks(failed_ids, repair_ids, kk, count_insertions=cfg.insertion_credit)
         if m >= n_blocks:
             # the graft is the whole (verified) repair: no need to ask the verifier again
             return kk if kk < n_changed else None

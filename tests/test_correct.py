@@ -151,6 +151,9 @@ def test_truncation_blocks_counts_changed_tokens():
     assert truncation_blocks(a, b, 1) == 1 and truncation_blocks(a, b, 2) == 2 and truncation_blocks(a, b, 9) == 3
     # a two-token replace block holds the first 2 changed tokens at once
     assert truncation_blocks(ids("a!!b!c"), ids("aXXbXc"), 2) == 1
+    # an insertion changes no failed token unless insertion points are credited
+    assert truncation_blocks(ids("ab!c"), ids("aXb.c"), 1) == 2
+    assert truncation_blocks(ids("ab!c"), ids("aXb.c"), 1, count_insertions=True) == 1
 
 
 @pytest.mark.parametrize(
