@@ -193,12 +193,16 @@ def _lcp_matrix(X: np.ndarray, lens: np.ndarray) -> np.ndarray:
     if G == 0 or L == 0:
         return out
     pos = np.arange(L)
-    # one vectorised [G, L] comparison per row: G python steps, never G²·L
-    for i in range(G):
-        minlen = np.minimum(lens[i], lens)
-        neq = (X[i] != X) | (pos[None, :] >= minlen[:, None])
-        first = neq.argmax(axis=1)
-        out[i] = np.where(neq.any(axis=1), first, L)
+    out[np.arange(G), np.arange(G)] = lens
+    # one vectorised comparison of row i with the rows after it: G python steps, never G²·L;
+    # positions past the shorter length count as a mismatch, so padding never matches
+    for i in range(G - 1):
+        rest = X[i + 1 :]
+        minlen = np.minimum(lens[i], lens[i + 1 :])
+        neq = (rest != X[i]) | (pos[None, :] >= minlen[:, None])
+        first = np.where(neq.any(axis=1), neq.argmax(axis=1), L)
+        out[i, i + 1 :] = first
+        out[i + 1 :, i] = first
     return out
 
 
