@@ -120,6 +120,8 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature; the trainer's log-probs use the same temperature")
     top_p: float = _f(1.0, "nucleus sampling threshold in (0, 1]")
     stop: list = _f([], "stop strings for the sampler (empty: only EOS)")
+    sampler_kwargs: dict = _f({}, "extra keyword arguments for ibpo_lab.sampling.get_sampler (e.g. vllm "
+                                  "gpu_memory_utilization)")
     recompute_logprobs: bool = _f(False, "recompute behaviour log-probs with the trainer's forward pass instead "
                                          "of trusting the sampler's (use with vllm)")
 
@@ -166,6 +168,8 @@ class TrainConfig:
     lr_schedule: str = _f("constant", "learning-rate schedule over steps: " + ", ".join(LR_SCHEDULES))
     warmup_steps: int = _f(0, "linear warm-up steps")
     ppo_epochs: int = _f(1, "passes over each batch")
+    micro_batch_size: int = _f(0, "trajectories per forward/backward pass; gradients accumulate over the micro-batches "
+                                  "of a minibatch (0: the whole minibatch at once)")
     minibatch_size: int = _f(0, "trajectories per optimiser step; must divide prompts_per_step * group_size "
                                 "(0: the whole batch, one optimiser step per epoch)")
 
@@ -230,7 +234,7 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "max_new_tokens", "ppo_epochs", "eval_k", "mc_rollouts"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare trajectories within a group)")
-        for name in ("seed", "warmup_steps", "eval_every", "eval_n", "checkpoint_every", "minibatch_size",
+        for name in ("seed", "warmup_steps", "eval_every", "eval_n", "checkpoint_every", "minibatch_size", "micro_batch_size",
                      "k_star", "repair_max_new_tokens"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("lam", "rho", "kl_coef", "clip_low", "clip_high", "weight_decay", "repair_temperature"):
@@ -255,7 +259,7 @@ class TrainConfig:
         if self.minibatch_size > 0 and self.prompts_per_step >= 1 and self.group_size >= 1:
             need(self.batch_size % self.minibatch_size == 0, "minibatch_size",
                  f"must divide the batch of prompts_per_step * group_size = {self.batch_size} trajectories")
-        for name in ("task_kwargs", "estimator_kwargs", "correct_kwargs"):
+        for name in ("task_kwargs", "estimator_kwargs", "correct_kwargs", "sampler_kwargs"):
             need(all(isinstance(k, str) for k in getattr(self, name)), name, "keys must be strings")
         return p
 
@@ -400,10 +404,11 @@ def presets(profile: str = "smoke", **overrides) -> TrainConfig:
             repair_k=2, eval_every=0, eval_n=16, eval_k=2, checkpoint_every=0,
         ),
         "full": dict(
-            task="gsm8k", model="Qwen/Qwen2.5-1.5B-Instruct", device="auto", backend="vllm", dtype="bfloat16",
-            steps=200, prompts_per_step=32, group_size=8, max_new_tokens=512, recompute_logprobs=True,
-            lr=1e-6, lr_schedule="constant", warmup_steps=10, max_grad_norm=1.0, ppo_epochs=1,
-            minibatch_size=64, clip_high=0.28, kl_coef=0.0, repair_k=2,
+            task="gsm8k", model="Qwen/Qwen2.5-1.5B-Instruct", device="auto", backend="vllm", dtype="float32",
+            sampler_kwargs={"gpu_memory_utilization": 0.35}, steps=200, prompts_per_step=32, group_size=8,
+            max_new_tokens=512, repair_max_new_tokens=640, lr=1e-6, lr_schedule="constant", warmup_steps=10,
+            max_grad_norm=1.0, ppo_epochs=1, minibatch_size=64, micro_batch_size=4, clip_high=0.28, kl_coef=0.0,
+            repair_k=2,
             eval_every=25, eval_n=256, eval_k=4, eval_temperature=0.6, checkpoint_every=25,
         ),
     }
@@ -754,9 +759,13 @@ def repaired_advantages(repaired: RolloutBatch, batch: RolloutBatch, cfg: TrainC
 def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: torch.Tensor, cfg: TrainConfig,
                   device: torch.device, is_weights: torch.Tensor | None = None, n_onpolicy: int | None = None,
                   ) -> dict[str, float]:
-    """PPO/GSPO epochs over minibatches; clipped gradient; non-finite losses or gradients skip the
-    optimiser step (counted in ``skipped``). ``batch`` rows past ``n_onpolicy`` are off-policy repairs
-    (IOP bilateral), spread evenly over the minibatches."""
+    """PPO/GSPO epochs over minibatches, one clipped optimiser step per minibatch (gradients accumulated
+    over micro-batches). A non-finite loss or gradient norm skips that optimiser step (counted in
+    ``skipped``). Rows of ``batch`` past ``n_onpolicy`` are off-policy repairs (IOP bilateral), spread
+    evenly over the minibatches.
+
+    batch: B trajectories; advantages [B, T'] (T' <= T); is_weights [B, T'] or None.
+    """
     from ibpo_lab.losses import get_loss
     from ibpo_lab.models import response_logprobs
 
@@ -765,18 +774,12 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
     norm = {"norm_len": float(cfg.max_new_tokens)} if cfg.agg == "seq-mean-token-sum-norm" else {}
     B = len(batch)
     n_on = B if n_onpolicy is None else n_onpolicy
-    padded = batch.padded().to(device)
+    padded = batch.padded()
     T = padded.response_ids.shape[1]
-    adv = torch.zeros(B, T)
-    adv[:, : advantages.shape[1]] = advantages
-    adv = adv.to(device)
-    mask = padded.response_mask.to(device)
-    isw = None if is_weights is None else is_weights.to(device)
-    with torch.no_grad():
-        old = padded.old_logprobs
-        if cfg.recompute_logprobs:
-            old, _ = response_logprobs(model, padded, temperature=cfg.temperature)
-        ref = response_logprobs(ref_model, padded, temperature=cfg.temperature)[0] if ref_model is not None else None
+    adv = _pad_cols(advantages, T, 0.0)
+    isw = None if is_weights is None else _pad_cols(is_weights, T, 1.0)
+    mask = padded.response_mask.float()
+    old, ref = _fixed_logprobs(model, ref_model, padded, cfg, device)
 
     mb = cfg.minibatch_size or n_on
     n_mb = n_on // mb
@@ -784,50 +787,88 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
     skipped = trailing = 0
     params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(cfg.ppo_epochs):
-        perm_on = torch.randperm(n_on)
-        perm_off = torch.randperm(B - n_on) + n_on
+        perm_on, perm_off = torch.randperm(n_on), torch.randperm(B - n_on) + n_on
         off_split = torch.tensor_split(perm_off, n_mb)
         for j in range(n_mb):
-            idx = torch.cat([perm_on[j * mb : (j + 1) * mb], off_split[j]]).to(device)
-            sub = _select_padded(padded, idx)
-            lp, ent = response_logprobs(model, sub, temperature=cfg.temperature)
-            m = mask[idx]
-            loss, lm = loss_fn(lp, old[idx], adv[idx], m, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                               agg=cfg.agg, ref_logprobs=None if ref is None else ref[idx], kl_coef=cfg.kl_coef,
-                               is_weights=None if isw is None else isw[idx], **norm)
-            with torch.no_grad():
-                n_tok = m.sum().clamp(min=1)
-                log_ratio = (lp - old[idx]) * m
-                ratio = torch.exp(log_ratio)
-                approx_kl = (((ratio - 1) - log_ratio) * m).sum() / n_tok  # k3 estimator of KL(old || new)
-                clipped = ((ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)) & m.bool()
-                _acc(sums, "entropy", float((ent * m).sum() / n_tok))
-                _acc(sums, "approx_kl", float(approx_kl))
-                _acc(sums, "clip_frac", float(clipped.sum() / n_tok))
-                for k, v in (lm or {}).items():
-                    _acc(sums, f"loss_{k}", float(v))
+            idx = torch.cat([perm_on[j * mb : (j + 1) * mb], off_split[j]])
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                skipped, trailing = skipped + 1, trailing + 1
-                continue
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not torch.isfinite(gn):
+            finite = True
+            for mic, share in _micro_batches(idx, mask, cfg):
+                sub = _select_padded(padded, mic).to(device)
+                lp, ent = response_logprobs(model, sub, temperature=cfg.temperature)
+                m = mask[mic].to(device)
+                loss, lm = loss_fn(lp, old[mic].to(device), adv[mic].to(device), m, clip_low=cfg.clip_low,
+                                   clip_high=cfg.clip_high, agg=cfg.agg, kl_coef=cfg.kl_coef,
+                                   ref_logprobs=None if ref is None else ref[mic].to(device),
+                                   is_weights=None if isw is None else isw[mic].to(device), **norm)
+                _acc(sums, "entropy", float((ent.detach() * m).sum() / m.sum().clamp(min=1)))
+                for k, v in (lm or {}).items():
+                    _acc(sums, k if k in ("approx_kl", "clip_frac", "kl_ref") else f"loss_{k}", float(v))
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                (loss * share).backward()
+                _acc(sums, "loss", loss.item())
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if finite else None
+            if not finite or not torch.isfinite(gn):
                 optimizer.zero_grad(set_to_none=True)
                 skipped, trailing = skipped + 1, trailing + 1
                 continue
             optimizer.step()
-            trailing = 0
             optimizer.zero_grad(set_to_none=True)
-            _acc(sums, "loss", loss.item())
+            trailing = 0
             _acc(sums, "grad_norm", float(gn))
-    out = {k: float(np.mean(v)) for k, v in sums.items()}
+    out = {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in sums.items()}
     out.setdefault("loss", math.nan)
     out.setdefault("grad_norm", math.nan)
-    out["updates"] = cfg.ppo_epochs * n_mb - skipped
-    out["skipped"] = skipped
-    out["trailing_skips"] = trailing
+    out.update(updates=cfg.ppo_epochs * n_mb - skipped, skipped=skipped, trailing_skips=trailing)
     return out
+
+
+def _pad_cols(x: torch.Tensor, T: int, value: float) -> torch.Tensor:
+    out = torch.full((x.shape[0], T), value, dtype=torch.float32)
+    out[:, : x.shape[1]] = x.detach().float().cpu()
+    return out
+
+
+def _fixed_logprobs(model, ref_model, padded, cfg: TrainConfig, device):
+    """Log-probs that stay fixed during the update: behaviour (the sampler's, or recomputed) and the
+    KL reference's, in no-grad chunks of the micro-batch size (a full-batch forward may not fit)."""
+    from ibpo_lab.models import response_logprobs
+
+    old = padded.old_logprobs.float()
+    if not cfg.recompute_logprobs and ref_model is None:
+        return old, None
+    B = padded.response_ids.shape[0]
+    step = cfg.micro_batch_size or cfg.minibatch_size or B
+    olds, refs = [], []
+    with torch.no_grad():
+        for i in range(0, B, step):
+            sub = _select_padded(padded, torch.arange(i, min(i + step, B))).to(device)
+            if cfg.recompute_logprobs:
+                olds.append(response_logprobs(model, sub, temperature=cfg.temperature)[0].float().cpu())
+            if ref_model is not None:
+                refs.append(response_logprobs(ref_model, sub, temperature=cfg.temperature)[0].float().cpu())
+    return (torch.cat(olds) if olds else old), (torch.cat(refs) if refs else None)
+
+
+def _micro_batches(idx: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig):
+    """Split a minibatch into micro-batches, each with the share of the minibatch's loss it carries:
+    its token share for token-mean aggregation, its sequence share otherwise, so the accumulated
+    gradient equals the whole minibatch's."""
+    if not cfg.micro_batch_size or cfg.micro_batch_size >= len(idx):
+        yield idx, 1.0
+        return
+    tok = mask[idx].sum(-1)
+    for mic in torch.split(idx, cfg.micro_batch_size):
+        t = mask[mic].sum(-1)
+        if cfg.agg == "token-mean":
+            share = float(t.sum() / tok.sum().clamp(min=1))
+        elif cfg.agg == "seq-mean-token-mean":  # sequences without a trained token do not count
+            share = float((t > 0).sum() / (tok > 0).sum().clamp(min=1))
+        else:
+            share = len(mic) / len(idx)
+        yield mic, share
 
 
 def _acc(d: dict[str, list[float]], k: str, v: float) -> None:
@@ -964,7 +1005,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
         _set_rng_state(state["rng"])
         start, skipped_total, consecutive = state["step"] + 1, state["skipped_total"], state["consecutive_skips"]
         _truncate_records(run_dir, state["step"])
-    sampler = get_sampler(cfg.backend, policy)
+    sampler = get_sampler(cfg.backend, policy, **cfg.sampler_kwargs)
     sampler.sync_weights(model)
 
     def checkpoint(step: int) -> None:
@@ -1007,7 +1048,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
             lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():
                 # the schedule follows training steps, also when every optimiser step of one was skipped
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)` before")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                 scheduler.step()
             sampler.sync_weights(model)
         times["time_step"] = time.perf_counter() - t_step
@@ -1062,9 +1103,13 @@ def _join_offpolicy(batch, adv, repaired, rep_adv, rep_w):
 
 def _write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep_w) -> None:
     df = trajectory_frame(batch, adv, step, "policy", repairs=_repair_texts(table) if table is not None else None)
+    df["trained"] = True
     if repaired is not None and len(repaired) > 0:
+        # repairs are recorded for inspection; they are trained only in IOP bilateral mode
         ra = rep_adv if rep_adv is not None else torch.zeros(len(repaired), repaired.max_response_len)
-        df = pd.concat([df, trajectory_frame(repaired, ra, step, "repaired", is_weights=rep_w)], ignore_index=True)
+        rdf = trajectory_frame(repaired, ra, step, "repaired", is_weights=rep_w)
+        rdf["trained"] = rep_adv is not None
+        df = pd.concat([df, rdf], ignore_index=True)
     buf = _parquet_bytes(df)
     _atomic_write_bytes(run_dir / "trajectories" / f"step_{step:06d}.parquet", buf)
 
