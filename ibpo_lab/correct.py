@@ -201,6 +201,9 @@ class CorrectionResult:
     stats: dict[str, float]
 
 
+#: the repairs table: one row per revision. ``reference_traj`` -1 for the oracle; ``edit_distance`` normalised
+#: token Levenshtein distance to the failed attempt; ``n_edited`` failed tokens the revision would credit (before
+#: truncation); ``selected`` the best verified revision of its trajectory; ``k_star`` its IOP K* (-1 = all edits)
 TABLE_COLUMNS = [
     "group", "traj", "reference_traj", "operator", "failed", "reference", "revision", "reward", "verified",
     "edit_distance", "n_edited", "selected", "k_star",
@@ -536,7 +539,7 @@ def compare_and_correct(
                     operator=cfg.operator, failed=req.failed_text, reference=req.reference_text, revision=rev.text,
                     reward=reward, verified=reward >= cfg.success_threshold,
                     edit_distance=edit_distance(req.failed_ids, rev.ids),
-                    n_edited=int(edit_masks(req.failed_ids, rev.ids)[0].sum()), selected=False, k_star=-1,
+                    n_edited=int(_credit_masks(req.failed_ids, rev.ids, cfg, None)[0].sum()), selected=False, k_star=-1,
                 )
             )
             per_traj.setdefault(req.traj, []).append(len(rows) - 1)
