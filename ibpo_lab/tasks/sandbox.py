@@ -40,7 +40,6 @@ import functools
 import math
 import os
 import pwd
-import resource
 import selectors
 import shutil
 import signal
@@ -100,12 +99,16 @@ class SandboxResult:
 
 # The runner: reads the end-of-program token from stdin (so the program cannot read it from its
 # environment or argv), applies the Python guard, runs the program, and writes the token to a
-# private pipe only if the program finished. Runs under `python -I -S`.
+# private pipe only if the program finished. Runs under `python -I -S`, already as nobody when we drop
+# privileges, so the rlimits it sets are hard limits the program cannot raise.
 _RUNNER = r"""
 import os, sys
 _write, _exit = os.write, os._exit
 token = sys.stdin.readline().strip().encode()
 result_fd, path, guard = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+import resource  # limits are set here, not in a preexec_fn, so that run_python is thread-safe
+for name, value in zip(("AS", "CPU", "FSIZE", "NOFILE", "CORE", "NPROC"), sys.argv[4].split(",")):
+    resource.setrlimit(getattr(resource, "RLIMIT_" + name), (int(value), int(value)))
 null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
 with open(path, encoding="utf-8") as f:
     src = f.read()
@@ -196,14 +199,9 @@ def _plan(python: str | None, isolate_network: bool, drop_privileges: bool) -> d
 
 
 def _probe_as(ids: tuple[int, int], interp: str) -> bool:
-    def demote():
-        os.setgroups([])
-        os.setgid(ids[1])
-        os.setuid(ids[0])
-
     try:
-        return subprocess.run([interp, "-I", "-c", "import json"], preexec_fn=demote, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30).returncode == 0
+        return subprocess.run([interp, "-I", "-c", "import json"], user=ids[0], group=ids[1], extra_groups=[],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -307,16 +305,7 @@ def run_python(program: str, cfg: SandboxConfig | None = None) -> SandboxResult:
         cpu = cfg.cpu_s or int(math.ceil(cfg.timeout_s)) + 1
         nproc = cfg.max_processes if (plan["uid"] or _is_root()) else _own_process_count() + cfg.max_processes
 
-        def limits() -> None:  # runs in the child before exec; inherited through unshare's fork/exec
-            for res, val in (
-                (resource.RLIMIT_AS, cfg.memory_bytes),
-                (resource.RLIMIT_CPU, cpu),
-                (resource.RLIMIT_FSIZE, cfg.max_file_bytes),
-                (resource.RLIMIT_NOFILE, cfg.max_open_files),
-                (resource.RLIMIT_CORE, 0),
-                (resource.RLIMIT_NPROC, nproc),
-            ):
-                resource.setrlimit(res, (val, val))
+        limits = [cfg.memory_bytes, cpu, cfg.max_file_bytes, cfg.max_open_files, 0, nproc]
 
         r_fd, w_fd = os.pipe()
         env = {
@@ -329,11 +318,14 @@ def run_python(program: str, cfg: SandboxConfig | None = None) -> SandboxResult:
         }
         # -I: ignore PYTHON* variables and the user site; -S: no site-packages (programs get the standard
         # library only, and start ~30% faster)
-        cmd = [*plan["prefix"], plan["python"], "-I", "-S", "-c", _RUNNER, str(w_fd), path, "1" if cfg.python_guard else "0"]
+        cmd = [*plan["prefix"], plan["python"], "-I", "-S", "-c", _RUNNER, str(w_fd), path, "1" if cfg.python_guard else "0",
+               ",".join(map(str, limits))]
+        # without unshare, Popen itself switches to nobody (done in C after fork: thread-safe)
+        as_user = {"user": plan["uid"][0], "group": plan["uid"][1], "extra_groups": []} if plan["uid"] and not plan["prefix"] else {}
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env,
-                pass_fds=(w_fd,), start_new_session=True, preexec_fn=limits,
+                pass_fds=(w_fd,), start_new_session=True, **as_user,
             )
         except OSError as e:
             os.close(r_fd)
