@@ -1,0 +1,555 @@
+"""IBPO inside TRL: compare-and-correct and edit-masked [B, T] advantages in TRL's GRPO loop.
+
+TRL samples and scores as usual (``GRPOTrainer._generate_and_score_completions``: vLLM or
+transformers generation, reward functions, old/reference log-probs, multi-GPU gathering); then
+:class:`IBPOTrainer` rebuilds an ibpo_lab :class:`~ibpo_lab.rollout.RolloutBatch` from the very
+token ids TRL sampled, runs :func:`ibpo_lab.correct.compare_and_correct` with the trainer's own
+(unwrapped) model as the implicit behaviour policy, and replaces TRL's ``[B]`` advantages by
+``get_estimator("ibpo")``'s ``[B, T]`` ones (TRL's loss accepts per-token advantages). Loss,
+clipping, KL, optimiser, DeepSpeed/FSDP and logging stay TRL's. No second implementation: the
+repairs, φ, edit masks and advantages are the same functions ibpo_lab's own trainer calls.
+
+Multi-process (``accelerate launch``): a TRL group may straddle processes, so the rollout is
+gathered, every process repairs the groups it owns (group g -> process g mod world size), the
+repair info is gathered back, and each process keeps its own slice of the advantages.
+
+Scope: text prompts (``task_dataset`` builds them), training mode only (evaluation keeps TRL's
+advantages), no tool calling or environments, and IOP bilateral training of the repaired
+trajectories is not wired in (they are kept in :attr:`IBPOTrainer.last_ibpo` for inspection).
+
+CLI (one process or ``accelerate launch --num_processes N``)::
+
+    python -m ibpo_lab.integrations.trl --config ibpo_lab/integrations/recipes/trl_ibpo_tiny.yaml
+"""
+
+from __future__ import annotations
+
+try:
+    import trl as _trl  # noqa: F401  (the absolute import: this module is ibpo_lab.integrations.trl)
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as e:  # pragma: no cover - exercised by a test that hides trl
+    raise ImportError(
+        "ibpo_lab.integrations.trl needs TRL, an optional extra: pip install 'ibpo_lab[trl]' "
+        "(or pip install 'trl>=0.19')"
+    ) from e
+
+import argparse
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ibpo_lab.advantages import get_estimator
+from ibpo_lab.correct import (
+    NO_CORRECT_POLICIES,
+    REFERENCE_SELECTIONS,
+    CorrectConfig,
+    CorrectionResult,
+    compare_and_correct,
+    list_operators,
+)
+from ibpo_lab.rollout import RolloutBatch
+
+__all__ = [
+    "IBPOConfig",
+    "IBPOTrainer",
+    "IBPOStep",
+    "TaskReward",
+    "task_reward_func",
+    "task_dataset",
+    "examples_by_id",
+    "trl_scale",
+    "main",
+]
+
+#: dataset column holding each row's ``Example.id`` (TRL passes every column to reward functions)
+EXAMPLE_ID_COLUMN = "example_id"
+
+_CORRECT_HELP = CorrectConfig.help()
+
+
+# --------------------------------------------------------------------------- data and rewards
+def examples_by_id(examples: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    """id -> Example; a duplicate id is an error (two problems would share one reward)."""
+    if isinstance(examples, Mapping):
+        return {str(k): v for k, v in examples.items()}
+    out: dict[str, Any] = {}
+    for ex in examples:
+        key = str(ex.id)
+        if key in out:
+            raise ValueError(f"examples: id {key!r} occurs twice; example ids must be unique")
+        out[key] = ex
+    return out
+
+
+def task_dataset(task: Any, split: str = "train", n: int | None = None, examples: Sequence[Any] | None = None):
+    """A TRL prompt dataset from a task: columns ``prompt`` (the task's solve prompt, plain text)
+    and ``example_id`` (the ``Example.id``, which reward functions and the corrector look up).
+
+    ``examples`` overrides ``task.examples(split, n)``. -> ``datasets.Dataset`` of len(examples) rows.
+    """
+    from datasets import Dataset
+
+    exs = list(task.examples(split, n) if examples is None else examples)
+    if not exs:
+        raise ValueError(f"task_dataset: no examples (split={split!r}, n={n!r})")
+    examples_by_id(exs)  # reject duplicate ids early
+    return Dataset.from_dict(
+        {"prompt": [task.solve_prompt(ex) for ex in exs], EXAMPLE_ID_COLUMN: [str(ex.id) for ex in exs]}
+    )
+
+
+class TaskReward:
+    """A TRL reward function over an ibpo_lab Task: ``reward(prompts, completions, example_id, **kw)
+    -> list[float]``, one ``task.reward(example, completion)`` per completion (0/1, never raises)."""
+
+    def __init__(self, task: Any, examples: Sequence[Any] | Mapping[str, Any]):
+        self.task = task
+        self.examples = examples_by_id(examples)
+        # TRL names reward columns and metrics after __name__
+        self.__name__ = f"{getattr(task, 'name', 'task')}_reward"
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        ids = kwargs.get(EXAMPLE_ID_COLUMN)
+        if ids is None:
+            raise ValueError(
+                f"the dataset has no {EXAMPLE_ID_COLUMN!r} column: build it with ibpo_lab.integrations.trl.task_dataset"
+            )
+        if len(ids) != len(completions):
+            raise ValueError(f"{EXAMPLE_ID_COLUMN} has {len(ids)} entries but there are {len(completions)} completions")
+        out = []
+        for key, completion in zip(ids, completions):
+            if not isinstance(completion, str):
+                raise ValueError("TaskReward expects plain-text completions (conversational datasets are not supported)")
+            out.append(float(self.task.reward(self._example(key), completion)))
+        return out
+
+    def _example(self, key: Any) -> Any:
+        key = str(key)
+        if key not in self.examples:
+            raise ValueError(f"example id {key!r} is not among the {len(self.examples)} examples the reward was built with")
+        return self.examples[key]
+
+
+def task_reward_func(task: Any, examples: Sequence[Any] | Mapping[str, Any] | None = None) -> TaskReward:
+    """TRL reward function for ``task``; ``examples`` defaults to ``task.examples("train")``."""
+    return TaskReward(task, task.examples("train") if examples is None else examples)
+
+
+def trl_scale(scale_rewards: Any) -> str:
+    """TRL's ``scale_rewards`` (True/False/"group"/"batch"/"none") -> ibpo_lab's ``scale``."""
+    value = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+    if value not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- config
+def _ibpo(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class IBPOConfig(GRPOConfig):
+    """TRL's ``GRPOConfig`` plus IBPO's fields (``ibpo_*``: the estimator; ``correct_*``: compare-and-correct).
+
+    TRL's own fields keep their meaning; ``scale_rewards`` is used as the IBPO advantage's
+    ``scale`` and ``temperature``/``top_p``/``max_completion_length`` are the repairs' defaults.
+    """
+
+    ibpo_lam: float = _ibpo(0.6, "IBPO shaping weight λ in R' = R + λ·φ (0 = no shaping)")
+    ibpo_rho: float = _ibpo(0.5, "ρ in φ = ρ·(share of successful repairs) on failed trajectories")
+    ibpo_token_mask: bool = _ibpo(
+        True, "credit a repaired failed trajectory only on the tokens its repair edited (False = every token)"
+    )
+    ibpo_renormalize: bool = _ibpo(
+        False, "scale edited-token credit by n_tokens/n_edited so a trajectory's total credit is unchanged"
+    )
+    ibpo_no_repair: str = _ibpo(
+        "sequence", "failed trajectories without a successful repair: 'sequence' (credit on all tokens) or 'zero'"
+    )
+    ibpo_empty_edit: str = _ibpo(
+        "error", "a successful repair that edited no trained token: 'error', 'sequence' or 'zero'"
+    )
+    ibpo_success_threshold: float = _ibpo(0.5, "a trajectory counts as failed when its reward is below this")
+    ibpo_eps: float = _ibpo(1e-4, "added to the group std when scaling (TRL's GRPO uses 1e-4; ibpo_lab's default is 1e-6)")
+    correct_operator: str = _ibpo("policy", _CORRECT_HELP["operator"])
+    correct_num_references: int = _ibpo(2, _CORRECT_HELP["num_references"])
+    correct_revisions_per_reference: int = _ibpo(1, _CORRECT_HELP["revisions_per_reference"])
+    correct_reference_selection: str = _ibpo("correct_first", _CORRECT_HELP["reference_selection"])
+    correct_no_correct: str = _ibpo("skip", _CORRECT_HELP["no_correct"])
+    correct_temperature: float | None = _ibpo(None, "sampling temperature of the repairs; None = `temperature`")
+    correct_top_p: float | None = _ibpo(None, "nucleus sampling of the repairs; None = `top_p`")
+    correct_max_new_tokens: int | None = _ibpo(
+        None, "token budget of one repair; None = `max_completion_length` (a repair is about as long as the attempt)"
+    )
+    correct_stop: list[str] | None = _ibpo(None, _CORRECT_HELP["stop"])
+    correct_truncate_k: int | None = _ibpo(None, _CORRECT_HELP["truncate_k"])
+    correct_success_threshold: float = _ibpo(1.0, _CORRECT_HELP["success_threshold"])
+    correct_insertion_credit: bool = _ibpo(True, _CORRECT_HELP["insertion_credit"])
+    correct_max_batch_size: int = _ibpo(
+        64, "at most this many repair trajectories decode together (ibpo_lab's hf sampler, per process)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.correct_operator not in list_operators():
+            raise ValueError(f"correct_operator must be one of {list_operators()}, got {self.correct_operator!r}")
+        if self.correct_reference_selection not in REFERENCE_SELECTIONS:
+            raise ValueError(
+                f"correct_reference_selection must be one of {REFERENCE_SELECTIONS}, got {self.correct_reference_selection!r}"
+            )
+        if self.correct_no_correct not in NO_CORRECT_POLICIES:
+            raise ValueError(f"correct_no_correct must be one of {NO_CORRECT_POLICIES}, got {self.correct_no_correct!r}")
+        if self.ibpo_no_repair not in ("sequence", "zero"):
+            raise ValueError(f"ibpo_no_repair must be 'sequence' or 'zero', got {self.ibpo_no_repair!r}")
+        if self.ibpo_empty_edit not in ("error", "sequence", "zero"):
+            raise ValueError(f"ibpo_empty_edit must be 'error', 'sequence' or 'zero', got {self.ibpo_empty_edit!r}")
+        for name in ("ibpo_lam", "ibpo_rho", "ibpo_eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "multi_objective_aggregation must be 'sum_then_normalize' for IBPO (φ shapes the summed reward), "
+                f"got {self.multi_objective_aggregation!r}"
+            )
+        if self.correct_operator != "oracle" and self.correct_num_references > self.num_generations - 1:
+            raise ValueError(
+                f"correct_num_references={self.correct_num_references} but a group has num_generations="
+                f"{self.num_generations} trajectories (at most {self.num_generations - 1} siblings)"
+            )
+        trl_scale(self.scale_rewards)
+        self.correct_config()  # validates the correct_* fields with CorrectConfig's own checks
+
+    def correct_config(self) -> CorrectConfig:
+        """The :class:`~ibpo_lab.correct.CorrectConfig` these fields describe."""
+        return CorrectConfig(
+            operator=self.correct_operator,
+            num_references=self.correct_num_references,
+            revisions_per_reference=self.correct_revisions_per_reference,
+            reference_selection=self.correct_reference_selection,
+            no_correct=self.correct_no_correct,
+            temperature=self.temperature if self.correct_temperature is None else self.correct_temperature,
+            top_p=self.top_p if self.correct_top_p is None else self.correct_top_p,
+            max_new_tokens=self.max_completion_length if self.correct_max_new_tokens is None else self.correct_max_new_tokens,
+            stop=self.correct_stop,
+            truncate_k=self.correct_truncate_k,
+            rho=self.ibpo_rho,
+            success_threshold=self.correct_success_threshold,
+            insertion_credit=self.correct_insertion_credit,
+        )
+
+    def estimator_params(self) -> dict[str, Any]:
+        """Keyword arguments of ``get_estimator("ibpo")`` these fields describe."""
+        return dict(
+            lam=self.ibpo_lam,
+            rho=self.ibpo_rho,
+            eps=self.ibpo_eps,
+            scale=trl_scale(self.scale_rewards),
+            std="unbiased",  # TRL's nanstd is the unbiased one
+            success_threshold=self.ibpo_success_threshold,
+            token_mask=self.ibpo_token_mask,
+            renormalize=self.ibpo_renormalize,
+            no_repair=self.ibpo_no_repair,
+            empty_edit=self.ibpo_empty_edit,
+        )
+
+
+
+# --------------------------------------------------------------------------- trainer
+@dataclass
+class IBPOStep:
+    """What the last IBPO generation step computed (for tests, notebooks and debugging).
+
+    batch          the whole (all processes) rollout with ``repair_success`` and ``edit_masks``
+    advantages     [B, T] ibpo advantages of ``batch`` (before the process slice)
+    trl_advantages [B_local] what TRL's GRPO would have used on this process
+    corrections    this process's CorrectionResult (None if it owned no group)
+    process_slice  rows of ``batch`` this process trains on
+    """
+
+    batch: RolloutBatch
+    advantages: Tensor
+    trl_advantages: Tensor
+    corrections: CorrectionResult | None
+    process_slice: slice
+
+
+class IBPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with IBPO's compare-and-correct and [B, T] advantages.
+
+    ``task``: the ibpo_lab Task whose ``reward`` verifies repairs (and, by default, scores
+    completions: ``reward_funcs=None`` -> ``[task_reward_func(task, examples)]``).
+    ``examples``: the Examples the dataset's ``example_id`` column refers to (default
+    ``task.examples("train")``). ``correct_sampler``: an object with ibpo_lab's sampler interface
+    used for the repairs; default ibpo_lab's ``hf`` sampler over the trainer's unwrapped model
+    (entered with TRL's ``unwrap_model_for_generation``, so ZeRO-3 parameters are gathered).
+    Other arguments are ``GRPOTrainer``'s.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: IBPOConfig | None = None,
+        train_dataset: Any = None,
+        *,
+        task: Any,
+        examples: Sequence[Any] | Mapping[str, Any] | None = None,
+        correct_sampler: Any = None,
+        **kwargs: Any,
+    ):
+        if args is None or not isinstance(args, IBPOConfig):
+            raise ValueError(f"args must be an IBPOConfig, got {type(args).__name__}")
+        for unsupported in ("tools", "environment_factory"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"IBPOTrainer does not support {unsupported} (repairs are plain-text rewrites)")
+        if task is None:
+            raise ValueError("task is required: its reward verifies the repairs")
+        self.ibpo_task = task
+        self.ibpo_examples = examples_by_id(task.examples("train") if examples is None else examples)
+        if reward_funcs is None:
+            reward_funcs = [TaskReward(task, self.ibpo_examples)]
+        self.correct_sampler = correct_sampler
+        self.last_ibpo: IBPOStep | None = None
+        self._ibpo_captured: dict[str, Any] = {}
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+
+    # -- capture what TRL sampled and scored (the two hooks TRL's loop goes through) -------------
+    def _generate(self, prompts: list):
+        out = super()._generate(prompts)
+        prompt_ids, completion_ids, tool_mask = out[0], out[1], out[2]
+        self._ibpo_captured.update(
+            prompt_ids=[list(map(int, p)) for p in prompt_ids],
+            completion_ids=[list(map(int, c)) for c in completion_ids],
+            tool_mask=None if tool_mask is None else [list(map(int, m)) for m in tool_mask],
+        )
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._ibpo_captured["rewards_per_func"] = rewards_per_func  # already gathered over processes
+        return rewards_per_func
+
+    # -- the IBPO step -------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        self._ibpo_captured = {}
+        output = super()._generate_and_score_completions(inputs)
+        if not self.model.training:  # evaluation: TRL's advantages (they only feed the eval loss)
+            return output
+        prompts = [x["prompt"] for x in inputs]
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("IBPOTrainer needs plain-text prompts (build the dataset with task_dataset)")
+        if any(EXAMPLE_ID_COLUMN not in x for x in inputs):
+            raise ValueError(f"the dataset has no {EXAMPLE_ID_COLUMN!r} column: build it with task_dataset")
+        batch, slc = self._rollout_batch(inputs, output)
+        batch, corrections = self._correct(batch)
+        adv = get_estimator("ibpo")(batch, **self.args.estimator_params())
+        local = adv[slc]
+        T = output["completion_ids"].shape[1]
+        if local.shape[1] > T:
+            if local[:, T:].abs().sum() > 0:  # cannot happen: local rows are at most T long
+                raise RuntimeError("IBPO advantages beyond the local completion width")
+            local = local[:, :T]
+        elif local.shape[1] < T:
+            local = torch.nn.functional.pad(local, (0, T - local.shape[1]))
+        trl_adv = output["advantages"]
+        output["advantages"] = local.to(device=trl_adv.device, dtype=torch.float32)
+        self.last_ibpo = IBPOStep(
+            batch=batch, advantages=adv, trl_advantages=trl_adv.detach().cpu(), corrections=corrections, process_slice=slc
+        )
+        self._log_ibpo(batch, adv)
+        return output
+
+    def _rollout_batch(self, inputs, output) -> tuple[RolloutBatch, slice]:
+        """The whole generation batch (all processes) as a RolloutBatch, and this process's rows."""
+        from accelerate.utils import gather_object
+
+        cap = self._ibpo_captured
+        if "completion_ids" not in cap or "rewards_per_func" not in cap:
+            raise RuntimeError("IBPOTrainer: TRL's _generate/_calculate_rewards hooks did not run")
+        n_local = len(inputs)
+        loss_mask = output["completion_mask"]
+        if "tool_mask" in output:
+            loss_mask = loss_mask * output["tool_mask"]
+        loss_mask = loss_mask.detach().cpu().bool()
+        local_masks = [loss_mask[i, : len(c)].numpy().tolist() for i, c in enumerate(cap["completion_ids"])]
+        prompt_ids = gather_object(cap["prompt_ids"])
+        completion_ids = gather_object(cap["completion_ids"])
+        masks = gather_object(local_masks)
+        ids = gather_object([str(x[EXAMPLE_ID_COLUMN]) for x in inputs])
+        prompts = gather_object([x["prompt"] for x in inputs])
+        rpf = cap["rewards_per_func"].detach().cpu()
+        weights = self.reward_weights.detach().cpu()
+        rewards = (rpf * weights[None, :]).nansum(dim=1)  # TRL's sum_then_normalize reward
+        unscorable = torch.isnan(rpf).all(dim=1)
+        if unscorable.any():
+            bad = torch.nonzero(unscorable).flatten().tolist()[:5]
+            raise ValueError(f"every reward function returned None for trajectories {bad}; IBPO needs a reward for each")
+        B, G = len(completion_ids), self.num_generations
+        if rewards.numel() != B or B % G:
+            raise RuntimeError(f"gathered {B} completions and {rewards.numel()} rewards for groups of {G}")
+        group_ids = torch.arange(B) // G  # TRL's layout: rewards.view(-1, num_generations)
+        for g in range(B // G):
+            if len(set(ids[g * G : (g + 1) * G])) != 1:
+                raise RuntimeError(f"group {g} mixes example ids {sorted(set(ids[g * G:(g + 1) * G]))}")
+        tok = self.processing_class
+        batch = RolloutBatch(
+            prompt_ids=prompt_ids,
+            response_ids=completion_ids,
+            rewards=rewards,
+            group_ids=group_ids,
+            response_masks=[np.asarray(m, dtype=bool) for m in masks],
+            prompts=prompts,
+            responses=tok.batch_decode(completion_ids, skip_special_tokens=True),
+            meta={EXAMPLE_ID_COLUMN: ids},
+            pad_id=int(tok.pad_token_id),
+        )
+        p = self.accelerator.process_index
+        return batch, slice(p * n_local, (p + 1) * n_local)
+
+    def _correct(self, batch: RolloutBatch) -> tuple[RolloutBatch, CorrectionResult | None]:
+        """Compare-and-correct the groups this process owns; gather everyone's repair info."""
+        from accelerate.utils import gather_object
+
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        own = [i for i, g in enumerate(batch.group_ids.tolist()) if g % world == rank]
+        examples = [self._example(k) for k in batch.meta[EXAMPLE_ID_COLUMN]]
+        seed = _step_seed(self.args.seed, self.state.global_step, rank)
+        result = None
+        # every process enters the context (a ZeRO-3 gather is collective), repairing or not
+        with self._repair_model() as model:
+            if own:
+                sampler = self.correct_sampler or self._default_sampler(model)
+                result = compare_and_correct(
+                    batch.select(own), [examples[i] for i in own], self.ibpo_task, sampler,
+                    self.args.correct_config(), tokenizer=self.processing_class, seed=seed,
+                )
+        local = [] if result is None else [
+            (i, float(result.batch.repair_success[k]), result.batch.edit_masks[k].tolist()) for k, i in enumerate(own)
+        ]
+        repair_success = torch.zeros(len(batch))
+        edit_masks = [np.zeros(len(r), dtype=bool) for r in batch.response_ids]
+        for i, share, mask in gather_object(local):
+            repair_success[i] = share
+            edit_masks[i] = np.asarray(mask, dtype=bool)
+        return batch.replace(repair_success=repair_success, edit_masks=edit_masks), result
+
+    def _repair_model(self):
+        from trl.models import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        )
+
+    def _default_sampler(self, model):
+        from ibpo_lab.models import Policy
+        from ibpo_lab.sampling import get_sampler
+
+        policy = Policy(model=model, tokenizer=self.processing_class, name="trl policy")
+        return get_sampler("hf", policy, max_batch_size=self.args.correct_max_batch_size)
+
+    def _example(self, key: str) -> Any:
+        if key not in self.ibpo_examples:
+            raise ValueError(
+                f"example id {key!r} from the dataset is not among the trainer's {len(self.ibpo_examples)} examples "
+                "(pass examples= the list the dataset was built from)"
+            )
+        return self.ibpo_examples[key]
+
+    def _log_ibpo(self, batch: RolloutBatch, adv: Tensor) -> None:
+        failed = batch.rewards < self.args.ibpo_success_threshold
+        share = batch.repair_success[failed]
+        m = self._metrics["train"]
+        m["ibpo/failed_frac"].append(float(failed.float().mean()))
+        m["ibpo/repair_rate"].append(float((share > 0).float().mean()) if share.numel() else float("nan"))
+        m["ibpo/repair_success_mean"].append(float(share.mean()) if share.numel() else float("nan"))
+        edited = [int(batch.edit_masks[i].sum()) for i in torch.nonzero(failed & (batch.repair_success > 0)).flatten()]
+        m["ibpo/edited_tokens_mean"].append(float(np.mean(edited)) if edited else float("nan"))
+        mask = batch.response_mask
+        m["ibpo/credited_token_frac"].append(float(((adv != 0) & (mask > 0)).sum() / mask.sum().clamp(min=1)))
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """A repair seed per (run seed, optimiser step, process): reproducible, different per process."""
+    digest = hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+# --------------------------------------------------------------------------- CLI
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--config {path}: expected a mapping at the top level")
+    unknown = set(cfg) - {"model", "task", "task_kwargs", "split", "n_examples", "dtype", "trainer"}
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}; allowed: model, task, task_kwargs, "
+                         "split, n_examples, dtype, trainer")
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def build_trainer(cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> IBPOTrainer:
+    """An :class:`IBPOTrainer` from a recipe mapping: ``model`` (``load_policy`` name or path), ``task``,
+    ``task_kwargs``, ``split``, ``n_examples``, ``dtype``, ``trainer`` (IBPOConfig fields)."""
+    from ibpo_lab.models import load_policy
+    from ibpo_lab.tasks import get_task
+
+    if "model" not in cfg or "task" not in cfg:
+        raise ValueError("the config needs 'model' (a load_policy name or path) and 'task' (a task name)")
+    trainer_kw = dict(cfg.get("trainer") or {})
+    trainer_kw.update(overrides or {})
+    args = IBPOConfig(**trainer_kw)
+    task = get_task(cfg["task"], **(cfg.get("task_kwargs") or {}))
+    exs = task.examples(cfg.get("split", "train"), cfg.get("n_examples"))
+    policy = load_policy(cfg["model"], dtype=cfg.get("dtype", "float32"))
+    return IBPOTrainer(
+        model=policy.model,
+        args=args,
+        train_dataset=task_dataset(task, examples=exs),
+        processing_class=policy.tokenizer,
+        task=task,
+        examples=exs,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> IBPOTrainer:
+    """``python -m ibpo_lab.integrations.trl --config RECIPE.yaml [--set key=value ...]``
+    (also under ``accelerate launch``); ``--set`` overrides ``trainer:`` fields."""
+    parser = argparse.ArgumentParser(prog="python -m ibpo_lab.integrations.trl", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="recipe YAML (see ibpo_lab/integrations/recipes/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer field")
+    parser.add_argument("--output_dir", default=None, help="shortcut for --set output_dir=...")
+    ns = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in ns.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = _parse_value(v)
+    if ns.output_dir is not None:
+        overrides["output_dir"] = ns.output_dir
+    trainer = build_trainer(_load_yaml(ns.config), overrides)
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,268 @@
+"""TRL integration: IBPOTrainer runs TRL's GRPO loop on CPU with a tiny char-level Llama, and the
+advantages TRL trains on are exactly ibpo_lab's ``get_estimator("ibpo")`` on the same rollouts."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("trl")  # the extra is installed in CI (dev extra); without it only the guard test applies
+
+from ibpo_lab.advantages import get_estimator  # noqa: E402
+from ibpo_lab.models import build_tiny_policy  # noqa: E402
+from ibpo_lab.rollout import RolloutBatch  # noqa: E402
+from ibpo_lab.tasks.base import Example, Score, Task  # noqa: E402
+from ibpo_lab.tasks.synthetic import VOCAB  # noqa: E402
+
+G = 4  # num_generations
+N_PROMPTS = 2  # prompts per generation batch
+
+
+class DigitTask(Task):
+    """reward 1 iff the response contains one of the digits 0-4: a random tiny policy over the
+    synthetic VOCAB (~80 characters) succeeds ~40% of the time in 8 tokens, so groups are mixed
+    and its own repairs sometimes verify. ``oracle_repair`` is the minimal fix (last character
+    -> "0"), so the oracle operator gives one-token edit masks."""
+
+    name = "digit"
+
+    def examples(self, split="train", n=None):
+        return [Example(id=f"{split}-{i}", prompt=f"q{i}", answer="") for i in range(4 if n is None else n)]
+
+    def score(self, example, response):
+        ok = any(c in "01234" for c in response)
+        return Score(float(ok), "ok" if ok else "no digit 0-4")
+
+    def oracle_repair(self, example, failed):
+        return failed[:-1] + "0"
+
+
+def _config(tmp_path, **kw):
+    from ibpo_lab.integrations.trl import IBPOConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        max_steps=2,
+        per_device_train_batch_size=N_PROMPTS * G,
+        num_generations=G,
+        max_completion_length=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+        correct_num_references=2,
+        correct_max_new_tokens=8,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return IBPOConfig(**base)
+
+
+def _recording_trainer_cls():
+    from ibpo_lab.integrations.trl import IBPOTrainer
+
+    class Recording(IBPOTrainer):
+        """Keeps every generation batch (inputs + what TRL will train on) and every loss batch."""
+
+        generations: list = []
+        trained: list = []
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            self.generations.append(
+                dict(
+                    ids=[x["example_id"] for x in inputs],
+                    out={k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in out.items()},
+                    step=self.last_ibpo,
+                )
+            )
+            return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.trained.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)})
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    Recording.generations, Recording.trained = [], []
+    return Recording
+
+
+def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+@pytest.fixture(scope="module", params=["policy", "oracle"])
+def trained(request, tmp_path_factory):
+    """Two TRL optimiser steps of IBPO on a tiny random char-level Llama (shared by the tests below).
+
+    ``policy``: the method — the trainer's own model writes the repairs (ibpo_lab's hf sampler over
+    TRL's unwrapped model); ``oracle``: the task's minimal repairs, so edit masks are partial."""
+    from ibpo_lab.integrations.trl import task_dataset
+
+    tmp_path = tmp_path_factory.mktemp("trl")
+    policy = build_tiny_policy(VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0)
+    task = DigitTask()
+    args = _config(tmp_path, correct_operator=request.param)
+    cls = _recording_trainer_cls()
+    torch.manual_seed(0)
+    trainer = cls(
+        model=policy.model,
+        args=args,
+        train_dataset=task_dataset(task, n=N_PROMPTS * 2),
+        processing_class=policy.tokenizer,
+        task=task,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    return trainer, task, args, before
+
+
+@pytest.mark.slow
+def test_training_steps_run_and_update_the_policy(trained):
+    trainer, _, _, before = trained
+    assert trainer.state.global_step == 2
+    assert len(trainer.generations) == 2 and len(trainer.trained) == 2
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(np.isfinite(h["loss"]) for h in logged)
+    assert any("ibpo/repair_rate" in h for h in trainer.state.log_history)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed, "two optimiser steps left every parameter unchanged"
+
+
+@pytest.mark.slow
+def test_trl_batch_advantages_equal_ibpo_lab_estimator(trained):
+    """Rebuild a RolloutBatch from the token ids TRL trains on, score it with the task, attach the
+    repair info compare-and-correct produced, and call ibpo_lab's estimator: same [B, T] numbers."""
+    trainer, task, args, _ = trained
+    exs = {ex.id: ex for ex in task.examples("train")}
+    tok = trainer.processing_class
+    n_repaired = 0
+    for gen in trainer.generations:
+        out, step = gen["out"], gen["step"]
+        responses = _unpad(out["completion_ids"], out["completion_mask"])
+        B = len(responses)
+        rewards = [task.reward(exs[i], tok.decode(r, skip_special_tokens=True)) for i, r in zip(gen["ids"], responses)]
+        batch = RolloutBatch(
+            prompt_ids=_unpad(out["prompt_ids"], out["prompt_mask"]),
+            response_ids=responses,
+            rewards=rewards,
+            group_ids=[i // G for i in range(B)],
+            repair_success=step.batch.repair_success,
+            edit_masks=step.batch.edit_masks,
+        )
+        # the trainer's view of the rollout is the one TRL sampled and scored
+        assert batch.response_ids == step.batch.response_ids
+        assert torch.equal(batch.rewards, step.batch.rewards)
+        expected = get_estimator("ibpo")(
+            batch, lam=args.ibpo_lam, rho=args.ibpo_rho, eps=args.ibpo_eps, scale="group", token_mask=True
+        )
+        got = out["advantages"]
+        assert got.shape == out["completion_ids"].shape  # per-token [B, T], not TRL's [B]
+        T = expected.shape[1]
+        torch.testing.assert_close(got[:, :T], expected, rtol=0, atol=1e-6)
+        assert not got[:, T:].any()
+        failed = batch.rewards < 0.5
+        n_repaired += int((failed & (batch.repair_success > 0)).sum())
+    # the run must actually have exercised the repair path, else the equality is trivial
+    assert n_repaired > 0
+    assert any((g["out"]["advantages"] != 0).any() for g in trainer.generations)
+
+
+@pytest.mark.slow
+def test_edit_masked_credit_differs_from_broadcast(trained):
+    """On a repaired failed trajectory the credit sits on edited tokens only (token_mask=True)."""
+    trainer, _, args, _ = trained
+    seen = partial = False
+    for gen in trainer.generations:
+        b, adv = gen["step"].batch, gen["out"]["advantages"]
+        for i in range(len(b)):
+            if b.rewards[i] < 0.5 and b.repair_success[i] > 0 and adv[i].any():
+                n = len(b.response_ids[i])
+                nonzero = (adv[i, :n] != 0).numpy()
+                np.testing.assert_array_equal(nonzero, b.edit_masks[i] & b.response_masks[i])
+                seen = True
+                partial |= bool(0 < nonzero.sum() < n)
+    assert seen
+    if args.correct_operator == "oracle":  # one-character repairs: credit on one token, not all
+        assert partial
+
+
+@pytest.mark.slow
+def test_trained_rows_are_generated_rows(trained):
+    """What TRL's loss sees (after its shuffle/split) are rows of the IBPO generation batch."""
+    trainer, *_ = trained
+    for gen, loss_in in zip(trainer.generations, trainer.trained):
+        rows = {
+            (tuple(c.tolist()), tuple(a.tolist()))
+            for c, a in zip(gen["out"]["completion_ids"], gen["out"]["advantages"])
+        }
+        for c, a in zip(loss_in["completion_ids"], loss_in["advantages"]):
+            assert (tuple(c.tolist()), tuple(a.tolist())) in rows
+
+
+@pytest.mark.slow
+def test_without_shaping_and_mask_ibpo_reproduces_trl_grpo(trained):
+    """λ = 0 and token_mask = False is GRPO: on the same rollouts, ibpo_lab's estimator gives
+    TRL's own GRPO advantages (computed by TRL, kept before IBPO replaced them)."""
+    trainer, _, args, _ = trained
+    for gen in trainer.generations:
+        step = gen["step"]
+        params = dict(args.estimator_params(), lam=0.0, token_mask=False)
+        ours = get_estimator("ibpo")(step.batch, **params)
+        trl = step.trl_advantages[:, None] * step.batch.response_mask
+        torch.testing.assert_close(ours, trl, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- fast unit tests
+def test_task_dataset_and_reward():
+    from ibpo_lab.integrations.trl import task_dataset, task_reward_func
+
+    task = DigitTask()
+    ds = task_dataset(task, n=3)
+    assert ds.column_names == ["prompt", "example_id"]
+    assert ds["prompt"] == [task.solve_prompt(ex) for ex in task.examples(n=3)]
+    reward = task_reward_func(task)
+    assert reward.__name__ == "digit_reward"
+    assert reward(prompts=["p", "p"], completions=["ab", "a1"], example_id=["train-0", "train-1"]) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="example_id"):
+        reward(prompts=["p"], completions=["a"])
+    with pytest.raises(ValueError, match="not among"):
+        reward(prompts=["p"], completions=["a"], example_id=["nope"])
+    dup = [Example(id="x", prompt="a", answer=""), Example(id="x", prompt="b", answer="")]
+    with pytest.raises(ValueError, match="twice"):
+        task_dataset(task, examples=dup)
+
+
+def test_config_validation_and_translation(tmp_path):
+    from ibpo_lab.integrations.trl import IBPOConfig
+
+    args = _config(tmp_path, correct_temperature=None, temperature=0.7, correct_operator="splice")
+    cc = args.correct_config()
+    assert cc.operator == "splice" and cc.temperature == 0.7 and cc.max_new_tokens == 8
+    assert args.estimator_params()["scale"] == "group" and args.estimator_params()["lam"] == 0.6
+    assert _config(tmp_path, scale_rewards="none").estimator_params()["scale"] == "none"
+    with pytest.raises(ValueError, match="correct_operator"):
+        _config(tmp_path, correct_operator="nope")
+    with pytest.raises(ValueError, match="correct_num_references"):
+        _config(tmp_path, correct_num_references=G)
+    with pytest.raises(ValueError, match="ibpo_lam"):
+        _config(tmp_path, ibpo_lam=-1.0)
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        _config(tmp_path, multi_objective_aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="truncate_k"):
+        _config(tmp_path, correct_truncate_k=0)
+    assert all(f.metadata.get("help") for f in IBPOConfig.__dataclass_fields__.values() if f.name.startswith(("ibpo_", "correct_")))
+
+
+def test_missing_trl_gives_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now raises ImportError
+    monkeypatch.delitem(sys.modules, "ibpo_lab.integrations.trl", raising=False)
+    with pytest.raises(ImportError, match=r"ibpo_lab\[trl\]"):
+        importlib.import_module("ibpo_lab.integrations.trl")
