@@ -77,7 +77,8 @@ class CorrectConfig:
                   "trajectories; under that reading set this to K-1. Must be <= group size - 1"},
     )
     revisions_per_reference: int = field(
-        default=1, metadata={"help": "revisions sampled per (failed, reference) pair"}
+        default=1, metadata={"help": "revisions sampled per (failed, reference) pair (the oracle makes one "
+                                     "deterministic revision per failed trajectory)"}
     )
     reference_selection: str = field(
         default="correct_first",
@@ -283,7 +284,9 @@ def policy_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[R
 def splice_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[Revision]]:
     """Keep the failed prefix up to its first token divergence from the reference, let the policy
     continue under the solve prompt. The prefix's behaviour log-probs are the failed trajectory's
-    own (same policy, same context), so the spliced revision's log-probs are exact."""
+    own (same policy, same context), so the spliced revision's log-probs are exact — as long as the
+    tokenizer encodes ``solve prompt + decoded prefix`` back to the same ids (true for the char
+    tokenizer; a BPE merge across the boundary makes the continuation's context differ slightly)."""
     if ctx.tokenizer is None:
         raise ValueError("tokenizer is required for the splice operator (to decode the kept prefix)")
     n = ctx.cfg.revisions_per_reference
