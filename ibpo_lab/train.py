@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import io
 import json
 import math
 import os
@@ -43,7 +44,15 @@ import pandas as pd
 import torch
 import yaml
 
-from ibpo_lab.rollout import RolloutBatch, concat_batches
+from ibpo_lab.advantages import get_estimator, ibpo_repair_advantages, list_estimators
+from ibpo_lab.correct import CorrectConfig, compare_and_correct
+from ibpo_lab.losses import AGG_MODES, get_loss, list_losses, truncated_is_weights
+from ibpo_lab.mc_values import mc_step_values
+from ibpo_lab.models import build_tiny_policy, load_policy, response_logprobs
+from ibpo_lab.rollout import PaddedBatch, RolloutBatch, concat_batches
+from ibpo_lab.sampling import get_sampler
+from ibpo_lab.steps import split_steps
+from ibpo_lab.tasks import get_task, list_tasks
 
 __all__ = [
     "TrainConfig",
@@ -72,18 +81,6 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 RANDOM_TINY = "tiny-random"
 #: consecutive skipped (non-finite) optimiser steps after which the run stops
 MAX_CONSECUTIVE_SKIPS = 3
-
-
-def _known_estimators() -> list[str]:
-    from ibpo_lab.advantages import list_estimators
-
-    return list(list_estimators())
-
-
-def _known_losses() -> list[str]:
-    from ibpo_lab.losses import list_losses
-
-    return list(list_losses())
 
 
 # ======================================================================================== config
@@ -213,18 +210,14 @@ class TrainConfig:
 
         need(isinstance(self.task, str) and bool(self.task.strip()), "task", "a task name is required")
         if self.task and self.task.strip():
-            from ibpo_lab.tasks import list_tasks
-
             known = list_tasks()
             prefixes = [k[: -len("<name>")] for k in known if k.endswith(":<name>")]
             need(self.task in known or any(self.task.startswith(q) for q in prefixes), "task",
                  f"unknown task (known: {', '.join(known)})")
         need(isinstance(self.model, str) and bool(self.model), "model", "a model name or path is required")
-        ests = _known_estimators()
+        ests = list_estimators()
         need(self.estimator in ests, "estimator", f"unknown estimator (allowed: {', '.join(ests)})")
-        from ibpo_lab.losses import AGG_MODES
-
-        losses = _known_losses()
+        losses = list_losses()
         need(self.loss in losses, "loss", f"unknown loss (allowed: {', '.join(losses)})")
         need(self.agg in AGG_MODES, "agg", f"must be one of {', '.join(AGG_MODES)}")
         need(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda", "device",
@@ -623,20 +616,16 @@ def seed_everything(s: int) -> None:
 
 
 def _build_task(cfg: TrainConfig):
-    from ibpo_lab.tasks import get_task
-
     return get_task(cfg.task, **cfg.task_kwargs)
 
 
 def _build_policy(cfg: TrainConfig, task, device: torch.device):
-    from ibpo_lab import models
-
     if cfg.model == RANDOM_TINY:
         from ibpo_lab.tasks.synthetic import VOCAB
 
-        policy = models.build_tiny_policy(VOCAB, seed=cfg.seed)
+        policy = build_tiny_policy(VOCAB, seed=cfg.seed)
     else:
-        policy = models.load_policy(cfg.model, dtype=cfg.dtype, device=str(device))
+        policy = load_policy(cfg.model, dtype=cfg.dtype, device=str(device))
     policy.model.to(device)
     return policy
 
@@ -681,8 +670,6 @@ def sample_groups(sampler, task, examples: Sequence, cfg: TrainConfig, seed: int
 
 def score_groups(batch: RolloutBatch, examples: Sequence, task, tokenizer, cfg: TrainConfig) -> RolloutBatch:
     """Terminal 0/1 rewards from the task's verifier and step spans of every response."""
-    from ibpo_lab.steps import split_steps
-
     per_traj = [examples[int(g)] for g in batch.group_ids.tolist()]
     rewards = task.rewards(per_traj, batch.responses)
     delim = cfg.step_delimiter or task.step_delimiter
@@ -692,8 +679,6 @@ def score_groups(batch: RolloutBatch, examples: Sequence, task, tokenizer, cfg: 
 
 def correct_groups(batch, examples, task, sampler, tokenizer, cfg: TrainConfig, seed: int):
     """IBPO compare-and-correct: fills repair_success and edit_masks; returns (batch, repaired, table, stats)."""
-    from ibpo_lab.correct import compare_and_correct
-
     res = compare_and_correct(batch, dict(enumerate(examples)), task, sampler, correct_config(cfg),
                               tokenizer=tokenizer, seed=seed)
     return res.batch, res.repaired, res.table, dict(res.stats or {})
@@ -701,8 +686,6 @@ def correct_groups(batch, examples, task, sampler, tokenizer, cfg: TrainConfig, 
 
 def correct_config(cfg: TrainConfig):
     """The CorrectConfig of a run: our named fields, then the free-form ``correct_kwargs``."""
-    from ibpo_lab.correct import CorrectConfig
-
     kw = dict(
         operator=cfg.corrector,
         num_references=cfg.repair_k,
@@ -726,8 +709,6 @@ def correct_config(cfg: TrainConfig):
 
 def step_values(batch, examples, task, sampler, tokenizer, cfg: TrainConfig, seed: int) -> RolloutBatch:
     """VinePPO: Monte-Carlo value at every step boundary from K fresh continuations (expensive)."""
-    from ibpo_lab.mc_values import mc_step_values
-
     values = mc_step_values(batch, dict(enumerate(examples)), task, sampler, cfg.mc_rollouts,
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             stop=cfg.stop or None, seed=seed, tokenizer=tokenizer, progress=False)
@@ -736,8 +717,6 @@ def step_values(batch, examples, task, sampler, tokenizer, cfg: TrainConfig, see
 
 def compute_advantages(batch: RolloutBatch, cfg: TrainConfig) -> torch.Tensor:
     """[B, T] token advantages from the configured estimator (0 off the response mask)."""
-    from ibpo_lab.advantages import get_estimator
-
     kw = dict(cfg.estimator_kwargs)
     if cfg.estimator == "ibpo":
         kw = {"lam": cfg.lam, "rho": cfg.rho, "token_mask": cfg.edit_mask, **kw}
@@ -750,8 +729,6 @@ def compute_advantages(batch: RolloutBatch, cfg: TrainConfig) -> torch.Tensor:
 def repaired_advantages(repaired: RolloutBatch, batch: RolloutBatch, cfg: TrainConfig) -> torch.Tensor:
     """[R, T_r] IOP bilateral credit of the verified repairs, on their inserted tokens
     (``advantages.ibpo_repair_advantages``: repair reward against the source group's shaped rewards)."""
-    from ibpo_lab.advantages import ibpo_repair_advantages
-
     kw = {k: v for k, v in cfg.estimator_kwargs.items() if k in ("eps", "scale", "std", "success_threshold")}
     return ibpo_repair_advantages(repaired, batch, repaired.meta["source_traj"], lam=cfg.lam, rho=cfg.rho, **kw)
 
@@ -766,9 +743,6 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
 
     batch: B trajectories; advantages [B, T'] (T' <= T); is_weights [B, T'] or None.
     """
-    from ibpo_lab.losses import get_loss
-    from ibpo_lab.models import response_logprobs
-
     loss_fn = get_loss(cfg.loss)
     # Dr. GRPO's length-unbiased sum needs one constant length for every minibatch: the generation budget
     norm = {"norm_len": float(cfg.max_new_tokens)} if cfg.agg == "seq-mean-token-sum-norm" else {}
@@ -831,13 +805,13 @@ def _pad_cols(x: torch.Tensor, T: int, value: float) -> torch.Tensor:
     return out
 
 
-def _fixed_logprobs(model, ref_model, padded, cfg: TrainConfig, device):
-    """Log-probs that stay fixed during the update: behaviour (the sampler's, or recomputed) and the
-    KL reference's, in no-grad chunks of the micro-batch size (a full-batch forward may not fit)."""
-    from ibpo_lab.models import response_logprobs
-
+def _fixed_logprobs(model, ref_model, padded: PaddedBatch, cfg: TrainConfig, device, recompute: bool | None = None):
+    """Log-probs that stay fixed during the update: behaviour (the sampler's, or recomputed with
+    ``model``) and the KL reference's, in no-grad chunks of the micro-batch size (a whole-batch
+    forward may not fit). -> (old [B, T], ref [B, T] or None), on the CPU."""
+    recompute = cfg.recompute_logprobs if recompute is None else recompute
     old = padded.old_logprobs.float()
-    if not cfg.recompute_logprobs and ref_model is None:
+    if not recompute and ref_model is None:
         return old, None
     B = padded.response_ids.shape[0]
     step = cfg.micro_batch_size or cfg.minibatch_size or B
@@ -845,7 +819,7 @@ def _fixed_logprobs(model, ref_model, padded, cfg: TrainConfig, device):
     with torch.no_grad():
         for i in range(0, B, step):
             sub = _select_padded(padded, torch.arange(i, min(i + step, B))).to(device)
-            if cfg.recompute_logprobs:
+            if recompute:
                 olds.append(response_logprobs(model, sub, temperature=cfg.temperature)[0].float().cpu())
             if ref_model is not None:
                 refs.append(response_logprobs(ref_model, sub, temperature=cfg.temperature)[0].float().cpu())
@@ -876,8 +850,6 @@ def _acc(d: dict[str, list[float]], k: str, v: float) -> None:
 
 
 def _select_padded(p, idx: torch.Tensor):
-    from ibpo_lab.rollout import PaddedBatch
-
     return PaddedBatch(
         input_ids=p.input_ids[idx], attention_mask=p.attention_mask[idx], response_ids=p.response_ids[idx],
         response_mask=p.response_mask[idx], old_logprobs=p.old_logprobs[idx], rewards=p.rewards[idx],
@@ -892,12 +864,7 @@ def offpolicy_repairs(model, repaired: RolloutBatch, cfg: TrainConfig, device: t
     is_weights [R, T_r] = min(π_old(y | solve) / μ(y | repair prompt), is_cap)). μ, the implicit
     behaviour policy that wrote the repair, is the corrector's sampling log-probs; the oracle
     operator has none, so its repairs get weight 1 (they are not samples of any policy)."""
-    from ibpo_lab.losses import truncated_is_weights
-    from ibpo_lab.models import response_logprobs
-
-    with torch.no_grad():
-        lp, _ = response_logprobs(model, repaired.padded().to(device), temperature=cfg.temperature)
-    lp = lp.float().cpu()
+    lp, _ = _fixed_logprobs(model, None, repaired.padded(), cfg, device, recompute=True)
     if repaired.logprobs is not None:
         w = truncated_is_weights(repaired.old_logprobs, lp, cap=cfg.is_cap)
     else:
@@ -982,8 +949,6 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
             raise ValueError(f"out_dir: {run_dir} has records but no checkpoint to resume from")
         raise ValueError(f"out_dir: {run_dir} already holds a run; pass resume=True (--resume) or pick a new folder")
     cfg.to_yaml(run_dir / "config.yaml")
-
-    from ibpo_lab.sampling import get_sampler
 
     seed_everything(cfg.seed)
     task = _build_task(cfg)
@@ -1084,11 +1049,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
 
 def _join_offpolicy(batch, adv, repaired, rep_adv, rep_w):
     """On-policy batch + off-policy repairs as one training batch, with importance weights (1 on-policy)."""
-    from ibpo_lab.rollout import RolloutBatch as RB
-
-    def strip(b: RB) -> RB:  # keep only what training reads, so optional fields need not agree
+    def strip(b: RolloutBatch) -> RolloutBatch:  # only what training reads, so optional fields need not agree
         masks = b.response_masks or [np.ones(len(r), dtype=bool) for r in b.response_ids]
-        return RB(prompt_ids=b.prompt_ids, response_ids=b.response_ids, rewards=b.rewards, group_ids=b.group_ids,
+        return RolloutBatch(prompt_ids=b.prompt_ids, response_ids=b.response_ids, rewards=b.rewards, group_ids=b.group_ids,
                   logprobs=b.logprobs, response_masks=masks, pad_id=b.pad_id)
 
     joined = concat_batches([strip(batch), strip(repaired)])
@@ -1115,8 +1078,6 @@ def _write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep
 
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
-    import io
-
     b = io.BytesIO()
     df.to_parquet(b, index=False)
     return b.getvalue()
@@ -1194,12 +1155,8 @@ def evaluate(policy, task, split: str = "test", n: int | None = 32, k: int = 4, 
     at least one correct sample. ``*_lo``/``*_hi``: 95% t-interval over prompts.
     """
     if isinstance(task, str):
-        from ibpo_lab.tasks import get_task
-
-        task = get_task(task)
+            task = get_task(task)
     if isinstance(policy, str):
-        from ibpo_lab.models import load_policy
-
         policy = load_policy(policy)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -1207,9 +1164,7 @@ def evaluate(policy, task, split: str = "test", n: int | None = 32, k: int = 4, 
     if not exs:
         raise ValueError(f"split: task has no examples in split {split!r}")
     if sampler is None:
-        from ibpo_lab.sampling import get_sampler
-
-        sampler = get_sampler(backend, policy)
+            sampler = get_sampler(backend, policy)
     # sampling at temperature 0 means greedy; k greedy samples would be identical
     kk = 1 if temperature == 0 else k
     with _preserve_rng():
