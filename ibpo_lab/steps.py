@@ -40,6 +40,8 @@ DELIMITERS: dict[str, str] = {
 
 # what an incomplete UTF-8 sequence decodes to in byte-level and byte-fallback decoders
 _REPLACEMENT = "\ufffd"
+# tokens an unfinished character may wait for its completion (4 UTF-8 bytes, with slack)
+_MAX_PENDING = 8
 
 
 # --------------------------------------------------------------------------- token ids
@@ -70,7 +72,9 @@ def _streamed_pieces(ids: list[int], decode) -> list[str] | None:
     shown = ""  # the part of decode(ids[start:k]) already handed out
     for k in range(len(ids)):
         new_text = decode(ids[start : k + 1])
-        if new_text.endswith(_REPLACEMENT):
+        # a UTF-8 character has at most 4 bytes: U+FFFD still pending after more tokens than
+        # that is a real replacement character (invalid bytes), not an unfinished one
+        if new_text.endswith(_REPLACEMENT) and k + 1 - last_complete <= _MAX_PENDING:
             stable = new_text.rstrip(_REPLACEMENT)
             # byte-fallback decoders may blank a whole run of byte tokens until it is valid
             # UTF-8 again: hand out only text that extends what was shown, else wait

@@ -195,6 +195,27 @@ def test_offsets_skip_special_tokens():
     assert text_full.endswith("<|endoftext|>") and offsets_full[-1][1] - offsets_full[-1][0] == len("<|endoftext|>")
 
 
+def test_offsets_invalid_bytes_stay_linear():
+    # a policy can emit byte tokens that never form valid UTF-8; the streaming window must not
+    # wait for a completion that never comes (that would make it quadratic)
+    tok = TOKENIZERS["gpt2"]
+    # byte 0xA9 (a UTF-8 continuation byte) is the symbol "©" in the GPT-2 byte alphabet
+    stray = tok.convert_tokens_to_ids("©")
+    assert tok.decode([stray] * 3) == "\ufffd" * 3
+    ids = ([stray] * 400 + _ids(tok, "ok\n")) * 3
+    calls = []
+
+    class Counting:
+        def decode(self, x):
+            calls.append(len(x))
+            return tok.decode(x)
+
+    text, offsets = decode_with_offsets(ids, Counting())
+    assert text == tok.decode(ids) and "".join(text[s:e] for s, e in offsets) == text
+    assert max(calls[1:]) <= 24 and len(calls) <= 2 * len(ids) + 2  # short windows, ~2 decodes per token
+    assert len(split_steps(ids, tok)) == 3
+
+
 class _RewritingTokenizer:
     """Not an HF tokenizer: decode joins pieces, then rewrites 'ab' to 'Y' — a decoder whose
     streamed deltas do not add up, forcing the prefix-decoding fallback."""
@@ -407,6 +428,26 @@ def test_split_steps_bad_delimiter(delimiter, match):
 def test_split_steps_needs_tokenizer_for_text_delimiters():
     with pytest.raises(ValueError, match="tokenizer"):
         split_steps([1, 2, 3], None, "newline")
+
+
+def test_split_steps_agrees_with_synthetic_task_labels():
+    # the contract tasks rely on: one token span per step label, with the project's char tokenizer
+    models = pytest.importorskip("ibpo_lab.models")
+    synthetic = pytest.importorskip("ibpo_lab.tasks.synthetic")
+    tok = models.char_tokenizer(synthetic.VOCAB)
+    task = synthetic.SyntheticTask()
+    rng = np.random.default_rng(0)
+    checked = 0
+    for ex in task.examples("train", n=4):
+        for solution in task.solutions(ex, 2, rng):
+            for response in (solution, task.inject_error(ex, solution, rng)):
+                labels = task.step_labels(ex, response)
+                ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                for skip in (False, True):
+                    spans = split_steps(ids, tok, task.step_delimiter, skip_special_tokens=skip)
+                    assert len(spans) == len(labels) and spans[-1][1] == len(ids)
+                checked += 1
+    assert checked >= 8
 
 
 # --------------------------------------------------------------------------- a real tokenizer
