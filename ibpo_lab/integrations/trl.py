@@ -485,6 +485,10 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # --------------------------------------------------------------------------- CLI
+#: top-level keys of a TRL recipe (everything under ``trainer:`` is an IBPOConfig field)
+RECIPE_KEYS = ("model", "task", "task_kwargs", "split", "n_examples", "dtype", "trainer")
+
+
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
@@ -492,10 +496,9 @@ def _load_yaml(path: str) -> dict[str, Any]:
         cfg = yaml.safe_load(f) or {}
     if not isinstance(cfg, dict):
         raise ValueError(f"--config {path}: expected a mapping at the top level")
-    unknown = set(cfg) - {"model", "task", "task_kwargs", "split", "n_examples", "dtype", "trainer"}
+    unknown = set(cfg) - set(RECIPE_KEYS)
     if unknown:
-        raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}; allowed: model, task, task_kwargs, "
-                         "split, n_examples, dtype, trainer")
+        raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}; allowed: {', '.join(RECIPE_KEYS)}")
     return cfg
 
 
@@ -531,21 +534,23 @@ def build_trainer(cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
 
 def main(argv: Sequence[str] | None = None) -> IBPOTrainer:
     """``python -m ibpo_lab.integrations.trl --config RECIPE.yaml [--set key=value ...]``
-    (also under ``accelerate launch``); ``--set`` overrides ``trainer:`` fields."""
+    (also under ``accelerate launch``). ``--set`` overrides a recipe key (model, task, split,
+    n_examples, dtype) or else a ``trainer:`` field (an IBPOConfig field); values are YAML."""
     parser = argparse.ArgumentParser(prog="python -m ibpo_lab.integrations.trl", description=main.__doc__)
     parser.add_argument("--config", required=True, help="recipe YAML (see ibpo_lab/integrations/recipes/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a trainer field")
-    parser.add_argument("--output_dir", default=None, help="shortcut for --set output_dir=...")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key or trainer field")
     ns = parser.parse_args(argv)
+    cfg = _load_yaml(ns.config)
     overrides: dict[str, Any] = {}
     for item in ns.set:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = _parse_value(v)
-    if ns.output_dir is not None:
-        overrides["output_dir"] = ns.output_dir
-    trainer = build_trainer(_load_yaml(ns.config), overrides)
+        k, v = (x.strip() for x in item.split("=", 1))
+        if k in RECIPE_KEYS and k != "trainer":
+            cfg[k] = _parse_value(v)
+        else:
+            overrides[k] = _parse_value(v)
+    trainer = build_trainer(cfg, overrides)
     trainer.train()
     trainer.save_model()
     return trainer
