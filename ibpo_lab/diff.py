@@ -32,6 +32,7 @@ __all__ = [
     "first_divergence",
     "divergence_matrix",
     "step_keys",
+    "first_step_divergence",
     "step_divergence_matrix",
     "PrefixTrie",
     "build_prefix_trie",
@@ -246,6 +247,12 @@ def _encode_steps(step_seqs: Sequence[Sequence[Hashable]]) -> list[np.ndarray]:
         except TypeError as e:
             raise ValueError(f"step_seqs[{i}] must be a sequence of hashable step keys ({e})") from e
     return out
+
+
+def first_step_divergence(a_steps: Sequence[Hashable], b_steps: Sequence[Hashable]) -> int:
+    """Number of leading steps two trajectories share (step keys compared with ==)."""
+    a_ids, b_ids = _encode_steps([a_steps, b_steps])
+    return first_divergence(a_ids, b_ids)
 
 
 def step_divergence_matrix(step_seqs: Sequence[Sequence[Hashable]]) -> np.ndarray:

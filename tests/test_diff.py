@@ -20,6 +20,7 @@ from ibpo_lab.diff import (
     edit_distance,
     edit_masks,
     first_divergence,
+    first_step_divergence,
     opcodes,
     step_divergence_matrix,
     step_keys,
@@ -248,7 +249,7 @@ def test_step_keys_and_step_divergence():
 def test_step_divergence_matches_pairwise(seqs):
     M = step_divergence_matrix(seqs)
     for i, j in itertools.product(range(len(seqs)), repeat=2):
-        assert M[i, j] == _lcp(seqs[i], seqs[j])
+        assert M[i, j] == _lcp(seqs[i], seqs[j]) == first_step_divergence(seqs[i], seqs[j])
 
 
 # --------------------------------------------------------------------------- prefix trie
