@@ -501,10 +501,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); nothing partial was left there") from e
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -512,8 +512,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row, default=_json_default) + "\n")
+    line = json.dumps(row, default=_json_default) + "\n"
+    try:
+        with open(path, "a") as fh:
+            fh.write(line)
+    except OSError as e:  # a partial last line is tolerated by _read_jsonl and dropped on resume
+        raise OSError(e.errno, f"could not append a row to {path} ({e.strerror or e})") from e
 
 
 def _json_default(x):
@@ -1088,9 +1092,15 @@ def _truncate_records(run_dir: Path, step: int) -> None:
     for name in ("metrics.jsonl", "eval.jsonl"):
         p = run_dir / name
         if p.is_file():
-            df = _read_jsonl(p)
-            keep = df[df["step"] <= step] if len(df) else df
-            _atomic_write_text(p, "".join(json.dumps(r, default=_json_default) + "\n" for r in keep.to_dict("records")))
+            keep = []
+            for line in p.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a half-written last line goes too
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line + "\n")
+            _atomic_write_text(p, "".join(keep))
+    for f in (run_dir / "trajectories").glob("step_*.parquet"):
+        if int(f.stem.split("_")[1]) > step:
+            f.unlink()
 
 
 def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:

@@ -235,18 +235,24 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     cfg = small(steps=4, checkpoint_every=2, eval_every=2, estimator="rloo")
     straight = T.train(cfg, tmp_path / "straight", progress=False)
 
-    real_update, calls = T.policy_update, []
+    real_write, calls = T._write_trajectories, []
 
-    def killed_at_step_3(*a, **k):
+    def killed_in_step_3(*a, **k):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # the run dies mid-step 3, after the step-2 checkpoint
-        return real_update(*a, **k)
+            # the run dies after writing step 3's metrics row, before its checkpoint (at step 4)
+            raise KeyboardInterrupt
+        return real_write(*a, **k)
 
-    monkeypatch.setattr(T, "policy_update", killed_at_step_3)
+    monkeypatch.setattr(T, "_write_trajectories", killed_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, tmp_path / "resumed", progress=False)
-    after = []
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "rew')  # and a torn half-written line, as a kill mid-write leaves
+    assert T._load_checkpoint_state(tmp_path / "resumed")["step"] == 2
+    monkeypatch.setattr(T, "_write_trajectories", real_write)
+
+    real_update, after = T.policy_update, []
 
     def counted(*a, **k):
         after.append(1)
@@ -255,7 +261,6 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "policy_update", counted)
     resumed = T.train(cfg, tmp_path / "resumed", progress=False, resume=True)
     assert len(after) == 2  # it continued from the step-2 checkpoint, it did not start over
-
     pd.testing.assert_frame_equal(_strip_times(straight.metrics), _strip_times(resumed.metrics))
     pd.testing.assert_frame_equal(straight.eval, resumed.eval)
     pd.testing.assert_frame_equal(straight.trajectories(4), resumed.trajectories(4))
