@@ -394,7 +394,7 @@ def presets(profile: str = "smoke", **overrides) -> TrainConfig:
             task="synthetic", model="tiny", device="cpu", backend="hf",
             steps=5, prompts_per_step=4, group_size=8, max_new_tokens=48,
             lr=3e-4, max_grad_norm=1.0, ppo_epochs=1, minibatch_size=0,
-            repair_k=2, eval_every=0, eval_n=16, eval_k=2, checkpoint_every=0,
+            repair_k=2, repair_max_new_tokens=48, eval_every=0, eval_n=16, eval_k=2, checkpoint_every=0,
         ),
         "full": dict(
             task="gsm8k", model="Qwen/Qwen2.5-1.5B-Instruct", device="auto", backend="vllm", dtype="float32",
@@ -1237,6 +1237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = presets(a.config) if a.config in ("smoke", "full") else TrainConfig.from_yaml(Path(a.config))
         cfg = cfg.with_overrides(a.overrides)
+        resolve_device(cfg.device)
     except ValueError as e:
         ap.error(str(e))
     if a.print_config:
