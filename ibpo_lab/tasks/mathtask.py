@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import resource
 import select
 import subprocess
 import sys
@@ -49,7 +48,9 @@ MATH_TEMPLATES: dict[str, str] = {
 
 # runs in the child: one JSON request per line in, one JSON reply per line out
 _WORKER_CODE = r"""
-import json, logging, sys
+import json, logging, resource, sys
+# memory cap set here rather than in a preexec_fn, which is unsafe when the caller has threads
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
 logging.disable(logging.WARNING)  # the "timeout is disabled" warning: we time out from outside
 from math_verify import parse, verify
 gold_cache = {}
@@ -77,10 +78,6 @@ for line in sys.stdin:
 """
 
 
-def _limit_worker_memory(max_bytes: int) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
-
-
 class SafeMathVerifier:
     """math-verify in a child process with a per-call deadline; thread-safe, restarts after a kill.
 
@@ -101,11 +98,10 @@ class SafeMathVerifier:
 
     def _start(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _WORKER_CODE],
+            [sys.executable, "-I", "-c", _WORKER_CODE, str(self.max_memory_bytes)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: _limit_worker_memory(self.max_memory_bytes),
             start_new_session=True,  # Ctrl-C in a notebook should not hit the worker mid-reply
         )
         self._pid_owner = os.getpid()

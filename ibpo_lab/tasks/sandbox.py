@@ -340,35 +340,37 @@ def run_python(program: str, cfg: SandboxConfig | None = None) -> SandboxResult:
 
         out = {"stdout": bytearray(), "stderr": bytearray(), "result": bytearray()}
         sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
         result_file = os.fdopen(r_fd, "rb", buffering=0)
-        sel.register(result_file, selectors.EVENT_READ, "result")
-        deadline = start + cfg.timeout_s
         timed_out = overflow = False
-        exited_at = None
-        while sel.get_map():
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = True
-                break
-            if exited_at is None and proc.poll() is not None:
-                exited_at = now
-            if exited_at is not None and now - exited_at > 0.5:
-                break  # an escaped descendant keeps a pipe open; the program itself is done
-            for key, _ in sel.select(timeout=min(0.1, deadline - now)):
-                chunk = os.read(key.fileobj.fileno(), 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    continue
-                out[key.data] += chunk
-            if len(out["stdout"]) + len(out["stderr"]) > cfg.max_output_bytes:
-                overflow = True
-                break
-        sel.close()
-        _kill_tree(proc, sandbox_id)
-        for f in (proc.stdout, proc.stderr, result_file):
-            f.close()
+        try:
+            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+            sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+            sel.register(result_file, selectors.EVENT_READ, "result")
+            deadline = start + cfg.timeout_s
+            exited_at = None
+            while sel.get_map():
+                now = time.monotonic()
+                if now >= deadline:
+                    timed_out = True
+                    break
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = now
+                if exited_at is not None and now - exited_at > 0.5:
+                    break  # an escaped descendant keeps a pipe open; the program itself is done
+                for key, _ in sel.select(timeout=min(0.1, deadline - now)):
+                    chunk = os.read(key.fileobj.fileno(), 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    out[key.data] += chunk
+                if len(out["stdout"]) + len(out["stderr"]) > cfg.max_output_bytes:
+                    overflow = True
+                    break
+        finally:  # whatever happened while reading, nothing of the program survives
+            sel.close()
+            _kill_tree(proc, sandbox_id)
+            for f in (proc.stdout, proc.stderr, result_file):
+                f.close()
         duration = time.monotonic() - start
         rc = proc.returncode
         stdout, stderr = bytes(out["stdout"][: cfg.max_output_bytes]), bytes(out["stderr"][: cfg.max_output_bytes])
