@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -172,6 +174,29 @@ def test_offline_without_file_says_where_to_put_it(monkeypatch, tmp_path):
     (tmp_path / "gsm8k" / "test.jsonl").write_bytes(FIXTURE.read_bytes())
     monkeypatch.setenv("IBPO_DATA_DIR", str(tmp_path))
     assert len(GSM8KTask().examples("test")) == 6
+
+
+def test_hub_is_used_only_when_online(monkeypatch):
+    # a stand-in `datasets` module: the test checks the call, not the network (importing the real one is slow)
+    datasets = types.ModuleType("datasets")
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+    calls = []
+
+    def fake_load_dataset(*args, **kw):
+        calls.append((args, kw))
+        return [{"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}]
+
+    datasets.load_dataset = fake_load_dataset
+    monkeypatch.delenv("IBPO_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="offline"):
+        GSM8KTask().examples("train")
+    assert calls == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    (ex,) = GSM8KTask().examples("train")
+    assert calls == [(("openai/gsm8k", "main"), {"split": "train"})]
+    assert ex.answer == "2" and ex.meta["source"] == "hub:openai/gsm8k/train:1"
 
 
 def test_unknown_task_name():

@@ -39,6 +39,7 @@ from ibpo_lab.tasks.answers import (
     read_jsonl,
     resolve_split_path,
 )
+from ibpo_lab.steps import split_text_steps
 from ibpo_lab.tasks.base import Example, Score, Task, register_task
 
 __all__ = ["GSM8KTask", "GSM8K_TEMPLATES", "parse_annotations", "gsm8k_gold_answer", "FIXTURE"]
@@ -77,23 +78,6 @@ def gsm8k_gold_answer(solution: str) -> str:
     if not found:
         raise ValueError("solution has no '#### <answer>' line")
     return found[-1].strip().replace(",", "")
-
-
-def _split_steps(text: str) -> list[tuple[int, int]]:
-    try:
-        from ibpo_lab.steps import split_text_steps
-    except ImportError:  # steps.py not there yet: same contract, non-empty newline-separated pieces
-        spans, start = [], 0
-        for m in re.finditer(r"\n", text):
-            if text[start : m.end()].strip():
-                spans.append((start, m.end()))
-                start = m.end()
-        if text[start:].strip():
-            spans.append((start, len(text)))
-        elif spans:
-            spans[-1] = (spans[-1][0], len(text))
-        return spans
-    return list(split_text_steps(text, "newline"))
 
 
 class GSM8KTask(Task):
@@ -188,7 +172,7 @@ class GSM8KTask(Task):
         gold_results = [v for v in (parse_number(r) for _, r in annotations) if v is not None]
         gold_answer = parse_number(example.answer)
         labels = []
-        for start, end in _split_steps(text):
+        for start, end in split_text_steps(text, self.step_delimiter):
             step = text[start:end]
             hash_line = _HASH_LINE_RE.match(step.strip())
             if hash_line:
