@@ -13,10 +13,12 @@ What is isolated
   Then (and without ``unshare``, instead) we kill the process group and every process that still
   carries this run's ``IBPO_SANDBOX_ID`` environment marker, until none is left.
 * memory / files / processes: ``RLIMIT_AS`` (``memory_bytes``), ``RLIMIT_FSIZE`` (``max_file_bytes``),
-  ``RLIMIT_NOFILE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC`` (``max_processes``). Linux ignores
-  NPROC for root, so when we are root the program runs as ``nobody`` (``unshare --setuid``); the
-  interpreter must then be executable by nobody (a venv under ``/root`` is not, so a system
-  ``python3`` is used: the programs only need the standard library).
+  ``RLIMIT_NOFILE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC`` (``max_processes``), set as hard limits
+  by the runner before the program starts (no ``preexec_fn``, so ``run_python`` is thread-safe).
+  Linux ignores NPROC for root, so when we are root the program runs as ``nobody``
+  (``unshare --setuid``, or ``Popen(user=...)`` without unshare); the interpreter must then be
+  executable by nobody (a venv under ``/root`` is not, so a system ``python3`` is used: programs get
+  the standard library only, ``-I -S``).
 * network: ``unshare --net`` gives an empty network namespace (not even a loopback that is up);
   the Python guard also makes ``socket.socket`` raise.
 * files: the working directory and ``HOME``/``TMPDIR`` are the temp dir (removed afterwards). As
@@ -27,6 +29,8 @@ What is isolated
 * output: stdout and stderr are read up to ``max_output_bytes`` in total; more fails the run.
 
 What is not isolated
+* if we are root and no interpreter is usable by nobody, the program runs as root: NPROC is then
+  ignored and the program could raise its own limits (``isolation_report()["runs_as"]`` says so);
 * the filesystem is still visible (reads are allowed; a program running as the same user as us —
   non-root without ``nobody`` — could write to our files through ``ctypes``/``_posixsubprocess``, which
   the Python guard does not cover); disk use by many small files is not bounded;
