@@ -393,7 +393,7 @@ def presets(profile: str = "smoke", **overrides) -> TrainConfig:
         "smoke": dict(
             task="synthetic", model="tiny", device="cpu", backend="hf",
             steps=5, prompts_per_step=4, group_size=8, max_new_tokens=48,
-            lr=3e-4, max_grad_norm=1.0, ppo_epochs=1, minibatch_size=0,
+            lr=3e-4, max_grad_norm=1.0, ppo_epochs=1, minibatch_size=16,
             repair_k=2, repair_max_new_tokens=48, eval_every=0, eval_n=16, eval_k=2, checkpoint_every=0,
         ),
         "full": dict(
@@ -1023,9 +1023,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
         times["time_step"] = time.perf_counter() - t_step
 
         skipped_total += upd["skipped"]
-        # skips in a row, across steps: a step with any good update restarts the count at its trailing skips
-        consecutive = consecutive + upd["skipped"] if upd["updates"] == 0 else upd.pop("trailing_skips")
-        upd.pop("trailing_skips", None)
+        trailing = upd.pop("trailing_skips")
+        # skipped optimiser steps in a row, across step boundaries (a good update restarts the count)
+        consecutive = consecutive + trailing if upd["updates"] == 0 else trailing
         row = {"step": step, **batch_metrics(batch, adv), **upd, "skipped_total": skipped_total, "lr": lr,
                "n_repaired": 0 if repaired is None else len(repaired),
                **{f"correct_{k}": v for k, v in cstats.items() if isinstance(v, (int, float))}, **times}
