@@ -65,6 +65,7 @@ __all__ = [
     "evaluate",
     "summarise_runs",
     "CONFIG_DIR",
+    "METRIC_HELP",
     "main",
 ]
 
@@ -81,6 +82,35 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 RANDOM_TINY = "tiny-random"
 #: consecutive skipped (non-finite) optimiser steps after which the run stops
 MAX_CONSECUTIVE_SKIPS = 3
+
+#: the columns of metrics.jsonl (one row per step); loss_* columns carry the loss's own metrics and
+#: correct_* columns the corrector's stats (counts, success rates, φ mean, edited tokens)
+METRIC_HELP: dict[str, str] = {
+    "step": "training step, from 1",
+    "reward_mean": "mean terminal reward of the sampled trajectories",
+    "accuracy": "share of sampled trajectories with reward >= 1",
+    "zero_var_groups": "share of groups whose rewards are all equal (no group-relative signal)",
+    "active_tokens": "share of response tokens with a non-zero advantage (credited tokens)",
+    "response_len": "mean response length in tokens",
+    "repair_success": "mean share of verified repairs over failed trajectories (NaN without a corrector)",
+    "entropy": "mean token entropy of the policy on the sampled responses",
+    "approx_kl": "k3 estimate of KL(behaviour || current) during the update",
+    "clip_frac": "share of tokens whose ratio was clipped",
+    "kl_ref": "k3 KL to the frozen reference policy (only with kl_coef > 0)",
+    "loss": "mean policy loss over micro-batches",
+    "grad_norm": "mean gradient norm before clipping over the step's optimiser steps",
+    "updates": "optimiser steps taken this step",
+    "skipped": "optimiser steps skipped this step (non-finite loss or gradient)",
+    "skipped_total": "optimiser steps skipped so far in the run",
+    "lr": "learning rate used this step",
+    "n_repaired": "verified repairs this step (trained off-policy only in bilateral mode)",
+    "time_sample": "seconds sampling the groups",
+    "time_reward": "seconds scoring rewards and splitting steps",
+    "time_correct": "seconds in compare-and-correct (IBPO) or Monte-Carlo step values (VinePPO)",
+    "time_advantage": "seconds computing advantages (and importance weights of repairs)",
+    "time_update": "seconds in the PPO/GSPO update and the sampler weight sync",
+    "time_step": "seconds for the whole step (evaluation and checkpoint excluded)",
+}
 
 
 # ======================================================================================== config

@@ -207,6 +207,8 @@ def test_two_step_run_writes_every_record(tmp_path, estimator):
     m = rec.metrics
     assert m["step"].tolist() == [1, 2]
     assert not set(METRIC_COLUMNS) - set(m.columns), set(METRIC_COLUMNS) - set(m.columns)
+    documented = {c for c in m.columns if not c.startswith(("loss_", "correct_"))}
+    assert documented <= set(T.METRIC_HELP), documented - set(T.METRIC_HELP)
     assert (m["grad_norm"] > 0).all() and m["updates"].eq(1).all()  # parity rewards always give signal
     assert {"avg@k", "pass@1", "pass@k", "avg@k_lo", "avg@k_hi"} <= set(rec.eval.columns)
     t = rec.trajectories(2)
