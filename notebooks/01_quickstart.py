@@ -1,0 +1,106 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Quickstart: one IBPO step taken apart
+#
+# One group of trajectories is **sampled** for one prompt, **rewarded** (0/1 terminal reward),
+# its failed members are **repaired** by the policy itself with a sibling as reference
+# (compare-and-correct), and the token **advantages of every estimator** are put side by side.
+#
+# IBPO shapes the reward before group centring, R' = R + λ·φ with φ = ρ·(share of successful repairs)
+# on failed trajectories, and gives token credit only where the repair edited the failed attempt.
+#
+# Wall time: `smoke` (tiny policy, synthetic task, CPU) ≈ 20 s; `full` (Qwen2.5-1.5B-Instruct on GSM8K,
+# vLLM) ≈ 3 min, mostly model loading.
+
+# %% tags=["parameters"]
+profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
+out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
+seed = 0  # sampling seed
+model = None  # policy name or path; None: the profile's preset (tiny / Qwen2.5-1.5B-Instruct)
+task = None  # task name; None: the profile's preset (synthetic / gsm8k)
+group_size = 8  # trajectories sampled for the prompt (G)
+max_new_tokens = None  # response length limit; None: the preset's
+corrector = "policy"  # compare-and-correct operator: policy, splice, oracle (synthetic only)
+repair_k = 2  # sibling references (repairs) per failed trajectory, K
+lam = 0.6  # IBPO shaping weight λ
+rho = 0.5  # IBPO shaping scale ρ
+estimators = ["grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo"]  # shown side by side
+mc_rollouts = 2  # VinePPO continuations per step boundary
+
+# %%
+from IPython.display import display
+
+from ibpo_lab import experiments as ex
+from ibpo_lab import viz
+from ibpo_lab.train import presets
+
+ex.require_gpu_for_full(profile)
+knobs = {k: v for k, v in dict(model=model, task=task, max_new_tokens=max_new_tokens).items() if v is not None}
+cfg = presets(profile, group_size=group_size, corrector=corrector, repair_k=repair_k, lam=lam, rho=rho,
+              prompts_per_step=1, minibatch_size=0, **knobs)
+sample = ex.sample_groups(cfg, n_prompts=1, seed=seed)
+print(sample.examples[0].prompt)
+sample.batch
+
+# %% [markdown]
+# ## The group: rewards and repairs
+# `repair_success` is the share of a failed trajectory's repairs that verify (φ = ρ·share);
+# `n_edited` is how many of its tokens the best repair changed — the only tokens IBPO credits.
+
+# %%
+group = sample.batch.to_dataframe()[["traj", "reward", "repair_success", "n_edited", "response_len", "response"]]
+viz.save_table(group, out_dir, "group")
+group
+
+# %%
+repairs = sample.repairs
+if len(repairs):
+    display(repairs[["traj", "reference_traj", "reward", "verified", "edit_distance", "n_edited", "selected"]])
+else:
+    print("no failed trajectory had a correct sibling to compare with: nothing was repaired this time")
+
+# %% [markdown]
+# ## Advantages of every estimator, side by side
+# One row per trajectory, one column per response token; red = negative credit, blue = positive,
+# black ticks = step boundaries. GRPO/RLOO/Dr. GRPO give every token of a trajectory the same value;
+# prefix-tree and VinePPO vary by step; IBPO concentrates a failed trajectory's blame on its edited tokens.
+
+# %%
+advantages = ex.estimator_advantages(sample, estimators, mc_rollouts=mc_rollouts, seed=seed)
+b = sample.batch
+fig = viz.advantage_panel(advantages, b.response_mask, rewards=b.rewards, group_ids=b.group_ids,
+                          step_spans=b.step_spans, title="token advantages by estimator")
+viz.save_fig(fig, out_dir, "advantages_by_estimator")
+
+# %%
+means = ex.sequence_advantages(sample, advantages)
+viz.save_table(means, out_dir, "mean_advantage_per_trajectory")
+means
+
+# %% [markdown]
+# ## One failed trajectory: its tokens by advantage, and its repair
+
+# %%
+i = ex.pick_trajectory(sample, "repaired")
+for name in ("grpo", "ibpo"):
+    if name in advantages:
+        display(viz.batch_token_html(b, advantages[name], sample.tokenizer, i))
+pair = ex.repair_of(sample, i)
+if pair is not None:
+    display(viz.repair_diff_html(pair[0], pair[1], sample.tokenizer, title=f"repair of trajectory {i}"))
+else:
+    print(f"trajectory {i} has no verified repair")
