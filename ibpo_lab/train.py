@@ -13,6 +13,12 @@ run folder that notebooks read back with ``load_run``:
                                    advantages and masks, repair text); ``RunRecord.trajectories(step)``
       checkpoint/state.pt          model, optimiser, scheduler, RNG states, step counter (resume)
 
+From a shell (prints the run folder at the end)::
+
+    python -m ibpo_lab.train ibpo_lab/configs/ibpo.yaml --set seed=1 lam=0.3 --out runs/ibpo-lam0.3
+    python -m ibpo_lab.train smoke --set estimator=grpo          # a preset instead of a file
+    python -m ibpo_lab.train ibpo_lab/configs/ibpo.yaml --out runs/ibpo-lam0.3 --resume
+
 A step is a short sequence of named phases (``sample_groups``, ``score_groups``, ``correct_groups``,
 ``step_values``, ``compute_advantages``, ``policy_update``); each is timed and the timings go in the
 metrics table. RNGs are reseeded from ``(seed, step)`` at the start of every step, so a killed and

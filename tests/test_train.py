@@ -152,6 +152,18 @@ def test_existing_run_needs_resume(tmp_path):
         T.train(small(), tmp_path, progress=False)
 
 
+def test_lr_schedules():
+    def lrs(**kw):
+        f = T._lr_lambda(TrainConfig(steps=10, **kw))
+        return [f(i) for i in range(10)]
+
+    assert lrs() == [1.0] * 10
+    assert lrs(warmup_steps=4)[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    lin, cos = lrs(lr_schedule="linear"), lrs(lr_schedule="cosine")
+    assert lin[0] == 1.0 and lin[5] == pytest.approx(0.5) and all(a > b for a, b in zip(lin, lin[1:]))
+    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and all(a > b for a, b in zip(cos, cos[1:]))
+
+
 # ------------------------------------------------------------------------------------------ records
 def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
     T.save_checkpoint(tmp_path, {"step": 1, "x": torch.ones(2)})
@@ -332,10 +344,12 @@ def test_cli_prints_run_dir(tmp_path, capsys):
     cfg_path = tmp_path / "c.yaml"
     small().to_yaml(cfg_path)
     out = tmp_path / "cli-run"
-    assert T.main([str(cfg_path), "--set", "steps=1", "label=cli", "--out", str(out), "--no-progress"]) == 0
+    assert T.main([str(cfg_path), "--set", "steps=1", "label=cli", "kl_coef=0.05", "--out", str(out),
+                   "--no-progress"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     rec = T.load_run(out)
     assert rec.config.label == "cli" and rec.metrics["step"].tolist() == [1]
+    assert rec.metrics["kl_ref"].iloc[0] == 0.0  # the reference is the initial policy: no KL before any update
 
 
 @pytest.mark.slow
