@@ -317,3 +317,38 @@ def test_cli_runs_the_tiny_recipe(tmp_path):
         bad = tmp_path / "bad.yaml"
         bad.write_text("model: tiny\ntask: synthetic\nlearning_rate: 1\n")
         main(["--config", str(bad)])
+
+
+def test_multi_process_repairs_merge_to_the_single_process_result():
+    """accelerate with W processes: each repairs the groups it owns (g mod W); merging everyone's
+    records gives exactly the single-process compare-and-correct result (deterministic sampler)."""
+    from _sampler_fakes import PredTask, ScriptedSampler, make_batch
+
+    from ibpo_lab.correct import CorrectConfig, compare_and_correct
+    from ibpo_lab.integrations.trl import merge_repair_info, owned_rows, repair_records
+
+    task = PredTask(lambda r: "!" not in r)
+
+    def script(prompt, j):  # the "policy" deletes the first "!" of the failed attempt
+        failed = prompt.split("A failed attempt:\n", 1)[1].split("\nA reference attempt:", 1)[0]
+        return failed.replace("!", "", 1)
+
+    groups = [["ab!c", "abc", "a!!c"], ["ok", "o!k", "fine"], ["x!", "y", "z!z"], ["!", "!!", "q"]]
+    batch, exs = make_batch(groups, task)
+    cfg = CorrectConfig(num_references=1)
+    whole = compare_and_correct(batch, exs, task, ScriptedSampler(script), cfg).batch
+    for world in (1, 2, 3):
+        records = []
+        for rank in range(world):
+            own = owned_rows(batch.group_ids, world, rank)
+            assert all(int(batch.group_ids[i]) % world == rank for i in own)
+            res = compare_and_correct(batch.select(own), [exs[i] for i in own], task, ScriptedSampler(script), cfg) if own else None
+            records += repair_records(own, res)
+        merged = merge_repair_info(batch, records)
+        assert torch.equal(merged.repair_success, whole.repair_success)
+        assert all(np.array_equal(a, b) for a, b in zip(merged.edit_masks, whole.edit_masks))
+    assert whole.repair_success.sum() > 0
+    with pytest.raises(ValueError, match="two processes"):
+        merge_repair_info(batch, records + records[:1])
+    with pytest.raises(ValueError, match="rank"):
+        owned_rows(batch.group_ids, 2, 2)

@@ -63,6 +63,10 @@ __all__ = [
     "task_dataset",
     "examples_by_id",
     "trl_scale",
+    "owned_rows",
+    "repair_records",
+    "merge_repair_info",
+    "build_trainer",
     "main",
 ]
 
@@ -418,7 +422,7 @@ class IBPOTrainer(GRPOTrainer):
         from accelerate.utils import gather_object
 
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        own = [i for i, g in enumerate(batch.group_ids.tolist()) if g % world == rank]
+        own = owned_rows(batch.group_ids, world, rank)
         examples = [self._example(k) for k in batch.meta[EXAMPLE_ID_COLUMN]]
         seed = _step_seed(self.args.seed, self.state.global_step, rank)
         result = None
@@ -430,15 +434,7 @@ class IBPOTrainer(GRPOTrainer):
                     batch.select(own), [examples[i] for i in own], self.ibpo_task, sampler,
                     self.args.correct_config(), tokenizer=self.processing_class, seed=seed,
                 )
-        local = [] if result is None else [
-            (i, float(result.batch.repair_success[k]), result.batch.edit_masks[k].tolist()) for k, i in enumerate(own)
-        ]
-        repair_success = torch.zeros(len(batch))
-        edit_masks = [np.zeros(len(r), dtype=bool) for r in batch.response_ids]
-        for i, share, mask in gather_object(local):
-            repair_success[i] = share
-            edit_masks[i] = np.asarray(mask, dtype=bool)
-        return batch.replace(repair_success=repair_success, edit_masks=edit_masks), result
+        return merge_repair_info(batch, gather_object(repair_records(own, result))), result
 
     def _repair_model(self):
         from trl.models import unwrap_model_for_generation
@@ -476,6 +472,41 @@ class IBPOTrainer(GRPOTrainer):
         m["ibpo/edited_tokens_mean"].append(float(np.mean(edited)) if edited else float("nan"))
         mask = batch.response_mask
         m["ibpo/credited_token_frac"].append(float(((adv != 0) & (mask > 0)).sum() / mask.sum().clamp(min=1)))
+
+
+def owned_rows(group_ids: Tensor, world: int, rank: int) -> list[int]:
+    """Rows whose group this process repairs: group g belongs to process g mod world.
+
+    group_ids [B] -> sorted row indices. Whole groups stay together, so every failed
+    trajectory sees all its siblings as references."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"need 0 <= rank < world, got rank={rank!r}, world={world!r}")
+    return [i for i, g in enumerate(group_ids.tolist()) if g % world == rank]
+
+
+def repair_records(rows: Sequence[int], result: CorrectionResult | None) -> list[tuple[int, float, list[bool]]]:
+    """(row, repair_success, edit mask) per repaired row of ``result`` (rows = its batch's rows in the
+    whole batch); picklable, for ``gather_object``."""
+    if result is None:
+        return []
+    if len(rows) != len(result.batch):
+        raise ValueError(f"{len(rows)} rows for a correction result of {len(result.batch)} trajectories")
+    return [(int(i), float(result.batch.repair_success[k]), result.batch.edit_masks[k].tolist()) for k, i in enumerate(rows)]
+
+
+def merge_repair_info(batch: RolloutBatch, records: Sequence[tuple[int, float, list[bool]]]) -> RolloutBatch:
+    """``batch`` with repair_success [B] and edit_masks filled from every process's records
+    (rows without a record: 0 and all-False, as compare-and-correct leaves an unrepaired row)."""
+    repair_success = torch.zeros(len(batch))
+    edit_masks = [np.zeros(len(r), dtype=bool) for r in batch.response_ids]
+    seen: set[int] = set()
+    for i, share, mask in records:
+        if i in seen:
+            raise ValueError(f"row {i} was repaired by two processes")
+        seen.add(i)
+        repair_success[i] = share
+        edit_masks[i] = np.asarray(mask, dtype=bool)
+    return batch.replace(repair_success=repair_success, edit_masks=edit_masks)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
