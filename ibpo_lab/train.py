@@ -70,6 +70,9 @@ __all__ = [
     "load_run",
     "evaluate",
     "summarise_runs",
+    "build_task",
+    "build_policy",
+    "resolve_device",
     "CONFIG_DIR",
     "METRIC_HELP",
     "main",
@@ -487,8 +490,8 @@ class RunRecord:
         state = _load_checkpoint_state(self.path, map_location="cpu")
         if state is None:
             raise ValueError(f"run {self.path} has no checkpoint")
-        task = _build_task(self.config)
-        policy = _build_policy(self.config, task, torch.device(device))
+        task = build_task(self.config)
+        policy = build_policy(self.config, task, torch.device(device))
         policy.model.load_state_dict(state["model"])
         return policy
 
@@ -655,11 +658,13 @@ def seed_everything(s: int) -> None:
     torch.manual_seed(s)
 
 
-def _build_task(cfg: TrainConfig):
+def build_task(cfg: TrainConfig):
+    """The task of a config."""
     return get_task(cfg.task, **cfg.task_kwargs)
 
 
-def _build_policy(cfg: TrainConfig, task, device: torch.device):
+def build_policy(cfg: TrainConfig, task, device: torch.device):
+    """The initial policy of a config, on ``device`` (``task`` is accepted for tasks that shape the model)."""
     if cfg.model == RANDOM_TINY:
         from ibpo_lab.tasks.synthetic import VOCAB
 
@@ -668,6 +673,10 @@ def _build_policy(cfg: TrainConfig, task, device: torch.device):
         policy = load_policy(cfg.model, dtype=cfg.dtype, device=str(device))
     policy.model.to(device)
     return policy
+
+
+# private names kept for callers written against the first version
+_build_task, _build_policy = build_task, build_policy
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -991,11 +1000,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     cfg.to_yaml(run_dir / "config.yaml")
 
     seed_everything(cfg.seed)
-    task = _build_task(cfg)
+    task = build_task(cfg)
     train_examples = task.examples(cfg.train_split)
     if not train_examples:
         raise ValueError(f"train_split: task {cfg.task!r} has no examples in split {cfg.train_split!r}")
-    policy = _build_policy(cfg, task, device)
+    policy = build_policy(cfg, task, device)
     model = policy.model
     model.eval()  # no dropout: the trainer's log-probs must match the sampler's behaviour log-probs
     ref_model = policy.reference().model.to(device) if cfg.kl_coef > 0 else None

@@ -133,7 +133,7 @@ def test_cuda_without_gpu_fails_before_loading(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was built before the device check")
 
-    monkeypatch.setattr(T, "_build_policy", boom)
+    monkeypatch.setattr(T, "build_policy", boom)
     with pytest.raises(ValueError, match="device.*'cuda'.*no CUDA"):
         T.train(small(device="cuda"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
@@ -313,7 +313,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_after_three(tmp_path):
     state = T._load_checkpoint_state(rec.path)
     assert state["step"] == 3
     # nothing was applied: the checkpointed weights are the initial ones
-    init = T._build_policy(cfg, None, torch.device("cpu")).model.state_dict()
+    init = T.build_policy(cfg, None, torch.device("cpu")).model.state_dict()
     assert all(torch.equal(init[k], state["model"][k]) for k in init)
 
 
