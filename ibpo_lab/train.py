@@ -427,26 +427,33 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 def presets(profile: str = "smoke", **overrides) -> TrainConfig:
     """A ready config. ``smoke``: the tiny policy on the synthetic task, a minute or so per run on a
     2-core CPU. ``full``: one GPU, a 1.5B instruct model on GSM8K with the vllm sampler.
-    ``overrides`` are TrainConfig fields (``presets("smoke", estimator="grpo", seed=1)``)."""
+    ``overrides`` are TrainConfig fields (``presets("smoke", estimator="grpo", seed=1)``). Unless
+    ``minibatch_size`` is given, the batch is split into the profile's number of minibatches (2 for
+    smoke, 4 for full) when it divides evenly, else trained as one minibatch."""
+    n_minibatches = {"smoke": 2, "full": 4}
     profiles: dict[str, dict[str, Any]] = {
         "smoke": dict(
             task="synthetic", model="tiny", device="cpu", backend="hf",
             steps=5, prompts_per_step=4, group_size=8, max_new_tokens=48,
-            lr=3e-4, max_grad_norm=1.0, ppo_epochs=1, minibatch_size=16,
+            lr=3e-4, max_grad_norm=1.0, ppo_epochs=1,
             repair_k=2, repair_max_new_tokens=48, eval_every=0, eval_n=16, eval_k=2, checkpoint_every=0,
         ),
         "full": dict(
             task="gsm8k", model="Qwen/Qwen2.5-1.5B-Instruct", device="auto", backend="vllm", dtype="float32",
             sampler_kwargs={"gpu_memory_utilization": 0.35}, steps=200, prompts_per_step=32, group_size=8,
             max_new_tokens=512, repair_max_new_tokens=640, lr=1e-6, lr_schedule="constant", warmup_steps=10,
-            max_grad_norm=1.0, ppo_epochs=1, minibatch_size=64, micro_batch_size=4, clip_high=0.28, kl_coef=0.0,
+            max_grad_norm=1.0, ppo_epochs=1, micro_batch_size=4, clip_high=0.28, kl_coef=0.0,
             repair_k=2,
             eval_every=25, eval_n=256, eval_k=4, eval_temperature=0.6, checkpoint_every=25,
         ),
     }
     if profile not in profiles:
         raise ValueError(f"profile: unknown profile {profile!r} (allowed: {', '.join(profiles)})")
-    return TrainConfig.from_dict({**profiles[profile], **overrides})
+    d = {**profiles[profile], **overrides}
+    if "minibatch_size" not in overrides:
+        batch, n = int(d["prompts_per_step"]) * int(d["group_size"]), n_minibatches[profile]
+        d["minibatch_size"] = batch // n if batch % n == 0 else 0
+    return TrainConfig.from_dict(d)
 
 
 # ======================================================================================== run records

@@ -120,8 +120,11 @@ def test_presets():
     s = T.presets("smoke", estimator="grpo", seed=3)
     assert (s.estimator, s.seed, s.device) == ("grpo", 3, "cpu")
     assert s.steps * s.batch_size <= 6 * 4 * 8 and s.model == "tiny"
+    assert s.minibatch_size == s.batch_size // 2
+    assert T.presets("smoke", group_size=5, prompts_per_step=3).minibatch_size == 0  # 15 does not split in 2
+    assert T.presets("smoke", minibatch_size=8).minibatch_size == 8
     f = T.presets("full")
-    assert f.backend == "vllm" and f.task == "gsm8k"
+    assert f.backend == "vllm" and f.task == "gsm8k" and f.minibatch_size * 4 == f.batch_size
     with pytest.raises(ValueError, match="profile"):
         T.presets("huge")
     with pytest.raises(ValueError, match="lam"):
