@@ -33,6 +33,14 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides tr
         "(or pip install 'trl>=0.19')"
     ) from e
 
+# the two hooks IBPOTrainer captures the rollout through, and TRL's per-token advantage support
+# (``_compute_loss`` unsqueezes only [B] advantages), exist in recent TRL; tested with trl 1.16
+if not all(hasattr(GRPOTrainer, name) for name in ("_generate", "_calculate_rewards", "_generate_and_score_completions")):
+    raise ImportError(
+        f"ibpo_lab.integrations.trl needs a newer TRL than {_trl.__version__} (GRPOTrainer._generate and "
+        "_calculate_rewards; tested with trl 1.16): pip install -U 'trl>=1.16'"
+    )
+
 import argparse
 import hashlib
 import sys
@@ -462,16 +470,22 @@ class IBPOTrainer(GRPOTrainer):
         return self.ibpo_examples[key]
 
     def _log_ibpo(self, batch: RolloutBatch, adv: Tensor) -> None:
+        """ibpo/* metrics next to TRL's (a quantity with nothing to average over is not logged)."""
         failed = batch.rewards < self.args.ibpo_success_threshold
         share = batch.repair_success[failed]
-        m = self._metrics["train"]
-        m["ibpo/failed_frac"].append(float(failed.float().mean()))
-        m["ibpo/repair_rate"].append(float((share > 0).float().mean()) if share.numel() else float("nan"))
-        m["ibpo/repair_success_mean"].append(float(share.mean()) if share.numel() else float("nan"))
-        edited = [int(batch.edit_masks[i].sum()) for i in torch.nonzero(failed & (batch.repair_success > 0)).flatten()]
-        m["ibpo/edited_tokens_mean"].append(float(np.mean(edited)) if edited else float("nan"))
+        repaired = torch.nonzero(failed & (batch.repair_success > 0)).flatten().tolist()
         mask = batch.response_mask
-        m["ibpo/credited_token_frac"].append(float(((adv != 0) & (mask > 0)).sum() / mask.sum().clamp(min=1)))
+        values = {
+            "ibpo/failed_frac": float(failed.float().mean()),
+            "ibpo/credited_token_frac": float(((adv != 0) & (mask > 0)).sum() / mask.sum().clamp(min=1)),
+        }
+        if share.numel():
+            values["ibpo/repair_rate"] = float((share > 0).float().mean())
+            values["ibpo/repair_success_mean"] = float(share.mean())
+        if repaired:
+            values["ibpo/edited_tokens_mean"] = float(np.mean([int(batch.edit_masks[i].sum()) for i in repaired]))
+        for key, value in values.items():
+            self._metrics["train"][key].append(value)
 
 
 def owned_rows(group_ids: Tensor, world: int, rank: int) -> list[int]:
