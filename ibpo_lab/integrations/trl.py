@@ -185,7 +185,10 @@ class IBPOConfig(GRPOConfig):
         "sequence", "failed trajectories without a successful repair: 'sequence' (credit on all tokens) or 'zero'"
     )
     ibpo_empty_edit: str = _ibpo(
-        "error", "a successful repair that edited no trained token: 'error', 'sequence' or 'zero'"
+        "sequence",
+        "a successful repair that edited no trained token: 'error', 'sequence' or 'zero'. Default 'sequence' "
+        "(not ibpo_lab's 'error'): TRL untrains whole completions (mask_truncated_completions), whose repairs "
+        "then edit only untrained tokens; their credit is 0 either way",
     )
     ibpo_success_threshold: float = _ibpo(0.5, "a trajectory counts as failed when its reward is below this")
     ibpo_eps: float = _ibpo(1e-4, "added to the group std when scaling (TRL's GRPO uses 1e-4; ibpo_lab's default is 1e-6)")
