@@ -1,7 +1,6 @@
-.PHONY: setup main test test-fast demo notebooks sync-notebooks bench
+.PHONY: setup main test test-fast sync-notebooks bench
 setup:          ; bash scripts/run.sh setup
 main:           ; bash scripts/run.sh main
-demo:           ; bash scripts/run.sh demo
 test:           ; bash scripts/run.sh test
 test-fast:      ; bash scripts/run.sh test -m "not slow and not notebooks"
 sync-notebooks: ; .venv/bin/jupytext --sync notebooks/*.py

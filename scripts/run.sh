@@ -42,7 +42,6 @@ setup
 case "$job" in
   setup) ;;
   main) exec "$VENV/bin/python" -m ibpo_lab.reproduce --profile smoke "$@" ;;
-  demo) exec "$VENV/bin/python" -m ibpo_lab.demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
-  *) echo "unknown job '$job' (use: main, test, demo, setup)" >&2; exit 2 ;;
+  *) echo "unknown job '$job' (use: main, test, setup)" >&2; exit 2 ;;
 esac
