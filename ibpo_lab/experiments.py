@@ -32,6 +32,7 @@ __all__ = [
     "step_credit_frame",
     "credit_summary",
     "group_views",
+    "divergence_summary",
     "shaping_moments",
     "shaping_variance_curve",
     "METHOD_FIELDS",
@@ -276,6 +277,26 @@ def group_views(sample: GroupSample, group: int = 0) -> dict[str, Any]:
     r = b.rewards[idx].numpy()
     return {"members": idx, "rewards": r, "token_divergence": divergence_matrix(ids),
             "step_divergence": step_divergence_matrix(steps), "trie": build_prefix_trie(steps, r)}
+
+
+def divergence_summary(views: Mapping[str, Any], group: int = -1) -> dict[str, float]:
+    """Numbers behind a group's heatmaps (:func:`group_views` output): mean shared token prefix and
+    shared steps over pairs, as a share of the shorter trajectory too, and the trie's size."""
+    T = np.asarray(views["token_divergence"], dtype=float)
+    S = np.asarray(views["step_divergence"], dtype=float)
+    G = T.shape[0]
+    off = ~np.eye(G, dtype=bool)
+    lens, steps = np.diag(T), np.diag(S)
+    shorter = np.minimum.outer(lens, lens)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(shorter > 0, T / shorter, np.nan)
+    trie = views["trie"]
+    return {"group": group, "G": G, "reward_mean": float(np.mean(views["rewards"])),
+            "mean_len": float(lens.mean()), "mean_steps": float(steps.mean()),
+            "shared_tokens": float(T[off].mean()) if G > 1 else math.nan,
+            "shared_token_share": float(np.nanmean(share[off])) if G > 1 else math.nan,
+            "shared_steps": float(S[off].mean()) if G > 1 else math.nan,
+            "trie_nodes": int(trie.n_nodes), "root_branches": int(trie.branching()[0])}
 
 
 # ----------------------------------------------------------------------------------------- variance

@@ -39,6 +39,7 @@ __all__ = [
     "step_credit_plot",
     "step_labels_html",
     "load_trajectories",
+    "run_tokenizer",
     "trajectory_view",
     "explorer",
 ]
@@ -307,10 +308,12 @@ def divergence_heatmap(
     title: str = "shared prefix length",
     unit: str = "tokens",
     annotate: bool | None = None,
+    hide_diagonal: bool = True,
 ):
     """Heatmap of a group's divergence matrix (``diff.divergence_matrix`` or
     ``diff.step_divergence_matrix``): cell (i, j) = length of the prefix trajectories i and j share
-    (the diagonal is each trajectory's own length). int[G, G] -> Figure."""
+    (the diagonal is each trajectory's own length: blank unless ``hide_diagonal=False``, so the
+    colour scale shows the pairs; its numbers stay written). int[G, G] -> Figure."""
     M = _to_numpy(matrix, "matrix")
     if M.ndim != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"matrix must be square [G, G], got shape {M.shape}")
@@ -323,18 +326,22 @@ def divergence_heatmap(
     elif len(labels) != G:
         raise ValueError(f"labels has {len(labels)} entries but the matrix is {G}x{G}")
     fig, ax = _new_ax(ax, (1.2 + 0.45 * G, 0.9 + 0.4 * G))
-    im = ax.imshow(M, cmap="viridis", vmin=0)
+    shown = M.astype(float)
+    if hide_diagonal and G > 1:
+        np.fill_diagonal(shown, np.nan)
+    im = ax.imshow(shown, cmap="viridis", vmin=0)
     ax.set_xticks(range(G), labels, rotation=90, fontsize=8)
     ax.set_yticks(range(G), labels, fontsize=8)
     ax.set_title(f"{title} ({unit})", fontsize=10)
     if annotate is None:
         annotate = G <= 16
     if annotate:
-        top = M.max() if M.size else 0
+        top = np.nanmax(shown) if np.isfinite(shown).any() else 0
         for i in range(G):
             for j in range(G):
+                dark = not np.isfinite(shown[i, j]) or shown[i, j] > 0.6 * top
                 ax.text(j, i, f"{M[i, j]:g}", ha="center", va="center", fontsize=7,
-                        color="black" if M[i, j] > 0.6 * top else "white")
+                        color="black" if dark else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return fig
 
@@ -718,6 +725,37 @@ def load_trajectories(run_dir: str | Path, step: int | None = None) -> pd.DataFr
     return pd.read_parquet(files[step])
 
 
+def run_tokenizer(run_dir: str | Path):
+    """The tokenizer of a run's policy (from its ``config.yaml``), for decoding logged token ids;
+    None when it cannot be loaded offline (views then fall back to characters or ids)."""
+    import yaml
+
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    model = (yaml.safe_load(cfg_file.read_text()) or {}).get("model")
+    try:
+        if model == "tiny-random":
+            from ibpo_lab.models import char_tokenizer
+            from ibpo_lab.tasks.synthetic import VOCAB
+
+            return char_tokenizer(VOCAB)
+        from transformers import AutoTokenizer
+
+        if model == "tiny":
+            from ibpo_lab.models import tiny_policy_dir
+
+            return AutoTokenizer.from_pretrained(tiny_policy_dir())
+        if model == "smollm2":
+            from ibpo_lab.models import smollm2_gguf_path
+
+            p = smollm2_gguf_path()
+            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        return AutoTokenizer.from_pretrained(model)
+    except Exception:  # display only: a missing tokenizer must not break the explorer
+        return None
+
+
 def _col(row: Mapping, *names, default=None):
     for n in names:
         if n in row and row[n] is not None and not (isinstance(row[n], float) and math.isnan(row[n])):
@@ -734,6 +772,8 @@ def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None) -> dict[str,
     """
     from ibpo_lab.diff import divergence_matrix
 
+    if "kind" in frame.columns:  # train.py logs repaired trajectories as extra rows; show the sampled ones
+        frame = frame[frame["kind"] == "policy"]
     if "traj" in frame.columns:
         rows = frame[frame["traj"] == traj]
         if rows.empty:
@@ -745,7 +785,13 @@ def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None) -> dict[str,
         row = frame.iloc[traj].to_dict()
     ids = list(_col(row, "response_ids", default=[]))
     toks = _col(row, "tokens", "response_tokens")
-    toks = list(toks) if toks is not None else _decode_each(ids, tokenizer)
+    text = _col(row, "response")
+    if toks is not None:
+        toks = list(toks)
+    elif tokenizer is None and isinstance(text, str) and len(text) == len(ids):
+        toks = list(text)  # a character-level policy (the tiny one): token i is character i
+    else:
+        toks = _decode_each(ids, tokenizer)
     adv = _col(row, "advantages", "advantage")
     adv = np.zeros(len(toks)) if adv is None or np.ndim(adv) == 0 else np.asarray(adv, dtype=float)
     mask = _col(row, "response_mask", "mask")
@@ -761,7 +807,7 @@ def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None) -> dict[str,
     if repaired is not None and len(repaired):
         out["diff"] = repair_diff_html(ids, list(repaired), tokenizer, title="repair")
     elif repaired_text is not None and failed_text is not None:
-        out["diff"] = repair_diff_html(str(failed_text), str(repaired_text), None, title="repair")
+        out["diff"] = repair_diff_html(str(failed_text), str(repaired_text), tokenizer, title="repair")
     else:
         out["diff"] = HTML("<div><i>no repair for this trajectory (it was correct, or no repair succeeded)</i></div>")
     spans = _col(row, "step_spans")
@@ -815,10 +861,16 @@ def explorer(run_dir: str | Path, tokenizer=None):
         step_dd.options = steps
         step_dd.value = steps[-1]
 
+    def on_run_tokenizer(*_):
+        state["tokenizer"] = tokenizer if tokenizer is not None else run_tokenizer(run_dd.value)
+
     def on_step(*_):
         if step_dd.value is None:
             return
-        state["frame"] = frame = load_trajectories(run_dd.value, step_dd.value)
+        frame = load_trajectories(run_dd.value, step_dd.value)
+        if "kind" in frame.columns:
+            frame = frame[frame["kind"] == "policy"]
+        state["frame"] = frame
         groups = sorted(frame["group"].unique().tolist()) if "group" in frame else [0]
         group_dd.options = groups
         group_dd.value = groups[0]
@@ -836,7 +888,7 @@ def explorer(run_dir: str | Path, tokenizer=None):
         frame = state.get("frame")
         if frame is None or traj_dd.value is None:
             return
-        views = trajectory_view(frame, traj_dd.value, tokenizer)
+        views = trajectory_view(frame, traj_dd.value, state.get("tokenizer"))
         out_tokens.value, out_diff.value, out_steps.value = views["tokens"], views["diff"], views["steps"]
         out_heat.clear_output(wait=True)
         if "heatmap" in views:
@@ -844,10 +896,12 @@ def explorer(run_dir: str | Path, tokenizer=None):
                 display(views["heatmap"])
             plt.close(views["heatmap"])
 
+    run_dd.observe(on_run_tokenizer, "value")
     run_dd.observe(on_run, "value")
     step_dd.observe(on_step, "value")
     group_dd.observe(on_group, "value")
     traj_dd.observe(on_traj, "value")
+    on_run_tokenizer()
     on_run()
     on_step()
     on_group()

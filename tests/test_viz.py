@@ -132,9 +132,11 @@ def test_step_labels_html():
 def test_divergence_heatmap_shows_the_matrix():
     seqs = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6], [7]]
     M = divergence_matrix(seqs)
-    fig = viz.divergence_heatmap(M, rewards=[1, 0, 1, 0])
+    fig = viz.divergence_heatmap(M, rewards=[1, 0, 1, 0], hide_diagonal=False)
     ax = fig.axes[0]
     np.testing.assert_array_equal(ax.images[0].get_array(), M)
+    shown = viz.divergence_heatmap(M).axes[0].images[0].get_array()
+    assert np.ma.getmaskarray(shown).diagonal().all() and not np.ma.getmaskarray(shown)[0, 1]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0 (R=1)", "1 (R=0)", "2 (R=1)", "3 (R=0)"]
     assert len(ax.texts) == 16
     with pytest.raises(ValueError, match="square"):
@@ -281,10 +283,14 @@ def test_trajectory_view_static(tmp_path):
     frame = viz.load_trajectories(run)
     assert frame.reward.tolist() == [1.0, 0.0, 1.0, 0.0]  # last step by default
     v = viz.trajectory_view(frame, 1)
-    assert [s.group(4) for s in _spans(v["tokens"])] == ["3", "4", "7"]
+    # response text as long as its ids: a character policy, so the tokens are the characters
+    assert [s.group(4) for s in _spans(v["tokens"])] == ["c", "d", "g"]
+    assert [s.group(4) for s in _spans(viz.trajectory_view(frame.drop(columns="response"), 1)["tokens"])] == ["3", "4", "7"]
     assert re.findall(r"<del [^>]*>(.*?)</del>", v["diff"]) == ["7"]
     assert "✗" in v["steps"]
-    np.testing.assert_array_equal(v["heatmap"].axes[0].images[0].get_array(), divergence_matrix([[3, 4, 5, 6], [3, 4, 7]]))
+    heat = v["heatmap"].axes[0].images[0].get_array()
+    np.testing.assert_array_equal(heat[0, 1], divergence_matrix([[3, 4, 5, 6], [3, 4, 7]])[0, 1])
+    assert heat.shape == (2, 2)
     assert "no repair" in viz.trajectory_view(frame, 0)["diff"]
     with pytest.raises(ValueError, match="step 5"):
         viz.load_trajectories(run, 5)
@@ -300,6 +306,6 @@ def test_explorer_builds_and_follows_the_dropdowns(tmp_path):
     assert re.findall(r"<del [^>]*>(.*?)</del>", box.views["diff"].value) == ["7"]
     c["prompt"].value = 1
     assert c["trajectory"].value == 2
-    assert [s.group(4) for s in _spans(box.views["tokens"].value)] == ["3", "8"]
+    assert [s.group(4) for s in _spans(box.views["tokens"].value)] == ["c", "h"]
     with pytest.raises(ValueError, match="no run"):
         viz.explorer(tmp_path / "run_a" / "trajectories")
