@@ -98,18 +98,30 @@ def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-@pytest.fixture(scope="module", params=["policy", "oracle"])
+@pytest.fixture(scope="module", params=["policy", "oracle", "tiny-synthetic"])
 def trained(request, tmp_path_factory):
-    """Two TRL optimiser steps of IBPO on a tiny random char-level Llama (shared by the tests below).
+    """Two TRL optimiser steps of IBPO (shared by the tests below).
 
-    ``policy``: the method — the trainer's own model writes the repairs (ibpo_lab's hf sampler over
-    TRL's unwrapped model); ``oracle``: the task's minimal repairs, so edit masks are partial."""
+    ``policy``: a random tiny char-level Llama on DigitTask; the trainer's own model writes the
+    repairs (ibpo_lab's hf sampler over TRL's unwrapped model) — the method's path.
+    ``oracle``: same, with the task's minimal repairs, so edit masks are partial.
+    ``tiny-synthetic``: the committed warm-started tiny policy (``load_policy("tiny")``) on the
+    synthetic task, policy repairs (skipped until ``data/tiny-policy/`` exists)."""
     from ibpo_lab.integrations.trl import task_dataset
 
     tmp_path = tmp_path_factory.mktemp("trl")
-    policy = build_tiny_policy(VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0)
-    task = DigitTask()
-    args = _config(tmp_path, correct_operator=request.param)
+    if request.param == "tiny-synthetic":
+        from ibpo_lab.models import load_policy, tiny_policy_dir
+        from ibpo_lab.tasks import get_task
+
+        if not (tiny_policy_dir() / "config.json").is_file():
+            pytest.skip(f"no committed tiny policy at {tiny_policy_dir()}")
+        policy, task = load_policy("tiny"), get_task("synthetic")
+        args = _config(tmp_path, max_completion_length=64, correct_max_new_tokens=None)
+    else:
+        policy = build_tiny_policy(VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0)
+        task = DigitTask()
+        args = _config(tmp_path, correct_operator=request.param)
     cls = _recording_trainer_cls()
     torch.manual_seed(0)
     trainer = cls(
@@ -141,7 +153,7 @@ def test_trl_batch_advantages_equal_ibpo_lab_estimator(trained):
     """Rebuild a RolloutBatch from the token ids TRL trains on, score it with the task, attach the
     repair info compare-and-correct produced, and call ibpo_lab's estimator: same [B, T] numbers."""
     trainer, task, args, _ = trained
-    exs = {ex.id: ex for ex in task.examples("train")}
+    exs = trainer.ibpo_examples
     tok = trainer.processing_class
     n_repaired = 0
     for gen in trainer.generations:
