@@ -271,6 +271,7 @@ class TrainConfig:
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("lam", "rho", "kl_coef", "clip_low", "clip_high", "weight_decay", "repair_temperature"):
             need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be a finite number >= 0")
+        need(self.clip_low < 1, "clip_low", "must be < 1 (the ratio is clipped to [1 - clip_low, 1 + clip_high])")
         need(self.temperature > 0 and math.isfinite(self.temperature), "temperature", "must be > 0")
         need(self.eval_temperature >= 0, "eval_temperature", "must be >= 0")
         need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
