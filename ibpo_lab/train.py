@@ -1251,11 +1251,12 @@ def _preserve_rng():
         _set_rng_state(st)
 
 
-def summarise_runs(records: Sequence[RunRecord], metric: str = "avg@k") -> pd.DataFrame:
+def summarise_runs(records: Sequence[RunRecord | str | os.PathLike], metric: str = "avg@k") -> pd.DataFrame:
     """One row per config label: final held-out ``metric`` (last eval row; training accuracy of the last
-    step if a run has no eval) as mean and 95% t-interval over seeds."""
+    step if a run has no eval) as mean and 95% t-interval over seeds. Records or run folders."""
     rows = []
     for r in records:
+        r = r if isinstance(r, RunRecord) else load_run(r)
         if len(r.eval) and metric in r.eval.columns:
             v, src = float(r.eval[metric].iloc[-1]), f"eval {metric}"
         elif len(r.metrics):

@@ -361,6 +361,7 @@ def test_evaluate_and_train_many(tmp_path):
     assert [r.path.name for r in recs] == ["grpo-seed0", "grpo-seed1"]
     df = T.summarise_runs(recs)
     assert df["n_seeds"].tolist() == [2]
+    pd.testing.assert_frame_equal(T.summarise_runs([r.path for r in recs]), df)
     policy = recs[0].load_policy()
     ev = T.evaluate(policy, ParityTask(), split="test", n=3, k=2, temperature=1.0, seed=0, max_new_tokens=8)
     assert ev["n"] == 3 and ev["k"] == 2 and 0 <= ev["avg@k"] <= ev["pass@k"] <= 1
