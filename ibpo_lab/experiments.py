@@ -39,6 +39,8 @@ __all__ = [
     "method_variants",
     "pick_trajectory",
     "repair_of",
+    "SYNTHETIC_SIZES",
+    "synthetic_preset",
     "grid_configs",
     "run_grid",
     "load_runs",
@@ -408,19 +410,40 @@ def repair_of(sample: GroupSample, traj: int) -> tuple[list[int], list[int]] | N
     return sample.batch.response_ids[traj], c.repaired.response_ids[j]
 
 
-def grid_configs(profile: str, variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], **common) -> list:
-    """One ``TrainConfig`` per (variant, seed): ``presets(profile, **common, **variant, label=name, seed=s)``.
+#: run sizes of the synthetic-task experiments per profile (the tiny policy; ``full`` on one GPU)
+SYNTHETIC_SIZES: dict[str, dict[str, Any]] = {
+    "smoke": dict(steps=3, prompts_per_step=2, group_size=4, minibatch_size=0, eval_every=0, eval_n=8, eval_k=1),
+    "full": dict(steps=100, prompts_per_step=8, group_size=8, minibatch_size=32, eval_every=20, eval_n=64, eval_k=4,
+                 lr=1e-4),
+}
+
+
+def synthetic_preset(profile: str, **overrides):
+    """A ``TrainConfig`` for the controlled experiments: the tiny policy on the synthetic task, sized
+    by :data:`SYNTHETIC_SIZES` (smoke: seconds per run on a CPU; full: minutes per run on a GPU)."""
+    from ibpo_lab.train import presets
+
+    require_gpu_for_full(profile)
+    base = {"task": "synthetic", "model": "tiny", "device": "auto", "backend": "hf", **SYNTHETIC_SIZES[profile]}
+    return presets("smoke", **{**base, **overrides})
+
+
+def grid_configs(profile: str, variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], *,
+                 synthetic: bool = True, **common) -> list:
+    """One ``TrainConfig`` per (variant, seed), variant by variant: the profile's preset
+    (:func:`synthetic_preset` if ``synthetic`` else ``train.presets``) with ``common``, the variant's
+    overrides, ``label=<variant name>`` and ``seed``.
 
     ``variants``: label -> TrainConfig overrides (e.g. ``{"ibpo_k1": {"estimator": "ibpo", "repair_k": 1}}``).
     """
     from ibpo_lab.train import presets
 
+    make = (lambda **kw: synthetic_preset(profile, **kw)) if synthetic else (lambda **kw: presets(profile, **kw))
     if not variants:
         raise ValueError("variants is empty")
     if not seeds:
         raise ValueError("seeds is empty")
-    return [presets(profile, **{**common, **dict(v), "label": name, "seed": int(s)})
-            for name, v in variants.items() for s in seeds]
+    return [make(**{**common, **dict(v), "label": name, "seed": int(s)}) for name, v in variants.items() for s in seeds]
 
 
 def run_grid(cfgs: Sequence, runs_dir: str | os.PathLike | None, experiment: str, *, progress: bool = False) -> list:

@@ -559,6 +559,8 @@ def learning_curves(
         (line,) = ax.plot(xs, mu, label=f"{name} (n={n_seeds})", lw=1.6)
         if band is not None and n_seeds > 1:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    if pd.api.types.is_integer_dtype(df[x]):
+        ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric}" + (f" (band: {band} over seeds)" if band else ""), fontsize=10)

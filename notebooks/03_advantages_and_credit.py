@@ -1,0 +1,121 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Advantage estimators and credit quality
+#
+# Does an estimator blame the right steps? On the synthetic task every step has a ground-truth
+# label, so per-step advantages (mean token advantage of the step) can be scored:
+#
+# * **AUC**: how well step advantages separate correct from wrong steps (0.5 = no information);
+# * **AUC within failures**: the same inside each failed trajectory — sequence-level credit
+#   (GRPO, RLOO, Dr. GRPO) gives all steps of a trajectory one value and scores exactly 0.5;
+# * **first-error localisation**: share of failed trajectories whose most-blamed step is the first wrong one.
+#
+# Then the **gradient variance** of each estimator: the policy gradient is recomputed on independent
+# resamples of the same prompts; lower relative variance = fewer samples for the same signal.
+#
+# Wall time: `smoke` ≈ 60 s on a 2-core CPU; `full` (tiny policy on the synthetic task with many more
+# groups and resamples, one GPU) ≈ 10 min.
+
+# %% tags=["parameters"]
+profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
+out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
+seed = 0  # sampling seed
+model = None  # policy name or path; None: the tiny synthetic-task policy (step labels need the synthetic task)
+n_prompts = None  # groups scored for credit quality; None: 6 (smoke) / 64 (full)
+group_size = 8  # trajectories per group (G)
+corrector = "policy"  # compare-and-correct operator: policy, splice, oracle
+repair_k = 2  # references per failed trajectory (K)
+lam = 0.6  # IBPO λ
+rho = 0.5  # IBPO ρ
+estimators = ["grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo"]  # compared
+mc_rollouts = 2  # VinePPO continuations per step boundary
+variance_estimators = ["grpo", "rloo", "prefix_tree", "ibpo"]  # gradient variance compared (vineppo is costly)
+variance_prompts = None  # fixed prompts of the gradient-variance study; None: 2 (smoke) / 16 (full)
+variance_resamples = None  # independent resamples; None: 3 (smoke) / 32 (full)
+
+# %%
+from IPython.display import display
+
+from ibpo_lab import experiments as ex
+from ibpo_lab import viz
+from ibpo_lab.diagnostics import gradient_variance
+from ibpo_lab.train import correct_config, presets
+
+ex.require_gpu_for_full(profile)
+n_prompts = n_prompts or ex.profile_value(profile, 6, 64)
+variance_prompts = variance_prompts or ex.profile_value(profile, 2, 16)
+variance_resamples = variance_resamples or ex.profile_value(profile, 3, 32)
+# credit quality needs step labels: the synthetic task in both profiles (the tiny policy knows it)
+cfg = presets("smoke", task="synthetic", model=model or "tiny", device="auto", group_size=group_size,
+              prompts_per_step=n_prompts, minibatch_size=0, corrector=corrector, repair_k=repair_k, lam=lam, rho=rho)
+sample = ex.sample_groups(cfg, seed=seed)
+sample.batch
+
+# %% [markdown]
+# ## Credit quality per estimator
+
+# %%
+advantages = ex.estimator_advantages(sample, estimators, mc_rollouts=mc_rollouts, seed=seed)
+quality = ex.credit_summary(sample, advantages)
+viz.save_table(quality, out_dir, "credit_quality")
+quality[["estimator", "auc", "auc_within_failed", "first_error_localisation", "wrong_step_credit_share",
+         "n_localisable", "live_group_share"]]
+
+# %%
+steps = ex.step_credit_frame(sample, advantages)
+fig = viz.step_credit_plot(steps)
+viz.save_fig(fig, out_dir, "step_advantage_by_label")
+if steps["correct"].nunique() == 2:
+    fig = viz.roc_plot(steps)
+    viz.save_fig(fig, out_dir, "step_credit_roc")
+else:
+    print("every labelled step has the same label in this sample: no ROC curve")
+
+# %%
+import matplotlib.pyplot as plt
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+viz.summary_bars(quality.fillna(0.5), "estimator", "auc_within_failed", ax=axes[0],
+                 title="AUC within failed trajectories (0.5 = none)")
+viz.summary_bars(quality.fillna(0), "estimator", "first_error_localisation", ax=axes[1],
+                 title="first-error localisation")
+fig.tight_layout()
+viz.save_fig(fig, out_dir, "credit_quality_bars")
+
+# %% [markdown]
+# ## One failed trajectory, coloured by each estimator's credit
+
+# %%
+i = ex.pick_trajectory(sample, "repaired")
+print("step labels:", sample.step_labels[i])
+for name, adv in advantages.items():
+    display(viz.batch_token_html(sample.batch, adv, sample.tokenizer, i))
+
+# %% [markdown]
+# ## Gradient variance
+# `rel_var` = total variance of the R gradient estimates / squared norm of their mean.
+
+# %%
+lab = sample.lab
+examples = lab.task.examples("train", variance_prompts)
+var = gradient_variance(lab.policy, lab.task, examples, estimators=variance_estimators, resamples=variance_resamples,
+                        sampler_kwargs={"n": group_size, "max_new_tokens": cfg.max_new_tokens},
+                        correct_cfg=correct_config(cfg), seed=seed + 100, mc_k=mc_rollouts, progress=False)
+viz.save_table(var, out_dir, "gradient_variance")
+fig = viz.summary_bars(var, "estimator", "rel_var", title="relative gradient variance (lower is better)")
+viz.save_fig(fig, out_dir, "gradient_variance")
+var
