@@ -364,3 +364,79 @@ def test_multi_process_repairs_merge_to_the_single_process_result():
         merge_repair_info(batch, records + records[:1])
     with pytest.raises(ValueError, match="rank"):
         owned_rows(batch.group_ids, 2, 2)
+
+
+_DISTRIBUTED_SCRIPT = r'''
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+import test_integration_trl as t
+from ibpo_lab.integrations.trl import task_dataset
+from ibpo_lab.models import build_tiny_policy
+from ibpo_lab.tasks.synthetic import VOCAB
+
+out_dir = Path({out!r})
+policy = build_tiny_policy(VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0)
+task = t.DigitTask()
+# 2 completions per process per step and groups of 4: every group straddles the two processes
+args = t._config(out_dir / "run", per_device_train_batch_size=2, max_steps=2)
+trainer = t._recording_trainer_cls()(model=policy.model, args=args, train_dataset=task_dataset(task, n=4),
+                                      processing_class=policy.tokenizer, task=task)
+trainer.train()
+rank = trainer.accelerator.process_index
+steps = []
+for g in trainer.generations:
+    b, st = g["step"].batch, g["step"]
+    steps.append(dict(
+        world=trainer.accelerator.num_processes, slice=[st.process_slice.start, st.process_slice.stop],
+        response_ids=b.response_ids, rewards=b.rewards.tolist(), group_ids=b.group_ids.tolist(),
+        response_masks=[m.tolist() for m in b.response_masks], repair_success=b.repair_success.tolist(),
+        edit_masks=[m.tolist() for m in b.edit_masks], repaired_here=st.corrections is not None,
+        trained_advantages=g["out"]["advantages"].tolist(),
+    ))
+(out_dir / f"rank{{rank}}.json").write_text(json.dumps(steps))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_split_repairs_and_slice_advantages(tmp_path):
+    """A real 2-process run (torchrun, gloo on CPU) where every group straddles the processes:
+    both see the same gathered batch and repair info, one process repairs each group, and each
+    trains on its own rows of ibpo_lab's estimator over the WHOLE batch."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "run_ibpo_ddp.py"
+    script.write_text(_DISTRIBUTED_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    n_repaired = 0
+    for s0, s1 in zip(*ranks):
+        assert s0["world"] == s1["world"] == 2
+        for key in ("response_ids", "rewards", "group_ids", "repair_success", "edit_masks"):
+            assert s0[key] == s1[key], key  # one gathered view of the batch and its repairs
+        assert s0["slice"] == [0, 2] and s1["slice"] == [2, 4]
+        assert len(set(s0["group_ids"])) == 1  # the group spans both processes
+        assert s0["repaired_here"] != s1["repaired_here"]  # exactly one owner repairs it
+        batch = RolloutBatch(
+            prompt_ids=[[1]] * 4, response_ids=s0["response_ids"], rewards=s0["rewards"], group_ids=s0["group_ids"],
+            response_masks=s0["response_masks"], repair_success=s0["repair_success"], edit_masks=s0["edit_masks"],
+        )
+        expected = get_estimator("ibpo")(batch, lam=0.6, rho=0.5, eps=1e-4)
+        for s in (s0, s1):
+            got = torch.tensor(s["trained_advantages"])
+            exp = expected[s["slice"][0] : s["slice"][1]]
+            w = min(got.shape[1], exp.shape[1])  # widths differ by padding only
+            torch.testing.assert_close(got[:, :w], exp[:, :w], rtol=0, atol=1e-6)
+            assert not got[:, w:].any() and not exp[:, w:].any()
+        n_repaired += sum(r < 0.5 and p > 0 for r, p in zip(s0["rewards"], s0["repair_success"]))
+    assert n_repaired > 0
