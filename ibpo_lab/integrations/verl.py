@@ -78,7 +78,11 @@ VERL_PATCH = '''\
 # verl/trainer/ppo/ray_trainer.py (verl 0.9.1), legacy trainer (trainer.use_v1=False)
 # (1) compute_advantage(): pass the batch to the ibpo estimator too  <- the one-line change
         if adv_estimator in (AdvantageEstimator.GDPO, "gdpo", "ibpo"):
-# (2) RayPPOTrainer.fit(), just before `batch = compute_advantage(batch, ...)`:
+# (2) RayPPOTrainer.fit(), just before `batch = compute_advantage(batch, ...)`. IBPO_TASK = the
+#     ibpo_lab task (get_task("gsm8k")), IBPO_CORRECT_CFG = ibpo_lab.correct.CorrectConfig(...),
+#     IBPO_SAMPLER = an object with ibpo_lab's sampler interface (.sample(prompts, n, max_new_tokens,
+#     temperature, top_p, stop, seed) -> RolloutBatch) that can reach the current policy. ibpo_lab
+#     does not ship one over verl's rollout replicas (they are asleep at this point): untested ground.
                         if self.config.algorithm.adv_estimator == "ibpo":
                             from ibpo_lab.integrations import verl as ibpo_verl
                             result = ibpo_verl.attach_repair_info(batch, IBPO_TASK, IBPO_SAMPLER, IBPO_CORRECT_CFG,
