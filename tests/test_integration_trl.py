@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("trl")  # the extra is installed in CI (dev extra); without it only the guard test applies
+pytest.importorskip("trl")  # the trl extra is installed in CI (the dev extra pulls it in)
 
 from ibpo_lab.advantages import get_estimator  # noqa: E402
 from ibpo_lab.models import build_tiny_policy  # noqa: E402
