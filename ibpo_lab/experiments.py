@@ -33,6 +33,10 @@ __all__ = [
     "credit_summary",
     "group_views",
     "divergence_summary",
+    "recorrect",
+    "k_sweep",
+    "rewrite_comparison",
+    "shaping_grid",
     "shaping_moments",
     "shaping_variance_curve",
     "METHOD_FIELDS",
@@ -48,6 +52,7 @@ __all__ = [
     "final_table",
     "require_gpu_for_full",
     "gsm8k_task_kwargs",
+    "cached_model",
     "profile_value",
 ]
 
@@ -81,6 +86,43 @@ def gsm8k_task_kwargs(path: str | None = None) -> dict[str, Any]:
         return {}
     fixture = Path(__file__).parent / "tasks" / "fixtures" / "gsm8k_mini.jsonl"
     return {"path": str(fixture)}
+
+
+def cached_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A fast-loading local copy of a GGUF policy (``"smollm2"`` or a ``.gguf`` path), as a folder
+    name for ``TrainConfig.model``; any other name is returned unchanged.
+
+    Reading SmolLM2's GGUF (tokenizer conversion + dequantisation) takes ~30 s on a 2-core CPU and
+    ``train`` loads the policy once per run; the dequantised float32 copy (~0.5 GB, in
+    ``cache_dir``, default ``$IBPO_CACHE_DIR`` or ``~/.cache/ibpo_lab``) loads in under a second
+    with identical logits. Written once per machine, atomically (folder renamed into place).
+    """
+    if not (name == "smollm2" or str(name).endswith(".gguf")):
+        return name
+    root = Path(cache_dir or os.environ.get("IBPO_CACHE_DIR") or Path.home() / ".cache" / "ibpo_lab")
+    target = root / "models" / Path(str(name)).stem
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target)
+    from ibpo_lab.models import load_policy
+
+    policy = load_policy(name)
+    model = policy.model
+    # the GGUF loader leaves its (dequantising) quantizer attached, which blocks save_pretrained;
+    # the weights are plain float32 by now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    tmp = root / "models" / f".{target.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    policy.tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return str(target)
 
 
 @dataclass
@@ -301,6 +343,116 @@ def divergence_summary(views: Mapping[str, Any], group: int = -1) -> dict[str, f
             "trie_nodes": int(trie.n_nodes), "root_branches": int(trie.branching()[0])}
 
 
+def recorrect(sample: GroupSample, *, seed: int = 1, **cfg_overrides) -> GroupSample:
+    """The same sampled batch, compare-and-correct run again with changed ``TrainConfig`` fields
+    (``repair_k``, ``corrector``, ``k_star``...): isolates the corrector from sampling noise."""
+    from ibpo_lab import train
+    from ibpo_lab.correct import compare_and_correct
+
+    cfg = sample.lab.cfg.replace(**cfg_overrides) if cfg_overrides else sample.lab.cfg
+    lab = Lab(cfg=cfg, task=sample.lab.task, policy=sample.lab.policy, sampler=sample.lab.sampler)
+    base = sample.batch.replace(repair_success=None, edit_masks=None)
+    res = compare_and_correct(base, dict(enumerate(sample.examples)), lab.task, lab.sampler, train.correct_config(cfg),
+                              tokenizer=lab.policy.tokenizer, seed=seed)
+    return GroupSample(lab=lab, batch=res.batch, examples=sample.examples, correction=res,
+                       step_labels=sample.step_labels)
+
+
+def _repair_stats(s: GroupSample) -> dict[str, float]:
+    b = s.batch
+    failed = (b.rewards < 0.5).numpy()
+    rs = b.repair_success.numpy()
+    n_edit = np.array([m.sum() for m in b.edit_masks]) if b.edit_masks is not None else np.zeros(len(b))
+    lens = np.array([max(len(r), 1) for r in b.response_ids])
+    rep = failed & (rs > 0)
+    return {"n_failed": int(failed.sum()), "repaired_share": float(rep.sum() / max(failed.sum(), 1)),
+            "phi_share_mean": float(rs[failed].mean()) if failed.any() else math.nan,
+            "edited_fraction": float((n_edit[rep] / lens[rep]).mean()) if rep.any() else math.nan}
+
+
+def k_sweep(sample: GroupSample, ks: Sequence[int], *, seed: int = 1) -> pd.DataFrame:
+    """Number of sibling references K: for each K, compare-and-correct on the same batch, then the
+    repair statistics and IBPO's credit quality. One row per K."""
+    rows = []
+    G = min(len(v) for v in sample.batch.groups().values())
+    for k in ks:
+        if not 1 <= int(k) <= G - 1:
+            raise ValueError(f"ks: K={k} needs 1 <= K <= group size - 1 = {G - 1}")
+        s = recorrect(sample, repair_k=int(k), seed=seed)
+        q = credit_summary(s, estimator_advantages(s, ["ibpo"])).iloc[0].to_dict()
+        rows.append({"K": int(k), **_repair_stats(s), **{k2: q[k2] for k2 in
+                     ("auc", "auc_within_failed", "first_error_localisation", "live_group_share")}})
+    return pd.DataFrame(rows)
+
+
+def rewrite_comparison(sample: GroupSample) -> pd.DataFrame:
+    """Local repair vs full rewrite on one corrected batch. For the failed trajectories with a
+    verified repair, the credited tokens come from:
+
+    * ``local repair``: the edit mask of the policy's own minimal repair (IBPO);
+    * ``full rewrite``: the edit mask against the reference sibling it was repaired from — what a
+      repair that simply rewrites the attempt as the reference would change;
+    * ``no mask``: every token (sequence-level credit of the shaped reward).
+
+    One row per variant: edited fraction and IBPO's credit quality with those masks.
+    """
+    from ibpo_lab.diff import edit_masks
+
+    c = sample.correction
+    if c is None:
+        raise ValueError("sample has no correction: sample_groups(correct=True)")
+    b = sample.batch
+    table = c.table
+    sel = table[table["selected"].astype(bool)] if len(table) else table
+    ref_of = {int(t): int(r) for t, r in zip(sel.get("traj", []), sel.get("reference_traj", [])) if int(r) >= 0}
+    rewrite = []
+    for i in range(len(b)):
+        m = b.edit_masks[i] if b.edit_masks is not None else np.zeros(len(b.response_ids[i]), bool)
+        if i in ref_of:
+            m = edit_masks(b.response_ids[i], b.response_ids[ref_of[i]])[0]
+            if not m.any():  # identical to the reference: nothing to rewrite, credit its last token
+                m = np.zeros(len(m), bool)
+                m[-1:] = True
+        rewrite.append(np.asarray(m, bool))
+    variants = {
+        "local repair": (sample, {"estimator": "ibpo"}),
+        "full rewrite": (GroupSample(lab=sample.lab, batch=b.replace(edit_masks=rewrite), examples=sample.examples,
+                                     correction=c, step_labels=sample.step_labels), {"estimator": "ibpo"}),
+        "no mask": (sample, {"estimator": "ibpo", "token_mask": False}),
+    }
+    rows = []
+    for name, (s, spec) in variants.items():
+        adv = estimator_advantages(s, {name: spec})
+        q = credit_summary(s, adv).iloc[0].to_dict()
+        st = _repair_stats(s)
+        if name == "no mask":
+            st["edited_fraction"] = 1.0 if not math.isnan(st["edited_fraction"]) else math.nan
+        rows.append({"credit": name, "edited_fraction": st["edited_fraction"], "repaired_share": st["repaired_share"],
+                     **{k: q[k] for k in ("auc", "auc_within_failed", "first_error_localisation",
+                                          "wrong_step_credit_share")}})
+    return pd.DataFrame(rows)
+
+
+def shaping_grid(sample: GroupSample, lams: Sequence[float], rhos: Sequence[float]) -> pd.DataFrame:
+    """Sensitivity to λ and ρ on one corrected batch: for every (λ, ρ), the pooled within-group
+    variance of the shaped reward, the share of groups IBPO gives a non-zero signal, and its
+    credit quality. One row per (λ, ρ)."""
+    from ibpo_lab.diagnostics import effective_updates
+
+    rows = []
+    for rho in rhos:
+        for lam in lams:
+            pooled = shaping_moments(sample, lam, rho).iloc[-1]
+            adv = estimator_advantages(sample, {"ibpo": {"lam": lam, "rho": rho}})
+            q = credit_summary(sample, adv).iloc[0]
+            eff = effective_updates(sample.batch, adv["ibpo"])
+            rows.append({"lam": float(lam), "rho": float(rho), "var_shaped": pooled.var_shaped,
+                         "live_group_share": eff["group_share"], "auc": q.auc,
+                         "auc_within_failed": q.auc_within_failed,
+                         "first_error_localisation": q.first_error_localisation})
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------------------- variance
 def _phi(sample_or_batch, rho: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     b = sample_or_batch.batch if isinstance(sample_or_batch, GroupSample) else sample_or_batch
@@ -446,14 +598,35 @@ def grid_configs(profile: str, variants: Mapping[str, Mapping[str, Any]], seeds:
     return [make(**{**common, **dict(v), "label": name, "seed": int(s)}) for name, v in variants.items() for s in seeds]
 
 
-def run_grid(cfgs: Sequence, runs_dir: str | os.PathLike | None, experiment: str, *, progress: bool = False) -> list:
-    """Train every config under ``runs_dir/experiment/<label>-seed<seed>`` (``train.train_many``)
-    and return the run records. ``runs_dir=None`` trains into ``runs/notebooks/<experiment>``."""
-    from ibpo_lab.train import train_many
+def run_grid(cfgs: Sequence, runs_dir: str | os.PathLike | None, experiment: str, *, progress: bool = False,
+             keep_checkpoints: bool = False) -> list:
+    """Train every config under ``runs_dir/experiment/<label>-seed<seed>`` (``train.train``, named as
+    ``train.train_many`` names them) and return the run records, each with ``.experiment`` set.
+
+    ``runs_dir=None`` trains into ``runs/notebooks/<experiment>``. ``keep_checkpoints=False`` deletes
+    each run's ``checkpoint/`` once it finished: the notebooks read metrics and trajectories only, and a
+    135M-parameter policy's checkpoint (weights + AdamW state) is 1.6 GB.
+    """
+    import shutil
+
+    from ibpo_lab.train import train
 
     root = Path(runs_dir if runs_dir is not None else Path("runs") / "notebooks") / experiment
     root.mkdir(parents=True, exist_ok=True)
-    return train_many(list(cfgs), root, progress=progress)
+    records, used = [], set()
+    for cfg in cfgs:
+        base = f"{cfg.name}-seed{cfg.seed}"
+        name, i = base, 1
+        while name in used or (root / name).exists():
+            i += 1
+            name = f"{base}-{i}"
+        used.add(name)
+        rec = train(cfg, root / name, progress=progress)
+        if not keep_checkpoints:
+            shutil.rmtree(rec.path / "checkpoint", ignore_errors=True)
+        rec.experiment = experiment  # as load_runs would name it
+        records.append(rec)
+    return records
 
 
 def load_runs(runs_dir: str | os.PathLike) -> list:

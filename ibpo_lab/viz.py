@@ -34,6 +34,7 @@ __all__ = [
     "learning_curves",
     "metric_grid",
     "summary_bars",
+    "grid_heatmap",
     "roc_curve",
     "roc_plot",
     "step_credit_plot",
@@ -626,6 +627,30 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, er
         ax.legend(fontsize=7, title=hue)
     ax.set_title(title or y, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def grid_heatmap(df: pd.DataFrame, x: str, y: str, value: str, *, ax=None, title: str | None = None,
+                 cmap: str = "viridis", fmt: str = ".3g"):
+    """Heatmap of ``value`` over a two-parameter grid (e.g. λ × ρ), one cell per (x, y) row of ``df``
+    (several rows per cell are averaged), the value written in each cell."""
+    missing = [c for c in (x, y, value) if c not in df.columns]
+    if missing:
+        raise ValueError(f"columns {missing} not in the table; available: {sorted(df.columns)}")
+    piv = df.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
+    fig, ax = _new_ax(ax, (1.5 + 0.9 * piv.shape[1], 1.2 + 0.6 * piv.shape[0]))
+    im = ax.imshow(piv.to_numpy(dtype=float), cmap=cmap, aspect="auto", origin="lower")
+    ax.set_xticks(range(piv.shape[1]), [f"{v:g}" if isinstance(v, float) else str(v) for v in piv.columns])
+    ax.set_yticks(range(piv.shape[0]), [f"{v:g}" if isinstance(v, float) else str(v) for v in piv.index])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    for i in range(piv.shape[0]):
+        for j in range(piv.shape[1]):
+            v = piv.iat[i, j]
+            ax.text(j, i, "nan" if pd.isna(v) else format(v, fmt), ha="center", va="center", fontsize=8,
+                    color="white")
+    ax.set_title(title or value, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return fig
 
 

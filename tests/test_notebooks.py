@@ -62,10 +62,14 @@ def test_each_notebook_has_a_documented_parameters_cell_first():
         assert "out_dir" in params, p.name
         undocumented = [k for k, v in params.items() if not v["help"]]
         assert not undocumented, f"{p.name}: parameters without a comment: {undocumented}"
-        # the parameters cell only assigns literals (papermill replaces it; logic belongs below)
+        # the parameters cell only assigns literals (papermill replaces it; logic belongs below), and
+        # papermill must read every one of them (it cannot parse some comments, e.g. with "=" in them)
+        names = []
         for node in ast.parse(tagged[0].source).body:
             assert isinstance(node, ast.Assign), f"{p.name}: parameters cell has a non-assignment"
             ast.literal_eval(node.value)
+            names += [t.id for t in node.targets]
+        assert list(params) == names, f"{p.name}: papermill reads {list(params)}, the cell assigns {names}"
 
 
 def test_notebooks_are_thin():

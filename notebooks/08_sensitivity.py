@@ -1,0 +1,87 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 08 · Sensitivity to λ and ρ
+#
+# λ weighs the comparison signal in R' = R + λφ, ρ scales φ = ρ·(share of successful repairs);
+# the paper uses λ ≈ 0.6, ρ ≈ 0.5. Only the product λρ enters the shaped reward, but ρ is also the
+# ceiling of φ, so both are swept. First on one fixed, corrected batch (variance of the shaped
+# reward, share of groups with a signal, credit quality over the λ × ρ grid), then in training.
+#
+# Wall time: `smoke` ≈ 1 min on a 2-core CPU; `full` (tiny policy, 100 steps, 3 seeds, 5 λ x 3 ρ, one GPU) ≈ 3 h.
+
+# %% tags=["parameters"]
+profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
+out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
+runs_dir = None  # where run records go (reproduce sets it); None: runs/notebooks under the working folder
+seed = 0  # sampling seed of the fixed batch
+model = None  # policy; None: the committed tiny policy
+n_prompts = None  # groups in the fixed batch; None: 6 (smoke) / 64 (full)
+group_size = None  # trajectories per group; None: 4 (smoke) / 8 (full)
+lams = [0.0, 0.3, 0.6, 1.0, 2.0]  # λ grid of the batch study
+rhos = [0.25, 0.5, 1.0]  # ρ grid of the batch study
+train_lams = None  # λ values trained (ρ fixed at 0.5); None: [0.0, 0.6, 1.2] (smoke) / [0.0, 0.3, 0.6, 1.0, 2.0] (full)
+train_rhos = None  # ρ values trained (λ fixed at 0.6); None: [0.25, 1.0] (smoke) / [0.25, 0.5, 1.0] (full)
+seeds = None  # training seeds; None: [0] (smoke) / [0, 1, 2] (full)
+steps = None  # training steps; None: the profile's size (3 / 100)
+
+# %%
+import matplotlib.pyplot as plt
+
+from ibpo_lab import experiments as ex
+from ibpo_lab import viz
+
+ex.require_gpu_for_full(profile)
+n_prompts = n_prompts or ex.profile_value(profile, 6, 64)
+group_size = group_size or ex.profile_value(profile, 4, 8)
+train_lams = train_lams or ex.profile_value(profile, [0.0, 0.6, 1.2], [0.0, 0.3, 0.6, 1.0, 2.0])
+train_rhos = train_rhos or ex.profile_value(profile, [0.25, 1.0], [0.25, 0.5, 1.0])
+seeds = seeds or ex.profile_value(profile, [0], [0, 1, 2])
+knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not None}
+cfg = ex.synthetic_preset(profile, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
+                          estimator="ibpo", **knobs)
+sample = ex.sample_groups(cfg, seed=seed)
+sample.batch
+
+# %% [markdown]
+# ## λ × ρ on one fixed batch
+
+# %%
+grid = ex.shaping_grid(sample, lams, rhos)
+viz.save_table(grid, out_dir, "lambda_rho_grid")
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+viz.grid_heatmap(grid, "lam", "rho", "var_shaped", ax=axes[0], title="pooled Var(R + λφ)")
+viz.grid_heatmap(grid, "lam", "rho", "live_group_share", ax=axes[1], title="groups with a non-zero signal")
+viz.grid_heatmap(grid.fillna(0.5), "lam", "rho", "auc_within_failed", ax=axes[2], title="AUC within failures")
+fig.tight_layout()
+viz.save_fig(fig, out_dir, "lambda_rho_grid")
+
+# %% [markdown]
+# ## In training
+
+# %%
+variants = {f"lam{lam:g}_rho0.5": {"estimator": "ibpo", "lam": lam, "rho": 0.5} for lam in train_lams}
+variants.update({f"lam0.6_rho{rho:g}": {"estimator": "ibpo", "lam": 0.6, "rho": rho} for rho in train_rhos})
+cfgs = ex.grid_configs(profile, variants, seeds, group_size=group_size, **knobs)
+records = ex.run_grid(cfgs, runs_dir, "08_sensitivity")
+final = ex.final_table(records)
+viz.save_table(final, out_dir, "training_final")
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+viz.summary_bars(final, "label", "final_reward", ax=axes[0], title="final training reward")
+viz.learning_curves(records, "reward_mean", ax=axes[1], title="training reward")
+fig.tight_layout()
+viz.save_fig(fig, out_dir, "training_sensitivity")
+final
