@@ -3,7 +3,7 @@ repairs alike) and records the behaviour log-prob of every token it wrote.
 
 One interface, two backends, same output (a :class:`~ibpo_lab.rollout.RolloutBatch`):
 
-- ``hf``: our own batched decoding loop over ``model(..., past_key_values=cache)``. Each prompt
+- ``hf``: our own batched decoding loop over ``model(..., cache=kv_cache)`` (a DynamicCache). Each prompt
   is prefilled once and its KV cache copied to its n trajectories; finished trajectories leave the
   batch. We write the loop ourselves rather than call ``model.generate`` because the behaviour
   log-probs must be *exactly* the trainer's (``models.response_logprobs``): same temperature
@@ -341,7 +341,10 @@ class HFSampler:
                 probs = torch.softmax(TopPLogitsWarper(req.top_p)(None, scaled), dim=-1)
             else:
                 probs = logp.exp()
-            token = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            # exponential race (argmax of p / Exp(1) is a draw from p): same distribution as
+            # torch.multinomial, several times faster on 50k-token vocabularies
+            race = torch.empty_like(probs).exponential_(1.0, generator=gen)
+            token = (probs / race).argmax(-1)
         return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
