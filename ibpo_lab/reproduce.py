@@ -9,6 +9,7 @@ timestamped folder::
         notebooks/NN_name.ipynb      executed copies (outputs included)
         figures/NN_name/*.png        what each notebook saved with ``viz.save_fig``
         figures/NN_name/*.csv        tables saved with ``viz.save_table``
+        figures/NN_name/*.html       HTML views saved with ``viz.save_html`` (token colouring, diffs)
         records/                     training run records (``runs_dir`` of the notebooks)
         status.json                  per notebook: ok/failed, wall time, error
         report.md, report.html       key figures, results tables, failures with their error
@@ -71,6 +72,7 @@ class NotebookResult:
     seconds: float = field(default=0.0, metadata={"help": "wall time of the execution"})
     figures: list[str] = field(default_factory=list, metadata={"help": "PNG paths relative to the run folder"})
     tables: list[str] = field(default_factory=list, metadata={"help": "CSV paths relative to the run folder"})
+    views: list[str] = field(default_factory=list, metadata={"help": "HTML views (viz.save_html) relative to the run folder"})
     error: str | None = field(default=None, metadata={"help": "exception name and message when failed"})
     error_cell: str | None = field(default=None, metadata={"help": "source of the failing cell"})
     parameters: dict[str, Any] = field(default_factory=dict, metadata={"help": "parameters injected"})
@@ -231,6 +233,7 @@ def run_notebook(
     res.seconds = time.perf_counter() - t0
     res.figures = _collect(fig_dir, run_dir, "png")
     res.tables = _collect(fig_dir, run_dir, "csv")
+    res.views = _collect(fig_dir, run_dir, "html")
     return res
 
 
@@ -377,6 +380,12 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
             cap = Path(fig).stem.replace("_", " ")
             md += [f"![{cap}]({fig})", ""]
             hl += [f"<figure><img src='{html.escape(fig)}'><figcaption>{html.escape(cap)}</figcaption></figure>"]
+        for view in r.views:
+            frag = (run_dir / view).read_text(encoding="utf-8")
+            cap = Path(view).stem.replace("_", " ")
+            # raw HTML: rendered by the HTML report and by Markdown viewers that allow inline HTML
+            md += [f"**{cap}**", "", frag, ""]
+            hl += [f"<h4>{html.escape(cap)}</h4>", frag]
         for tab in r.tables:
             if (r.name, tab) in summary:
                 continue

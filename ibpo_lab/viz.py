@@ -24,6 +24,7 @@ __all__ = [
     "HTML",
     "save_fig",
     "save_table",
+    "save_html",
     "token_html",
     "batch_token_html",
     "repair_diff_html",
@@ -86,6 +87,19 @@ def save_table(df: pd.DataFrame, out_dir: str | Path | None, name: str) -> Path 
     path = Path(out_dir) / f"{_slug(name)}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)
+    return path
+
+
+def save_html(fragment: str, out_dir: str | Path | None, name: str) -> Path | None:
+    """Save an HTML view (token colouring, repair diff, step labels) as ``out_dir/name.html``, the
+    static equivalent of an explorer panel that ``reproduce`` puts into its report; returns the path."""
+    if out_dir is None:
+        return None
+    if not isinstance(fragment, str):
+        raise ValueError(f"fragment must be an HTML string, got {type(fragment).__name__}")
+    path = Path(out_dir) / f"{_slug(name)}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(fragment), encoding="utf-8")
     return path
 
 

@@ -98,9 +98,13 @@ means
 i = ex.pick_trajectory(sample, "repaired")
 for name in ("grpo", "ibpo"):
     if name in advantages:
-        display(viz.batch_token_html(b, advantages[name], sample.tokenizer, i))
+        view = viz.batch_token_html(b, advantages[name], sample.tokenizer, i)
+        viz.save_html(view, out_dir, f"tokens_{name}")
+        display(view)
 pair = ex.repair_of(sample, i)
 if pair is not None:
-    display(viz.repair_diff_html(pair[0], pair[1], sample.tokenizer, title=f"repair of trajectory {i}"))
+    view = viz.repair_diff_html(pair[0], pair[1], sample.tokenizer, title=f"repair of trajectory {i}")
+    viz.save_html(view, out_dir, "repair_diff")
+    display(view)
 else:
     print(f"trajectory {i} has no verified repair")

@@ -89,4 +89,6 @@ repaired = [i for i in range(len(sample.batch)) if ex.repair_of(sample, i) is no
 print(f"{len(repaired)} of {int((sample.batch.rewards < 0.5).sum())} failed trajectories have a verified repair")
 for i in repaired[:max_diffs]:
     failed, fixed = ex.repair_of(sample, i)
-    display(viz.repair_diff_html(failed, fixed, sample.tokenizer, title=f"trajectory {i}"))
+    view = viz.repair_diff_html(failed, fixed, sample.tokenizer, title=f"trajectory {i}")
+    viz.save_html(view, out_dir, f"repair_diff_{i}")
+    display(view)

@@ -23,6 +23,7 @@ fig, ax = plt.subplots()
 ax.plot(range(n))
 viz.save_fig(fig, out_dir, "line")
 viz.save_table(pd.DataFrame({"profile": [profile], "n": [n]}), out_dir, "numbers")
+viz.save_html(viz.token_html(["a", "b"], [1.0, -1.0]), out_dir, "tokens")
 '''
 
 BAD_NB = '''# %% tags=["parameters"]
@@ -144,7 +145,10 @@ def test_run_continues_past_failure_and_reports_it(nbdir, tmp_path, capsys):
     assert "![line](figures/01_first/line.png)" in report
     assert "## Results" in report and "runs_dir_exists" in report and "True" in report
     assert "| smoke     |   4 |" in report.split("**numbers**")[1]
+    assert by["01_first"]["views"] == ["figures/01_first/tokens.html"]
+    assert report.count('class="ibpo-tokens"') == 1  # the HTML view is embedded in the report
     html = (run / "report.html").read_text()
+    assert 'class="ibpo-tokens"' in html
     assert "<img src='figures/01_first/line.png'>" in html
     log = capsys.readouterr().out
     assert "[1/3] 01_first: ok" in log and "[2/3] 02_broken: failed" in log and "2/3 notebooks ok" in log

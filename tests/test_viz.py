@@ -257,6 +257,8 @@ def test_save_fig_and_table(tmp_path):
     assert pd.read_csv(t).a.tolist() == [1]
     with pytest.raises(ValueError, match="Figure"):
         viz.save_fig("not a figure", tmp_path, "x")
+    h = viz.save_html(viz.token_html(["x"], [1.0]), tmp_path, "view")
+    assert h.read_text().startswith('<div class="ibpo-tokens"') and viz.save_html("<b/>", None, "v") is None
 
 
 # ------------------------------------------------------------------------------------ explorer
