@@ -42,6 +42,7 @@ __all__ = [
     "step_labels_html",
     "load_trajectories",
     "run_tokenizer",
+    "run_step_labeler",
     "trajectory_view",
     "explorer",
 ]
@@ -797,6 +798,33 @@ def run_tokenizer(run_dir: str | Path):
         return None
 
 
+def run_step_labeler(run_dir: str | Path) -> Callable[[str, str], list[bool] | None] | None:
+    """``labeler(prompt, response) -> step labels`` for a run's task (from its ``config.yaml``): the
+    logged solve prompt is matched back to its example, then ``task.step_labels``. None when the task
+    cannot be built offline; the labeler returns None for an unknown prompt or an unlabelled task."""
+    import yaml
+
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    try:
+        from ibpo_lab.tasks import get_task
+
+        task = get_task(cfg.get("task", "synthetic"), **(cfg.get("task_kwargs") or {}))
+        index = {}
+        for split in dict.fromkeys([cfg.get("train_split", "train"), cfg.get("eval_split", "test")]):
+            index.update({task.solve_prompt(e): e for e in task.examples(split)})
+    except Exception:  # display only: no labels rather than a broken explorer
+        return None
+
+    def labeler(prompt: str, response: str) -> list[bool] | None:
+        ex = index.get(prompt)
+        return None if ex is None else task.step_labels(ex, response)
+
+    return labeler
+
+
 def _col(row: Mapping, *names, default=None):
     for n in names:
         if n in row and row[n] is not None and not (isinstance(row[n], float) and math.isnan(row[n])):
@@ -804,12 +832,14 @@ def _col(row: Mapping, *names, default=None):
     return default
 
 
-def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None) -> dict[str, Any]:
+def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None, labeler=None) -> dict[str, Any]:
     """Every static view of one logged trajectory (the explorer shows exactly these):
 
     ``tokens`` HTML coloured by advantage, ``diff`` HTML of its repair (if it was repaired),
     ``steps`` HTML of its step labels, ``heatmap`` Figure of its group's divergence matrix.
-    ``frame``: :func:`load_trajectories` output; ``traj``: the row's ``traj`` value (or index).
+    ``frame``: :func:`load_trajectories` output; ``traj``: the row's ``traj`` value (or index);
+    ``labeler``: ``(prompt, response) -> step labels`` (:func:`run_step_labeler`) when the frame has
+    no ``step_labels`` column.
     """
     from ibpo_lab.diff import divergence_matrix
 
@@ -853,6 +883,8 @@ def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None) -> dict[str,
         out["diff"] = HTML("<div><i>no repair for this trajectory (it was correct, or no repair succeeded)</i></div>")
     spans = _col(row, "step_spans")
     labels = _col(row, "step_labels")
+    if labels is None and labeler is not None and isinstance(_col(row, "prompt"), str) and isinstance(text, str):
+        labels = labeler(row["prompt"], text)
     if spans is not None and len(spans):
         steps = ["".join(toks[int(a):int(b)]) for a, b in spans]
         labs = None if labels is None else [None if v is None else bool(v) for v in labels]
@@ -904,6 +936,7 @@ def explorer(run_dir: str | Path, tokenizer=None):
 
     def on_run_tokenizer(*_):
         state["tokenizer"] = tokenizer if tokenizer is not None else run_tokenizer(run_dd.value)
+        state["labeler"] = run_step_labeler(run_dd.value)
 
     def on_step(*_):
         if step_dd.value is None:
@@ -929,7 +962,7 @@ def explorer(run_dir: str | Path, tokenizer=None):
         frame = state.get("frame")
         if frame is None or traj_dd.value is None:
             return
-        views = trajectory_view(frame, traj_dd.value, state.get("tokenizer"))
+        views = trajectory_view(frame, traj_dd.value, state.get("tokenizer"), state.get("labeler"))
         out_tokens.value, out_diff.value, out_steps.value = views["tokens"], views["diff"], views["steps"]
         out_heat.clear_output(wait=True)
         if "heatmap" in views:

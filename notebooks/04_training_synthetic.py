@@ -99,7 +99,7 @@ frame = viz.load_trajectories(ibpo_run.path)
 policy_rows = frame[frame["kind"] == "policy"] if "kind" in frame else frame
 failed = policy_rows[policy_rows["reward"] < 0.5]
 view = viz.trajectory_view(frame, int((failed if len(failed) else policy_rows)["traj"].iloc[0]),
-                           viz.run_tokenizer(ibpo_run.path))
+                           viz.run_tokenizer(ibpo_run.path), viz.run_step_labeler(ibpo_run.path))
 viz.save_fig(view["heatmap"], out_dir, "explorer_group_heatmap")
 static = viz.HTML(view["tokens"] + view["diff"] + view["steps"])
 viz.save_html(static, out_dir, "explorer_static_view")

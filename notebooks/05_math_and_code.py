@@ -104,7 +104,7 @@ stability
 # %%
 run = next((r for r in records if r.label == "ibpo"), records[0])
 frame = viz.load_trajectories(run.path)
-view = viz.trajectory_view(frame, int(frame["traj"].iloc[0]), viz.run_tokenizer(run.path))
+view = viz.trajectory_view(frame, int(frame["traj"].iloc[0]), viz.run_tokenizer(run.path), viz.run_step_labeler(run.path))
 static = viz.HTML(view["tokens"] + view["diff"])
 viz.save_html(static, out_dir, "trajectory_view")
 static

@@ -311,3 +311,25 @@ def test_explorer_builds_and_follows_the_dropdowns(tmp_path):
     assert [s.group(4) for s in _spans(box.views["tokens"].value)] == ["c", "h"]
     with pytest.raises(ValueError, match="no run"):
         viz.explorer(tmp_path / "run_a" / "trajectories")
+
+
+def test_run_step_labeler_matches_logged_prompts_back_to_examples(tmp_path):
+    from ibpo_lab.tasks import get_task
+
+    (tmp_path / "config.yaml").write_text("task: synthetic\ntask_kwargs: {}\n")
+    labeler = viz.run_step_labeler(tmp_path)
+    task = get_task("synthetic")
+    ex = task.examples("train", 1)[0]
+    good = task.solution(ex)
+    assert labeler(task.solve_prompt(ex), good) == [True] * len(good.strip().splitlines())
+    assert labeler("a prompt never logged", good) is None
+    assert viz.run_step_labeler(tmp_path / "nowhere") is None
+
+
+def test_trajectory_view_uses_a_labeler_when_labels_are_not_logged(tmp_path):
+    frame = viz.load_trajectories(_fake_run(tmp_path)).drop(columns="step_labels")
+    frame["prompt"] = "p"
+    assert "?" in viz.trajectory_view(frame, 1)["steps"]
+    seen = []
+    steps = viz.trajectory_view(frame, 1, labeler=lambda p, r: seen.append((p, r)) or [True, False])["steps"]
+    assert seen == [("p", "cdg")] and "✓" in steps and "✗" in steps
