@@ -44,6 +44,7 @@ __all__ = [
     "notebook_parameters",
     "parse_overrides",
     "check_profile",
+    "check_kernel",
     "run_notebook",
     "reproduce",
     "write_report",
@@ -167,6 +168,23 @@ def check_profile(profile: str) -> None:
             )
 
 
+def check_kernel(log=print) -> None:
+    """The notebooks run in the Jupyter kernel named ``python3``; say how to install it if missing,
+    and warn when it is another interpreter than this one (it may lack ibpo_lab)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        raise UsageError(
+            f"no Jupyter kernel named {KERNEL!r}: install this environment's with "
+            f"`{sys.executable} -m ipykernel install --sys-prefix --name {KERNEL}` (scripts/run.sh does)"
+        ) from None
+    exe = spec.argv[0] if spec.argv else ""
+    if os.path.isabs(exe) and Path(exe).resolve() != Path(sys.executable).resolve():
+        log(f"[reproduce] note: kernel {KERNEL!r} runs {exe}, not this interpreter ({sys.executable})")
+
+
 # ---------------------------------------------------------------------------------------- running
 def _kernel_env() -> None:
     # The kernel inherits our environment. MPLBACKEND=Agg (set by scripts/run.sh for scripts)
@@ -258,6 +276,7 @@ def reproduce(
     if not notebooks:
         raise UsageError(f"notebooks_dir: no NN_name.ipynb notebooks in {notebooks_dir}")
     params = parse_overrides(overrides, notebooks)
+    check_kernel(log)
     stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out) / f"{stamp}-{profile}"
     run_dir.mkdir(parents=True, exist_ok=False)

@@ -152,3 +152,11 @@ def test_run_continues_past_failure_and_reports_it(nbdir, tmp_path, capsys):
     assert "<img src='figures/01_first/line.png'>" in html
     log = capsys.readouterr().out
     assert "[1/3] 01_first: ok" in log and "[2/3] 02_broken: failed" in log and "2/3 notebooks ok" in log
+
+
+def test_missing_kernel_is_a_usage_error(nbdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rp, "KERNEL", "no-such-kernel-xyz")
+    code = rp.main(["--notebooks-dir", str(nbdir), "--out", str(tmp_path / "runs")])
+    assert code == 2
+    assert "ipykernel install" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
