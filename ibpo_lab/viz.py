@@ -662,8 +662,9 @@ def grid_heatmap(df: pd.DataFrame, x: str, y: str, value: str, *, ax=None, title
     for i in range(piv.shape[0]):
         for j in range(piv.shape[1]):
             v = piv.iat[i, j]
+            bright = not pd.isna(v) and im.norm(v) > 0.6  # dark text on the bright end of the colour map
             ax.text(j, i, "nan" if pd.isna(v) else format(v, fmt), ha="center", va="center", fontsize=8,
-                    color="white")
+                    color="black" if bright else "white")
     ax.set_title(title or value, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return fig

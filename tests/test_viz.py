@@ -333,3 +333,13 @@ def test_trajectory_view_uses_a_labeler_when_labels_are_not_logged(tmp_path):
     seen = []
     steps = viz.trajectory_view(frame, 1, labeler=lambda p, r: seen.append((p, r)) or [True, False])["steps"]
     assert seen == [("p", "cdg")] and "✓" in steps and "✗" in steps
+
+
+def test_grid_heatmap_cells_are_the_means():
+    df = pd.DataFrame({"lam": [0.0, 0.0, 0.6, 0.6, 0.0], "rho": [0.5, 1.0, 0.5, 1.0, 0.5], "v": [1, 2, 3, 4, 3]})
+    fig = viz.grid_heatmap(df, "lam", "rho", "v")
+    arr = fig.axes[0].images[0].get_array()
+    np.testing.assert_allclose(arr, [[2, 3], [2, 4]])  # rows rho 0.5, 1.0; columns lam 0, 0.6; (1+3)/2 = 2
+    assert [t.get_text() for t in fig.axes[0].texts] == ["2", "3", "2", "4"]
+    with pytest.raises(ValueError, match="columns"):
+        viz.grid_heatmap(df, "lam", "rho", "nope")
