@@ -57,6 +57,13 @@ RESERVED = ("profile", "out_dir", "runs_dir")
 KERNEL = "python3"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NOTEBOOKS = REPO_ROOT / "notebooks"
+#: the figures a newcomer should see first: shown at the top of the report when their notebook ran
+KEY_FIGURES = (
+    "figures/01_quickstart/advantages_by_estimator.png",
+    "figures/03_advantages_and_credit/credit_quality_bars.png",
+    "figures/04_training_synthetic/curves_estimators.png",
+    "figures/07_variance/variance_decomposition.png",
+)
 _NB_NAME = re.compile(r"^(\d{2})_[A-Za-z0-9_]+\.ipynb$")
 
 
@@ -377,6 +384,11 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
         f"<p>{html.escape(head.replace('**', ''))}</p>",
         overview.to_html(index=False),
     ]
+    key = [f for f in KEY_FIGURES if any(f in r.figures for r in results)]
+    if key:
+        md += ["## Key figures", ""] + [f"![{Path(f).parent.name}: {Path(f).stem.replace('_', ' ')}]({f})\n" for f in key]
+        hl += ["<h2>Key figures</h2>"] + [f"<figure><img src='{html.escape(f)}'><figcaption>"
+                                          f"{html.escape(Path(f).parent.name)}</figcaption></figure>" for f in key]
     summary = _results_tables(run_dir, results)
     if summary:
         md += ["## Results", ""]

@@ -160,3 +160,17 @@ def test_missing_kernel_is_a_usage_error(nbdir, tmp_path, monkeypatch, capsys):
     assert code == 2
     assert "ipykernel install" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_puts_key_figures_first_and_failures_with_their_cell(tmp_path):
+    key = rp.KEY_FIGURES[0]
+    (tmp_path / key).parent.mkdir(parents=True)
+    (tmp_path / key).write_bytes(b"\x89PNG")
+    ok = rp.NotebookResult(name="01_quickstart", status="ok", seconds=1.0, figures=[key])
+    bad = rp.NotebookResult(name="02_x", status="failed", seconds=0.5, error="ValueError: boom",
+                            error_cell="x = 1\nraise ValueError('boom')")
+    md = rp.write_report(tmp_path, "smoke", [ok, bad], 1.5).read_text()
+    assert md.index("## Key figures") < md.index(f"![{key.split('/')[1]}")  < md.index("## 01_quickstart")
+    assert "1/2 notebooks ok" in md and "ValueError: boom" in md and "raise ValueError('boom')" in md
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert [n["status"] for n in status["notebooks"]] == ["ok", "failed"]
