@@ -286,7 +286,11 @@ def reproduce(
     check_kernel(log)
     stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out) / f"{stamp}-{profile}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+    n = 1
+    while run_dir.exists():  # two runs started in the same second: never mix their records
+        n += 1
+        run_dir = Path(out) / f"{stamp}-{profile}-{n}"
+    run_dir.mkdir(parents=True)
     _kernel_env()
     log(f"[reproduce] profile={profile}: {len(notebooks)} notebooks -> {run_dir}")
     results: list[NotebookResult] = []
