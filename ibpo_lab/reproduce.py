@@ -193,13 +193,15 @@ def check_kernel(log=print) -> None:
 
 
 # ---------------------------------------------------------------------------------------- running
-def _kernel_env() -> None:
+def _kernel_env(profile: str) -> None:
     # The kernel inherits our environment. MPLBACKEND=Agg (set by scripts/run.sh for scripts)
     # would stop figures from showing in the executed notebooks, so the kernel gets the inline
-    # backend; threads must not busy-wait on a small shared CPU.
+    # backend; threads must not busy-wait on a small shared CPU. smoke never downloads; full may
+    # fetch its hub model unless the caller set HF_HUB_OFFLINE.
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if profile == "smoke":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -291,7 +293,7 @@ def reproduce(
         n += 1
         run_dir = Path(out) / f"{stamp}-{profile}-{n}"
     run_dir.mkdir(parents=True)
-    _kernel_env()
+    _kernel_env(profile)
     log(f"[reproduce] profile={profile}: {len(notebooks)} notebooks -> {run_dir}")
     results: list[NotebookResult] = []
     t_start = time.perf_counter()
