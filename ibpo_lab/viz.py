@@ -508,7 +508,7 @@ def runs_frame(runs: Any, *, label: str | Callable | None = None) -> pd.DataFram
         elif isinstance(label, str):
             lab = get(label)
         else:
-            lab = get("label") or get("estimator") or "run"
+            lab = getattr(r, "label", None) or get("label") or get("estimator") or "run"
         if "label" not in df.columns:
             df["label"] = str(lab)
         if "seed" not in df.columns:
