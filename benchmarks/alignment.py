@@ -112,6 +112,8 @@ def figure(by_len: pd.DataFrame, by_group: pd.DataFrame):
     ax[1].loglog(by_group["group size"], by_group["ms / group (G repairs)"], "o-", label="G failed→repair")
     ax[1].loglog(by_group["group size"], by_group["ms / group (all sibling pairs)"], "s--", label="all sibling pairs")
     ax[1].set(xlabel="group size G", ylabel="ms per group", title=f"vs group size ({int(by_group['tokens each'][0])} tokens)")
+    ax[1].set_xticks(list(by_group["group size"]), [str(int(g)) for g in by_group["group size"]])
+    ax[1].minorticks_off()
     ax[1].legend()
     fig.suptitle("diff.edit_masks alignment cost (rapidfuzz Levenshtein)")
     fig.tight_layout()

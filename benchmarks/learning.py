@@ -205,7 +205,7 @@ def figure(metrics: pd.DataFrame, grpo_final: float, window: int = SMOOTH):
     m = smoothed(metrics, window=window)
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     colors = plt.get_cmap("tab10")
-    for k, est in enumerate(dict.fromkeys(m["estimator"])):
+    for k, est in enumerate(dict.fromkeys(metrics["estimator"])):  # run order, not alphabetical
         g = m[m["estimator"] == est]
         c = colors(k)
         by_step = g.groupby("step")

@@ -48,7 +48,7 @@ class StepSetup:
 
 def lab_stepper(policy, task, examples, s: StepSetup, seed: int = 0):
     """A function that runs one ibpo_lab GRPO step on ``policy`` (its own AdamW) and returns
-    (seconds, mean completion length)."""
+    (seconds, mean completion length, seconds spent sampling)."""
     import torch
 
     from ibpo_lab import train as T
@@ -66,16 +66,17 @@ def lab_stepper(policy, task, examples, s: StepSetup, seed: int = 0):
     device = torch.device("cpu")
     counter = [0]
 
-    def step() -> tuple[float, float]:
+    def step() -> tuple[float, float, float]:
         counter[0] += 1
         t0 = time.perf_counter()
         sd = T.step_seed(seed, counter[0])
         batch = T.sample_groups(sampler, task, examples, cfg, seed=sd)
+        t_sample = time.perf_counter() - t0
         batch = T.score_groups(batch, examples, task, policy.tokenizer, cfg)
         adv = T.compute_advantages(batch, cfg)
         T.policy_update(model, None, opt, batch, adv, cfg, device)
         sampler.sync_weights(model)
-        return time.perf_counter() - t0, float(batch.response_lengths.float().mean())
+        return time.perf_counter() - t0, float(batch.response_lengths.float().mean()), t_sample
 
     return step
 
@@ -113,12 +114,26 @@ def compare(policy, task, examples, s: StepSetup, gradient_checkpointing: bool) 
     lab_policy = Policy(model=copy.deepcopy(policy.model), tokenizer=policy.tokenizer, name="lab copy")
     lab = lab_stepper(lab_policy, task, examples, s)
     rows: list[dict[str, Any]] = []
+    # TRL generates with the model's own generate() (one process, CPU: the unwrapped model is this
+    # object), so timing that method gives TRL's generation time per step
+    gen_time = [0.0]
+    generate = trl_policy.model.generate
+
+    def timed_generate(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return generate(*a, **kw)
+        finally:
+            gen_time[0] += time.perf_counter() - t0
+
+    trl_policy.model.generate = timed_generate
 
     class Alternate(TrainerCallback):
         t0 = 0.0
         trainer = None  # set once the trainer exists: its metrics hold the completion lengths
 
         def on_step_begin(self, args, state, control, **kw):
+            gen_time[0] = 0.0
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -126,9 +141,11 @@ def compare(policy, task, examples, s: StepSetup, gradient_checkpointing: bool) 
             # TRL appends the mean completion length of each generation batch (one per step here);
             # read before its logger clears the buffer
             lens = self.trainer._metrics.get("train", {}).get("completions/mean_length", []) if self.trainer else []
-            lab_s, lab_tok = lab()
-            rows.append({"pair": len(rows), "trl_s": trl_s, "lab_s": lab_s,
-                         "trl_tokens": float(lens[-1]) if lens else np.nan, "lab_tokens": lab_tok})
+            trl_gen = gen_time[0]
+            lab_s, lab_tok, lab_sample = lab()
+            rows.append({"pair": len(rows), "trl_s": trl_s, "lab_s": lab_s, "trl_generate_s": trl_gen,
+                         "lab_sample_s": lab_sample, "trl_tokens": float(lens[-1]) if lens else np.nan,
+                         "lab_tokens": lab_tok})
 
     cb = Alternate()
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp, warnings.catch_warnings():
@@ -151,6 +168,10 @@ def summary(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
             "TRL setting": setting, "steps (median of)": len(m), "TRL s/step": trl, "ibpo_lab s/step": lab,
             "ratio lab/TRL": lab / trl, "ratio per pair (min–max)":
                 f"{(m['lab_s'] / m['trl_s']).min():.2f}–{(m['lab_s'] / m['trl_s']).max():.2f}",
+            "TRL generate s": float(m["trl_generate_s"].median()),
+            "lab sample s": float(m["lab_sample_s"].median()),
+            "TRL rest s": float((m["trl_s"] - m["trl_generate_s"]).median()),
+            "lab rest s": float((m["lab_s"] - m["lab_sample_s"]).median()),
             "TRL tokens/completion": float(m["trl_tokens"].mean()) if m["trl_tokens"].notna().any() else float("nan"),
             "lab tokens/completion": float(m["lab_tokens"].mean()),
         })
@@ -199,13 +220,16 @@ def run(quick: bool = False, setup: StepSetup | None = None) -> Report:
                         "lr": s.lr, "trl": trl.__version__, "precision": "float32 both"})
     rep.tables.append(("Seconds per step (median over alternating steps, warm-up excluded)", table))
     per_step = pd.concat([df.assign(setting=k) for k, df in results.items()], ignore_index=True)
-    rep.tables.append(("Every step", per_step[["setting", "pair", "warmup", "trl_s", "lab_s", "trl_tokens", "lab_tokens"]]))
+    rep.tables.append(("Every step", per_step[["setting", "pair", "warmup", "trl_s", "lab_s", "trl_generate_s",
+                                                "lab_sample_s", "trl_tokens", "lab_tokens"]]))
     off = table.iloc[0]
     rep.targets.append(Target(
         "ibpo_lab GRPO step / TRL GRPOTrainer step (checkpointing off)", "≤ 0.8", float(off["ratio lab/TRL"]),
         float(off["ratio lab/TRL"]) <= 0.8,
         "both spend most of the step generating token by token with a KV cache on the same model; ibpo_lab's "
         "sampler loop saves TRL's per-step overheads, not the model's own compute"))
+    rep.notes.append("generate/sample = generation of the completions (TRL: time inside model.generate; ibpo_lab: "
+                     "its sampler); rest = rewards, advantages, forward/backward, optimiser and framework overhead")
     rep.notes.append("TRL tokens/completion is TRL's own completions/mean_length metric; ibpo_lab's is the mean "
                      "response length of its batch. Equal lengths mean equal generation work.")
     rep.figure = figure(results)
