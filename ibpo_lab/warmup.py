@@ -2,7 +2,7 @@
 data, so RL starts from a policy that sometimes solves (room and signal for RL) and can already
 compare-and-correct (IBPO's repairs need a policy that can use a reference).
 
-    OMP_WAIT_POLICY=PASSIVE python -m ibpo_lab.warmup --out data/tiny-policy --steps 600 --seed 0
+    OMP_WAIT_POLICY=PASSIVE python -m ibpo_lab.warmup --out data/tiny-policy --steps 800 --seed 0
 
 (``OMP_WAIT_POLICY=PASSIVE``: on a small shared CPU, busy-waiting OpenMP threads slow torch a lot.)
 
@@ -44,22 +44,22 @@ class WarmupConfig:
     """Everything that determines the warm-started checkpoint."""
 
     out: str = field(default="data/tiny-policy", metadata={"help": "output folder (model, tokenizer, warmup.json, README.md)"})
-    steps: int = field(default=600, metadata={"help": "optimiser steps"})
+    steps: int = field(default=800, metadata={"help": "optimiser steps"})
     save_every: int = field(default=0, metadata={"help": "also save a complete checkpoint (as a k-step run would) to OUT/step-k every k steps (0 = no)"})
     batch_size: int = field(default=64, metadata={"help": "sequences per step (solve + repair)"})
     repair_fraction: float = field(default=0.5, metadata={"help": "share of each batch that is repair pairs"})
-    error_rate: float = field(default=0.5, metadata={"help": "share of solve targets carrying one injected error (caps solve accuracy)"})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (constant after warm-up)"})
+    error_rate: float = field(default=0.25, metadata={"help": "share of solve targets carrying one injected error (caps solve accuracy)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (constant after warm-up)"})
     lr_warmup_steps: int = field(default=30, metadata={"help": "linear learning-rate warm-up steps"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
-    hidden_size: int = field(default=192, metadata={"help": "model width"})
+    hidden_size: int = field(default=256, metadata={"help": "model width"})
     num_layers: int = field(default=4, metadata={"help": "transformer blocks"})
     num_heads: int = field(default=4, metadata={"help": "attention heads"})
-    intermediate_size: int = field(default=512, metadata={"help": "MLP width"})
+    intermediate_size: int = field(default=688, metadata={"help": "MLP width"})
     context_length: int = field(default=1024, metadata={"help": "max positions (RoPE; repair prompts are ~130 chars)"})
-    eval_every: int = field(default=100, metadata={"help": "evaluate every k steps (0 = only at the end)"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate every k steps (0 = only at the end)"})
     eval_prompts: int = field(default=200, metadata={"help": "test problems for solve pass@1 (T=1.0)"})
     eval_repairs: int = field(default=200, metadata={"help": "test (failed, reference) pairs for repair success (T=1.0)"})
     curve_prompts: int = field(default=100, metadata={"help": "test problems per intermediate evaluation"})

@@ -166,3 +166,25 @@ def test_response_logprobs_rejects_bad_temperature(small_policy):
     batch = _batch(small_policy, ["a"], ["b"])
     with pytest.raises(ValueError, match="temperature"):
         response_logprobs(small_policy.model, batch.padded(), 0.0)
+
+
+# ---------------------------------------------------------------------------- the committed checkpoint
+def test_committed_tiny_policy_loads_and_meets_its_targets(monkeypatch):
+    """data/tiny-policy: loads offline, covers the synthetic task's characters, and its recorded
+    accuracies are in the ranges RL needs (solve pass@1 in [0.2, 0.6], repair success >= 0.5)."""
+    import json
+
+    from ibpo_lab.tasks.synthetic import VOCAB as TASK_VOCAB
+
+    monkeypatch.delenv("IBPO_TINY_POLICY", raising=False)
+    folder = tiny_policy_dir()
+    pol = load_policy("tiny")
+    assert pol.name == "tiny" and pol.context_length >= 512
+    ids = pol.tokenizer(TASK_VOCAB, add_special_tokens=False)["input_ids"]
+    assert pol.tokenizer.unk_token_id not in ids and len(ids) == len(TASK_VOCAB)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    final = json.loads((folder / "warmup.json").read_text())["final"]
+    assert 0.2 <= final["solve_pass@1"] <= 0.6 and final["repair_success"] >= 0.5
+    card = (folder / "README.md").read_text()
+    assert f"{final['solve_pass@1']:.3f}" in card and f"{final['repair_success']:.3f}" in card

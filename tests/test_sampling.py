@@ -262,7 +262,6 @@ def test_vllm_sync_weights_pushes_every_parameter(policy):
 
 
 # ---------------------------------------------------------------------------- real models
-@pytest.mark.slow
 def test_committed_tiny_policy_samples():
     pol = load_policy("tiny")
     b = sample(pol, PROMPTS[:2], n=4, max_new_tokens=32, seed=0)
