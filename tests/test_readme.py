@@ -1,0 +1,24 @@
+"""The README's Python example runs as written on the committed tiny policy."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(import ibpo_lab\n.*?)```", text, flags=re.S)
+    assert blocks, "README lost its runnable example"
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    adv, fixed = ns["adv"], ns["fixed"]
+    assert tuple(adv.shape) == (len(fixed.batch), fixed.batch.max_response_len)
+    # IBPO credit is zero on tokens of failed, repaired trajectories that the repair did not edit
+    mask = fixed.batch.edit_mask
+    failed = (fixed.batch.rewards < 0.5) & (fixed.batch.repair_success > 0)
+    assert (adv[failed] * (1 - mask[failed])).abs().sum() == 0
+    assert set(fixed.table.columns) >= {"verified", "selected"}
