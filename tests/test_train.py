@@ -13,34 +13,14 @@ import torch
 
 import ibpo_lab.train as T
 from ibpo_lab.losses import LOSSES, get_loss, register_loss
-from ibpo_lab.models import tiny_policy_dir
-from ibpo_lab.tasks import Score, register_task
-from ibpo_lab.tasks.base import _TASKS
-from ibpo_lab.tasks.synthetic import SyntheticTask
 from ibpo_lab.train import RunRecord, TrainConfig
-
-# the committed tiny policy when it is there, else a randomly initialised one of the same shape
-MODEL = "tiny" if (tiny_policy_dir() / "config.json").is_file() else T.RANDOM_TINY
-
-
-class ParityTask(SyntheticTask):
-    """Synthetic prompts, reward 1 iff the response has an even number of characters: any policy,
-    trained or random, gets mixed rewards inside a group, so every estimator has signal to train on."""
-
-    name = "parity-test"
-
-    def score(self, example, response):
-        return Score(float(isinstance(response, str) and len(response) % 2 == 0), "parity")
-
-
-if "parity-test" not in _TASKS:
-    register_task("parity-test")(ParityTask)
 
 
 def small(**kw) -> TrainConfig:
-    """A run small enough for a unit test (a second or two per step on 2 CPU cores)."""
-    base = dict(task="parity-test", model=MODEL, device="cpu", steps=2, prompts_per_step=2, group_size=4,
-                max_new_tokens=16, repair_max_new_tokens=16, lr=1e-3, eval_n=2, eval_k=2, estimator="grpo")
+    """A run small enough for a unit test (a second or two per step on 2 CPU cores): the committed
+    tiny policy (solves about half the synthetic problems, so groups have mixed rewards)."""
+    base = dict(task="synthetic", model="tiny", device="cpu", steps=2, prompts_per_step=2, group_size=4,
+                max_new_tokens=40, repair_max_new_tokens=40, lr=1e-4, eval_n=2, eval_k=2, estimator="grpo")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -213,7 +193,7 @@ def test_summarise_runs_ci_over_seeds():
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "ibpo"])
 def test_two_step_run_writes_every_record(tmp_path, estimator):
-    rec = T.train(small(estimator=estimator, repair_k=1), tmp_path / estimator, progress=False)
+    rec = T.train(small(estimator=estimator, repair_k=2), tmp_path / estimator, progress=False)
     p = rec.path
     for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoint/state.pt",
                  "trajectories/step_000001.parquet", "trajectories/step_000002.parquet"):
@@ -224,7 +204,10 @@ def test_two_step_run_writes_every_record(tmp_path, estimator):
     assert not set(METRIC_COLUMNS) - set(m.columns), set(METRIC_COLUMNS) - set(m.columns)
     documented = {c for c in m.columns if not c.startswith(("loss_", "correct_"))}
     assert documented <= set(T.METRIC_HELP), documented - set(T.METRIC_HELP)
-    assert (m["grad_norm"] > 0).all() and m["updates"].eq(1).all()  # parity rewards always give signal
+    assert m["updates"].eq(1).all()
+    # a step learns something exactly when some group has mixed rewards (or IBPO's shaping varies)
+    has_signal = m["active_tokens"] > 0
+    assert has_signal.any() and ((m["grad_norm"] > 0) == has_signal).all()
     assert {"avg@k", "pass@1", "pass@k", "avg@k_lo", "avg@k_hi"} <= set(rec.eval.columns)
     t = rec.trajectories(2)
     assert len(t[t["kind"] == "policy"]) == 8 and set(t["group"]) == {0, 1}
@@ -233,7 +216,8 @@ def test_two_step_run_writes_every_record(tmp_path, estimator):
     if estimator == "ibpo":
         assert {"edit_mask", "repair", "repair_success"} <= set(t.columns)
         assert m["correct_n_attempted"].sum() > 0
-        failed = t[(t["kind"] == "policy") & (t["reward"] < 1)]
+        everything = rec.trajectories()
+        failed = everything[(everything["kind"] == "policy") & (everything["reward"] < 1)]
         has_repair = failed["repair"].notna()
         assert has_repair.any()
         assert (failed.loc[has_repair, "repair_success"] > 0).all()
@@ -278,6 +262,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "policy_update", counted)
     resumed = T.train(cfg, tmp_path / "resumed", progress=False, resume=True)
     assert len(after) == 2  # it continued from the step-2 checkpoint, it did not start over
+    assert (straight.metrics["grad_norm"].iloc[2:] > 0).all()  # the resumed steps really train
     pd.testing.assert_frame_equal(_strip_times(straight.metrics), _strip_times(resumed.metrics))
     pd.testing.assert_frame_equal(straight.eval, resumed.eval)
     pd.testing.assert_frame_equal(straight.trajectories(4), resumed.trajectories(4))
@@ -363,7 +348,7 @@ def test_evaluate_and_train_many(tmp_path):
     assert df["n_seeds"].tolist() == [2]
     pd.testing.assert_frame_equal(T.summarise_runs([r.path for r in recs]), df)
     policy = recs[0].load_policy()
-    ev = T.evaluate(policy, ParityTask(), split="test", n=3, k=2, temperature=1.0, seed=0, max_new_tokens=8)
+    ev = T.evaluate(policy, "synthetic", split="test", n=3, k=2, temperature=1.0, seed=0, max_new_tokens=40)
     assert ev["n"] == 3 and ev["k"] == 2 and 0 <= ev["avg@k"] <= ev["pass@k"] <= 1
     assert ev["avg@k_lo"] <= ev["avg@k"] <= ev["avg@k_hi"]
 
