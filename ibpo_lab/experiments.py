@@ -581,10 +581,11 @@ def synthetic_preset(profile: str, **overrides):
 
 
 def grid_configs(profile: str, variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], *,
-                 synthetic: bool = True, **common) -> list:
+                 synthetic: bool = True, fixed: Mapping[str, Any] | None = None, **common) -> list:
     """One ``TrainConfig`` per (variant, seed), variant by variant: the profile's preset
-    (:func:`synthetic_preset` if ``synthetic`` else ``train.presets``) with ``common``, the variant's
-    overrides, ``label=<variant name>`` and ``seed``.
+    (:func:`synthetic_preset` if ``synthetic`` else ``train.presets``) with ``common``, then the
+    variant's overrides, then ``fixed`` (settings that win over every variant, e.g. a smaller K for
+    tiny groups), ``label=<variant name>`` and ``seed``.
 
     ``variants``: label -> TrainConfig overrides (e.g. ``{"ibpo_k1": {"estimator": "ibpo", "repair_k": 1}}``).
     """
@@ -595,7 +596,9 @@ def grid_configs(profile: str, variants: Mapping[str, Mapping[str, Any]], seeds:
         raise ValueError("variants is empty")
     if not seeds:
         raise ValueError("seeds is empty")
-    return [make(**{**common, **dict(v), "label": name, "seed": int(s)}) for name, v in variants.items() for s in seeds]
+    fixed = dict(fixed or {})
+    return [make(**{**common, **dict(v), **fixed, "label": name, "seed": int(s)})
+            for name, v in variants.items() for s in seeds]
 
 
 def run_grid(cfgs: Sequence, runs_dir: str | os.PathLike | None, experiment: str, *, progress: bool = False,

@@ -634,7 +634,8 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, er
     for h_i, h in enumerate(hues):
         sub = agg if h is None else agg[agg[hue] == h]
         pos = [xs.index(v) + (h_i - (len(hues) - 1) / 2) * w for v in sub[x]]
-        ax.bar(pos, sub["_mu"], w, yerr=np.nan_to_num(sub["_err"].to_numpy(dtype=float)), capsize=3,
+        errs = np.nan_to_num(sub["_err"].to_numpy(dtype=float))
+        ax.bar(pos, sub["_mu"], w, yerr=errs if errs.any() else None, capsize=3,  # no caps on single values
                label=None if h is None else str(h))
     ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(y)

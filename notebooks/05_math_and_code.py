@@ -42,9 +42,10 @@ methods = None  # None: ['grpo', 'ibpo'] (smoke) / ['grpo', 'gspo', 'ibpo'] (ful
 seeds = None  # None: [0] (smoke) / [0, 1, 2] (full)
 steps = None  # training steps per run; None: 1 (smoke) / 200 (full)
 prompts_per_step = None  # None: 1 (smoke) / 32 (full)
-group_size = None  # None: 4 (smoke) / 8 (full)
-max_new_tokens = None  # None: 48 (smoke) / 512 (full)
-eval_n = None  # held-out prompts per evaluation; None: 2 (smoke) / 256 (full)
+group_size = None  # None: 2 (smoke) / 8 (full)
+repair_k = None  # IBPO references per failure (K, at most group_size - 1); None: 1 (smoke) / 2 (full)
+max_new_tokens = None  # None: 32 (smoke) / 512 (full)
+eval_n = None  # held-out prompts per evaluation; None: 1 (smoke) / 256 (full)
 gsm8k_path = None  # GSM8K jsonl; None: $IBPO_DATA_DIR/gsm8k, else the 20-problem fixture in the package
 metrics = ["reward_mean", "entropy", "grad_norm", "approx_kl"]  # stability curves
 
@@ -60,9 +61,9 @@ sizes = dict(
     model=ex.cached_model(model or ex.profile_value(profile, "smollm2", "Qwen/Qwen2.5-1.5B-Instruct")),
     steps=steps or ex.profile_value(profile, 1, 200),
     prompts_per_step=prompts_per_step or ex.profile_value(profile, 1, 32),
-    group_size=group_size or ex.profile_value(profile, 4, 8),
-    max_new_tokens=max_new_tokens or ex.profile_value(profile, 48, 512),
-    eval_n=eval_n or ex.profile_value(profile, 2, 256),
+    group_size=group_size or ex.profile_value(profile, 2, 8),
+    max_new_tokens=max_new_tokens or ex.profile_value(profile, 32, 512),
+    eval_n=eval_n or ex.profile_value(profile, 1, 256),
 )
 if profile == "smoke":
     sizes.update(device="cpu", backend="hf", minibatch_size=0, eval_k=1, lr=1e-6)
@@ -70,7 +71,8 @@ task_kwargs = {"gsm8k": ex.gsm8k_task_kwargs(gsm8k_path), "math": {}, "humaneval
 records = []
 for task in tasks:
     cfgs = ex.grid_configs(profile, ex.method_variants(methods), seeds, synthetic=False, task=task,
-                           task_kwargs=task_kwargs.get(task, {}), **sizes)
+                           task_kwargs=task_kwargs.get(task, {}), **sizes,
+                           fixed={"repair_k": repair_k or ex.profile_value(profile, 1, 2)})
     records += ex.run_grid(cfgs, runs_dir, f"05_{task}")
 print(f"{len(records)} runs")
 

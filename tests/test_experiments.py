@@ -134,6 +134,8 @@ def test_grid_configs_and_profiles(monkeypatch):
     assert cfgs[2].lam == 0.0 and cfgs[0].task == "synthetic" and cfgs[0].steps == ex.SYNTHETIC_SIZES["smoke"]["steps"]
     with pytest.raises(ValueError, match="variants"):
         ex.grid_configs("smoke", {}, [0])
+    won = ex.grid_configs("smoke", {"k2": {"estimator": "ibpo", "repair_k": 2}}, [0], repair_k=3, fixed={"repair_k": 1})
+    assert won[0].repair_k == 1  # fixed wins over the variant, the variant over common
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         ex.profile_value("full", 1, 2)
