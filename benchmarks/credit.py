@@ -148,8 +148,6 @@ def figure(credit: pd.DataFrame, var: pd.DataFrame):
         ax.set_xticks(range(len(names)), [n.replace(" (oracle repairs)", "\n(oracle)") for n in names],
                       rotation=45, ha="right", fontsize=8)
         ax.set_title(title)
-        if col == "rel_var" and any(np.isfinite(m) and m > 0 for m in means):
-            ax.set_yscale("log")
     fig.suptitle("Credit quality and gradient variance (mean ± std over seeds)")
     fig.tight_layout()
     return fig
@@ -170,16 +168,19 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2), prompts: int | No
     G = group_size or (4 if quick else 8)
     T_max = max_new_tokens or (12 if quick else 48)
     R = resamples or (2 if quick else 4)
+    # credit quality is cheap per batch, so it scores twice the prompts the gradient resamples use
+    P_credit = P if quick else 2 * P
     base = dict(model=model_name, device="cpu", prompts_per_step=P, group_size=G, max_new_tokens=T_max, minibatch_size=0,
                 repair_k=min(2, G - 1), mc_rollouts=2 if quick else 4)
     task = get_task("synthetic")
-    # "same prompts": the first P held-out problems, for every seed and estimator
-    examples = task.examples("test", P)
-    credit = credit_rows(policy, task, examples, base, seeds)
-    var = variance_rows(policy, task, examples, base, seeds, R)
+    # "same prompts": the first held-out problems, for every seed and estimator
+    examples = task.examples("test", max(P, P_credit))
+    credit = credit_rows(policy, task, examples[:P_credit], {**base, "prompts_per_step": P_credit}, seeds)
+    var = variance_rows(policy, task, examples[:P], base, seeds, R)
     table = summarise(credit, var)
     rep = Report(name=NAME, title="Credit quality and gradient variance per estimator",
-                 setup={"policy": model_desc, "prompts": P, "group size": G, "max new tokens": T_max,
+                 setup={"policy": model_desc, "prompts (credit)": P_credit, "prompts (gradients)": P, "group size": G,
+                        "max new tokens": T_max,
                         "seeds": len(seeds), "gradient resamples per seed": R,
                         "VinePPO K": base["mc_rollouts"], "IBPO repairs per failure": base["repair_k"]})
     rep.tables.append(("Per estimator, mean ± std over seeds", table))

@@ -103,7 +103,8 @@ def learning_config(estimator: str, model: str, steps: int, seed: int, quick: bo
 
     smoke = presets("smoke").to_dict()
     kw = {k: smoke[k] for k in BUDGET_FIELDS}
-    kw.update(model=model, steps=steps, seed=seed, save_trajectories=False, eval_every=0)
+    # a larger held-out evaluation than the smoke preset's, once per run: the final accuracy is a headline number
+    kw.update(model=model, steps=steps, seed=seed, save_trajectories=False, eval_every=0, eval_n=32, eval_k=4)
     if quick:
         kw.update(prompts_per_step=2, group_size=4, max_new_tokens=12, repair_max_new_tokens=12, minibatch_size=0,
                   eval_n=2, eval_k=2, repair_k=1)

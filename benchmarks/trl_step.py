@@ -226,8 +226,10 @@ def run(quick: bool = False, setup: StepSetup | None = None) -> Report:
     rep.targets.append(Target(
         "ibpo_lab GRPO step / TRL GRPOTrainer step (checkpointing off)", "≤ 0.8", float(off["ratio lab/TRL"]),
         float(off["ratio lab/TRL"]) <= 0.8,
-        "both spend most of the step generating token by token with a KV cache on the same model; ibpo_lab's "
-        "sampler loop saves TRL's per-step overheads, not the model's own compute"))
+        f"generation: ibpo_lab {off['lab sample s']:.2f} s vs TRL {off['TRL generate s']:.2f} s; everything else: "
+        f"ibpo_lab {off['lab rest s']:.2f} s vs TRL {off['TRL rest s']:.2f} s. Both run the same model's forward "
+        "passes token by token with a KV cache, and one forward/backward over the same tokens; at 3M parameters on "
+        "2 cores that compute, not framework overhead, is most of the step"))
     rep.notes.append("generate/sample = generation of the completions (TRL: time inside model.generate; ibpo_lab: "
                      "its sampler); rest = rewards, advantages, forward/backward, optimiser and framework overhead")
     rep.notes.append("TRL tokens/completion is TRL's own completions/mean_length metric; ibpo_lab's is the mean "
