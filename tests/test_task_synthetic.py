@@ -419,7 +419,13 @@ def test_text_steps_spans_cover_steps():
 @given(text=st.text(alphabet="\n \t\r4+=ans", max_size=40))
 def test_text_steps_agree_with_the_steps_module(text):
     steps = pytest.importorskip("ibpo_lab.steps")
-    assert text_steps(text) == steps.split_text_steps(text, "newline")
+    spans = text_steps(text)
+    assert spans == steps.split_text_steps(text, "newline")
+    # and both follow the rule the task documents, checked independently: the spans tile the text
+    # and each one holds one non-empty line (whitespace-only text: one empty step)
+    assert "".join(text[a:b] for a, b in spans) == text and all(a < b for a, b in spans)
+    expected = [ln.strip() for ln in nonempty_lines(text)] or ([""] if text else [])
+    assert [text[a:b].strip() for a, b in spans] == expected
 
 
 def test_labels_align_with_steps_module():

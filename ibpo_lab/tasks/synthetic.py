@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
+from ibpo_lab.steps import split_text_steps
 from ibpo_lab.tasks.base import Example, Score, Task, register_task
 
 __all__ = [
@@ -95,31 +96,11 @@ _QUESTION_RE = re.compile(r"(\d{1,9})((?: [+-]\d{1,9})+) mod (\d{1,9})")
 
 
 def text_steps(text: str) -> list[tuple[int, int]]:
-    """Character spans ``(start, end)`` of the steps of ``text``, the rule of
-    ``ibpo_lab.steps.split_text_steps(text, "newline")``: a step is a line with its ending newline;
+    """Character spans ``(start, end)`` of the steps of ``text``: exactly
+    ``ibpo_lab.steps.split_text_steps(text, "newline")`` — a step is a line with its ending newline;
     whitespace-only lines merge into the previous step (into the next one at the very start);
-    empty text has no step, whitespace-only text is one step.
-
-    Mirrored here (not imported) so the reward stays a fast pure function with no dependency on a
-    module that changes more often; the tests check both agree on arbitrary text.
-    """
-    spans: list[list[int]] = []
-    pending = None  # start of leading whitespace-only lines, waiting for the first real step
-    pos, n = 0, len(text)
-    while pos < n:
-        nl = text.find("\n", pos)
-        end = n if nl < 0 else nl + 1
-        if text[pos:end].strip():
-            spans.append([pos if pending is None else pending, end])
-            pending = None
-        elif spans:
-            spans[-1][1] = end
-        elif pending is None:
-            pending = pos
-        pos = end
-    if n and not spans:
-        return [(0, n)]
-    return [(a, b) for a, b in spans]
+    empty text has no step, whitespace-only text is one step."""
+    return split_text_steps(text, "newline")
 
 
 def _apply(a: int, op: Op, m: int) -> int:
