@@ -422,6 +422,7 @@ def _credit_masks(failed_ids, repair_ids, cfg: CorrectConfig, k_star: int | None
 
 # --------------------------------------------------------------------------- main entry
 def _example_of(examples, batch: RolloutBatch) -> Callable[[int], Any]:
+    """trajectory index -> its Example, from one Example per trajectory or a mapping group id -> Example."""
     B = len(batch)
     if isinstance(examples, Mapping):
         gids = batch.group_ids.tolist()
@@ -438,6 +439,7 @@ def _example_of(examples, batch: RolloutBatch) -> Callable[[int], Any]:
 
 
 def _resolve_tokenizer(tokenizer, sampler):
+    """``tokenizer``, else ``sampler.tokenizer``, else ``sampler.policy.tokenizer`` (None if none)."""
     if tokenizer is not None:
         return tokenizer
     tok = getattr(sampler, "tokenizer", None)
@@ -606,15 +608,20 @@ def _iop_k_star(failed_ids, repair_ids, k: int, example, task, tokenizer, cfg: C
     return None
 
 
+def _task_step_spans(response_ids: Sequence[Sequence[int]], task, tokenizer) -> list[list[tuple[int, int]]]:
+    """Token step spans of each response, split with the task's ``step_delimiter``."""
+    from ibpo_lab.steps import split_steps  # only needed when the caller tracks steps
+
+    delim = getattr(task, "step_delimiter", "newline")
+    return [split_steps(ids, tokenizer, delim) for ids in response_ids]
+
+
 def _repaired_batch(batch: RolloutBatch, rep: dict[str, list], task, tokenizer) -> RolloutBatch:
     idx = rep["source"]
     have_lp = bool(idx) and all(lp is not None for lp in rep["logprobs"])
     spans = None
     if batch.step_spans is not None and tokenizer is not None:
-        from ibpo_lab.steps import split_steps  # only needed when the caller tracks steps
-
-        delim = getattr(task, "step_delimiter", "newline")
-        spans = [split_steps(ids, tokenizer, delim) for ids in rep["response_ids"]]
+        spans = _task_step_spans(rep["response_ids"], task, tokenizer)
     meta = {k: [v[i] for i in idx] for k, v in batch.meta.items()}
     meta["source_traj"] = list(idx)
     meta["reference_traj"] = list(rep["reference"])

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ibpo_lab.correct import _example_of, _resolve_tokenizer, _task_step_spans
 from ibpo_lab.rollout import RolloutBatch
 
 __all__ = ["step_boundaries", "mc_step_values", "with_step_values"]
@@ -73,17 +74,13 @@ def mc_step_values(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     B = len(batch)
-    example_of = _example_lookup(examples, batch)
-    if tokenizer is None:
-        tokenizer = getattr(sampler, "tokenizer", None) or getattr(getattr(sampler, "policy", None), "tokenizer", None)
+    example_of = _example_of(examples, batch)
+    tokenizer = _resolve_tokenizer(tokenizer, sampler)
     if tokenizer is None:
         raise ValueError("tokenizer is required (to decode response prefixes); the sampler has none")
     spans = batch.step_spans
     if spans is None:
-        from ibpo_lab.steps import split_steps
-
-        delim = getattr(task, "step_delimiter", "newline")
-        spans = [split_steps(r, tokenizer, delim) for r in batch.response_ids]
+        spans = _task_step_spans(batch.response_ids, task, tokenizer)
     if max_new_tokens is None:
         max_new_tokens = max(batch.max_response_len, 1)
 
@@ -134,29 +131,9 @@ def mc_step_values(
 
 def with_step_values(batch: RolloutBatch, examples, task, sampler, k: int, **kw) -> RolloutBatch:
     """``batch`` with ``step_values`` filled by :func:`mc_step_values` (and ``step_spans`` if missing)."""
-    tokenizer = kw.get("tokenizer") or getattr(sampler, "tokenizer", None) or getattr(
-        getattr(sampler, "policy", None), "tokenizer", None
-    )
     if batch.step_spans is None:
+        tokenizer = _resolve_tokenizer(kw.get("tokenizer"), sampler)
         if tokenizer is None:
             raise ValueError("tokenizer is required to split steps (batch.step_spans is None)")
-        from ibpo_lab.steps import split_steps
-
-        delim = getattr(task, "step_delimiter", "newline")
-        batch = batch.replace(step_spans=[split_steps(r, tokenizer, delim) for r in batch.response_ids])
+        batch = batch.replace(step_spans=_task_step_spans(batch.response_ids, task, tokenizer))
     return batch.replace(step_values=mc_step_values(batch, examples, task, sampler, k, **kw))
-
-
-def _example_lookup(examples, batch: RolloutBatch):
-    if isinstance(examples, Mapping):
-        gids = batch.group_ids.tolist()
-        missing = sorted({g for g in gids if g not in examples})
-        if missing:
-            raise ValueError(f"examples (a mapping by group id) has no entry for groups {missing[:5]}")
-        return lambda i: examples[gids[i]]
-    if len(examples) != len(batch):
-        raise ValueError(
-            f"examples has {len(examples)} entries but the batch has {len(batch)} trajectories "
-            "(pass one Example per trajectory, or a mapping group id -> Example)"
-        )
-    return lambda i: examples[i]
