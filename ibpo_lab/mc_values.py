@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ibpo_lab.correct import _example_of, _resolve_tokenizer, _task_step_spans
+from ibpo_lab.correct import _decode, _example_of, _resolve_tokenizer, _task_step_spans, _texts
 from ibpo_lab.rollout import RolloutBatch
 
 __all__ = ["step_boundaries", "mc_step_values", "with_step_values"]
@@ -106,16 +106,14 @@ def mc_step_values(
     bar = tqdm(total=len(states), desc="MC step values", disable=not progress, leave=False)
     for c0 in range(0, len(states), chunk_size):
         chunk = states[c0 : c0 + chunk_size]
-        prefix_texts = [tokenizer.decode(list(p), skip_special_tokens=True) for _, _, p in chunk]
+        prefix_texts = [_decode(tokenizer, p) for _, _, p in chunk]
         out = sampler.sample(
             [pr + pt for (_, pr, _), pt in zip(chunk, prefix_texts)], n=k, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, stop=stop, seed=None if seed is None else seed + c0,
         )
         if len(out) != len(chunk) * k:
             raise ValueError(f"sampler returned {len(out)} trajectories for {len(chunk)} prompts x k={k}")
-        conts = out.responses if out.responses is not None else [
-            tokenizer.decode(r, skip_special_tokens=True) for r in out.response_ids
-        ]
+        conts = _texts(out, tokenizer)
         for s, ((i, _, _), pt) in enumerate(zip(chunk, prefix_texts)):
             ex = example_of(i)
             rs = [float(task.reward(ex, pt + conts[s * k + j])) for j in range(k)]
