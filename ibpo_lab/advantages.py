@@ -173,13 +173,19 @@ def _batch_std(r: Tensor, std: str) -> Tensor:
     return r.std(correction=1 if std == "unbiased" else 0)
 
 
+def _group_divisor(scale: str, sd: Tensor, r64: Tensor, std: str, eps: float) -> Tensor:
+    """What each group's centred rewards are divided by -> [n]: ``scale="group"`` its std + eps,
+    ``"batch"`` the std of all rewards r64 [B] + eps, ``"none"`` 1 (sd [n]: per-group stds)."""
+    if scale == "group":
+        return sd + eps
+    if scale == "batch":
+        return (_batch_std(r64, std) + eps).expand_as(sd)
+    return torch.ones_like(sd)
+
+
 def _centre_scale(r64: Tensor, g: Tensor, eps: float, scale: str, std: str, const_tol: float) -> Tensor:
     inv, mean, sd, dead = _group_stats(r64, g, std, const_tol)
-    adv = r64 - mean[inv]
-    if scale == "group":
-        adv = adv / (sd[inv] + eps)
-    elif scale == "batch":
-        adv = adv / (_batch_std(r64, std) + eps)
+    adv = (r64 - mean[inv]) / _group_divisor(scale, sd, r64, std, eps)[inv]
     # singleton and constant groups have no signal: exactly zero, never noise / eps
     return torch.where(dead[inv], torch.zeros_like(adv), adv)
 
@@ -582,12 +588,7 @@ def ibpo_repair_advantages(
     inv, mean, sd, dead = _group_stats(rs, original.group_ids, std, const_tol)
     gi = inv[torch.tensor(src, dtype=torch.long)]
     adv = repaired.rewards.double() - mean[gi]
-    if scale == "group":
-        denom = sd[gi] + eps
-    elif scale == "batch":
-        denom = (_batch_std(rs, std) + eps).expand_as(adv)
-    else:
-        denom = torch.ones_like(adv)
+    denom = _group_divisor(scale, sd, rs, std, eps)[gi]
     denom = torch.where(dead[gi], torch.ones_like(denom), denom)
     adv = adv / denom
     m = repaired.edit_mask * repaired.response_mask
@@ -675,14 +676,14 @@ def prefix_tree_estimator(
     mask = batch.response_mask
     out = torch.zeros(mask.shape, dtype=torch.float64)
     spans = [_spans_of(batch, i) for i in range(len(batch))]
-    bstd = _batch_std(r, std)
+    divisor = _group_divisor(scale, sd, r, std, eps)
     for members in batch.groups().values():
         gi = inv[members[0]]
         if bool(dead[gi]):
             continue
         seqs = [step_keys(batch.response_ids[i], spans[i]) for i in members]
         step_adv = prefix_tree_step_advantages(seqs, r[members], shrinkage=shrinkage)
-        div = {"group": float(sd[gi]) + eps, "batch": float(bstd) + eps, "none": 1.0}[scale]
+        div = float(divisor[gi])
         for i, adv in zip(members, step_adv):
             for (a, b), val in zip(spans[i], adv):
                 out[i, a:b] = val / div
