@@ -188,32 +188,13 @@ class _StopChecker:
         return any(s in tail for s in self.stop)
 
 
-# ---------------------------------------------------------------------------- hf backend
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+class _Sampler:
+    """What every backend shares: the interface, the request checks, the prompt encoding, and
+    re-pointing ``policy`` at the trainer's model. A backend implements ``_sample(req, prompt_ids)``
+    and, if it keeps its own copy of the weights, extends ``sync_weights`` to push them."""
 
-
-@register_backend("hf")
-class HFSampler:
-    """Batched KV-cache sampling with a transformers causal LM (CPU or GPU).
-
-    ``max_batch_size``: at most this many trajectories decode together (prompts are chunked,
-    a prompt's n trajectories are never split across chunks unless n itself is larger).
-    """
-
-    def __init__(self, policy: Policy, max_batch_size: int = 256, show_progress: bool = False):
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
-        self.policy = policy
-        self.max_batch_size = max_batch_size
-        self.show_progress = show_progress
-        self.last_stats: dict[str, float] = {}
-
-    def sync_weights(self, model) -> None:
-        """The hf backend samples from the trainer's own module: nothing to copy, only re-point."""
-        if model is not self.policy.model:
-            self.policy = replace(self.policy, model=model)
+    policy: Policy
+    last_stats: dict[str, float]
 
     def sample(
         self,
@@ -226,8 +207,49 @@ class HFSampler:
         seed: int | None = None,
         group_offset: int = 0,
     ) -> RolloutBatch:
+        """``n`` trajectories for each prompt, conventions as in the module docstring (see :func:`sample`)."""
         req = _check_request(prompts, n, max_new_tokens, temperature, top_p, stop, seed, group_offset)
-        prompt_ids = _encode_prompts(self.policy, req)
+        return self._sample(req, _encode_prompts(self.policy, req))
+
+    def _sample(self, req: _Request, prompt_ids: list[list[int]]) -> RolloutBatch:
+        raise NotImplementedError
+
+    def sync_weights(self, model) -> None:
+        """Sample from ``model`` (the trainer's module) from now on."""
+        if model is not self.policy.model:
+            self.policy = replace(self.policy, model=model)
+
+
+def _throughput(t0: float, n_tokens: int) -> dict[str, float]:
+    """``last_stats`` of a sampling call that started at ``time.perf_counter()`` = t0."""
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "new_tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9)}
+
+
+# ---------------------------------------------------------------------------- hf backend
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@register_backend("hf")
+class HFSampler(_Sampler):
+    """Batched KV-cache sampling with a transformers causal LM (CPU or GPU).
+
+    ``max_batch_size``: at most this many trajectories decode together (prompts are chunked,
+    a prompt's n trajectories are never split across chunks unless n itself is larger).
+    It samples from the trainer's own module, so ``sync_weights`` has nothing to copy, only re-points.
+    """
+
+    def __init__(self, policy: Policy, max_batch_size: int = 256, show_progress: bool = False):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        self.policy = policy
+        self.max_batch_size = max_batch_size
+        self.show_progress = show_progress
+        self.last_stats: dict[str, float] = {}
+
+    def _sample(self, req: _Request, prompt_ids: list[list[int]]) -> RolloutBatch:
         device = self.policy.device
         gen = None
         if req.seed is not None:
@@ -251,8 +273,7 @@ class HFSampler:
                 n_tokens += sum(len(x) for x in r)
         finally:
             model.train(was_training)
-        dt = time.perf_counter() - t0
-        self.last_stats = {"seconds": dt, "new_tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9)}
+        self.last_stats = _throughput(t0, n_tokens)
         return _build_batch(self.policy, req, prompt_ids, responses, logprobs, finish)
 
     @torch.inference_mode()
@@ -357,7 +378,7 @@ _VLLM_MISSING = (
 
 
 @register_backend("vllm")
-class VLLMSampler:
+class VLLMSampler(_Sampler):
     """A colocated ``vllm.LLM`` behind the same interface.
 
     The engine shares the GPU with the trainer (``gpu_memory_utilization``) and sleeps between
@@ -434,8 +455,7 @@ class VLLMSampler:
 
     def sync_weights(self, model) -> None:
         """Push ``model``'s parameters into the engine (call after each optimiser step)."""
-        if model is not self.policy.model:
-            self.policy = replace(self.policy, model=model)
+        super().sync_weights(model)
         self._wake(["weights"])
         runner = self.engine.llm_engine.model_executor.driver_worker.model_runner.model
         with torch.no_grad():
@@ -444,19 +464,7 @@ class VLLMSampler:
         self.engine.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self._weights_lost = False
 
-    def sample(
-        self,
-        prompts: list[str],
-        n: int,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-        group_offset: int = 0,
-    ) -> RolloutBatch:
-        req = _check_request(prompts, n, max_new_tokens, temperature, top_p, stop, seed, group_offset)
-        prompt_ids = _encode_prompts(self.policy, req)
+    def _sample(self, req: _Request, prompt_ids: list[list[int]]) -> RolloutBatch:
         params = self.sampling_params_cls(
             n=req.n,
             temperature=req.temperature,
@@ -497,9 +505,7 @@ class VLLMSampler:
         batch = _build_batch(self.policy, req, prompt_ids, responses, engine_lp, finish, meta={"engine_logprobs": engine_lp})
         if self.recompute_logprobs:
             batch = batch.replace(logprobs=self._trainer_logprobs(batch, req.temperature))
-        dt = time.perf_counter() - t0
-        n_tok = sum(len(r) for r in responses)
-        self.last_stats = {"seconds": dt, "new_tokens": n_tok, "tokens_per_s": n_tok / max(dt, 1e-9)}
+        self.last_stats = _throughput(t0, sum(len(r) for r in responses))
         return batch
 
     def _trainer_logprobs(self, batch: RolloutBatch, temperature: float) -> list[list[float]]:
