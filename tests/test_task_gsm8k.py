@@ -232,3 +232,57 @@ def test_real_gsm8k_every_gold_scores_one():
     # gold solutions with annotations label every annotated line True
     labels = [t.step_labels(e, t.gold_response(e)) for e in test[:50]]
     assert any(lab is not None and all(lab) for lab in labels)
+
+
+# ---------------------------------------------------------------- shared task helpers (tasks/answers.py)
+def test_guarded_score_never_raises_and_only_verifies_text():
+    from ibpo_lab.tasks.answers import guarded_score
+    from ibpo_lab.tasks.base import Score
+
+    seen = []
+
+    def verify(text):
+        seen.append(text)
+        return Score(1.0, "ok")
+
+    assert guarded_score(b"#### 4", 100, verify) == Score(1.0, "ok") and seen == ["#### 4"]
+    assert guarded_score(b"\xff", 100, verify).reward == 0.0 and seen == ["#### 4"]  # not UTF-8: never verified
+    assert guarded_score("x" * 101, 100, verify).reason.startswith("response too long")
+
+    def broken(text):
+        raise ZeroDivisionError("boom")
+
+    assert guarded_score("#### 4", 100, broken) == Score(0.0, "verifier error: ZeroDivisionError: boom")
+
+
+def test_cached_split_checks_n_first_loads_once_and_returns_copies():
+    from ibpo_lab.tasks.answers import cached_split
+
+    calls = []
+
+    def load(split):
+        calls.append(split)
+        return [1, 2, 3]
+
+    cache: dict = {}
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match="n must be"):
+            cached_split(cache, "train", bad, load)
+    assert calls == []  # a bad n fails before any data is read
+    first = cached_split(cache, "train", None, load)
+    first.append(99)  # callers get their own list
+    assert cached_split(cache, "train", 2, load) == [1, 2] and cached_split(cache, "train", None, load) == [1, 2, 3]
+    assert calls == ["train"]
+
+
+def test_bad_n_and_max_response_chars_are_rejected(task):
+    with pytest.raises(ValueError, match="max_response_chars"):
+        GSM8KTask(path=FIXTURE, max_response_chars=0)
+    with pytest.raises(ValueError, match="n must be"):
+        task.examples("test", n=-1)
+    # a response over the limit scores 0 with a reason, unread
+    short = GSM8KTask(path=FIXTURE, max_response_chars=10)
+    ex = short.examples("test")[0]
+    assert short.score(ex, f"#### {ex.answer}").reward == 1.0
+    s = short.score(ex, "x" * 20 + f"\n#### {ex.answer}")
+    assert s.reward == 0.0 and "too long" in s.reason

@@ -121,3 +121,12 @@ def test_missing_data_says_where_to_put_it(monkeypatch, tmp_path):
 def test_templates_ask_for_boxed(task, examples):
     assert "\\boxed{}" in task.solve_prompt(examples[0])
     assert "\\boxed{}" in task.repair_prompt(examples[0], "a", "b")
+
+
+def test_bad_n_and_max_response_chars_are_rejected(task):
+    with pytest.raises(ValueError, match="max_response_chars"):
+        MathTask(path=FIXTURE, max_response_chars=-5)
+    with pytest.raises(ValueError, match="n must be"):
+        task.examples("test", n=-1)
+    s = MathTask(path=FIXTURE, max_response_chars=10).score(task.examples("test")[1], "x" * 20 + " \\boxed{4}")
+    assert s.reward == 0.0 and "too long" in s.reason

@@ -2,8 +2,8 @@
 
 Shared by ``gsm8k``, ``math``, ``humaneval`` and ``rg:<dataset>`` so that every task treats bad
 input the same way: a response that is not text, not UTF-8, empty or absurdly long gets reward 0
-with a reason, never an exception; a malformed data file raises one ``ValueError`` naming the
-file and the line.
+with a reason, never an exception (:func:`guarded_score`); a malformed data file raises one
+``ValueError`` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -14,11 +14,16 @@ import os
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
+
+from ibpo_lab.tasks.base import Score
 
 __all__ = [
     "MAX_RESPONSE_CHARS",
     "as_text",
+    "check_max_response_chars",
+    "guarded_score",
+    "cached_split",
     "parse_number",
     "numbers_equal",
     "extract_numeric_answer",
@@ -55,6 +60,26 @@ def as_text(response: Any, max_chars: int = MAX_RESPONSE_CHARS) -> tuple[str | N
     if not response.strip():
         return None, "empty response"
     return response, "ok"
+
+
+def check_max_response_chars(value: Any) -> int:
+    """A task's ``max_response_chars``: a positive int (ValueError otherwise)."""
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"max_response_chars must be a positive int, got {value!r}")
+    return value
+
+
+def guarded_score(response: Any, max_chars: int, verify: Callable[[str], Score]) -> Score:
+    """``verify(text)`` for a response that :func:`as_text` accepts, else ``Score(0, reason)``.
+
+    Never raises: an exception anywhere becomes ``Score(0, "verifier error: <type>: <message>")``."""
+    try:
+        text, reason = as_text(response, max_chars)
+        if text is None:
+            return Score(0.0, reason)
+        return verify(text)
+    except Exception as e:  # a verifier must never take the training loop down
+        return Score(0.0, f"verifier error: {type(e).__name__}: {e}")
 
 
 # a number as people write it in answers: -1,234.50  3/4  .5  1e3 (thousands commas only in groups
@@ -184,6 +209,16 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[tu
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def cached_split(cache: dict[str, list], split: str, n: int | None, load: Callable[[str], list]) -> list:
+    """The first ``n`` items (all for None) of ``split``, as a new list; ``load(split)`` runs once per
+    split and its result is kept in ``cache``. ``n`` is checked before anything is loaded."""
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ValueError(f"n must be a non-negative int or None, got {n!r}")
+    if split not in cache:
+        cache[split] = load(split)
+    return list(cache[split][:n] if n is not None else cache[split])
 
 
 def data_dir_file(subdir: str, split: str, data_dir: str | os.PathLike | None = None) -> Path | None:

@@ -31,8 +31,11 @@ from typing import Any, Mapping
 from ibpo_lab.tasks.answers import (
     MAX_RESPONSE_CHARS,
     as_text,
+    cached_split,
+    check_max_response_chars,
     data_dir_file,
     extract_numeric_answer,
+    guarded_score,
     hub_offline,
     numbers_equal,
     parse_number,
@@ -95,11 +98,9 @@ class GSM8KTask(Task):
         max_response_chars: int = MAX_RESPONSE_CHARS,
     ) -> None:
         super().__init__({**GSM8K_TEMPLATES, **(templates or {})})
-        if not isinstance(max_response_chars, int) or max_response_chars <= 0:
-            raise ValueError(f"max_response_chars must be a positive int, got {max_response_chars!r}")
+        self.max_response_chars = check_max_response_chars(max_response_chars)
         self.path = path
         self.data_dir = data_dir
-        self.max_response_chars = max_response_chars
         self._cache: dict[str, list[Example]] = {}
 
     # -- data -------------------------------------------------------------------
@@ -119,28 +120,27 @@ class GSM8KTask(Task):
         return [(i + 1, dict(r)) for i, r in enumerate(ds)], f"hub:openai/gsm8k/{split}"
 
     def examples(self, split: str = "train", n: int | None = None) -> list[Example]:
-        if n is not None and (not isinstance(n, int) or n < 0):
-            raise ValueError(f"n must be a non-negative int or None, got {n!r}")
-        if split not in self._cache:
-            rows, source = self._rows(split)
-            out = []
-            for i, (line, row) in enumerate(rows):
-                try:
-                    answer = gsm8k_gold_answer(row["answer"])
-                except ValueError as e:
-                    raise ValueError(f"{source}:{line}: {e}") from None
-                if parse_number(answer) is None:
-                    raise ValueError(f"{source}:{line}: final answer {answer!r} is not a number")
-                out.append(
-                    Example(
-                        id=f"gsm8k-{split}-{i}",
-                        prompt=row["question"],
-                        answer=answer,
-                        meta={"solution": row["answer"], "annotations": parse_annotations(row["answer"]), "source": f"{source}:{line}"},
-                    )
+        return cached_split(self._cache, split, n, self._load)
+
+    def _load(self, split: str) -> list[Example]:
+        rows, source = self._rows(split)
+        out = []
+        for i, (line, row) in enumerate(rows):
+            try:
+                answer = gsm8k_gold_answer(row["answer"])
+            except ValueError as e:
+                raise ValueError(f"{source}:{line}: {e}") from None
+            if parse_number(answer) is None:
+                raise ValueError(f"{source}:{line}: final answer {answer!r} is not a number")
+            out.append(
+                Example(
+                    id=f"gsm8k-{split}-{i}",
+                    prompt=row["question"],
+                    answer=answer,
+                    meta={"solution": row["answer"], "annotations": parse_annotations(row["answer"]), "source": f"{source}:{line}"},
                 )
-            self._cache[split] = out
-        return list(self._cache[split][:n] if n is not None else self._cache[split])
+            )
+        return out
 
     def gold_response(self, example: Example) -> str:
         """The reference solution, as a response (scores 1.0)."""
@@ -148,21 +148,18 @@ class GSM8KTask(Task):
 
     # -- rewards ----------------------------------------------------------------
     def score(self, example: Example, response: str) -> Score:
-        try:
-            text, reason = as_text(response, self.max_response_chars)
-            if text is None:
-                return Score(0.0, reason)
-            answer, how = extract_numeric_answer(text)
-            if answer is None:
-                return Score(0.0, how)
-            got, want = parse_number(answer), parse_number(example.answer)
-            if got is None:
-                return Score(0.0, f"final answer {answer[:40]!r} is not a number")
-            if numbers_equal(got, want):
-                return Score(1.0, "ok")
-            return Score(0.0, f"wrong answer ({how}: {answer[:40]!r} != {example.answer!r})")
-        except Exception as e:  # a verifier must never take the training loop down
-            return Score(0.0, f"verifier error: {type(e).__name__}: {e}")
+        return guarded_score(response, self.max_response_chars, lambda text: self._score_text(example, text))
+
+    def _score_text(self, example: Example, text: str) -> Score:
+        answer, how = extract_numeric_answer(text)
+        if answer is None:
+            return Score(0.0, how)
+        got, want = parse_number(answer), parse_number(example.answer)
+        if got is None:
+            return Score(0.0, f"final answer {answer[:40]!r} is not a number")
+        if numbers_equal(got, want):
+            return Score(1.0, "ok")
+        return Score(0.0, f"wrong answer ({how}: {answer[:40]!r} != {example.answer!r})")
 
     def step_labels(self, example: Example, response: str) -> list[bool] | None:
         annotations = example.meta.get("annotations") or []

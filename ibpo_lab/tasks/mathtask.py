@@ -27,7 +27,16 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ibpo_lab.tasks.answers import MAX_RESPONSE_CHARS, as_text, data_dir_file, last_boxed, read_jsonl, resolve_split_path
+from ibpo_lab.tasks.answers import (
+    MAX_RESPONSE_CHARS,
+    cached_split,
+    check_max_response_chars,
+    data_dir_file,
+    guarded_score,
+    last_boxed,
+    read_jsonl,
+    resolve_split_path,
+)
 from ibpo_lab.tasks.base import Example, Score, Task, register_task
 
 __all__ = ["MathTask", "MATH_TEMPLATES", "SafeMathVerifier", "math_verify_safe", "FIXTURE"]
@@ -212,48 +221,42 @@ class MathTask(Task):
         super().__init__({**MATH_TEMPLATES, **(templates or {})})
         if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
-        if not isinstance(max_response_chars, int) or max_response_chars <= 0:
-            raise ValueError(f"max_response_chars must be a positive int, got {max_response_chars!r}")
+        self.max_response_chars = check_max_response_chars(max_response_chars)
         self.path, self.data_dir = path, data_dir
         self.timeout_s = float(timeout_s)
-        self.max_response_chars = max_response_chars
         self._cache: dict[str, list[Example]] = {}
 
     def examples(self, split: str = "train", n: int | None = None) -> list[Example]:
-        if n is not None and (not isinstance(n, int) or n < 0):
-            raise ValueError(f"n must be a non-negative int or None, got {n!r}")
-        if split not in self._cache:
-            file = resolve_split_path(self.path, split) or data_dir_file("math", split, self.data_dir)
-            if file is None:
-                raise ValueError(
-                    f"math: no file for split {split!r}. Pass path='.../{split}.jsonl' (MATH-format rows with "
-                    f"'problem' and 'solution' containing \\boxed{{}}) or set IBPO_DATA_DIR so that "
-                    f"$IBPO_DATA_DIR/math/{split}.jsonl exists."
-                )
-            out = []
-            for i, (line, row) in enumerate(read_jsonl(file, required=("problem", "solution"))):
-                answer = last_boxed(row["solution"])
-                if answer is None or not answer.strip():
-                    raise ValueError(f"{file}:{line}: solution has no \\boxed{{...}} answer")
-                meta = {"solution": row["solution"], "source": f"{file}:{line}"}
-                meta.update({k: row[k] for k in ("level", "type") if k in row})
-                out.append(Example(id=f"math-{split}-{i}", prompt=row["problem"], answer=answer.strip(), meta=meta))
-            self._cache[split] = out
-        return list(self._cache[split][:n] if n is not None else self._cache[split])
+        return cached_split(self._cache, split, n, self._load)
+
+    def _load(self, split: str) -> list[Example]:
+        file = resolve_split_path(self.path, split) or data_dir_file("math", split, self.data_dir)
+        if file is None:
+            raise ValueError(
+                f"math: no file for split {split!r}. Pass path='.../{split}.jsonl' (MATH-format rows with "
+                f"'problem' and 'solution' containing \\boxed{{}}) or set IBPO_DATA_DIR so that "
+                f"$IBPO_DATA_DIR/math/{split}.jsonl exists."
+            )
+        out = []
+        for i, (line, row) in enumerate(read_jsonl(file, required=("problem", "solution"))):
+            answer = last_boxed(row["solution"])
+            if answer is None or not answer.strip():
+                raise ValueError(f"{file}:{line}: solution has no \\boxed{{...}} answer")
+            meta = {"solution": row["solution"], "source": f"{file}:{line}"}
+            meta.update({k: row[k] for k in ("level", "type") if k in row})
+            out.append(Example(id=f"math-{split}-{i}", prompt=row["problem"], answer=answer.strip(), meta=meta))
+        return out
 
     def gold_response(self, example: Example) -> str:
         """The reference solution, as a response (scores 1.0)."""
         return example.meta["solution"]
 
     def score(self, example: Example, response: str) -> Score:
-        try:
-            text, reason = as_text(response, self.max_response_chars)
-            if text is None:
-                return Score(0.0, reason)
-            ok, reason = math_verify_safe("\\boxed{" + example.answer + "}", text, self.timeout_s)
-            return Score(1.0 if ok else 0.0, reason)
-        except Exception as e:  # a verifier must never take the training loop down
-            return Score(0.0, f"verifier error: {type(e).__name__}: {e}")
+        return guarded_score(response, self.max_response_chars, lambda text: self._score_text(example, text))
+
+    def _score_text(self, example: Example, text: str) -> Score:
+        ok, reason = math_verify_safe("\\boxed{" + example.answer + "}", text, self.timeout_s)
+        return Score(1.0 if ok else 0.0, reason)
 
 
 register_task("math")(MathTask)
