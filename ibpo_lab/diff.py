@@ -105,23 +105,30 @@ def _check_ops(ops: Sequence[Opcode], n: int, m: int) -> None:
         raise ValueError(f"ops: blocks end at a[{ia}], b[{ib}] but the sequences have lengths {n}, {m}")
 
 
-def edit_masks(a: Any, b: Any, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def edit_masks(
+    a: Any, b: Any, upto: int | None = None, ops: Sequence[Opcode] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Which tokens a minimal Levenshtein edit of ``a`` into ``b`` touches.
 
     a [n], b [m] -> (changed_in_a bool[n], inserted_in_b bool[m]):
     ``changed_in_a[i]`` iff token i of ``a`` is deleted or replaced; ``inserted_in_b[j]`` iff
     token j of ``b`` is inserted or a replacement. Unmarked tokens pair up one-to-one, in order,
     and are equal. ``upto=K`` marks only the first K edit blocks (IBPO/IOP truncation to the
-    first edits); None marks all.
+    first edits); None marks all. ``ops``: the alignment from :func:`opcodes` when the caller
+    already has it (computed if None), as in :func:`apply_opcodes`.
     """
     a_arr, b_arr = as_token_array(a, "a"), as_token_array(b, "b")
     if upto is not None and (not isinstance(upto, (int, np.integer)) or upto < 0):
         raise ValueError(f"upto must be a non-negative int or None, got {upto!r}")
+    if ops is None:
+        ops = opcodes(a_arr, b_arr)
+    else:
+        _check_ops(ops, len(a_arr), len(b_arr))
     changed = np.zeros(len(a_arr), dtype=bool)
     inserted = np.zeros(len(b_arr), dtype=bool)
     k = 0
     # one python step per alignment block (at most 2·edits+1), not per token
-    for tag, i1, i2, j1, j2 in opcodes(a_arr, b_arr):
+    for tag, i1, i2, j1, j2 in ops:
         if tag == "equal":
             continue
         if upto is not None and k >= upto:

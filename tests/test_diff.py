@@ -145,6 +145,22 @@ def test_apply_opcodes_rejects_foreign_ops():
         apply_opcodes([1, 2], [1, 3], upto=-1)
 
 
+def test_edit_masks_follow_the_given_ops():
+    a, b = [1, 2, 3], [2, 3, 4]
+    changed, inserted = edit_masks(a, b)  # minimal: delete the 1, insert the 4
+    assert changed.tolist() == [True, False, False] and inserted.tolist() == [False, False, True]
+    # a valid but non-minimal alignment: replace everything; the masks are the given alignment's
+    changed, inserted = edit_masks(a, b, ops=[("replace", 0, 3, 0, 3)])
+    assert changed.all() and inserted.all()
+    same = edit_masks(a, b, upto=1, ops=opcodes(a, b))
+    assert same[0].tolist() == [True, False, False] and not same[1].any()
+
+
+def test_edit_masks_rejects_foreign_ops():
+    with pytest.raises(ValueError, match="ops"):
+        edit_masks([1, 2, 3, 4], [1, 3], ops=opcodes([1, 2, 3], [1, 3]))
+
+
 def test_edit_distance_normalized():
     assert edit_distance([], []) == 0.0
     assert edit_distance([1, 2, 3, 4], [1, 2, 3, 5]) == pytest.approx(0.25)
