@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ibpo_lab.diff import apply_opcodes, edit_distance, edit_masks, first_divergence, opcodes
+from ibpo_lab.diff import Opcode, apply_opcodes, edit_distance, edit_masks, first_divergence, opcodes
 from ibpo_lab.rollout import RolloutBatch
 
 __all__ = [
@@ -385,7 +385,12 @@ def truncation_blocks(a: Sequence[int], b: Sequence[int], k: int, count_insertio
     (all blocks if ``a`` has fewer than k changed tokens). A pure-insertion block changes no token
     of ``a`` and rides along with the block after it, unless ``count_insertions`` (the
     ``insertion_credit`` convention: it marks one token, its insertion point)."""
-    blocks = [op for op in opcodes(a, b) if op[0] != "equal"]
+    return _blocks_holding(opcodes(a, b), k, count_insertions)
+
+
+def _blocks_holding(ops: Sequence[Opcode], k: int, count_insertions: bool) -> int:
+    """:func:`truncation_blocks` from an alignment ``ops`` (``diff.opcodes``) already computed."""
+    blocks = [op for op in ops if op[0] != "equal"]
     seen = 0
     for m, (tag, i1, i2, _, _) in enumerate(blocks, start=1):
         seen += 1 if (tag == "insert" and count_insertions) else i2 - i1
@@ -402,19 +407,25 @@ def _first_true(mask: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _insertion_points(a: Sequence[int], b: Sequence[int]) -> np.ndarray:
-    n = len(a)
+def _insertion_points(n: int, ops: Sequence[Opcode]) -> np.ndarray:
+    """bool [n]: the failed token at each pure insertion of the alignment ``ops`` (the last one when appending)."""
     out = np.zeros(n, dtype=bool)
-    for tag, i1, _, _, _ in opcodes(a, b):
+    for tag, i1, _, _, _ in ops:
         if tag == "insert" and n:
             out[min(i1, n - 1)] = True
     return out
 
 
-def _credit_masks(failed_ids, repair_ids, cfg: CorrectConfig, k_star: int | None) -> tuple[np.ndarray, np.ndarray]:
-    changed, inserted = edit_masks(failed_ids, repair_ids)
+def _credit_masks(
+    failed_ids, repair_ids, cfg: CorrectConfig, k_star: int | None, ops: Sequence[Opcode] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(changed tokens of the failed attempt that get credit, inserted tokens of the repair);
+    ``ops``: their alignment ``diff.opcodes(failed_ids, repair_ids)`` if already computed."""
+    if ops is None:
+        ops = opcodes(failed_ids, repair_ids)
+    changed, inserted = edit_masks(failed_ids, repair_ids, ops=ops)
     if cfg.insertion_credit:
-        changed = changed | _insertion_points(failed_ids, repair_ids)
+        changed = changed | _insertion_points(len(failed_ids), ops)
     if k_star is not None:
         changed, inserted = _first_true(changed, k_star), _first_true(inserted, k_star)
     return changed, inserted
@@ -535,20 +546,23 @@ def compare_and_correct(
     rows: list[dict[str, Any]] = []
     per_traj: dict[int, list[int]] = {}  # failed traj -> row indices
     revs_flat: list[Revision] = []
+    ops_flat: list[list] = []  # alignment of each row's failed attempt to its revision, computed once
     for req, revs in zip(requests, revisions):
         for rev in revs:
             reward = float(task.reward(req.example, rev.text))
+            ops = opcodes(req.failed_ids, rev.ids)
             rows.append(
                 dict(
                     group=req.group, traj=req.traj, reference_traj=-1 if req.reference is None else req.reference,
                     operator=cfg.operator, failed=req.failed_text, reference=req.reference_text, revision=rev.text,
                     reward=reward, verified=reward >= cfg.success_threshold,
                     edit_distance=edit_distance(req.failed_ids, rev.ids),
-                    n_edited=int(_credit_masks(req.failed_ids, rev.ids, cfg, None)[0].sum()), selected=False, k_star=-1,
+                    n_edited=int(_credit_masks(req.failed_ids, rev.ids, cfg, None, ops)[0].sum()), selected=False, k_star=-1,
                 )
             )
             per_traj.setdefault(req.traj, []).append(len(rows) - 1)
             revs_flat.append(rev)
+            ops_flat.append(ops)
 
     repair_success = torch.zeros(B)
     masks = [np.zeros(len(r), dtype=bool) for r in batch.response_ids]
@@ -562,12 +576,12 @@ def compare_and_correct(
             continue
         # smallest normalised edit distance to the failed attempt; ties keep the first revision
         best = min(ok, key=lambda r: rows[r]["edit_distance"])
-        rev = revs_flat[best]
+        rev, ops = revs_flat[best], ops_flat[best]
         failed_ids = batch.response_ids[i]
         k_star = None
         if cfg.truncate_k is not None:
-            k_star = _iop_k_star(failed_ids, rev.ids, cfg.truncate_k, example_of(i), task, tokenizer, cfg)
-        changed, inserted = _credit_masks(failed_ids, rev.ids, cfg, k_star)
+            k_star = _iop_k_star(failed_ids, rev.ids, cfg.truncate_k, example_of(i), task, tokenizer, cfg, ops)
+        changed, inserted = _credit_masks(failed_ids, rev.ids, cfg, k_star, ops)
         masks[i] = changed
         rows[best]["selected"] = True
         rows[best]["k_star"] = -1 if k_star is None else k_star
@@ -590,13 +604,13 @@ def compare_and_correct(
     return CorrectionResult(batch=out_batch, repaired=repaired, table=table, stats=stats)
 
 
-def _iop_k_star(failed_ids, repair_ids, k: int, example, task, tokenizer, cfg: CorrectConfig) -> int | None:
-    """IOP's K*: K if grafting the blocks of the first K edited tokens verifies, else 2K, else None (all)."""
-    n_changed = int(_credit_masks(failed_ids, repair_ids, cfg, None)[0].sum())
-    ops = opcodes(failed_ids, repair_ids)
+def _iop_k_star(failed_ids, repair_ids, k: int, example, task, tokenizer, cfg: CorrectConfig, ops) -> int | None:
+    """IOP's K*: K if grafting the blocks of the first K edited tokens verifies, else 2K, else None (all).
+    ``ops``: the alignment ``diff.opcodes(failed_ids, repair_ids)``."""
+    n_changed = int(_credit_masks(failed_ids, repair_ids, cfg, None, ops)[0].sum())
     n_blocks = sum(op[0] != "equal" for op in ops)
     for kk in (k, 2 * k):
-        m = truncation_blocks(failed_ids, repair_ids, kk, count_insertions=cfg.insertion_credit)
+        m = _blocks_holding(ops, kk, cfg.insertion_credit)
         if m >= n_blocks:
             # the graft is the whole (verified) repair: no need to ask the verifier again
             return kk if kk < n_changed else None
