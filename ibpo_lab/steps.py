@@ -14,7 +14,7 @@ separator belongs to the step it ends; whitespace-only pieces merge into the pre
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
