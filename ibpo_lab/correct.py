@@ -568,7 +568,6 @@ def compare_and_correct(
     masks = [np.zeros(len(r), dtype=bool) for r in batch.response_ids]
     rep: dict[str, list] = {k: [] for k in ("prompt_ids", "response_ids", "rewards", "group_ids", "logprobs",
                                             "edit_masks", "prompts", "responses", "source", "reference")}
-    k_stars: list[int] = []
     for i, idx in per_traj.items():
         ok = [r for r in idx if rows[r]["verified"]]
         repair_success[i] = len(ok) / len(idx)
@@ -585,7 +584,6 @@ def compare_and_correct(
         masks[i] = changed
         rows[best]["selected"] = True
         rows[best]["k_star"] = -1 if k_star is None else k_star
-        k_stars.append(-1 if k_star is None else k_star)
         rep["prompt_ids"].append(batch.prompt_ids[i])
         rep["response_ids"].append(rev.ids)
         rep["rewards"].append(rows[best]["reward"])
@@ -600,7 +598,7 @@ def compare_and_correct(
     out_batch = batch.replace(repair_success=repair_success, edit_masks=masks)
     repaired = _repaired_batch(batch, rep, task, tokenizer)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    stats = _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, k_stars)
+    stats = _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg)
     return CorrectionResult(batch=out_batch, repaired=repaired, table=table, stats=stats)
 
 
@@ -656,7 +654,7 @@ def _repaired_batch(batch: RolloutBatch, rep: dict[str, list], task, tokenizer) 
     )
 
 
-def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, k_stars) -> dict[str, float]:
+def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg) -> dict[str, float]:
     attempted = list(per_traj)
     n_rev = len(rows)
     n_ok = sum(r["verified"] for r in rows)
@@ -681,6 +679,7 @@ def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, k_sta
     }
     if cfg.truncate_k is not None:
         k = cfg.truncate_k
+        k_stars = [r["k_star"] for r in rows if r["selected"]]
         out["k_star_k"] = float(sum(s == k for s in k_stars))
         out["k_star_2k"] = float(sum(s == 2 * k for s in k_stars))
         out["k_star_all"] = float(sum(s == -1 for s in k_stars))

@@ -174,6 +174,9 @@ def test_truncate_k_graft_logic(window, k_star, n_credit):
     # credit is the first K* edited tokens of the failed attempt
     assert mask.tolist() == (full & (np.cumsum(full) <= n_credit)).tolist()
     assert res.table.k_star[res.table.selected].tolist() == [k_star]
+    # the K* counts in stats: exactly one selected repair, in the bucket of its K*
+    bucket = {1: "k_star_k", 2: "k_star_2k", -1: "k_star_all"}
+    assert {b: res.stats[b] for b in bucket.values()} == {b: float(b == bucket[k_star]) for b in bucket.values()}
     assert res.repaired.edit_masks[0].sum() == n_credit
     # the grafts that were verified: first edit (and the first two when K failed)
     assert "aXb!c!d" in task.reward_calls
