@@ -326,6 +326,20 @@ def _write_status(run_dir: Path, profile: str, results: list[NotebookResult], se
     (run_dir / "status.json").write_text(json.dumps(data, indent=1, default=str))
 
 
+def _commit() -> str:
+    """The repository commit the notebooks ran at (``+dirty`` with uncommitted changes), or ``unknown``."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
 def _machine() -> str:
     gpu = "no GPU"
     try:
@@ -377,7 +391,7 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
     )
     head = (
         f"profile **{profile}** · {n_ok}/{len(results)} notebooks ok · total {seconds:.0f} s · "
-        f"{datetime.now():%Y-%m-%d %H:%M} · {_machine()}"
+        f"{datetime.now():%Y-%m-%d %H:%M} · commit {_commit()} · {_machine()}"
     )
     md = [f"# ibpo_lab reproduction report ({profile})", "", head, "", overview.to_markdown(index=False), ""]
     hl = [
