@@ -241,12 +241,11 @@ class HFSampler(_Sampler):
     It samples from the trainer's own module, so ``sync_weights`` has nothing to copy, only re-points.
     """
 
-    def __init__(self, policy: Policy, max_batch_size: int = 256, show_progress: bool = False):
+    def __init__(self, policy: Policy, max_batch_size: int = 256):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.policy = policy
         self.max_batch_size = max_batch_size
-        self.show_progress = show_progress
         self.last_stats: dict[str, float] = {}
 
     def _sample(self, req: _Request, prompt_ids: list[list[int]]) -> RolloutBatch:
