@@ -546,7 +546,7 @@ def compare_and_correct(
     rows: list[dict[str, Any]] = []
     per_traj: dict[int, list[int]] = {}  # failed traj -> row indices
     revs_flat: list[Revision] = []
-    ops_flat: list[list] = []  # alignment of each row's failed attempt to its revision, computed once
+    ops_flat: list[list[Opcode]] = []  # alignment of each row's failed attempt to its revision, computed once
     for req, revs in zip(requests, revisions):
         for rev in revs:
             reward = float(task.reward(req.example, rev.text))
@@ -602,7 +602,9 @@ def compare_and_correct(
     return CorrectionResult(batch=out_batch, repaired=repaired, table=table, stats=stats)
 
 
-def _iop_k_star(failed_ids, repair_ids, k: int, example, task, tokenizer, cfg: CorrectConfig, ops) -> int | None:
+def _iop_k_star(
+    failed_ids, repair_ids, k: int, example, task, tokenizer, cfg: CorrectConfig, ops: Sequence[Opcode]
+) -> int | None:
     """IOP's K*: K if grafting the blocks of the first K edited tokens verifies, else 2K, else None (all).
     ``ops``: the alignment ``diff.opcodes(failed_ids, repair_ids)``."""
     n_changed = int(_credit_masks(failed_ids, repair_ids, cfg, None, ops)[0].sum())
