@@ -596,23 +596,14 @@ def ibpo_repair_advantages(
 
 
 # --------------------------------------------------------------------------- step-level baselines
-def _check_cover(spans: list[tuple[int, int]], n: int, i: int) -> None:
-    # tokens outside every step would silently get no credit: require an exact tiling
-    pos = 0
-    for a, b in spans:
-        if a != pos or b < a:
-            raise ValueError(f"step_spans[{i}] = {spans} must tile the response [0, {n}) contiguously")
-        pos = b
-    if pos != n:
-        raise ValueError(f"step_spans[{i}] = {spans} must tile the response [0, {n}) contiguously")
-
-
 def _spans_of(batch: RolloutBatch, i: int) -> list[tuple[int, int]]:
+    from ibpo_lab.steps import step_boundaries  # lazy, as diff: only the step-level estimators need it
+
     n = len(batch.response_ids[i])
     if batch.step_spans is None:
         return [(0, n)]
     spans = list(batch.step_spans[i])
-    _check_cover(spans, n, i)
+    step_boundaries(spans, n, name=f"step_spans[{i}]")  # an exact tiling, or tokens would get no credit
     return spans
 
 

@@ -21,23 +21,9 @@ from tqdm.auto import tqdm
 
 from ibpo_lab.correct import _decode, _example_of, _resolve_tokenizer, _task_step_spans, _texts
 from ibpo_lab.rollout import RolloutBatch
+from ibpo_lab.steps import step_boundaries
 
-__all__ = ["step_boundaries", "mc_step_values", "with_step_values"]
-
-
-def step_boundaries(spans: Sequence[tuple[int, int]], n_tokens: int) -> list[int]:
-    """Token boundaries b_0..b_n of n step spans tiling ``n_tokens`` tokens: [0, end_1, ..., end_n].
-
-    Raises ValueError unless the spans are contiguous from 0 and end at ``n_tokens``."""
-    out, pos = [0], 0
-    for k, (a, b) in enumerate(spans):
-        if a != pos or b < a:
-            raise ValueError(f"step_spans: span {k} = ({a}, {b}) does not continue at token {pos}")
-        pos = b
-        out.append(b)
-    if pos != n_tokens:
-        raise ValueError(f"step_spans end at token {pos} but the response has {n_tokens} tokens")
-    return out
+__all__ = ["step_boundaries", "mc_step_values", "with_step_values"]  # step_boundaries: re-exported from steps
 
 
 def mc_step_values(

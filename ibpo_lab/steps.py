@@ -29,6 +29,7 @@ __all__ = [
     "decode_with_offsets",
     "split_text_steps",
     "split_steps",
+    "step_boundaries",
 ]
 
 #: named delimiters -> the regex that matches a separator
@@ -208,6 +209,22 @@ def split_text_steps(text: str, delimiter: Any = "newline") -> list[Span]:
 
 
 # --------------------------------------------------------------------------- token steps
+def step_boundaries(spans: Any, n_tokens: int, name: str = "step_spans") -> list[int]:
+    """Token boundaries b_0..b_n of n step spans tiling ``n_tokens`` tokens: [0, end_1, ..., end_n].
+
+    Raises ValueError (naming ``name``) unless the spans are contiguous from 0 and end at
+    ``n_tokens``: a token outside every step would silently get no step credit."""
+    out, pos = [0], 0
+    for k, (a, b) in enumerate(spans):
+        if a != pos or b < a:
+            raise ValueError(f"{name}: span {k} = ({a}, {b}) does not continue at token {pos}")
+        pos = b
+        out.append(b)
+    if pos != n_tokens:
+        raise ValueError(f"{name} end at token {pos} but the response has {n_tokens} tokens")
+    return out
+
+
 def _fixed_chunks(n_tokens: int, size: int) -> list[Span]:
     return [(s, min(s + size, n_tokens)) for s in range(0, n_tokens, size)]
 

@@ -323,8 +323,11 @@ def test_prefix_tree_estimator_tokens_get_step_advantage():
 
 def test_prefix_tree_rejects_non_tiling_spans():
     b = make_batch([1.0, 0.0], [0, 0], lens=[3, 3], step_spans=[[(0, 1)], [(0, 3)]])
-    with pytest.raises(ValueError, match="step_spans"):
+    with pytest.raises(ValueError, match=r"step_spans\[0\]"):  # names the trajectory
         A.get_estimator("prefix_tree")(b)
+    gap = make_batch([1.0, 0.0], [0, 0], lens=[3, 3], step_spans=[[(0, 3)], [(0, 1), (2, 3)]])
+    with pytest.raises(ValueError, match=r"step_spans\[1\]"):
+        A.get_estimator("prefix_tree")(gap)
 
 
 def test_vineppo():

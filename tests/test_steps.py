@@ -18,7 +18,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast
 
 import ibpo_lab.steps as steps_module
-from ibpo_lab.steps import decode_with_offsets, split_steps, split_text_steps, token_char_offsets
+from ibpo_lab.steps import decode_with_offsets, split_steps, split_text_steps, step_boundaries, token_char_offsets
 
 # multi-line reasoning-like text with multi-byte characters (é, ×, CJK, emoji) so byte-level
 # and byte-fallback tokenizers split characters across tokens
@@ -472,3 +472,14 @@ def test_smollm2_gguf_tokenizer():
     for delimiter in ("newline", "blank_line"):
         spans = _check_token_steps(ids, tok, delimiter)
         assert len(spans) == len(split_text_steps(decoded, delimiter))
+
+
+def test_step_boundaries_require_an_exact_tiling():
+    assert step_boundaries([(0, 2), (2, 2), (2, 5)], 5) == [0, 2, 2, 5]
+    assert step_boundaries([], 0) == [0]
+    with pytest.raises(ValueError, match=r"spans\[7\]: span 1 = \(3, 5\) does not continue at token 2"):
+        step_boundaries([(0, 2), (3, 5)], 5, name="spans[7]")
+    with pytest.raises(ValueError, match="end at token 2 but the response has 5"):
+        step_boundaries([(0, 2)], 5)
+    with pytest.raises(ValueError, match="does not continue"):
+        step_boundaries([(0, 3), (3, 1)], 3)  # a span running backwards
