@@ -373,14 +373,17 @@ _line = st.one_of(
     st.builds(lambda a, s, b, c: f"{a}{s}{b}={c}", st.integers(0, 12), st.sampled_from("+-"), st.integers(0, 12), st.integers(0, 12)),
     st.builds(lambda v: f"ans={v}", st.integers(0, 12)),
 )
+#: (example, response) pairs: any mix of valid, invalid and junk lines under several line separators
+_any_response = st.tuples(
+    st.integers(0, 49).map(lambda i: _SMALL.examples("train")[i]),
+    st.builds(lambda lines, sep: sep.join(lines), st.lists(_line, max_size=8), st.sampled_from(["\n", "\n\n", " \n"])),
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(lines=st.lists(_line, max_size=8), sep=st.sampled_from(["\n", "\n\n", " \n"]), i=st.integers(0, 49))
-def test_labels_align_with_nonempty_lines_on_any_response(lines, sep, i):
-    t = _SMALL
-    ex = t.examples("train")[i]
-    text = sep.join(lines)
+@given(case=_any_response)
+def test_labels_align_with_nonempty_lines_on_any_response(case):
+    t, (ex, text) = _SMALL, case
     labels = t.step_labels(ex, text)
     assert len(labels) == len(text_steps(text))
     # one label per non-empty line; text of only whitespace is one (empty, wrong) step
@@ -394,11 +397,9 @@ def test_labels_align_with_nonempty_lines_on_any_response(lines, sep, i):
 
 
 @settings(max_examples=200, deadline=None)
-@given(lines=st.lists(_line, max_size=8), sep=st.sampled_from(["\n", "\n\n", " \n"]), i=st.integers(0, 49))
-def test_oracle_repair_fixes_any_response_keeping_its_correct_prefix(lines, sep, i):
-    t = _SMALL
-    ex = t.examples("train")[i]
-    text = sep.join(lines)
+@given(case=_any_response)
+def test_oracle_repair_fixes_any_response_keeping_its_correct_prefix(case):
+    t, (ex, text) = _SMALL, case
     rep = t.oracle_repair(ex, text)
     assert t.score(ex, rep).reward == 1.0
     fe = t.first_error(ex, text)
