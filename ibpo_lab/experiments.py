@@ -141,8 +141,8 @@ def build_lab(cfg) -> Lab:
     from ibpo_lab.sampling import get_sampler
 
     device = train.resolve_device(cfg.device)
-    task = train._build_task(cfg)  # noqa: SLF001 — one definition of "the task of a config"
-    policy = train._build_policy(cfg, task, device)  # noqa: SLF001
+    task = train.build_task(cfg)  # one definition of "the task of a config"
+    policy = train.build_policy(cfg, task, device)
     policy.model.eval()
     return Lab(cfg=cfg, task=task, policy=policy, sampler=get_sampler(cfg.backend, policy))
 

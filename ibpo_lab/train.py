@@ -697,10 +697,6 @@ def build_policy(cfg: TrainConfig, task, device: torch.device):
     return policy
 
 
-# private names kept for callers written against the first version
-_build_task, _build_policy = build_task, build_policy
-
-
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     def f(i: int) -> float:  # i = training steps done so far
         warm = min(1.0, (i + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
