@@ -606,12 +606,11 @@ def run_grid(cfgs: Sequence, runs_dir: str | os.PathLike | None, experiment: str
     """Train every config under ``runs_dir/experiment/<label>-seed<seed>`` (``train.train``, named as
     ``train.train_many`` names them) and return the run records, each with ``.experiment`` set.
 
-    ``runs_dir=None`` trains into ``runs/notebooks/<experiment>``. ``keep_checkpoints=False`` deletes
-    each run's ``checkpoint/`` once it finished: the notebooks read metrics and trajectories only, and a
-    135M-parameter policy's checkpoint (weights + AdamW state) is 1.6 GB.
+    ``runs_dir=None`` trains into ``runs/notebooks/<experiment>``. ``keep_checkpoints=False`` trains
+    with ``save_checkpoints=False, checkpoint_every=0`` (no ``checkpoint/`` is written): the notebooks
+    read metrics and trajectories only, and a 135M-parameter policy's checkpoint (weights + AdamW
+    state) is 1.6 GB.
     """
-    import shutil
-
     from ibpo_lab.train import train
 
     root = Path(runs_dir if runs_dir is not None else Path("runs") / "notebooks") / experiment
@@ -624,9 +623,9 @@ def run_grid(cfgs: Sequence, runs_dir: str | os.PathLike | None, experiment: str
             i += 1
             name = f"{base}-{i}"
         used.add(name)
-        rec = train(cfg, root / name, progress=progress)
         if not keep_checkpoints:
-            shutil.rmtree(rec.path / "checkpoint", ignore_errors=True)
+            cfg = cfg.replace(save_checkpoints=False, checkpoint_every=0)
+        rec = train(cfg, root / name, progress=progress)
         rec.experiment = experiment  # as load_runs would name it
         records.append(rec)
     return records

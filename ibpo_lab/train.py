@@ -11,7 +11,8 @@ run folder that notebooks read back with ``load_run``:
       eval.jsonl                   one row per held-out evaluation (pass@1, avg@k, pass@k with CIs)
       trajectories/step_000001.parquet   every trajectory of a step (text, reward, group, per-token
                                    advantages and masks, repair text); ``RunRecord.trajectories(step)``
-      checkpoint/state.pt          model, optimiser, scheduler, RNG states, step counter (resume)
+      checkpoint/state.pt          model, optimiser, scheduler, RNG states, step counter (resume);
+                                   absent with ``save_checkpoints=False`` (such a run cannot be resumed)
 
 From a shell (prints the run folder at the end)::
 
@@ -230,6 +231,9 @@ class TrainConfig:
     eval_k: int = _f(4, "samples per held-out prompt (avg@k, pass@k)")
     eval_temperature: float = _f(1.0, "sampling temperature of evaluation")
     checkpoint_every: int = _f(0, "checkpoint every N steps (0: only at the end); always at the end")
+    save_checkpoints: bool = _f(True, "write checkpoint/ (needed for resume and RunRecord.load_policy); False writes "
+                                      "every other record but no weights (a 135M policy + AdamW is 1.6 GB); "
+                                      "checkpoint_every must then be 0")
     save_trajectories: bool = _f(True, "write trajectories/step_*.parquet")
 
     def __post_init__(self) -> None:
@@ -303,6 +307,8 @@ class TrainConfig:
                  f"{self.group_size - 1}")
         need(not self.bilateral or self.uses_correction, "bilateral",
              f"needs an estimator that runs compare-and-correct ({', '.join(CORRECTING_ESTIMATORS)})")
+        need(self.save_checkpoints or self.checkpoint_every == 0, "checkpoint_every",
+             "must be 0 when save_checkpoints is False (no checkpoint is ever written)")
         if self.minibatch_size > 0 and self.prompts_per_step >= 1 and self.group_size >= 1:
             need(self.batch_size % self.minibatch_size == 0, "minibatch_size",
                  f"must divide the batch of prompts_per_step * group_size = {self.batch_size} trajectories")
@@ -511,7 +517,8 @@ class RunRecord:
         """The trained policy from the run's checkpoint."""
         state = _load_checkpoint_state(self.path, map_location="cpu")
         if state is None:
-            raise ValueError(f"run {self.path} has no checkpoint")
+            raise ValueError(f"run {self.path} has no checkpoint"
+                             + (" (trained with save_checkpoints=False)" if not self.config.save_checkpoints else ""))
         task = build_task(self.config)
         policy = build_policy(self.config, task, torch.device(device))
         policy.model.load_state_dict(state["model"])
@@ -1013,6 +1020,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
         _check_resumable(cfg, TrainConfig.from_dict(state["config"]))
     elif any((run_dir / n).exists() for n in ("metrics.jsonl", "checkpoint")):
         if resume:
+            saved = run_dir / "config.yaml"
+            if saved.is_file() and not yaml.safe_load(saved.read_text()).get("save_checkpoints", True):
+                raise ValueError(f"out_dir: cannot resume {run_dir}: it was trained with save_checkpoints=False, "
+                                 f"so it has no checkpoint; train it again in a new folder")
             raise ValueError(f"out_dir: {run_dir} has records but no checkpoint to resume from")
         raise ValueError(f"out_dir: {run_dir} already holds a run; pass resume=True (--resume) or pick a new folder")
     cfg.to_yaml(run_dir / "config.yaml")
@@ -1041,6 +1052,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     sampler.sync_weights(model)
 
     def checkpoint(step: int) -> None:
+        if not cfg.save_checkpoints:
+            return
         save_checkpoint(run_dir, {
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "skipped_total": skipped_total,
@@ -1097,9 +1110,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
             _write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep_w)
         if consecutive >= MAX_CONSECUTIVE_SKIPS:
             checkpoint(step)
+            where = (f"the last good weights are checkpointed in {run_dir / 'checkpoint'}" if cfg.save_checkpoints
+                     else "no checkpoint is written (save_checkpoints=False)")
             raise NonFiniteLossError(
                 f"stopping at step {step}: {consecutive} optimiser steps in a row had a non-finite loss or "
-                f"gradient and were skipped; the last good weights are checkpointed in {run_dir / 'checkpoint'}")
+                f"gradient and were skipped; {where}")
         if cfg.eval_n > 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             ev = evaluate(policy, task, split=cfg.eval_split, n=cfg.eval_n, k=cfg.eval_k,
                           temperature=cfg.eval_temperature, seed=step_seed(cfg.seed, step, 2),
@@ -1168,7 +1183,7 @@ def _truncate_records(run_dir: Path, step: int) -> None:
 
 def _check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
     a, b = cfg.to_dict(), saved.to_dict()
-    diff = sorted(k for k in a if a[k] != b[k] and k not in ("steps", "eval_every", "checkpoint_every", "device"))
+    diff = sorted(k for k in a if a[k] != b[k] and k not in ("steps", "eval_every", "checkpoint_every", "save_checkpoints", "device"))
     if diff:
         raise ValueError(f"cfg: cannot resume, the config differs from the checkpoint's in {diff}")
 

@@ -202,5 +202,6 @@ def test_one_step_taken_apart_and_a_tiny_grid(tmp_path):
     assert r.credit.tolist() == ["local repair", "full rewrite", "no mask"]
     recs = ex.run_grid([cfg], tmp_path, "exp")
     assert recs[0].experiment == "exp" and not (recs[0].path / "checkpoint").exists()
+    assert recs[0].config.save_checkpoints is False  # not written at all, rather than deleted afterwards
     again = ex.load_runs(tmp_path)
     assert [(x.experiment, x.label) for x in again] == [("exp", cfg.name)]

@@ -67,6 +67,8 @@ def test_every_field_has_help():
         (dict(seed="abc"), "seed"),
         (dict(bilateral=True, estimator="grpo"), "bilateral"),
         (dict(agg="mean"), "agg"),
+        (dict(save_checkpoints=False, checkpoint_every=2), "checkpoint_every"),
+        (dict(save_checkpoints="maybe"), "save_checkpoints"),
     ],
 )
 def test_invalid_config_raises_one_error_naming_the_field(kw, field):
@@ -225,6 +227,20 @@ def test_two_step_run_writes_every_record(tmp_path, estimator):
         for _, row in failed[has_repair].iterrows():
             adv, edited = np.array(row["advantages"]), np.array(row["edit_mask"])
             assert np.all(adv[~edited] == 0)
+
+
+@pytest.mark.slow
+def test_run_without_checkpoints_writes_other_records_and_refuses_resume(tmp_path):
+    rec = T.train(small(steps=1, save_checkpoints=False), tmp_path / "run", progress=False)
+    p = rec.path
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "trajectories/step_000001.parquet"):
+        assert (p / name).is_file(), name
+    assert not (p / "checkpoint").exists() and not list(p.glob(".checkpoint*"))
+    assert rec.metrics["step"].tolist() == [1] and len(rec.trajectories(1)) >= 8
+    with pytest.raises(ValueError, match="save_checkpoints=False"):
+        T.train(small(steps=2, save_checkpoints=False), p, progress=False, resume=True)
+    with pytest.raises(ValueError, match="no checkpoint.*save_checkpoints=False"):
+        rec.load_policy()
 
 
 def _strip_times(df: pd.DataFrame) -> pd.DataFrame:
