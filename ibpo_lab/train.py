@@ -9,8 +9,9 @@ run folder that notebooks read back with ``load_run``:
       metrics.jsonl                one row per step (rewards, accuracy, entropy, KL, clip fraction,
                                    grad norm, zero-variance groups, active tokens, repair success, timings)
       eval.jsonl                   one row per held-out evaluation (pass@1, avg@k, pass@k with CIs)
-      trajectories/step_000001.parquet   every trajectory of a step (text, reward, group, per-token
-                                   advantages and masks, repair text); ``RunRecord.trajectories(step)``
+      trajectories/step_000001.parquet   every trajectory of a step (text, reward, group, example_id,
+                                   step_labels, per-token advantages and masks, repair text);
+                                   ``RunRecord.trajectories(step)``
       checkpoint/state.pt          model, optimiser, scheduler, RNG states, step counter (resume);
                                    absent with ``save_checkpoints=False`` (such a run cannot be resumed)
 
@@ -84,6 +85,7 @@ __all__ = [
     "policy_update",
     "batch_metrics",
     "trajectory_frame",
+    "safe_step_labels",
     "save_checkpoint",
     "step_seed",
     "mean_ci",
@@ -972,12 +974,35 @@ def batch_metrics(batch: RolloutBatch, advantages: torch.Tensor) -> dict[str, fl
     return out
 
 
+def safe_step_labels(task, example, response: str | None) -> list[bool] | None:
+    """``task.step_labels(example, response)`` for the record, or None when it is unknown: no response
+    text, a task that cannot tell, or a labeller that raised (a record must never stop a run)."""
+    if response is None:
+        return None
+    try:
+        labels = task.step_labels(example, response)
+    except Exception:  # noqa: BLE001 — any labeller bug costs the labels, never the run
+        return None
+    return None if labels is None else [bool(x) for x in labels]
+
+
 def trajectory_frame(batch: RolloutBatch, advantages: torch.Tensor, step: int, kind: str = "policy",
-                     repairs: dict[int, str] | None = None, is_weights: torch.Tensor | None = None) -> pd.DataFrame:
-    """One row per trajectory with its per-token advantages and masks (lists), for the parquet record."""
+                     repairs: dict[int, str] | None = None, is_weights: torch.Tensor | None = None,
+                     examples: Sequence | None = None, task=None) -> pd.DataFrame:
+    """One row per trajectory with its per-token advantages and masks (lists), for the parquet record.
+
+    ``examples``: the step's examples, indexed by group id (group i was sampled from ``examples[i]``);
+    given, the frame gets ``example_id`` and, with ``task``, ``step_labels`` (list of bools per
+    non-empty text step of the response, or None where the task cannot tell)."""
     df = batch.to_dataframe()
     df.insert(0, "step", step)
     df.insert(1, "kind", kind)
+    if examples is not None:
+        exs = [examples[g] for g in batch.group_ids.tolist()]
+        df.insert(2, "example_id", [str(e.id) for e in exs])
+        if task is not None:
+            texts = batch.responses if batch.responses is not None else [None] * len(batch)
+            df["step_labels"] = [safe_step_labels(task, e, t) for e, t in zip(exs, texts)]
     lens = [len(x) for x in batch.response_ids]
     mask = batch.response_mask
     df["advantages"] = [advantages[i, :n].tolist() for i, n in enumerate(lens)]
@@ -1107,7 +1132,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
                **{f"correct_{k}": v for k, v in cstats.items() if isinstance(v, (int, float))}, **times}
         _append_jsonl(run_dir / "metrics.jsonl", row)
         if cfg.save_trajectories:
-            _write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep_w)
+            _write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep_w, examples, task)
         if consecutive >= MAX_CONSECUTIVE_SKIPS:
             checkpoint(step)
             where = (f"the last good weights are checkpointed in {run_dir / 'checkpoint'}" if cfg.save_checkpoints
@@ -1146,13 +1171,14 @@ def _join_offpolicy(batch, adv, repaired, rep_adv, rep_w):
     return joined, a, w
 
 
-def _write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep_w) -> None:
-    df = trajectory_frame(batch, adv, step, "policy", repairs=_repair_texts(table) if table is not None else None)
+def _write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep_w, examples, task) -> None:
+    df = trajectory_frame(batch, adv, step, "policy", repairs=_repair_texts(table) if table is not None else None,
+                          examples=examples, task=task)
     df["trained"] = True
     if repaired is not None and len(repaired) > 0:
         # repairs are recorded for inspection; they are trained only in IOP bilateral mode
         ra = rep_adv if rep_adv is not None else torch.zeros(len(repaired), repaired.max_response_len)
-        rdf = trajectory_frame(repaired, ra, step, "repaired", is_weights=rep_w)
+        rdf = trajectory_frame(repaired, ra, step, "repaired", is_weights=rep_w, examples=examples, task=task)
         rdf["trained"] = rep_adv is not None
         df = pd.concat([df, rdf], ignore_index=True)
     buf = _parquet_bytes(df)

@@ -13,6 +13,7 @@ import torch
 
 import ibpo_lab.train as T
 from ibpo_lab.losses import LOSSES, get_loss, register_loss
+from ibpo_lab.rollout import RolloutBatch
 from ibpo_lab.train import RunRecord, TrainConfig
 
 
@@ -177,6 +178,33 @@ def test_load_run_tolerates_a_truncated_last_line(tmp_path):
         T.load_run(tmp_path / "nope")
 
 
+def test_trajectory_frame_records_example_id_and_step_labels():
+    from ibpo_lab.tasks import get_task
+    from ibpo_lab.tasks.synthetic import SyntheticTask
+
+    task = get_task("synthetic")
+    exs = task.examples("train", n=2)
+    rng = np.random.default_rng(0)
+    good = task.solutions(exs[1], 1, rng)[0]
+    bad = str(task.inject_error(exs[1], good, rng))
+    texts = [good, "", good, bad]  # group 0 gets ex 1's solution: a wrong answer to ex 0
+    batch = RolloutBatch(prompt_ids=[[1, 2]] * 4, response_ids=[[3, 4, 5]] * 4, rewards=[0.0, 1.0, 0.0, 1.0],
+                         group_ids=[0, 0, 1, 1], responses=texts)
+    df = T.trajectory_frame(batch, torch.zeros(4, 3), step=1, examples=exs, task=task)
+    assert df["example_id"].tolist() == [exs[0].id, exs[0].id, exs[1].id, exs[1].id]
+    want = [task.step_labels(exs[g], t) for g, t in zip([0, 0, 1, 1], texts)]
+    assert df["step_labels"].tolist() == want
+    assert all(want[2]) and want[3] is not None and not all(want[3])
+
+    class Broken(SyntheticTask):
+        def step_labels(self, example, response):
+            raise RuntimeError("labeller bug")
+
+    df = T.trajectory_frame(batch, torch.zeros(4, 3), step=1, examples=exs, task=Broken())
+    assert df["step_labels"].tolist() == [None] * 4  # a failing labeller costs the labels, not the run
+    assert "example_id" not in T.trajectory_frame(batch, torch.zeros(4, 3), step=1).columns
+
+
 def test_summarise_runs_ci_over_seeds():
     def rec(label, seed, acc):
         return RunRecord(path=None, config=TrainConfig(label=label, seed=seed),
@@ -215,6 +243,13 @@ def test_two_step_run_writes_every_record(tmp_path, estimator):
     assert len(t[t["kind"] == "policy"]) == 8 and set(t["group"]) == {0, 1}
     assert [len(a) for a in t["advantages"]] == t["response_len"].tolist()
     assert rec.trajectories()["step"].tolist().count(1) >= 8
+    task = T.build_task(rec.config)
+    picked = T.pick_examples(task.examples(rec.config.train_split), rec.config, 2)
+    by_id = {e.id: e for e in picked}
+    assert t["example_id"].tolist() == [picked[g].id for g in t["group"]]  # repairs keep their source's example
+    for _, row in t.iterrows():
+        assert row["step_labels"] is None and task.step_labels(by_id[row["example_id"]], row["response"]) is None \
+            or list(row["step_labels"]) == task.step_labels(by_id[row["example_id"]], row["response"])
     if estimator == "ibpo":
         assert {"edit_mask", "repair", "repair_success"} <= set(t.columns)
         assert m["correct_n_attempted"].sum() > 0
