@@ -123,3 +123,20 @@ def test_all_164_gold_solutions_pass(examples):
     rewards = task.rewards(examples, [task.gold_response(e) for e in examples])
     failed = [e.id for e, r in zip(examples, rewards) if r != 1.0]
     assert failed == []
+
+
+def test_sandbox_failure_scores_zero_and_bad_arguments_are_errors(examples, monkeypatch):
+    import ibpo_lab.tasks.humaneval as he
+
+    def boom(program, cfg):
+        raise OSError("no more processes")
+
+    monkeypatch.setattr(he, "run_python", boom)
+    s = HumanEvalTask().score(examples[0], examples[0].meta["canonical_solution"])
+    assert s.reward == 0.0 and s.reason == "sandbox error: OSError: no more processes"
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_response_chars"):
+            HumanEvalTask(max_response_chars=bad)
+    with pytest.raises(ValueError, match=r"\bn\b"):
+        HumanEvalTask().examples("test", n=-1)
+    assert HumanEvalTask().examples("test", n=0) == []

@@ -91,3 +91,20 @@ def test_templates_ask_for_answer_tags(task):
     assert ex.prompt in task.solve_prompt(ex) and "<answer>" in task.solve_prompt(ex)
     r = task.repair_prompt(ex, "F", "R")
     assert "F" in r and "R" in r and "<answer>" in r
+
+
+def test_scorer_failure_scores_zero_and_bad_arguments_are_errors(monkeypatch):
+    t = get_task("rg:chain_sum", size=2)
+    ex = t.examples("train", n=1)[0]
+
+    class Broken:
+        def score_answer(self, answer, entry):
+            raise KeyError("metadata")
+
+    monkeypatch.setattr(t, "_scorer", lambda: Broken())
+    s = t.score(ex, t.gold_response(ex))
+    assert s.reward == 0.0 and s.reason == "scorer error: KeyError: 'metadata'"
+    with pytest.raises(ValueError, match="max_response_chars"):
+        get_task("rg:chain_sum", size=2, max_response_chars=0)
+    with pytest.raises(ValueError, match=r"\bn\b"):
+        t.examples("train", n=-2)

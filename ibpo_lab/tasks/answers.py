@@ -24,6 +24,7 @@ __all__ = [
     "check_max_response_chars",
     "guarded_score",
     "cached_split",
+    "check_n",
     "parse_number",
     "numbers_equal",
     "extract_numeric_answer",
@@ -69,17 +70,19 @@ def check_max_response_chars(value: Any) -> int:
     return value
 
 
-def guarded_score(response: Any, max_chars: int, verify: Callable[[str], Score]) -> Score:
+def guarded_score(response: Any, max_chars: int, verify: Callable[[str], Score], *,
+                  error: str = "verifier error") -> Score:
     """``verify(text)`` for a response that :func:`as_text` accepts, else ``Score(0, reason)``.
 
-    Never raises: an exception anywhere becomes ``Score(0, "verifier error: <type>: <message>")``."""
+    Never raises: an exception anywhere becomes ``Score(0, "<error>: <type>: <message>")`` (``error``
+    names what failed, e.g. ``"sandbox error"``)."""
     try:
         text, reason = as_text(response, max_chars)
         if text is None:
             return Score(0.0, reason)
         return verify(text)
     except Exception as e:  # a verifier must never take the training loop down
-        return Score(0.0, f"verifier error: {type(e).__name__}: {e}")
+        return Score(0.0, f"{error}: {type(e).__name__}: {e}")
 
 
 # a number as people write it in answers: -1,234.50  3/4  .5  1e3 (thousands commas only in groups
@@ -211,11 +214,17 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[tu
     return rows
 
 
+def check_n(n: Any) -> int | None:
+    """``Task.examples``' ``n``: a non-negative int or None (ValueError otherwise)."""
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ValueError(f"n must be a non-negative int or None, got {n!r}")
+    return n
+
+
 def cached_split(cache: dict[str, list], split: str, n: int | None, load: Callable[[str], list]) -> list:
     """The first ``n`` items (all for None) of ``split``, as a new list; ``load(split)`` runs once per
     split and its result is kept in ``cache``. ``n`` is checked before anything is loaded."""
-    if n is not None and (not isinstance(n, int) or n < 0):
-        raise ValueError(f"n must be a non-negative int or None, got {n!r}")
+    check_n(n)
     if split not in cache:
         cache[split] = load(split)
     return list(cache[split][:n] if n is not None else cache[split])

