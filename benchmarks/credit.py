@@ -153,7 +153,7 @@ def figure(credit: pd.DataFrame, var: pd.DataFrame):
     return fig
 
 
-def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2), prompts: int | None = None,
+def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int | None = None,
         group_size: int | None = None, max_new_tokens: int | None = None, resamples: int | None = None) -> Report:
     from ibpo_lab.models import build_tiny_policy, load_policy
     from ibpo_lab.tasks import get_task
@@ -167,7 +167,7 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2), prompts: int | No
     P = prompts or (2 if quick else 4)
     G = group_size or (4 if quick else 8)
     T_max = max_new_tokens or (12 if quick else 48)
-    R = resamples or (2 if quick else 4)
+    R = resamples or (2 if quick else 8)
     # credit quality is cheap per batch, so it scores twice the prompts the gradient resamples use
     P_credit = P if quick else 2 * P
     base = dict(model=model_name, device="cpu", prompts_per_step=P, group_size=G, max_new_tokens=T_max, minibatch_size=0,

@@ -229,11 +229,11 @@ def figure(metrics: pd.DataFrame, grpo_final: float, window: int = SMOOTH):
     return fig
 
 
-def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2), steps: int | None = None,
+def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | None = None,
         estimators: Sequence[str] = ESTIMATORS) -> Report:
     t0 = time.perf_counter()
     model, model_desc = tiny_policy_or_random(quick)
-    steps = steps or (2 if quick else 15)
+    steps = steps or (2 if quick else 25)
     if quick:
         seeds = tuple(seeds)[:2]
     metrics, finals = train_runs(estimators, seeds, steps, model, quick)
@@ -269,7 +269,7 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2), steps: int | None
 def main(argv: Sequence[str] | None = None) -> Report:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="seconds-long sanity pass with tiny sizes")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 15)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 25)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     a = ap.parse_args(argv)
     setup_env()

@@ -42,7 +42,7 @@ class StepSetup:
     group_size: int = 8
     max_new_tokens: int = 64
     lr: float = 1e-4
-    measured_steps: int = 6  # after one warm-up step each
+    measured_steps: int = 10  # after one warm-up step each
     temperature: float = 1.0
 
 
