@@ -51,9 +51,16 @@ def run_benchmarks(names: Sequence[str], quick: bool, out: str | Path, command: 
     return reports
 
 
+def target_rows(text: str) -> list[str]:
+    """The data rows of the "## Targets" table of a results file (none if it has no targets)."""
+    m = re.search(r"^## Targets\n\n(\|.*\n)(\|---.*\n)((?:\|.*\n)*)", text, flags=re.M)
+    return m.group(3).splitlines() if m else []
+
+
 def readme_section(results_dir: Path, names: Sequence[str]) -> str:
-    """The generated README block: each benchmark's results file, headings nested one level down."""
-    parts = []
+    """The generated README block: every target at a glance, then each benchmark's results file,
+    headings nested one level down."""
+    parts, glance = [], []
     for name in BENCHMARKS:
         if name not in names:
             continue
@@ -61,10 +68,14 @@ def readme_section(results_dir: Path, names: Sequence[str]) -> str:
         if not md.is_file():
             continue
         text = md.read_text()
+        glance += [f"| {name} {row}" for row in target_rows(text)]
         # nest: '# X' -> '### X'; images point into results/
         text = re.sub(r"^(#+) ", lambda m: "##" + m.group(1) + " ", text, flags=re.M)
         text = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", r"![\1](results/\2)", text)
         parts.append(text.strip())
+    if glance:
+        head = "### Targets at a glance\n\n| benchmark | target | goal | measured | met | what limits it |\n|---|---|---|---|---|---|\n"
+        parts.insert(0, head + "\n".join(glance))
     return "\n\n".join(parts)
 
 

@@ -167,6 +167,16 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
         run_all.update_readme(tmp_path, readme)
 
 
+def test_readme_glance_table_collects_every_target(tmp_path):
+    rep = common.Report(name="speed", title="S", targets=[common.Target("a", "≤ 1", 0.5, True),
+                                                          common.Target("b", "≥ 2", 1.0, False, "why")])
+    common.write_report(rep, tmp_path, command="x")
+    common.write_report(common.Report(name="alignment", title="A"), tmp_path, command="x")
+    block = run_all.readme_section(tmp_path, list(run_all.BENCHMARKS))
+    assert "| speed | a | ≤ 1 | 0.5 | yes |" in block and "| speed | b | ≥ 2 | 1 | no | why |" in block
+    assert block.index("Targets at a glance") < block.index("### A") < block.index("### S")
+
+
 def test_run_all_rejects_unknown_names(tmp_path):
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nope", "--out", str(tmp_path)])
