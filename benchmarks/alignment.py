@@ -12,14 +12,13 @@ all fail); ``most_similar`` reference selection also compares every sibling pair
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import RESULTS_DIR, Report, median_time, setup_env, write_report
+from benchmarks.common import Report, cli_main, median_time
 
 NAME = "alignment"
 LENGTHS = (64, 256, 1024, 2048, 4096, 8192)
@@ -147,14 +146,7 @@ def run(quick: bool = False, repeats: int | None = None, group_length: int = 512
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.alignment", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="seconds-long sanity pass with tiny sizes")
-    ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
-    a = ap.parse_args(argv)
-    setup_env()
-    rep = run(quick=a.quick)
-    print(write_report(rep, a.out))
-    return rep
+    return cli_main(run, "alignment", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ own says where its numbers came from.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import math
 import os
@@ -287,3 +288,20 @@ def tiny_policy_or_random(quick: bool) -> tuple[str, str]:
     if (tiny_policy_dir() / "config.json").is_file():
         return "tiny", f"committed tiny policy ({tiny_policy_dir().relative_to(REPO_ROOT) if tiny_policy_dir().is_relative_to(REPO_ROOT) else tiny_policy_dir()})"
     return RANDOM_TINY, "random-init tiny policy (the committed checkpoint data/tiny-policy/ is missing)"
+
+
+def cli_main(run: Callable[..., Report], name: str, doc: str, argv: Sequence[str] | None = None,
+             extra: Callable[[argparse.ArgumentParser], None] | None = None) -> Report:
+    """The command line every benchmark shares: ``python -m benchmarks.NAME [--quick] [--out DIR]``
+    (plus ``extra`` options, passed to ``run`` as keywords); writes the report and returns it."""
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="seconds-long sanity pass with tiny sizes")
+    ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
+    if extra is not None:
+        extra(ap)
+    kw = vars(ap.parse_args(argv))
+    out = kw.pop("out")
+    setup_env()
+    rep = run(**kw)
+    print(write_report(rep, out))
+    return rep

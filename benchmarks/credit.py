@@ -17,16 +17,14 @@ tr Cov(g) / ‖E g‖² and mean cosine to the mean gradient. Spread = std over 
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
-from benchmarks.common import (RESULTS_DIR, Report, Target, fmt_spread, mean_std, setup_env, tiny_policy_or_random,
-                               write_report)
+from benchmarks.common import (
+    cli_main,Report, Target, fmt_spread, mean_std, tiny_policy_or_random)
 
 NAME = "credit"
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo")
@@ -220,14 +218,7 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int |
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.credit", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="seconds-long sanity pass with tiny sizes")
-    ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
-    a = ap.parse_args(argv)
-    setup_env()
-    rep = run(quick=a.quick)
-    print(write_report(rep, a.out))
-    return rep
+    return cli_main(run, "credit", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ and entropy and gradient-norm traces.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import tempfile
@@ -26,8 +25,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import (RESULTS_DIR, Report, Target, fmt_spread, mean_std, setup_env, tiny_policy_or_random,
-                               write_report)
+from benchmarks.common import (
+    cli_main,Report, Target, fmt_spread, mean_std, tiny_policy_or_random)
 
 NAME = "learning"
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo")
@@ -267,15 +266,10 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | N
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="seconds-long sanity pass with tiny sizes")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 25)")
-    ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
-    a = ap.parse_args(argv)
-    setup_env()
-    rep = run(quick=a.quick, steps=a.steps)
-    print(write_report(rep, a.out))
-    return rep
+    def extra(ap):
+        ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 25)")
+
+    return cli_main(run, "learning", __doc__, argv, extra)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ timings the trainer writes to ``metrics.jsonl``. The diff time is measured by wr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import RESULTS_DIR, Report, Target, setup_env, tiny_policy_or_random, write_report
+from benchmarks.common import Report, Target, cli_main, tiny_policy_or_random
 
 NAME = "speed"
 PHASES = ("sample", "reward", "correct", "advantage", "update")
@@ -186,14 +184,7 @@ def run(quick: bool = False, runs: int | None = None, steps: int | None = None) 
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="seconds-long sanity pass with tiny sizes")
-    ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
-    a = ap.parse_args(argv)
-    setup_env()
-    rep = run(quick=a.quick)
-    print(write_report(rep, a.out))
-    return rep
+    return cli_main(run, "speed", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ as ibpo_lab does (TRL's ``bf16=True`` default is a separate precision choice).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import RESULTS_DIR, Report, Target, setup_env, tiny_policy_or_random, write_report
+from benchmarks.common import Report, Target, cli_main, tiny_policy_or_random
 
 NAME = "trl_step"
 
@@ -240,14 +239,7 @@ def run(quick: bool = False, setup: StepSetup | None = None) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.trl_step", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="seconds-long sanity pass with tiny sizes")
-    ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
-    a = ap.parse_args(argv)
-    setup_env()
-    rep = run(quick=a.quick)
-    print(write_report(rep, a.out))
-    return rep
+    return cli_main(run, "trl_step", __doc__, argv)
 
 
 if __name__ == "__main__":
