@@ -24,7 +24,13 @@ from typing import Any, Sequence
 import pandas as pd
 
 from benchmarks.common import (
-    cli_main,Report, Target, fmt_spread, mean_std, tiny_policy_or_random)
+    Report,
+    Target,
+    cli_main,
+    fmt_spread,
+    mean_std,
+    tiny_policy_or_random,
+)
 
 NAME = "credit"
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo")

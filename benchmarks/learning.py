@@ -26,7 +26,13 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import (
-    cli_main,Report, Target, fmt_spread, mean_std, tiny_policy_or_random)
+    Report,
+    Target,
+    cli_main,
+    fmt_spread,
+    mean_std,
+    tiny_policy_or_random,
+)
 
 NAME = "learning"
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo")
