@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "rollout", "steps", "diff", "tasks", "models", "sampling", "correct", "advantages", "losses",
-    "train", "diagnostics", "viz", "reproduce", "warmup", "integrations", "mc_values", "experiments",
+    "train", "diagnostics", "viz", "reproduce", "warmup", "integrations", "mc_values", "experiments", "registry",
 }
 
 # the functions a notebook reaches for, re-exported from the module that owns each

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ibpo_lab.registry import Registry
 from ibpo_lab.rollout import RolloutBatch
 
 __all__ = [
@@ -56,33 +57,22 @@ EMPTY_EDIT_MODES = ("error", "sequence", "zero")
 #: default tolerance under which a group's rewards count as equal (relative to max(1, |r|))
 CONST_TOL = 1e-5
 
-ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
+ESTIMATORS: Registry = Registry("estimator")
 
 
 # --------------------------------------------------------------------------- registry
 def register_estimator(name: str):
     """Decorator: register ``fn(batch, **params) -> Tensor[B, T]`` under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"estimator name must be a non-empty string, got {name!r}")
-
-    def wrap(fn):
-        if name in ESTIMATORS and ESTIMATORS[name] is not fn:
-            raise ValueError(f"estimator {name!r} registered twice")
-        ESTIMATORS[name] = fn
-        return fn
-
-    return wrap
+    return ESTIMATORS.register(name)
 
 
 def get_estimator(name: str) -> Callable[..., Tensor]:
     """The estimator registered under ``name`` (ValueError listing the known ones otherwise)."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; known estimators: {', '.join(list_estimators())}")
-    return ESTIMATORS[name]
+    return ESTIMATORS.get_registered(name)
 
 
 def list_estimators() -> list[str]:
-    return sorted(ESTIMATORS)
+    return ESTIMATORS.names()
 
 
 # --------------------------------------------------------------------------- validation helpers

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from ibpo_lab.diff import Opcode, apply_opcodes, edit_distance, edit_masks, first_divergence, opcodes
+from ibpo_lab.registry import Registry
 from ibpo_lab.rollout import RolloutBatch
 
 __all__ = [
@@ -223,25 +224,16 @@ class _Context:
 
 # --------------------------------------------------------------------------- operators
 Operator = Callable[[list[RepairRequest], _Context], list[list[Revision]]]
-OPERATORS: dict[str, Operator] = {}
+OPERATORS: Registry = Registry("operator")
 
 
 def register_operator(name: str):
     """Register ``fn(requests, ctx) -> revisions per request`` under ``name``."""
-
-    def wrap(fn):
-        if name in OPERATORS and OPERATORS[name] is not fn:
-            raise ValueError(f"operator {name!r} registered twice")
-        OPERATORS[name] = fn
-        return fn
-
-    return wrap
+    return OPERATORS.register(name)
 
 
 def get_operator(name: str) -> Operator:
-    if name not in OPERATORS:
-        raise ValueError(f"unknown operator {name!r}; known: {', '.join(sorted(OPERATORS))}")
-    return OPERATORS[name]
+    return OPERATORS.get_registered(name)
 
 
 def list_operators() -> list[str]:

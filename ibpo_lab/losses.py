@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ibpo_lab.registry import Registry
+
 __all__ = [
     "LOSSES",
     "AGG_MODES",
@@ -45,33 +47,22 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 #: log-ratios are clamped here before exp so one wild token cannot turn the loss into inf/NaN
 LOG_RATIO_CLAMP = 20.0
 
-LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {}
+LOSSES: Registry = Registry("loss", "losses")
 
 
 # --------------------------------------------------------------------------- registry
 def register_loss(name: str):
     """Decorator: register a policy loss under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"loss name must be a non-empty string, got {name!r}")
-
-    def wrap(fn):
-        if name in LOSSES and LOSSES[name] is not fn:
-            raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = fn
-        return fn
-
-    return wrap
+    return LOSSES.register(name)
 
 
 def get_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
     """The loss registered under ``name`` (ValueError listing the known ones otherwise)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(list_losses())}")
-    return LOSSES[name]
+    return LOSSES.get_registered(name)
 
 
 def list_losses() -> list[str]:
-    return sorted(LOSSES)
+    return LOSSES.names()
 
 
 # --------------------------------------------------------------------------- validation

@@ -33,33 +33,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ibpo_lab.models import Policy, _forward_kwargs, position_ids_from_mask, response_logprobs
+from ibpo_lab.registry import Registry
 from ibpo_lab.rollout import RolloutBatch
 
 __all__ = ["sample", "get_sampler", "list_backends", "register_backend", "HFSampler", "VLLMSampler", "SAMPLERS"]
 
-SAMPLERS: dict[str, Callable[..., Any]] = {}
+SAMPLERS: Registry = Registry("sampling backend")
 
 
 def register_backend(name: str):
     """Register a sampler class ``cls(policy, **kw)`` with ``.sample(...)`` and ``.sync_weights(model)``."""
-
-    def wrap(cls):
-        if name in SAMPLERS and SAMPLERS[name] is not cls:
-            raise ValueError(f"sampling backend {name!r} registered twice")
-        SAMPLERS[name] = cls
-        return cls
-
-    return wrap
+    return SAMPLERS.register(name)
 
 
 def list_backends() -> list[str]:
-    return sorted(SAMPLERS)
+    return SAMPLERS.names()
 
 
 def get_sampler(backend: str, policy: Policy, **kw):
