@@ -9,6 +9,14 @@ Two layers:
   ``ibpo``); every estimator is ``fn(batch: RolloutBatch, **params) -> Tensor[B, T]``, zero off
   ``batch.response_mask`` and finite everywhere.
 
+IBPO's rules as implemented (defaults): φ = ρ·1[a revision verified] (:func:`repair_phi`, the one
+home of φ), R' = R + λφ on failed trajectories, group-centred and scaled; a failed trajectory's
+advantage is sign-safe — never positive, its repair shrinking the penalty by (1 - λφ) instead of
+flipping it (:func:`ibpo_advantages`, ``sign_rule``) — and sits on the tokens its best repair
+edited (0 on the others); correct trajectories and unrepaired failures get their sequence
+advantage on every trained token (:func:`ibpo_token_advantages`). Per-step health metrics:
+:func:`failed_positive_share` (0 under the defaults) and :func:`active_token_ratio`.
+
 Conventions shared by every function here:
 
 * Groups are the trajectories that share a group id (one prompt). A group of one member has no
@@ -556,6 +564,12 @@ def ibpo_token_advantages(
     empty_edit: str = "error",
 ) -> Tensor:
     """IBPO token credit: a failed trajectory's advantage only on the tokens its repair edited.
+
+    The sign comes from ``seq_adv``: with :func:`ibpo_advantages`' default ``sign_rule="safe"`` a
+    failed trajectory's seq_adv is <= 0, so every token of it is <= 0 (edited: < 0 in a group with
+    a correct sibling, unedited: 0). With ``renormalize=False`` (default) a repaired failure's
+    per-token penalty is at most an unrepaired one's of the same group; ``renormalize=True`` keeps
+    the per-trajectory sum instead (n_i/|E_i| times larger per edited token).
 
     seq_adv [B] (e.g. from :func:`ibpo_advantages`), rewards [B], repair_success [B] (None = 0),
     response_mask [B, T], edit_mask [B, T] 0/1 or None  ->  [B, T] (0 off response_mask).
