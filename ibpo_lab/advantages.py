@@ -11,8 +11,8 @@ Two layers:
 
 IBPO's rules as implemented (defaults): φ = ρ·1[a revision verified] (:func:`repair_phi`, the one
 home of φ), R' = R + λφ on failed trajectories, group-centred and scaled; a failed trajectory's
-advantage is sign-safe — never positive, its repair shrinking the penalty by (1 - λφ) instead of
-flipping it (:func:`ibpo_advantages`, ``sign_rule``) — and sits on the tokens its best repair
+advantage is sign-safe — the published shaped value, but never less penalty than (1 - λφ) times
+its GRPO penalty, so never positive (:func:`ibpo_advantages`, ``sign_rule``) — and sits on the tokens its best repair
 edited (0 on the others); correct trajectories and unrepaired failures get their sequence
 advantage on every trained token (:func:`ibpo_token_advantages`). Per-step health metrics:
 :func:`failed_positive_share` (0 under the defaults) and :func:`active_token_ratio`.
@@ -372,24 +372,27 @@ def ibpo_advantages(
       Defect: when most of a group failed, a repaired failure's R' = λφ lies above m_g, so it gets
       POSITIVE credit, and the token rule puts it exactly on the tokens its repair replaced —
       reinforcing the error (rewards [1,0,0,0,0,0,0,0] with three repaired failures: +0.183);
-    * ``sign_rule="safe"`` (default): a failure is scored against the same shaped baseline but
-      without its own bonus, and the bonus shrinks the penalty instead of flipping it:
+    * ``sign_rule="safe"`` (default): a failure gets the published value, but never less penalty
+      than (1 - λφ_i) times its GRPO penalty:
 
-          A_i = min(0, (R_i - m_g) / s_g) · max(0, 1 - λ·φ_i)
+          A_i = min( (R'_i - m_g) / s_g ,  (1 - λ·φ_i) · min(0, A^R_i) ),   A^R = GRPO on the unshaped R
 
-      Why: the sign of a failure's credit must come from its outcome (it failed, so its tokens —
-      the edited ones under the token rule — are pushed down), while shaping says how bad the
-      failure was (a near miss whose repair verified is penalised (1 - λφ) times as much as an
-      unrepaired failure of the same reward in the same group). The rule is monotone in φ, never
-      positive for a failure, equals the shaped rule for unrepaired failures below the mean, and
-      with λ = 0 is GRPO for 0/1 rewards. The factor reads λφ as a share of a unit success reward
-      (0/1 rewards); λ·ρ >= 1 (a repaired failure worth a success) would zero it, so then the
-      repaired failure gets 0. A failure with R_i above the group mean (possible only with
-      graded rewards below ``success_threshold``) gets 0, not the positive GRPO credit.
-      In a group with a correct sibling and 0/1 rewards, m_g > 0 = R_i, so every failure's
-      advantage is strictly negative (for λρ < 1). An all-failed group (``no_correct="any"``)
-      with some repairs: m_g = λ·mean φ > 0, so all its failures get negative credit, repaired
-      ones (1 - λφ) times less; with no or uniform repairs R' is constant and every advantage is 0.
+      Why: the sign of a failure's credit must come from its outcome (it failed: under the token
+      rule its edited tokens are the error, and they must be pushed down), while shaping may say
+      how bad the failure was — a near miss whose repair verified may shed at most the share λφ
+      of the outcome penalty GRPO gives it, never turn it into a reward. Where the published value
+      already penalises at least that much it is kept unchanged (every unrepaired failure, and
+      repaired ones in groups where most trajectories succeed). Properties: never positive for a
+      failure; for 0/1 rewards, in a group with a correct sibling A^R_i < 0, so a repaired
+      failure's advantage is strictly negative (for λρ < 1) and at least as large as an unrepaired
+      sibling's (the min is monotone in A', and A'_repaired >= A'_unrepaired) — shaping still
+      ranks the near miss above the plain failure; non-decreasing in φ; no larger in magnitude than
+      the published value or GRPO's; ``lam=0`` is GRPO. In an all-failed group
+      (``no_correct="any"``) A^R = 0, so repaired failures get 0 (not the published +0.866) and
+      unrepaired ones keep their published (negative) value; with no or uniform repairs R' is
+      constant and every advantage is 0. A graded failure above its group's mean (rewards below
+      ``success_threshold`` that differ) gets 0, not GRPO's positive credit. λ·ρ >= 1 (a repair
+      worth a success) zeroes the factor, so such a repaired failure gets min(A', 0).
 
     ``lam=0`` gives GRPO exactly for 0/1 rewards (``sign_rule="shaped"``: for any rewards).
     """
@@ -401,15 +404,13 @@ def ibpo_advantages(
     if sign_rule == "shaped":
         return _centre_scale(rs, g, eps, scale, std, const_tol).to(_out_dtype(r))
     r64 = r.double()
-    inv, mean, sd, dead = _group_stats(rs, g, std, const_tol)
-    div = _group_divisor(scale, sd, rs, std, eps)[inv]
-    shaped = (rs - mean[inv]) / div
-    failed = r64 < success_threshold
-    bonus = rs - r64  # λ·φ, 0 on correct trajectories
-    safe = ((r64 - mean[inv]) / div).clamp(max=0.0) * (1.0 - bonus).clamp(min=0.0)
-    adv = torch.where(failed, safe, shaped)
+    shaped = _centre_scale(rs, g, eps, scale, std, const_tol)  # A'  (published)
+    outcome = _centre_scale(r64, g, eps, scale, std, const_tol)  # A^R (GRPO on the unshaped rewards)
+    keep = (1.0 - (rs - r64)).clamp(min=0.0)  # 1 - λφ_i (1 on correct trajectories)
+    floor = outcome.clamp(max=0.0) * keep
+    adv = torch.where(r64 < success_threshold, torch.minimum(shaped, floor), shaped)
     # + 0.0: no -0.0 from the clamp / product (cleaner tables, exact equality in tests)
-    return (torch.where(dead[inv], torch.zeros_like(adv), adv) + 0.0).to(_out_dtype(r))
+    return (adv + 0.0).to(_out_dtype(r))
 
 
 def ibpo_advantages_reference(
@@ -444,24 +445,14 @@ def ibpo_advantages_reference(
         torch.tensor(shaped, dtype=torch.float64), group_ids, eps=eps, scale=scale, std=std, const_tol=const_tol
     ).double().tolist()
     if sign_rule == "safe":
-        # A_i(failed) = min(0, A'_i - λφ_i / s_g) · max(0, 1 - λφ_i): the shaped advantage minus its own bonus
-        ids = _as_group_ids(group_ids, len(vals)).tolist()
-        ddof = 1 if std == "unbiased" else 0
-        bsd = float(np.std(shaped, ddof=ddof)) if len(shaped) > 1 else 1.0
-        for i, gid in enumerate(ids):
-            if vals[i] >= success_threshold or _is_dead(shaped, ids, gid, const_tol):
-                continue
-            gv = [shaped[j] for j, x in enumerate(ids) if x == gid]
-            m = sum(gv) / len(gv)
-            sd = (sum((v - m) ** 2 for v in gv) / (len(gv) - ddof)) ** 0.5
-            s = {"group": sd + eps, "batch": bsd + eps, "none": 1.0}[scale]
-            out[i] = min(0.0, (vals[i] - m) / s) * max(0.0, 1.0 - bonus[i]) + 0.0
+        # failures: min(A'_i, (1 - λφ_i) · min(0, A^R_i)), A^R = GRPO on the unshaped rewards
+        grpo = grpo_advantages_reference(
+            torch.tensor(vals, dtype=torch.float64), group_ids, eps=eps, scale=scale, std=std, const_tol=const_tol
+        ).double().tolist()
+        for i in range(len(vals)):
+            if vals[i] < success_threshold:
+                out[i] = min(out[i], min(0.0, grpo[i]) * max(0.0, 1.0 - bonus[i])) + 0.0
     return torch.tensor(out, dtype=torch.float64).to(_out_dtype(r))
-
-
-def _is_dead(vals: list[float], ids: list[int], gid: int, const_tol: float) -> bool:
-    gv = [vals[j] for j, x in enumerate(ids) if x == gid]
-    return len(gv) < 2 or _is_constant(gv, const_tol)
 
 
 # --------------------------------------------------------------------------- token level
@@ -706,9 +697,10 @@ def ibpo_estimator(
 
     ``phi``: ``"indicator"`` (default, published: φ = ρ·1[a revision verified]) or ``"share"``
     (φ = ρ·share of verified revisions) — see :func:`repair_phi`. ``sign_rule``: ``"safe"``
-    (default: a failed trajectory never gets positive credit on any token; a repaired failure's
-    penalty is shrunk by (1 - λφ), never flipped) or ``"shaped"`` (GRPO on R', the old rule, which
-    can put positive credit on the tokens a repair replaced) — see :func:`ibpo_advantages`.
+    (default: a failed trajectory never gets positive credit on any token; its advantage is the
+    published shaped one, but at most (1 - λφ) of its GRPO penalty, so a repair can soften the
+    penalty, never flip it) or ``"shaped"`` (GRPO on R', the old rule, which can put positive credit
+    on the tokens a repair replaced) — see :func:`ibpo_advantages`.
     ``anchors_only=True`` (IOP): correct trajectories serve only as references and in the group
     baseline; they get zero advantage, so no policy-gradient signal (pair it with
     :func:`train_mask` as the loss mask to drop them from the aggregation and KL as well).

@@ -232,27 +232,32 @@ def test_issue_cases_safe_rule_hand_values(case):
     r, p, _ = ISSUE_CASES[case]
     G = len(r)
     rs = [ri + 0.3 * (pi > 0) for ri, pi in zip(r, p)]
-    m, s = sum(rs) / G, _sd(rs) + 1e-6
+    m, s = sum(rs) / G, _sd(rs) + 1e-6  # shaped mean and std
+    mr = sum(r) / G
+    sr = _sd(r) + 1e-6 if len(set(r)) > 1 else None  # unshaped; an all-failed group has no GRPO signal
     adv = A.ibpo_advantages(r, [0] * G, p)
     for i in range(G):
+        published = (rs[i] - m) / s
         if r[i] == 1:  # correct: the shaped advantage, as published
-            expected = (rs[i] - m) / s
-        else:  # failed: scored against the shaped mean without its own bonus, penalty shrunk by 1 - λφ
-            expected = min(0.0, (0 - m) / s) * (1 - 0.3 * (p[i] > 0))
+            expected = published
+        else:  # failed: published, but at most (1 - λφ) of its GRPO penalty
+            grpo = (r[i] - mr) / sr if sr else 0.0
+            expected = min(published, min(0.0, grpo) * (1 - 0.3 * (p[i] > 0)))
         assert float(adv[i]) == pytest.approx(expected, abs=1e-5), i
-    # the hand values, written out: three_repaired m = 1.9/8, s = sqrt(0.81875/7)
+    # the hand values, written out. GRPO penalty of a failure among [1,0,0,0,0,0,0,0]: -0.125 / sqrt(0.125)
+    grpo_fail = -0.125 / math.sqrt(0.125)  # -0.3536
     if case == "three_repaired":
-        s3 = math.sqrt(0.81875 / 7)
-        assert float(adv[1]) == pytest.approx(-0.2375 / s3 * 0.7, abs=1e-5)  # -0.4861
-        assert float(adv[4]) == pytest.approx(-0.2375 / s3, abs=1e-5)  # -0.6944 (unchanged)
+        s3 = math.sqrt(0.81875 / 7)  # R' = [1, .3, .3, .3, 0, 0, 0, 0]: mean 0.2375
+        assert float(adv[1]) == pytest.approx(0.7 * grpo_fail, abs=1e-5)  # -0.2475 (published +0.183)
+        assert float(adv[4]) == pytest.approx(-0.2375 / s3, abs=1e-5)  # -0.6944 (published, unchanged)
     if case == "one_repaired":
-        s1 = math.sqrt(0.87875 / 7)
-        assert float(adv[1]) == pytest.approx(-0.1625 / s1 * 0.7, abs=1e-5)  # -0.3210
-        assert float(adv[2]) == pytest.approx(-0.1625 / s1, abs=1e-5)  # -0.4586
+        s1 = math.sqrt(0.87875 / 7)  # R' = [1, .3, 0 x 6]: mean 0.1625
+        assert float(adv[1]) == pytest.approx(0.7 * grpo_fail, abs=1e-5)  # -0.2475 (published +0.388)
+        assert float(adv[2]) == pytest.approx(-0.1625 / s1, abs=1e-5)  # -0.4586 (published, unchanged)
     if case == "all_failed":
-        s0 = math.sqrt(0.09 / 3)
-        assert float(adv[0]) == pytest.approx(-0.15 / s0 * 0.7, abs=1e-5)  # -0.6062
-        assert float(adv[2]) == pytest.approx(-0.15 / s0, abs=1e-5)  # -0.8660
+        s0 = math.sqrt(0.09 / 3)  # R' = [.3, .3, 0, 0]: mean 0.15
+        assert float(adv[0]) == 0.0 and float(adv[1]) == 0.0  # published +0.866; no GRPO penalty to shrink
+        assert float(adv[2]) == pytest.approx(-0.15 / s0, abs=1e-5)  # -0.8660 (published, unchanged)
 
 
 @pytest.mark.parametrize("case", list(ISSUE_CASES))
@@ -268,8 +273,10 @@ def test_issue_cases_no_positive_credit_on_failed_tokens(case):
     assert A.failed_positive_share(adv, b.rewards, b.response_mask) == 0.0
     repaired = [i for i in range(G) if p[i] > 0]
     unrepaired = [i for i in range(G) if p[i] == 0 and r[i] == 0]
+    has_correct = max(r) == 1
     for i in repaired:
-        assert (adv[i, 1:3] < 0).all()  # edited tokens: strictly negative
+        if has_correct:
+            assert (adv[i, 1:3] < 0).all()  # edited tokens: strictly negative
         assert (adv[i, [0, 3]] == 0).all()  # unedited tokens: zero
         for j in unrepaired:  # a near miss is penalised less per token than an unrepaired failure
             assert (adv[j] < 0).all() and (adv[i, 1:3].abs() < adv[j, 1:3].abs()).all()
@@ -287,9 +294,12 @@ def test_safe_rule_edge_cases():
     assert torch.equal(A.ibpo_advantages([0, 0, 0, 0], g, [0, 0, 0, 0]), torch.zeros(4))
     # all failed and all repaired (indicator φ equal): R' constant -> 0
     assert torch.equal(A.ibpo_advantages([0, 0, 0, 0], g, [1, 0.5, 1, 0.25]), torch.zeros(4))
-    # with the share φ they differ: every failure negative, the best-repaired least
+    # with the share φ they differ (R' = .3, .15, .3, .075; mean .20625): the published value where it is
+    # negative, 0 where it is positive (an all-failed group has no GRPO penalty to shrink)
     sh = A.ibpo_advantages([0, 0, 0, 0], g, [1, 0.5, 1, 0.25], phi="share")
-    assert (sh < 0).all() and sh[0] == sh[2] > sh[1] > sh[3]
+    assert sh[0] == sh[2] == 0 > sh[1] > sh[3]
+    pub = A.ibpo_advantages([0, 0, 0, 0], g, [1, 0.5, 1, 0.25], phi="share", sign_rule="shaped")
+    assert torch.equal(sh[[1, 3]], pub[[1, 3]]) and (pub[[0, 2]] > 0).all()
     # graded failure above the group mean: GRPO would give it +, the safe rule 0
     r = [0.4, 0.0, 0.0, 0.0]
     assert float(A.grpo_advantages(r, g)[0]) > 0
@@ -310,11 +320,16 @@ def test_safe_rule_edge_cases():
 
 def test_safe_rule_is_monotone_in_phi_and_never_above_unrepaired():
     # G = 16, one correct, one repaired: a failure far above the shaped mean (R' = 0.3 > 1.3/16);
-    # |shaped advantage| would penalise it MORE than the unrepaired ones; the safe rule does not
+    # -|shaped advantage| would penalise it MORE than the unrepaired ones; the safe rule does not:
+    # GRPO penalty -(1/16) / 0.25 = -0.25, times 1 - 0.3
     r = [1.0] + [0.0] * 15
     p = [0.0, 1.0] + [0.0] * 14
     adv = A.ibpo_advantages(r, [0] * 16, p)
     assert adv[2] < adv[1] < 0
+    assert float(adv[1]) == pytest.approx(-0.25 * 0.7, abs=1e-5)
+    # every failure repaired: R' is affine in R, so the published advantage is GRPO's, and it is kept
+    allrep = A.ibpo_advantages([1.0] + [0.0] * 7, [0] * 8, [0.0] + [1.0] * 7)
+    assert torch.allclose(allrep, A.grpo_advantages([1.0] + [0.0] * 7, [0] * 8), atol=1e-5)
     prev = None
     for share in (0.0, 0.25, 0.5, 0.75, 1.0):
         a = float(A.ibpo_advantages(r, [0] * 16, [0.0, share] + [0.0] * 14, phi="share")[1])
@@ -357,6 +372,7 @@ def test_ibpo_lambda_zero_no_token_mask_equals_grpo():
     rng = np.random.default_rng(1)
     lens = rng.integers(1, 7, size=len(r)).tolist()
     p = np.where(r.numpy() < 0.5, rng.uniform(size=len(r)), 0.0)
+    p[::2] = 0.0  # some failures unrepaired, or (indicator φ) every group's R' would be affine in R
     edits = [rng.integers(0, 2, size=n).astype(bool) for n in lens]
     for i, n in enumerate(lens):
         edits[i][0] = True

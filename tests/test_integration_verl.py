@@ -149,9 +149,8 @@ def test_issue_case_no_positive_credit_on_a_failed_trajectory():
     adv, _ = iv.compute_ibpo_outcome_advantage(tlr, mask, index, config={"ibpo": {"lam": 0.6, "rho": 0.5}}, **kw)
     failed = rewards < 0.5
     assert (adv[failed] <= 0).all()
-    # the hand value: R' = [1, .3, .3, .3, 0, 0, 0, 0], mean 0.2375, s = sqrt(0.81875 / 7); penalty x (1 - 0.3)
-    s = float(np.sqrt(0.81875 / 7))
-    torch.testing.assert_close(adv[1:4, 1:3], torch.full((3, 2), -0.2375 / s * 0.7), rtol=0, atol=1e-5)
+    # the hand value: (1 - λρ) x the GRPO penalty of a failure among [1,0,0,0,0,0,0,0], -0.125 / sqrt(0.125)
+    torch.testing.assert_close(adv[1:4, 1:3], torch.full((3, 2), 0.7 * -0.125 / float(np.sqrt(0.125))), rtol=0, atol=1e-5)
     assert (adv[1:4, [0, 3]] == 0).all()
     # the old rule is still an option (an ablation), and shows the defect
     old, _ = iv.compute_ibpo_outcome_advantage(
