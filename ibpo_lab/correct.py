@@ -3,8 +3,9 @@
 For every failed trajectory of a group the corrector picks sibling trajectories as
 references (correct ones first), asks the policy itself — the *implicit behaviour policy* —
 to rewrite the failed attempt given a reference (the task's repair prompt), verifies every
-revision with the task's reward, and keeps the best successful one (smallest normalised edit
-distance to the failed attempt). From that:
+revision with the task's reward, and keeps the best successful one (highest
+s = reward - edit_penalty·normalised edit distance to the failed attempt: the closest one under
+0/1 rewards). From that:
 
 * ``repair_success[i]`` = share of trajectory i's revisions that verify (and pass the audit,
   when it is on); the estimator turns it into φ (``advantages.repair_phi``: by default
@@ -28,11 +29,13 @@ K references, two readings (``CorrectConfig.reference_mode``):
   correct solutions at once and can tell what they share (the method) from how they differ
   (incidental wording).
 
-Which the paper's "K ≥ 2 is needed" ablation is: the paper compares K trajectories of one input
-and reports that K = 1 (a single comparison partner) loses most of the gain. In our reading that
-is the ``"joint"`` effect — a comparison that sees several references — because under
-``"separate"`` K only adds samples, which the ``revisions_per_reference`` budget can also buy;
-the two readings give the same prompts at K = 1. Notebook 06 compares them at equal budget.
+Which reading the paper's "K ≥ 2 is needed" ablation corresponds to (our reading; the lab has
+not reproduced it): ``"joint"``. Under ``"separate"`` a larger K only adds independent repair
+attempts — the same thing more ``revisions_per_reference`` buys — so a K = 1 vs K = 2 gap there
+is a sampling-budget effect, and at equal budget it should largely vanish; a comparison that
+*needs* two references is one where the repair is conditioned on several of them at once. At
+K = 1 the two readings send the same prompt. The comparison at equal budget belongs in
+notebook 06 (``reference_mode`` x ``num_references``).
 
 Audit (IOP, off by default): a verified revision is rejected when it copies a reference
 rather than repairing the failed attempt (``audit_copy``: normalised token edit distance to the
