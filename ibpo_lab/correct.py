@@ -66,6 +66,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ibpo_lab.advantages import repair_phi  # the one home of φ
 from ibpo_lab.diff import Opcode, apply_opcodes, edit_distance, edit_masks, first_divergence, opcodes
 from ibpo_lab.registry import Registry
 from ibpo_lab.rollout import RolloutBatch
@@ -716,7 +717,7 @@ def compare_and_correct(
     out_batch = batch.replace(repair_success=repair_success, edit_masks=masks)
     repaired = _repaired_batch(batch, rep, task, tokenizer)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    stats = _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg)
+    stats = _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, rewards)
     return CorrectionResult(batch=out_batch, repaired=repaired, table=table, stats=stats)
 
 
@@ -785,9 +786,7 @@ def _audit(verified: bool, dist: float, ref_dist: float, n_edited: int, n_failed
     return "pass"
 
 
-def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg) -> dict[str, float]:
-    from ibpo_lab.advantages import repair_phi  # the one home of φ
-
+def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, rewards) -> dict[str, float]:
     attempted = list(per_traj)
     n_rev = len(rows)
     n_ok = sum(r["verified"] for r in rows)
@@ -796,9 +795,11 @@ def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg) -> di
     edited = [int(masks[i].sum()) for i in repaired]
     frac = [int(masks[i].sum()) / max(len(masks[i]), 1) for i in repaired]
     share_failed = float(repair_success[failed].mean()) if failed else 0.0
-    zeros = torch.zeros(B)  # failed trajectories have reward 0 here: φ only reads which ones failed
+    r_failed = torch.as_tensor(rewards, dtype=torch.float64)[failed]
     phi = {
-        mode: float(repair_phi(zeros[failed], repair_success[failed], rho=cfg.rho, phi=mode).mean()) if failed else 0.0
+        mode: float(
+            repair_phi(r_failed, repair_success[failed], rho=cfg.rho, phi=mode, success_threshold=cfg.success_threshold).mean()
+        ) if failed else 0.0
         for mode in ("indicator", "share")
     }
     out = {
