@@ -9,6 +9,14 @@ Two layers:
   ``ibpo``); every estimator is ``fn(batch: RolloutBatch, **params) -> Tensor[B, T]``, zero off
   ``batch.response_mask`` and finite everywhere.
 
+IBPO's rules as implemented (defaults): φ = ρ·1[a revision verified] (:func:`repair_phi`, the one
+home of φ), R' = R + λφ on failed trajectories, group-centred and scaled; a failed trajectory's
+advantage is sign-safe — the published shaped value, but never less penalty than (1 - λφ) times
+its GRPO penalty, so never positive (:func:`ibpo_advantages`, ``sign_rule``) — and sits on the tokens its best repair
+edited (0 on the others); correct trajectories and unrepaired failures get their sequence
+advantage on every trained token (:func:`ibpo_token_advantages`). Per-step health metrics:
+:func:`failed_positive_share` (0 under the defaults) and :func:`active_token_ratio`.
+
 Conventions shared by every function here:
 
 * Groups are the trajectories that share a group id (one prompt). A group of one member has no
@@ -23,6 +31,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -41,6 +50,7 @@ __all__ = [
     "grpo_advantages_reference",
     "rloo_advantages",
     "rloo_advantages_reference",
+    "repair_phi",
     "shaped_rewards",
     "ibpo_advantages",
     "ibpo_advantages_reference",
@@ -48,12 +58,19 @@ __all__ = [
     "ibpo_repair_advantages",
     "prefix_tree_step_advantages",
     "broadcast",
+    "failed_positive_share",
+    "active_token_ratio",
+    "train_mask",
 ]
 
 SCALES = ("group", "batch", "none")
 STDS = ("unbiased", "population")
 NO_REPAIR_MODES = ("sequence", "zero")
 EMPTY_EDIT_MODES = ("error", "sequence", "zero")
+#: how φ is read from repair_success: "indicator" ρ·1[some revision verified] (published), "share" ρ·share
+PHI_MODES = ("indicator", "share")
+#: how a failed trajectory's sign is decided: "safe" (never positive; default) or "shaped" (GRPO on R', the old rule)
+SIGN_RULES = ("safe", "shaped")
 #: default tolerance under which a group's rewards count as equal (relative to max(1, |r|))
 CONST_TOL = 1e-5
 
@@ -275,28 +292,58 @@ def rloo_advantages_reference(rewards: Any, group_ids: Any, const_tol: float = C
     return torch.tensor(out, dtype=torch.float64).to(_out_dtype(r))
 
 
+def _check_threshold(success_threshold: float) -> None:
+    if not (isinstance(success_threshold, (int, float)) and np.isfinite(success_threshold)):
+        raise ValueError(f"success_threshold must be finite, got {success_threshold!r}")
+
+
+def repair_phi(
+    rewards: Any,
+    repair_success: Any,
+    rho: float = 0.5,
+    phi: str = "indicator",
+    success_threshold: float = 0.5,
+) -> Tensor:
+    """IBPO's repair signal φ per trajectory — the one home of φ (shaping, diagnostics, stats call this).
+
+    rewards [B], repair_success [B] in [0, 1] (share of a trajectory's revisions that verified;
+    None = all 0) -> φ [B] float64, 0 on correct trajectories (R >= ``success_threshold``):
+
+    * ``phi="indicator"`` (default, as published): φ = ρ·1[repair_success > 0] — the repair
+      succeeds when at least one revision verifies;
+    * ``phi="share"``: φ = ρ·repair_success (the share of the K·n revisions that verify; the
+      lab's earlier rule, kept for ablation). It is diluted when a group has fewer good
+      references than K, which is why it is not the default.
+    """
+    _check_choice(phi, "phi", PHI_MODES)
+    r = _as_rewards(rewards)
+    p = _as_repair_success(repair_success, r.numel())
+    _check_nonneg(rho, "rho")
+    _check_threshold(success_threshold)
+    failed = (r.double() < success_threshold).to(torch.float64)
+    signal = (p > 0).to(torch.float64) if phi == "indicator" else p
+    return rho * signal * failed
+
+
 def shaped_rewards(
     rewards: Any,
     repair_success: Any,
     lam: float = 0.6,
     rho: float = 0.5,
     success_threshold: float = 0.5,
+    *,
+    phi: str = "indicator",
 ) -> Tensor:
-    """IBPO reward shaping: R' = R + λ·φ, φ = ρ·repair_success on failed trajectories (R < threshold).
+    """IBPO reward shaping: R' = R + λ·φ with φ from :func:`repair_phi` (0 on correct trajectories).
 
-    rewards [B], repair_success [B] in [0, 1] (None = all 0) -> R' [B] float64. A correct
-    trajectory (R >= ``success_threshold``) has φ = 0 by definition, so any repair_success given
-    for it is not used.
+    rewards [B], repair_success [B] in [0, 1] (None = all 0) -> R' [B] float64. ``phi``:
+    ``"indicator"`` (default, φ = ρ·1[a revision verified]) or ``"share"`` (φ = ρ·share). A
+    correct trajectory (R >= ``success_threshold``) has φ = 0 by definition, so any
+    repair_success given for it is not used.
     """
     r = _as_rewards(rewards)
-    p = _as_repair_success(repair_success, r.numel())
     _check_nonneg(lam, "lam")
-    _check_nonneg(rho, "rho")
-    if not np.isfinite(success_threshold):
-        raise ValueError(f"success_threshold must be finite, got {success_threshold!r}")
-    r64 = r.double()
-    failed = r64 < success_threshold
-    return r64 + lam * rho * p * failed.to(r64.dtype)
+    return r.double() + lam * repair_phi(r, repair_success, rho=rho, phi=phi, success_threshold=success_threshold)
 
 
 def ibpo_advantages(
@@ -310,18 +357,60 @@ def ibpo_advantages(
     std: str = "unbiased",
     success_threshold: float = 0.5,
     const_tol: float = CONST_TOL,
+    *,
+    phi: str = "indicator",
+    sign_rule: str = "safe",
 ) -> Tensor:
-    """IBPO sequence-level advantage: GRPO centring and scaling applied to the shaped rewards.
+    """IBPO sequence-level advantage: GRPO centring and scaling of the shaped rewards, sign-safe.
 
-    rewards [B], group_ids [B], repair_success [B] in [0, 1] -> [B]:
-    R' = R + lam·rho·repair_success·[R < success_threshold];  A_i = (R'_i - mean_g R') / (std_g R' + eps)
-    (mean *and* std over R', so shaping also changes the spread). ``lam=0`` gives GRPO exactly.
+    rewards [B], group_ids [B], repair_success [B] in [0, 1] -> [B]. With R' = R + λ·φ
+    (:func:`shaped_rewards`, ``phi`` as there), m_g / s_g the mean / divisor of R' in the group
+    (``scale``, ``std`` as in :func:`grpo_advantages`; singleton and constant groups give 0):
+
+    * correct trajectories (R >= ``success_threshold``): A_i = (R'_i - m_g) / s_g (both rules);
+    * ``sign_rule="shaped"`` (the old rule, for ablation): failures too get (R'_i - m_g) / s_g.
+      Defect: when most of a group failed, a repaired failure's R' = λφ lies above m_g, so it gets
+      POSITIVE credit, and the token rule puts it exactly on the tokens its repair replaced —
+      reinforcing the error (rewards [1,0,0,0,0,0,0,0] with three repaired failures: +0.183);
+    * ``sign_rule="safe"`` (default): a failure gets the published value, but never less penalty
+      than (1 - λφ_i) times its GRPO penalty:
+
+          A_i = min( (R'_i - m_g) / s_g ,  (1 - λ·φ_i) · min(0, A^R_i) ),   A^R = GRPO on the unshaped R
+
+      Why: the sign of a failure's credit must come from its outcome (it failed: under the token
+      rule its edited tokens are the error, and they must be pushed down), while shaping may say
+      how bad the failure was — a near miss whose repair verified may shed at most the share λφ
+      of the outcome penalty GRPO gives it, never turn it into a reward. Where the published value
+      already penalises at least that much it is kept unchanged (every unrepaired failure, and
+      repaired ones in groups where most trajectories succeed). Properties: never positive for a
+      failure; for 0/1 rewards, in a group with a correct sibling A^R_i < 0, so a repaired
+      failure's advantage is strictly negative (for λρ < 1) and at least as large as an unrepaired
+      sibling's (the min is monotone in A', and A'_repaired >= A'_unrepaired) — shaping still
+      ranks the near miss above the plain failure; non-decreasing in φ; no larger in magnitude than
+      the published value or GRPO's; ``lam=0`` is GRPO. In an all-failed group
+      (``no_correct="any"``) A^R = 0, so repaired failures get 0 (not the published +0.866) and
+      unrepaired ones keep their published (negative) value; with no or uniform repairs R' is
+      constant and every advantage is 0. A graded failure above its group's mean (rewards below
+      ``success_threshold`` that differ) gets 0, not GRPO's positive credit. λ·ρ >= 1 (a repair
+      worth a success) zeroes the factor, so such a repaired failure gets min(A', 0).
+
+    ``lam=0`` gives GRPO exactly for 0/1 rewards (``sign_rule="shaped"``: for any rewards).
     """
+    _check_choice(sign_rule, "sign_rule", SIGN_RULES)
     r = _as_rewards(rewards)
     g = _as_group_ids(group_ids, r.numel())
     _check_common(eps, scale, std, const_tol)
-    rs = shaped_rewards(r, repair_success, lam=lam, rho=rho, success_threshold=success_threshold)
-    return _centre_scale(rs, g, eps, scale, std, const_tol).to(_out_dtype(r))
+    rs = shaped_rewards(r, repair_success, lam=lam, rho=rho, success_threshold=success_threshold, phi=phi)
+    if sign_rule == "shaped":
+        return _centre_scale(rs, g, eps, scale, std, const_tol).to(_out_dtype(r))
+    r64 = r.double()
+    shaped = _centre_scale(rs, g, eps, scale, std, const_tol)  # A'  (published)
+    outcome = _centre_scale(r64, g, eps, scale, std, const_tol)  # A^R (GRPO on the unshaped rewards)
+    keep = (1.0 - (rs - r64)).clamp(min=0.0)  # 1 - λφ_i (1 on correct trajectories)
+    floor = outcome.clamp(max=0.0) * keep
+    adv = torch.where(r64 < success_threshold, torch.minimum(shaped, floor), shaped)
+    # + 0.0: no -0.0 from the clamp / product (cleaner tables, exact equality in tests)
+    return (adv + 0.0).to(_out_dtype(r))
 
 
 def ibpo_advantages_reference(
@@ -335,20 +424,35 @@ def ibpo_advantages_reference(
     std: str = "unbiased",
     success_threshold: float = 0.5,
     const_tol: float = CONST_TOL,
+    *,
+    phi: str = "indicator",
+    sign_rule: str = "safe",
 ) -> Tensor:
     """Plain-loop twin of :func:`ibpo_advantages`; for tests."""
+    _check_choice(sign_rule, "sign_rule", SIGN_RULES)
+    _check_choice(phi, "phi", PHI_MODES)
     r = _as_rewards(rewards)
     p = _as_repair_success(repair_success, r.numel())
     _check_nonneg(lam, "lam")
     _check_nonneg(rho, "rho")
-    shaped = [
-        float(ri) + (lam * rho * float(pi) if float(ri) < success_threshold else 0.0)
-        for ri, pi in zip(r.double().tolist(), p.tolist())
-    ]
+    vals = [float(x) for x in r.double().tolist()]
+    bonus = []
+    for ri, pi in zip(vals, p.tolist()):
+        signal = (1.0 if pi > 0 else 0.0) if phi == "indicator" else float(pi)
+        bonus.append(lam * rho * signal if ri < success_threshold else 0.0)
+    shaped = [ri + bi for ri, bi in zip(vals, bonus)]
     out = grpo_advantages_reference(
         torch.tensor(shaped, dtype=torch.float64), group_ids, eps=eps, scale=scale, std=std, const_tol=const_tol
-    )
-    return out.to(_out_dtype(r))
+    ).double().tolist()
+    if sign_rule == "safe":
+        # failures: min(A'_i, (1 - λφ_i) · min(0, A^R_i)), A^R = GRPO on the unshaped rewards
+        grpo = grpo_advantages_reference(
+            torch.tensor(vals, dtype=torch.float64), group_ids, eps=eps, scale=scale, std=std, const_tol=const_tol
+        ).double().tolist()
+        for i in range(len(vals)):
+            if vals[i] < success_threshold:
+                out[i] = min(out[i], min(0.0, grpo[i]) * max(0.0, 1.0 - bonus[i])) + 0.0
+    return torch.tensor(out, dtype=torch.float64).to(_out_dtype(r))
 
 
 # --------------------------------------------------------------------------- token level
@@ -360,6 +464,82 @@ def broadcast(seq_adv: Tensor, response_mask: Tensor) -> Tensor:
         )
     # + 0.0 turns the -0.0 of negative advantages on masked tokens into 0.0 (cleaner tables)
     return seq_adv.to(response_mask.dtype)[:, None] * response_mask + 0.0
+
+
+def _failed_rows(advantages: Tensor, rewards: Any, success_threshold: float) -> Tensor:
+    if advantages.dim() != 2:
+        raise ValueError(f"advantages must be [B, T], got shape {tuple(advantages.shape)}")
+    r = _as_rewards(rewards)
+    if r.numel() != advantages.shape[0]:
+        raise ValueError(f"rewards has {r.numel()} entries but advantages has {advantages.shape[0]} rows")
+    _check_threshold(success_threshold)
+    return r.double() < success_threshold
+
+
+def _mask_like(response_mask: Tensor | None, advantages: Tensor) -> Tensor:
+    if response_mask is None:
+        return torch.ones(advantages.shape, dtype=torch.bool)
+    if tuple(response_mask.shape) != tuple(advantages.shape):
+        raise ValueError(f"response_mask has shape {tuple(response_mask.shape)} but advantages has {tuple(advantages.shape)}")
+    return response_mask.bool()
+
+
+def failed_positive_share(
+    advantages: Tensor, rewards: Any, response_mask: Tensor | None = None, success_threshold: float = 0.5
+) -> float:
+    """Share of failed trajectories' credited tokens whose advantage is positive (a per-step health metric).
+
+    advantages [B, T], rewards [B], response_mask [B, T] (None = every position) -> float in [0, 1]:
+    #{failed i, trained t : A_it > 0} / #{failed i, trained t : A_it != 0}. A positive token on a
+    failed trajectory reinforces what failed; the default ibpo estimator (``sign_rule="safe"``)
+    gives exactly 0. NaN when no failed trajectory has a credited token (nothing to measure).
+    """
+    failed = _failed_rows(advantages, rewards, success_threshold)
+    m = _mask_like(response_mask, advantages) & failed[:, None]
+    credited = m & (advantages != 0)
+    n = int(credited.sum())
+    if n == 0:
+        return math.nan
+    return int((credited & (advantages > 0)).sum()) / n
+
+
+def active_token_ratio(advantages: Tensor, response_mask: Tensor | None = None) -> float:
+    """Share of trained tokens with a non-zero advantage (IOP's active-token ratio).
+
+    advantages [B, T], response_mask [B, T] (None = every position) -> float in [0, 1]; NaN when
+    there is no trained token. Edit-masked credit (IBPO) and zeroed anchors lower it; GRPO gives
+    1 minus the share of tokens in groups without signal.
+    """
+    if advantages.dim() != 2:
+        raise ValueError(f"advantages must be [B, T], got shape {tuple(advantages.shape)}")
+    m = _mask_like(response_mask, advantages)
+    n = int(m.sum())
+    if n == 0:
+        return math.nan
+    return int((m & (advantages != 0)).sum()) / n
+
+
+def train_mask(
+    rewards: Any, response_mask: Tensor, *, anchors_only: bool = False, success_threshold: float = 0.5
+) -> Tensor:
+    """The loss mask for a batch: ``response_mask`` [B, T], with correct trajectories' rows zeroed
+    when ``anchors_only`` (IOP: correct trajectories are references and baseline only, not trained)
+    -> [B, T] in response_mask's dtype.
+
+    The ibpo estimator's ``anchors_only`` already zeroes their advantage (so no policy gradient);
+    passing this mask to the loss also takes them out of the token-mean normaliser and the KL term.
+    IOP reports that keeping correct trajectories out of the gradient counters entropy collapse once
+    edit masks have removed most of the negative gradient; it is off by default (GRPO/IBPO train on them).
+    """
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be [B, T], got shape {tuple(response_mask.shape)}")
+    if not isinstance(anchors_only, bool):
+        raise ValueError(f"anchors_only must be a bool, got {anchors_only!r}")
+    failed = _failed_rows(response_mask.to(torch.float32), rewards, success_threshold)
+    if not anchors_only:
+        return response_mask.clone()
+    keep = failed.to(response_mask.dtype)[:, None]
+    return response_mask * keep
 
 
 def ibpo_token_advantages(
@@ -375,6 +555,12 @@ def ibpo_token_advantages(
     empty_edit: str = "error",
 ) -> Tensor:
     """IBPO token credit: a failed trajectory's advantage only on the tokens its repair edited.
+
+    The sign comes from ``seq_adv``: with :func:`ibpo_advantages`' default ``sign_rule="safe"`` a
+    failed trajectory's seq_adv is <= 0, so every token of it is <= 0 (edited: < 0 in a group with
+    a correct sibling, unedited: 0). With ``renormalize=False`` (default) a repaired failure's
+    per-token penalty is at most an unrepaired one's of the same group; ``renormalize=True`` keeps
+    the per-trajectory sum instead (n_i/|E_i| times larger per edited token).
 
     seq_adv [B] (e.g. from :func:`ibpo_advantages`), rewards [B], repair_success [B] (None = 0),
     response_mask [B, T], edit_mask [B, T] 0/1 or None  ->  [B, T] (0 off response_mask).
@@ -491,6 +677,9 @@ def ibpo_estimator(
     no_repair: str = "sequence",
     empty_edit: str = "error",
     const_tol: float = CONST_TOL,
+    phi: str = "indicator",
+    sign_rule: str = "safe",
+    anchors_only: bool = False,
 ) -> Tensor:
     """IBPO: shaped group-relative advantage, credited on edited tokens of failed trajectories.
 
@@ -505,7 +694,19 @@ def ibpo_estimator(
     (whatever its edit mask, all-False included) or without edit masks, ``no_repair`` decides
     (default: sequence-level credit on all tokens); an all-False mask with repair_success > 0
     raises unless ``empty_edit`` says otherwise.
+
+    ``phi``: ``"indicator"`` (default, published: φ = ρ·1[a revision verified]) or ``"share"``
+    (φ = ρ·share of verified revisions) — see :func:`repair_phi`. ``sign_rule``: ``"safe"``
+    (default: a failed trajectory never gets positive credit on any token; its advantage is the
+    published shaped one, but at most (1 - λφ) of its GRPO penalty, so a repair can soften the
+    penalty, never flip it) or ``"shaped"`` (GRPO on R', the old rule, which can put positive credit
+    on the tokens a repair replaced) — see :func:`ibpo_advantages`.
+    ``anchors_only=True`` (IOP): correct trajectories serve only as references and in the group
+    baseline; they get zero advantage, so no policy-gradient signal (pair it with
+    :func:`train_mask` as the loss mask to drop them from the aggregation and KL as well).
     """
+    if not isinstance(anchors_only, bool):
+        raise ValueError(f"anchors_only must be a bool, got {anchors_only!r}")
     r = _rewards_of(batch)
     seq = ibpo_advantages(
         r,
@@ -518,7 +719,11 @@ def ibpo_estimator(
         std=std,
         success_threshold=success_threshold,
         const_tol=const_tol,
+        phi=phi,
+        sign_rule=sign_rule,
     )
+    if anchors_only:
+        seq = torch.where(r.double() >= success_threshold, torch.zeros_like(seq), seq)
     mask = batch.response_mask
     if not token_mask:
         return broadcast(seq, mask)
@@ -547,6 +752,7 @@ def ibpo_repair_advantages(
     std: str = "unbiased",
     success_threshold: float = 0.5,
     const_tol: float = CONST_TOL,
+    phi: str = "indicator",
 ) -> Tensor:
     """IOP bilateral credit for repaired trajectories, on their inserted tokens only.
 
@@ -557,7 +763,7 @@ def ibpo_repair_advantages(
 
         A_j = (R_repaired_j - mean_g R') / (s_g + eps) on repaired.edit_masks[j] ∧ response mask
 
-    g = group of original[source[j]], R' = shaped rewards of ``original`` (:func:`shaped_rewards`),
+    g = group of original[source[j]], R' = shaped rewards of ``original`` (:func:`shaped_rewards`, ``phi``),
     s_g per ``scale`` as in :func:`grpo_advantages` (``"none"``: no division). A source group
     with no spread in R' (singleton, or constant within ``const_tol``) has nothing to scale by,
     so there A_j = R_repaired_j - mean_g R' unscaled (finite, never a division by ~0).
@@ -574,7 +780,7 @@ def ibpo_repair_advantages(
         raise ValueError(f"source holds indices {bad} outside the original batch of {len(original)}")
     if repaired.edit_masks is None:
         raise ValueError("repaired.edit_masks is None: IOP credit needs the inserted-token masks")
-    rs = shaped_rewards(r0, original.repair_success, lam=lam, rho=rho, success_threshold=success_threshold)
+    rs = shaped_rewards(r0, original.repair_success, lam=lam, rho=rho, success_threshold=success_threshold, phi=phi)
     inv, mean, sd, dead = _group_stats(rs, original.group_ids, std, const_tol)
     gi = inv[torch.tensor(src, dtype=torch.long)]
     adv = repaired.rewards.double() - mean[gi]

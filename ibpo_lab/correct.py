@@ -3,16 +3,45 @@
 For every failed trajectory of a group the corrector picks sibling trajectories as
 references (correct ones first), asks the policy itself — the *implicit behaviour policy* —
 to rewrite the failed attempt given a reference (the task's repair prompt), verifies every
-revision with the task's reward, and keeps the best successful one (smallest normalised edit
-distance to the failed attempt). From that:
+revision with the task's reward, and keeps the best successful one (highest
+s = reward - edit_penalty·normalised edit distance to the failed attempt: the closest one under
+0/1 rewards). From that:
 
-* ``repair_success[i]`` = share of trajectory i's revisions that verify; the estimator turns
-  it into φ = ρ·share and shapes the reward R' = R + λ·φ before group centring;
+* ``repair_success[i]`` = share of trajectory i's revisions that verify (and pass the audit,
+  when it is on); the estimator turns it into φ (``advantages.repair_phi``: by default
+  φ = ρ·1[at least one revision verified], as published; ``phi="share"``: ρ·share) and shapes
+  the reward R' = R + λ·φ before group centring;
 * ``edit_masks[i]`` = tokens of the failed response that a Levenshtein alignment to the best
   repair deletes or replaces (``ibpo_lab.diff.edit_masks``) — the only tokens that get credit;
   optionally truncated to the first K* edited tokens (IOP);
 * ``repaired`` = the best repairs as a :class:`RolloutBatch` under the ORIGINAL solve prompt,
   with ``edit_masks`` = the inserted tokens, for IOP's bilateral training.
+
+K references, two readings (``CorrectConfig.reference_mode``):
+
+* ``"separate"`` (default): K separate repair prompts, one per (failed, reference) pair, each
+  sampled ``revisions_per_reference`` times. K then buys independent repair attempts (and more
+  candidates to select from): with the indicator φ, K=2 raises the chance that *some* repair
+  verifies.
+* ``"joint"``: ONE repair prompt showing all K references (:func:`join_references`, or the
+  task's ``repair_prompt_joint`` when it has one), sampled K·``revisions_per_reference`` times
+  so the revision budget equals ``"separate"``'s. K then buys contrast: the policy sees several
+  correct solutions at once and can tell what they share (the method) from how they differ
+  (incidental wording).
+
+Which reading the paper's "K ≥ 2 is needed" ablation corresponds to (our reading; the lab has
+not reproduced it): ``"joint"``. Under ``"separate"`` a larger K only adds independent repair
+attempts — the same thing more ``revisions_per_reference`` buys — so a K = 1 vs K = 2 gap there
+is a sampling-budget effect, and at equal budget it should largely vanish; a comparison that
+*needs* two references is one where the repair is conditioned on several of them at once. At
+K = 1 the two readings send the same prompt. The comparison at equal budget belongs in
+notebook 06 (``reference_mode`` x ``num_references``).
+
+Audit (IOP, off by default): a verified revision is rejected when it copies a reference
+rather than repairing the failed attempt (``audit_copy``: normalised token edit distance to the
+nearest reference < to the failed attempt) or edits more than ``edit_budget`` of the failed
+attempt's tokens; among the accepted ones the selected repair maximises
+s = reward - ``edit_penalty``·(normalised edit distance to the failed attempt).
 
 Operators (registry :data:`OPERATORS`, all behind :func:`compare_and_correct`):
 ``policy`` (repair prompt → policy revisions; the method), ``splice`` (keep the failed prefix up
@@ -37,6 +66,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ibpo_lab.advantages import repair_phi  # the one home of φ
 from ibpo_lab.diff import Opcode, apply_opcodes, edit_distance, edit_masks, first_divergence, opcodes
 from ibpo_lab.registry import Registry
 from ibpo_lab.rollout import RolloutBatch
@@ -52,12 +82,14 @@ __all__ = [
     "list_operators",
     "select_references",
     "truncation_blocks",
+    "join_references",
     "compare_and_correct",
     "TABLE_COLUMNS",
 ]
 
 REFERENCE_SELECTIONS = ("correct_first", "correct_only", "any", "most_similar")
 NO_CORRECT_POLICIES = ("skip", "any")
+REFERENCE_MODES = ("separate", "joint")
 
 
 # --------------------------------------------------------------------------- config
@@ -112,8 +144,9 @@ class CorrectConfig:
                   "edited tokens, K* = K if grafting the edit blocks holding the first K edited tokens onto the "
                   "failed attempt already verifies, else 2K if that verifies, else all"},
     )
-    rho: float = field(default=0.5, metadata={"help": "ρ in φ = ρ·(share of successful repairs); reported in stats "
-                                                       "(the estimator applies φ with its own rho and λ)"})
+    rho: float = field(default=0.5, metadata={"help": "ρ in φ = ρ·1[a revision verified] (ρ·share with the estimator's "
+                                                       "phi='share'); reported in stats (the estimator applies φ with "
+                                                       "its own rho and λ)"})
     success_threshold: float = field(
         default=0.5,
         metadata={"help": "a trajectory or revision is correct when its reward >= this (0.5, as the ibpo "
@@ -125,6 +158,33 @@ class CorrectConfig:
                   "goes before, or the last token when the repair appends): an omission-only repair then still "
                   "marks a token (the ibpo estimator rejects a successful repair with an empty mask); "
                   "False = exactly diff.edit_masks (deleted or replaced tokens only)"},
+    )
+
+    reference_mode: str = field(
+        default="separate",
+        metadata={"help": "how the K = num_references references reach the policy: 'separate' (K repair prompts, one "
+                  "per reference, revisions_per_reference samples each) or 'joint' (one prompt holding all K "
+                  "references, K x revisions_per_reference samples: the same budget). Our reading of the paper's "
+                  "'K >= 2 needed' ablation is 'joint' (see the module docstring). Not for the splice operator"},
+    )
+    audit_copy: bool = field(
+        default=False,
+        metadata={"help": "IOP audit: reject a verified revision closer (normalised token edit distance) to a reference "
+                  "than to the failed attempt: a copy of the reference, not a repair, whose edit mask is the whole "
+                  "divergence rather than the error. Off by default: IBPO as published has no audit, and when the "
+                  "failed attempt and a reference differ only at the error, the copy IS the minimal repair"},
+    )
+    edit_budget: float | None = field(
+        default=None,
+        metadata={"help": "IOP audit: reject a verified revision that edits more than this share of the failed "
+                  "attempt's tokens (n_edited / length, in (0, 1]); None = no budget (the default: a sensible budget "
+                  "depends on the task's response length and on how local its errors are)"},
+    )
+    edit_penalty: float = field(
+        default=1.0,
+        metadata={"help": "λ_edit in the selection score s = reward - λ_edit·(normalised edit distance to the failed "
+                  "attempt): the selected repair maximises s among accepted revisions (ties: the first). Any λ_edit > 0 "
+                  "picks the closest repair under 0/1 rewards (the earlier rule); 0 = the first best-rewarded one"},
     )
 
     def __post_init__(self) -> None:
@@ -150,6 +210,22 @@ class CorrectConfig:
             raise ValueError(f"truncate_k must be None or an int >= 1, got {self.truncate_k!r}")
         if not 0 <= self.rho:
             raise ValueError(f"rho must be >= 0, got {self.rho!r}")
+        if self.reference_mode not in REFERENCE_MODES:
+            raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}")
+        if self.reference_mode == "joint" and self.operator == "splice":
+            raise ValueError("reference_mode='joint' does not apply to operator 'splice' (it continues from the first "
+                             "divergence from ONE reference); use reference_mode='separate'")
+        if not isinstance(self.audit_copy, bool):
+            raise ValueError(f"audit_copy must be a bool, got {self.audit_copy!r}")
+        if self.edit_budget is not None and (
+            isinstance(self.edit_budget, bool) or not isinstance(self.edit_budget, (int, float))
+            or not 0 < self.edit_budget <= 1
+        ):
+            raise ValueError(f"edit_budget must be None or a number in (0, 1], got {self.edit_budget!r}")
+        if isinstance(self.edit_penalty, bool) or not isinstance(self.edit_penalty, (int, float)) or not (
+            np.isfinite(self.edit_penalty) and self.edit_penalty >= 0
+        ):
+            raise ValueError(f"edit_penalty must be a finite number >= 0, got {self.edit_penalty!r}")
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -160,7 +236,11 @@ class CorrectConfig:
 # --------------------------------------------------------------------------- data
 @dataclass
 class RepairRequest:
-    """One (failed trajectory, reference) pair to repair; ``reference`` is None for the oracle."""
+    """One repair prompt: a failed trajectory and its reference(s); ``reference`` is None for the oracle.
+
+    ``reference_mode="separate"``: one reference (``references == [reference]``). ``"joint"``: all K
+    references in ``references`` / ``references_ids``; ``reference`` is the first, and
+    ``reference_text`` the joined text of all (:func:`join_references`)."""
 
     traj: int
     group: int
@@ -172,6 +252,9 @@ class RepairRequest:
     failed_logprobs: list[float] | None
     reference_ids: list[int] | None
     reference_text: str | None
+    references: list[int] = field(default_factory=list)
+    references_ids: list[list[int]] = field(default_factory=list)
+    references_text: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -203,12 +286,16 @@ class CorrectionResult:
     stats: dict[str, float]
 
 
-#: the repairs table: one row per revision. ``reference_traj`` -1 for the oracle; ``edit_distance`` normalised
-#: token Levenshtein distance to the failed attempt; ``n_edited`` failed tokens the revision would credit (before
-#: truncation); ``selected`` the best verified revision of its trajectory; ``k_star`` its IOP K* (-1 = all edits)
+#: the repairs table: one row per revision. ``reference_traj`` -1 for the oracle (the first reference in
+#: ``joint`` mode); ``n_references`` references its prompt showed; ``edit_distance`` normalised token Levenshtein
+#: distance to the failed attempt; ``reference_distance`` the same to the nearest reference (NaN for the oracle);
+#: ``n_edited`` failed tokens the revision would credit (before truncation); ``audit`` "" (not verified, or no audit
+#: configured), "pass", "copy" (closer to a reference than to the failed attempt) or "budget" (edits more than
+#: edit_budget); ``accepted`` verified and not rejected by the audit; ``score`` reward - edit_penalty·edit_distance;
+#: ``selected`` the accepted revision of its trajectory with the highest score; ``k_star`` its IOP K* (-1 = all edits)
 TABLE_COLUMNS = [
-    "group", "traj", "reference_traj", "operator", "failed", "reference", "revision", "reward", "verified",
-    "edit_distance", "n_edited", "selected", "k_star",
+    "group", "traj", "reference_traj", "n_references", "operator", "failed", "reference", "revision", "reward",
+    "verified", "edit_distance", "reference_distance", "n_edited", "audit", "accepted", "score", "selected", "k_star",
 ]
 
 
@@ -260,16 +347,44 @@ def _texts(b: RolloutBatch, tokenizer) -> list[str]:
 
 @register_operator("policy")
 def policy_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[Revision]]:
-    """The policy rewrites each failed attempt given a reference (task.repair_prompt); one batched call."""
+    """The policy rewrites each failed attempt given its reference(s) (task.repair_prompt); one batched call.
+
+    ``reference_mode="joint"``: the request's prompt shows all its K references and is sampled
+    K·revisions_per_reference times (the prompt is repeated K times in the one call)."""
     n = ctx.cfg.revisions_per_reference
-    prompts = [ctx.task.repair_prompt(r.example, r.failed_text, r.reference_text) for r in requests]
+    joint = ctx.cfg.reference_mode == "joint"
+    prompts, counts = [], []
+    for r in requests:
+        copies = max(1, len(r.references)) if joint else 1
+        prompt = _joint_prompt(ctx.task, r) if joint else ctx.task.repair_prompt(r.example, r.failed_text, r.reference_text)
+        prompts += [prompt] * copies
+        counts.append(copies * n)
     out = _sample(ctx, prompts, n)
     texts = _texts(out, ctx.tokenizer)
     revs = [
         Revision(ids=list(out.response_ids[j]), text=texts[j], logprobs=None if out.logprobs is None else list(out.logprobs[j]))
         for j in range(len(out))
     ]
-    return [revs[k * n : (k + 1) * n] for k in range(len(requests))]
+    bounds = np.cumsum([0] + counts)
+    return [revs[bounds[k] : bounds[k + 1]] for k in range(len(requests))]
+
+
+def join_references(texts: Sequence[str]) -> str:
+    """K reference texts as one block for a repair template's ``{reference}`` field:
+    ``Reference 1:\n<text>\nReference 2:\n<text>`` (one reference: its text unchanged, so
+    ``joint`` with K = 1 gives exactly the ``separate`` prompt)."""
+    if len(texts) == 1:
+        return texts[0]
+    return "\n".join(f"Reference {k}:\n{t}" for k, t in enumerate(texts, start=1))
+
+
+def _joint_prompt(task, r: RepairRequest) -> str:
+    """The one repair prompt of a ``joint`` request: the task's own ``repair_prompt_joint(example,
+    failed, references)`` when it has one, else its repair template with :func:`join_references`."""
+    own = getattr(task, "repair_prompt_joint", None)
+    if callable(own):
+        return own(r.example, r.failed_text, list(r.references_text))
+    return task.repair_prompt(r.example, r.failed_text, join_references(r.references_text))
 
 
 @register_operator("splice")
@@ -517,14 +632,20 @@ def compare_and_correct(
         if not refs:
             skipped.append(i)
             continue
-        for ref in refs:
+        joint = cfg.reference_mode == "joint" and refs[0] is not None
+        for group_refs in ([refs] if joint else [[ref] for ref in refs]):
+            ref = group_refs[0]
+            real = [j for j in group_refs if j is not None]
+            ref_texts = [text_of(j) for j in real]
             requests.append(
                 RepairRequest(
                     traj=i, group=group_of[i], reference=ref, example=example_of(i), solve_prompt=solve_prompt_of(i),
                     failed_ids=list(batch.response_ids[i]), failed_text=text_of(i),
                     failed_logprobs=None if batch.logprobs is None else list(batch.logprobs[i]),
                     reference_ids=None if ref is None else list(batch.response_ids[ref]),
-                    reference_text=None if ref is None else text_of(ref),
+                    reference_text=None if ref is None else (join_references(ref_texts) if joint else ref_texts[0]),
+                    references=real, references_ids=[list(batch.response_ids[j]) for j in real],
+                    references_text=ref_texts,
                 )
             )
 
@@ -543,13 +664,19 @@ def compare_and_correct(
         for rev in revs:
             reward = float(task.reward(req.example, rev.text))
             ops = opcodes(req.failed_ids, rev.ids)
+            verified = reward >= cfg.success_threshold
+            dist = edit_distance(req.failed_ids, rev.ids)
+            ref_dist = min((edit_distance(ref_ids, rev.ids) for ref_ids in req.references_ids), default=float("nan"))
+            n_edited = int(_credit_masks(req.failed_ids, rev.ids, cfg, None, ops)[0].sum())
+            verdict = _audit(verified, dist, ref_dist, n_edited, len(req.failed_ids), cfg)
             rows.append(
                 dict(
                     group=req.group, traj=req.traj, reference_traj=-1 if req.reference is None else req.reference,
-                    operator=cfg.operator, failed=req.failed_text, reference=req.reference_text, revision=rev.text,
-                    reward=reward, verified=reward >= cfg.success_threshold,
-                    edit_distance=edit_distance(req.failed_ids, rev.ids),
-                    n_edited=int(_credit_masks(req.failed_ids, rev.ids, cfg, None, ops)[0].sum()), selected=False, k_star=-1,
+                    n_references=len(req.references), operator=cfg.operator, failed=req.failed_text,
+                    reference=req.reference_text, revision=rev.text, reward=reward, verified=verified,
+                    edit_distance=dist, reference_distance=ref_dist, n_edited=n_edited, audit=verdict,
+                    accepted=verified and verdict in ("", "pass"), score=reward - cfg.edit_penalty * dist,
+                    selected=False, k_star=-1,
                 )
             )
             per_traj.setdefault(req.traj, []).append(len(rows) - 1)
@@ -561,12 +688,12 @@ def compare_and_correct(
     rep: dict[str, list] = {k: [] for k in ("prompt_ids", "response_ids", "rewards", "group_ids", "logprobs",
                                             "edit_masks", "prompts", "responses", "source", "reference")}
     for i, idx in per_traj.items():
-        ok = [r for r in idx if rows[r]["verified"]]
+        ok = [r for r in idx if rows[r]["accepted"]]
         repair_success[i] = len(ok) / len(idx)
         if not ok:
             continue
-        # smallest normalised edit distance to the failed attempt; ties keep the first revision
-        best = min(ok, key=lambda r: rows[r]["edit_distance"])
+        # highest s = reward - edit_penalty·edit distance (max keeps the first of equal scores)
+        best = max(ok, key=lambda r: rows[r]["score"])
         rev, ops = revs_flat[best], ops_flat[best]
         failed_ids = batch.response_ids[i]
         k_star = None
@@ -590,7 +717,7 @@ def compare_and_correct(
     out_batch = batch.replace(repair_success=repair_success, edit_masks=masks)
     repaired = _repaired_batch(batch, rep, task, tokenizer)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    stats = _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg)
+    stats = _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, rewards)
     return CorrectionResult(batch=out_batch, repaired=repaired, table=table, stats=stats)
 
 
@@ -648,14 +775,33 @@ def _repaired_batch(batch: RolloutBatch, rep: dict[str, list], task, tokenizer) 
     )
 
 
-def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg) -> dict[str, float]:
+def _audit(verified: bool, dist: float, ref_dist: float, n_edited: int, n_failed: int, cfg: CorrectConfig) -> str:
+    """The audit verdict of one revision: "" (unverified, or no audit configured), "copy", "budget" or "pass"."""
+    if not verified or (not cfg.audit_copy and cfg.edit_budget is None):
+        return ""
+    if cfg.audit_copy and np.isfinite(ref_dist) and ref_dist < dist:
+        return "copy"
+    if cfg.edit_budget is not None and n_edited > cfg.edit_budget * max(n_failed, 1):
+        return "budget"
+    return "pass"
+
+
+def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, rewards) -> dict[str, float]:
     attempted = list(per_traj)
     n_rev = len(rows)
     n_ok = sum(r["verified"] for r in rows)
+    n_rejected = sum(r["verified"] and not r["accepted"] for r in rows)
     repaired = [i for i in attempted if repair_success[i] > 0]
     edited = [int(masks[i].sum()) for i in repaired]
     frac = [int(masks[i].sum()) / max(len(masks[i]), 1) for i in repaired]
     share_failed = float(repair_success[failed].mean()) if failed else 0.0
+    r_failed = torch.as_tensor(rewards, dtype=torch.float64)[failed]
+    phi = {
+        mode: float(
+            repair_phi(r_failed, repair_success[failed], rho=cfg.rho, phi=mode, success_threshold=cfg.success_threshold).mean()
+        ) if failed else 0.0
+        for mode in ("indicator", "share")
+    }
     out = {
         "n_trajectories": float(B),
         "n_failed": float(len(failed)),
@@ -666,7 +812,10 @@ def _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg) -> di
         "n_repaired": float(len(repaired)),
         "repair_rate": len(repaired) / len(failed) if failed else float("nan"),
         "repair_success_mean": share_failed,
-        "phi_mean": cfg.rho * share_failed,
+        "phi_mean": phi["indicator"],
+        "phi_share_mean": phi["share"],
+        "audit_rejected": float(n_rejected),
+        "audit_rejection_share": n_rejected / n_ok if n_ok else float("nan"),
         "edited_tokens_mean": float(np.mean(edited)) if edited else float("nan"),
         "edited_fraction_mean": float(np.mean(frac)) if frac else float("nan"),
         "repaired_without_credit": float(sum(e == 0 for e in edited)),

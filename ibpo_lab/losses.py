@@ -33,6 +33,7 @@ from ibpo_lab.registry import Registry
 __all__ = [
     "LOSSES",
     "AGG_MODES",
+    "GATES",
     "register_loss",
     "get_loss",
     "list_losses",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+#: which tokens GSPO's sequence ratio is taken over: every trained token, or only the credited ones (IOP)
+GATES = ("mask", "credited")
 #: log-ratios are clamped here before exp so one wild token cannot turn the loss into inf/NaN
 LOG_RATIO_CLAMP = 20.0
 
@@ -262,28 +265,51 @@ def gspo_loss(
     is_weights: Tensor | None = None,
     norm_len: float | None = None,
     gate_mask: Tensor | None = None,
+    gate: str = "mask",
 ) -> tuple[Tensor, dict[str, float]]:
     """GSPO: clip a length-normalised *sequence* ratio instead of token ratios (GSPO-token form).
 
-    Shapes as :func:`ppo_loss`. s_i = exp(Σ_t m·(lp - old) / Σ_t m) (geometric mean of the
-    token ratios over ``mask``); per token s_it = sg[s_i] · π(y_t) / sg[π(y_t)], whose value is
-    s_i and whose gradient is s_i·∇lp_t, so per-token advantages (IBPO's edit credit) still work
-    and with a sequence-constant advantage the gradient is exactly GSPO's. Then
-        ℓ_it = max(-A_it·s_it, -A_it·clip(s_it, 1 - clip_low, 1 + clip_high)).
-    ``gate_mask`` [B, T] (default ``mask``): the tokens whose loss counts; the ratio is always
-    taken over ``mask``. The paper's clip ranges are tiny (3e-4 / 4e-4) and its aggregation is
-    ``seq-mean-token-mean``; the defaults here are the shared ones, so pass them explicitly.
+    Shapes as :func:`ppo_loss`. With the gate g [B, T] (the tokens the ratio is taken over),
+
+        w_i = exp(Σ_t g·m·(lp - old) / Σ_t g·m)      (geometric mean of the gated token ratios)
+
+    and per token s_it = sg[w_i] · π(y_t) / sg[π(y_t)], whose value is w_i and whose gradient is
+    w_i·∇lp_t, so per-token advantages (IBPO's edit credit) still work and with a
+    sequence-constant advantage and the full gate the gradient is exactly GSPO's. Then
+        ℓ_it = max(-A_it·s_it, -A_it·clip(s_it, 1 - clip_low, 1 + clip_high)),
+    aggregated over ``mask`` with :func:`aggregate` (the loss tokens are always ``mask``; to drop
+    tokens from the loss, leave them out of ``mask``, e.g. ``advantages.train_mask``).
+
+    The gate: ``gate_mask`` [B, T] 0/1 if given (intersected with ``mask``); otherwise ``gate``:
+    ``"mask"`` (default, plain GSPO: every trained token) or ``"credited"`` (IOP's gated ratio:
+    the trained tokens with a non-zero advantage, so w_i measures how far the policy moved on the
+    tokens that carry credit — for IBPO a repaired failure's edited tokens — and is not diluted by
+    the unedited tokens, whose advantage is 0). A sequence with no gated token has w_i = 1 (its
+    advantages are all 0 under ``"credited"``, so it adds no loss). The paper's clip ranges are
+    tiny (3e-4 / 4e-4) and its aggregation is ``seq-mean-token-mean``; the defaults here are the
+    shared ones, so pass them explicitly. Extra metrics: ``seq_ratio_mean`` (mean w_i over
+    sequences with a gated token) and ``gate_frac`` (share of ``mask`` tokens in the gate).
     """
     m = _check_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, agg, ref_logprobs, kl_coef, is_weights)
-    gate = m if gate_mask is None else _as_mask(gate_mask, logprobs, "gate_mask") * m
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {', '.join(map(repr, GATES))}, got {gate!r}")
+    if gate_mask is not None:
+        g = _as_mask(gate_mask, logprobs, "gate_mask") * m
+    elif gate == "credited":
+        g = m * (advantages.detach() != 0).to(m.dtype)
+    else:
+        g = m
     token_lr = logprobs - old_logprobs.detach()
-    seq_lr = (token_lr * m).sum(-1) / m.sum(-1).clamp(min=1)
+    n_gate = g.sum(-1)
+    seq_lr = (token_lr * g).sum(-1) / n_gate.clamp(min=1)
     log_s = (logprobs - logprobs.detach() + seq_lr.detach()[:, None]).clamp(max=LOG_RATIO_CLAMP)
     ratio = torch.exp(log_s)
-    pg, metrics = _clipped_surrogate(ratio, advantages.detach(), gate, clip_low, clip_high, is_weights)
-    loss, metrics = _finish(pg, logprobs, old_logprobs, gate, agg, norm_len, ref_logprobs, kl_coef, metrics, ratio)
+    pg, metrics = _clipped_surrogate(ratio, advantages.detach(), m, clip_low, clip_high, is_weights)
+    loss, metrics = _finish(pg, logprobs, old_logprobs, m, agg, norm_len, ref_logprobs, kl_coef, metrics, ratio)
     seq_ratio = torch.exp(seq_lr.detach())
-    has = m.sum(-1) > 0
+    has = n_gate > 0
     if has.any():
         metrics["seq_ratio_mean"] = float(seq_ratio[has].mean())
+    n_mask = float(m.sum())
+    metrics["gate_frac"] = float(g.sum()) / n_mask if n_mask > 0 else math.nan
     return loss, metrics

@@ -123,10 +123,14 @@ def test_loop_and_vectorised_agree(seed):
             assert torch.isfinite(v).all()
     assert torch.allclose(A.rloo_advantages(r, g), A.rloo_advantages_reference(r, g), atol=1e-6)
     p = torch.tensor(np.random.default_rng(seed).uniform(size=len(r)), dtype=torch.float32)
+    p[::3] = 0.0  # some unrepaired failures
     for scale in A.SCALES:
-        v = A.ibpo_advantages(r, g, p, lam=0.6, rho=0.5, scale=scale)
-        ref = A.ibpo_advantages_reference(r, g, p, lam=0.6, rho=0.5, scale=scale)
-        assert torch.allclose(v, ref, atol=1e-6)
+        for rule in A.SIGN_RULES:
+            for phi in A.PHI_MODES:
+                kw = dict(lam=0.6, rho=0.5, scale=scale, sign_rule=rule, phi=phi)
+                v = A.ibpo_advantages(r, g, p, **kw)
+                ref = A.ibpo_advantages_reference(r, g, p, **kw)
+                assert torch.allclose(v, ref, atol=1e-6), kw
 
 
 @settings(max_examples=60, deadline=None)
@@ -146,9 +150,12 @@ def test_property_finite_and_loop_agrees(rows, scale):
         v = fn(r, g, scale=scale)
         assert torch.isfinite(v).all()
         assert torch.allclose(v, ref(r, g, scale=scale), rtol=1e-5, atol=1e-5)
-    v = A.ibpo_advantages(r, g, p, scale=scale)
-    assert torch.isfinite(v).all()
-    assert torch.allclose(v, A.ibpo_advantages_reference(r, g, p, scale=scale), rtol=1e-5, atol=1e-5)
+    for rule in A.SIGN_RULES:
+        v = A.ibpo_advantages(r, g, p, scale=scale, sign_rule=rule)
+        assert torch.isfinite(v).all()
+        assert torch.allclose(v, A.ibpo_advantages_reference(r, g, p, scale=scale, sign_rule=rule), rtol=1e-5, atol=1e-5)
+        if rule == "safe":
+            assert (v[r < 0.5] <= 0).all()
     v = A.rloo_advantages(r, g)
     assert torch.allclose(v, A.rloo_advantages_reference(r, g), rtol=1e-5, atol=1e-3)
 
@@ -157,20 +164,207 @@ def test_property_finite_and_loop_agrees(rows, scale):
 def test_shaping_changes_only_failed_rewards():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0])
     p = torch.tensor([0.7, 1.0, 0.5, 0.0])  # a value on a correct one must not be used
+    # default φ = ρ·1[a revision verified]: both failures with repair_success > 0 get λρ = 0.3
     rs = A.shaped_rewards(r, p, lam=0.6, rho=0.5)
+    assert torch.allclose(rs, torch.tensor([1.0, 0.3, 0.3, 1.0], dtype=torch.float64))
+    # the share option: φ = ρ·share
+    rs = A.shaped_rewards(r, p, lam=0.6, rho=0.5, phi="share")
     assert torch.allclose(rs, torch.tensor([1.0, 0.3, 0.15, 1.0], dtype=torch.float64))
 
 
-def test_ibpo_sequence_is_grpo_on_shaped_rewards():
+def test_repair_phi_indicator_and_share():
+    r = [1.0, 0.0, 0.0, 0.0, 0.4]
+    p = [1.0, 0.25, 0.0, 1.0, 0.5]
+    # correct (r=1) -> 0 whatever its share; failed with share > 0 -> ρ; share 0 -> 0; 0.4 < 0.5 is a failure
+    assert A.repair_phi(r, p, rho=0.5).tolist() == [0.0, 0.5, 0.0, 0.5, 0.5]
+    assert A.repair_phi(r, p, rho=0.5, phi="share").tolist() == [0.0, 0.125, 0.0, 0.5, 0.25]
+    # success_threshold moves which trajectories count as failed
+    assert A.repair_phi(r, p, rho=0.5, success_threshold=0.3).tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="phi"):
+        A.repair_phi(r, p, phi="mean")
+
+
+def test_ibpo_shaped_rule_is_grpo_on_shaped_rewards():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0])
     p = torch.tensor([0.0, 1.0, 0.5, 0.0])
     rs = torch.tensor([1.0, 0.3, 0.15, 0.0])
     m, s = rs.mean(), rs.std()
     expected = (rs - m) / (s + 1e-6)
-    assert torch.allclose(A.ibpo_advantages(r, [0] * 4, p), expected, atol=1e-6)
+    old = dict(sign_rule="shaped", phi="share")
+    assert torch.allclose(A.ibpo_advantages(r, [0] * 4, p, **old), expected, atol=1e-6)
     # repaired failures rank above unrepaired ones
-    adv = A.ibpo_advantages(r, [0] * 4, p)
+    adv = A.ibpo_advantages(r, [0] * 4, p, **old)
     assert adv[1] > adv[2] > adv[3]
+    # the safe rule keeps the ranking (share φ: 0.3 and 0.15 bonuses), with every failure <= 0
+    safe = A.ibpo_advantages(r, [0] * 4, p, phi="share")
+    assert safe[1] > safe[2] > safe[3] and (safe[1:] < 0).all()
+
+
+def _sd(x):  # unbiased std by hand
+    m = sum(x) / len(x)
+    return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
+
+
+# the issue's cases (λ = 0.6, ρ = 0.5, so a repaired failure's shaped reward is λρ = 0.3)
+ISSUE_CASES = {
+    # name: (rewards, repair_success, old shaped-rule value on the repaired failures)
+    "three_repaired": ([1, 0, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0], 0.183),
+    "one_repaired": ([1, 0, 0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0], 0.388),
+    "all_failed": ([0, 0, 0, 0], [1, 1, 0, 0], 0.866),
+}
+
+
+@pytest.mark.parametrize("case", list(ISSUE_CASES))
+def test_issue_cases_old_rule_reproduces_the_defect(case):
+    r, p, old = ISSUE_CASES[case]
+    adv = A.ibpo_advantages(r, [0] * len(r), p, sign_rule="shaped")
+    repaired = [i for i, x in enumerate(p) if x > 0]
+    # R' = R + 0.3 on repaired failures; GRPO on R' puts them above the mean
+    rs = [ri + 0.3 * (pi > 0) for ri, pi in zip(r, p)]
+    m, s = sum(rs) / len(rs), _sd(rs)
+    for i in repaired:
+        assert float(adv[i]) == pytest.approx((rs[i] - m) / (s + 1e-6), abs=1e-5)
+        assert float(adv[i]) == pytest.approx(old, abs=5e-4)
+
+
+@pytest.mark.parametrize("case", list(ISSUE_CASES))
+def test_issue_cases_safe_rule_hand_values(case):
+    r, p, _ = ISSUE_CASES[case]
+    G = len(r)
+    rs = [ri + 0.3 * (pi > 0) for ri, pi in zip(r, p)]
+    m, s = sum(rs) / G, _sd(rs) + 1e-6  # shaped mean and std
+    mr = sum(r) / G
+    sr = _sd(r) + 1e-6 if len(set(r)) > 1 else None  # unshaped; an all-failed group has no GRPO signal
+    adv = A.ibpo_advantages(r, [0] * G, p)
+    for i in range(G):
+        published = (rs[i] - m) / s
+        if r[i] == 1:  # correct: the shaped advantage, as published
+            expected = published
+        else:  # failed: published, but at most (1 - λφ) of its GRPO penalty
+            grpo = (r[i] - mr) / sr if sr else 0.0
+            expected = min(published, min(0.0, grpo) * (1 - 0.3 * (p[i] > 0)))
+        assert float(adv[i]) == pytest.approx(expected, abs=1e-5), i
+    # the hand values, written out. GRPO penalty of a failure among [1,0,0,0,0,0,0,0]: -0.125 / sqrt(0.125)
+    grpo_fail = -0.125 / math.sqrt(0.125)  # -0.3536
+    if case == "three_repaired":
+        s3 = math.sqrt(0.81875 / 7)  # R' = [1, .3, .3, .3, 0, 0, 0, 0]: mean 0.2375
+        assert float(adv[1]) == pytest.approx(0.7 * grpo_fail, abs=1e-5)  # -0.2475 (published +0.183)
+        assert float(adv[4]) == pytest.approx(-0.2375 / s3, abs=1e-5)  # -0.6944 (published, unchanged)
+    if case == "one_repaired":
+        s1 = math.sqrt(0.87875 / 7)  # R' = [1, .3, 0 x 6]: mean 0.1625
+        assert float(adv[1]) == pytest.approx(0.7 * grpo_fail, abs=1e-5)  # -0.2475 (published +0.388)
+        assert float(adv[2]) == pytest.approx(-0.1625 / s1, abs=1e-5)  # -0.4586 (published, unchanged)
+    if case == "all_failed":
+        s0 = math.sqrt(0.09 / 3)  # R' = [.3, .3, 0, 0]: mean 0.15
+        assert float(adv[0]) == 0.0 and float(adv[1]) == 0.0  # published +0.866; no GRPO penalty to shrink
+        assert float(adv[2]) == pytest.approx(-0.15 / s0, abs=1e-5)  # -0.8660 (published, unchanged)
+
+
+@pytest.mark.parametrize("case", list(ISSUE_CASES))
+def test_issue_cases_no_positive_credit_on_failed_tokens(case):
+    r, p, _ = ISSUE_CASES[case]
+    G = len(r)
+    # every repair edited tokens 1 and 2 of 4 (edit masks of unrepaired ones are ignored)
+    edits = [[0, 1, 1, 0]] * G
+    b = make_batch([float(x) for x in r], [0] * G, lens=[4] * G, repair_success=p, edit_masks=edits)
+    adv = A.get_estimator("ibpo")(b)
+    failed = torch.tensor(r) < 0.5
+    assert (adv[failed] <= 0).all()
+    assert A.failed_positive_share(adv, b.rewards, b.response_mask) == 0.0
+    repaired = [i for i in range(G) if p[i] > 0]
+    unrepaired = [i for i in range(G) if p[i] == 0 and r[i] == 0]
+    has_correct = max(r) == 1
+    for i in repaired:
+        if has_correct:
+            assert (adv[i, 1:3] < 0).all()  # edited tokens: strictly negative
+        assert (adv[i, [0, 3]] == 0).all()  # unedited tokens: zero
+        for j in unrepaired:  # a near miss is penalised less per token than an unrepaired failure
+            assert (adv[j] < 0).all() and (adv[i, 1:3].abs() < adv[j, 1:3].abs()).all()
+    # the old rule: positive credit on exactly the edited tokens of the repaired failures
+    old = A.get_estimator("ibpo")(b, sign_rule="shaped")
+    assert (old[repaired][:, 1:3] > 0).all()
+    share = A.failed_positive_share(old, b.rewards, b.response_mask)
+    # credited failed tokens: 2 per repaired failure, 4 per unrepaired one; positive: the repaired ones'
+    assert share == pytest.approx(2 * len(repaired) / (2 * len(repaired) + 4 * len(unrepaired)))
+
+
+def test_safe_rule_edge_cases():
+    g = [0] * 4
+    # equal rewards, no repairs: nothing to learn
+    assert torch.equal(A.ibpo_advantages([0, 0, 0, 0], g, [0, 0, 0, 0]), torch.zeros(4))
+    # all failed and all repaired (indicator φ equal): R' constant -> 0
+    assert torch.equal(A.ibpo_advantages([0, 0, 0, 0], g, [1, 0.5, 1, 0.25]), torch.zeros(4))
+    # with the share φ they differ (R' = .3, .15, .3, .075; mean .20625): the published value where it is
+    # negative, 0 where it is positive (an all-failed group has no GRPO penalty to shrink)
+    sh = A.ibpo_advantages([0, 0, 0, 0], g, [1, 0.5, 1, 0.25], phi="share")
+    assert sh[0] == sh[2] == 0 > sh[1] > sh[3]
+    pub = A.ibpo_advantages([0, 0, 0, 0], g, [1, 0.5, 1, 0.25], phi="share", sign_rule="shaped")
+    assert torch.equal(sh[[1, 3]], pub[[1, 3]]) and (pub[[0, 2]] > 0).all()
+    # graded failure above the group mean: GRPO would give it +, the safe rule 0
+    r = [0.4, 0.0, 0.0, 0.0]
+    assert float(A.grpo_advantages(r, g)[0]) > 0
+    assert float(A.ibpo_advantages(r, g, [0, 0, 0, 0])[0]) == 0.0
+    # success_threshold decides who failed: with 0.3, 0.4 is a success and keeps its shaped credit
+    hi = A.ibpo_advantages(r, g, [0, 0, 0, 0], success_threshold=0.3)
+    assert torch.allclose(hi, A.grpo_advantages(r, g), atol=1e-6)
+    # lam = 0: GRPO exactly for 0/1 rewards
+    r2, g2 = random_groups(5)
+    p2 = torch.rand(len(r2))
+    assert torch.allclose(A.ibpo_advantages(r2, g2, p2, lam=0.0), A.grpo_advantages(r2, g2), atol=1e-6)
+    # λρ >= 1: the repaired failure would be worth a success; its penalty factor is clamped to 0
+    big = A.ibpo_advantages([1, 0, 0, 0], g, [0, 1, 0, 0], lam=2.0, rho=0.5)
+    assert float(big[1]) == 0.0 and float(big[2]) < 0
+    with pytest.raises(ValueError, match="sign_rule"):
+        A.ibpo_advantages([1, 0], [0, 0], [0, 1], sign_rule="sign")
+
+
+def test_safe_rule_is_monotone_in_phi_and_never_above_unrepaired():
+    # G = 16, one correct, one repaired: a failure far above the shaped mean (R' = 0.3 > 1.3/16);
+    # -|shaped advantage| would penalise it MORE than the unrepaired ones; the safe rule does not:
+    # GRPO penalty -(1/16) / 0.25 = -0.25, times 1 - 0.3
+    r = [1.0] + [0.0] * 15
+    p = [0.0, 1.0] + [0.0] * 14
+    adv = A.ibpo_advantages(r, [0] * 16, p)
+    assert adv[2] < adv[1] < 0
+    assert float(adv[1]) == pytest.approx(-0.25 * 0.7, abs=1e-5)
+    # every failure repaired: R' is affine in R, so the published advantage is GRPO's, and it is kept
+    allrep = A.ibpo_advantages([1.0] + [0.0] * 7, [0] * 8, [0.0] + [1.0] * 7)
+    assert torch.allclose(allrep, A.grpo_advantages([1.0] + [0.0] * 7, [0] * 8), atol=1e-5)
+    prev = None
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        a = float(A.ibpo_advantages(r, [0] * 16, [0.0, share] + [0.0] * 14, phi="share")[1])
+        assert a < 0 and (prev is None or a >= prev)
+        prev = a
+
+
+def test_failed_positive_share_and_active_ratio_by_hand():
+    adv = torch.tensor([[1.0, -1.0, 0.0], [0.5, 0.0, 0.0], [-2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    r = [0.0, 1.0, 0.0]
+    # failed rows 0 and 2; credited trained tokens: (0,0)+, (0,1)-, (2,0)- [(2,1) is off-mask] -> 1/3
+    assert A.failed_positive_share(adv, r, mask) == pytest.approx(1 / 3)
+    # without a mask (2,1) counts too: 2 positive of 4
+    assert A.failed_positive_share(adv, r) == pytest.approx(2 / 4)
+    assert math.isnan(A.failed_positive_share(torch.zeros(3, 3), r, mask))
+    # active tokens: 6 trained, non-zero at (0,0), (0,1), (1,0), (2,0) -> 4/6
+    assert A.active_token_ratio(adv, mask) == pytest.approx(4 / 6)
+    assert math.isnan(A.active_token_ratio(adv, torch.zeros(3, 3)))
+    with pytest.raises(ValueError, match="rewards"):
+        A.failed_positive_share(adv, [0.0, 1.0], mask)
+
+
+def test_anchors_only_and_train_mask():
+    b = _ibpo_batch()
+    adv = A.get_estimator("ibpo")(b)
+    anc = A.get_estimator("ibpo")(b, anchors_only=True)
+    correct = b.rewards >= 0.5
+    assert (anc[correct] == 0).all() and (adv[correct] != 0).any()
+    assert torch.equal(anc[~correct], adv[~correct])  # failures keep their credit and baseline
+    m = A.train_mask(b.rewards, b.response_mask, anchors_only=True)
+    assert torch.equal(m[~correct], b.response_mask[~correct]) and (m[correct] == 0).all()
+    assert torch.equal(A.train_mask(b.rewards, b.response_mask), b.response_mask)
+    with pytest.raises(ValueError, match="anchors_only"):
+        A.get_estimator("ibpo")(b, anchors_only="yes")
 
 
 def test_ibpo_lambda_zero_no_token_mask_equals_grpo():
@@ -178,6 +372,7 @@ def test_ibpo_lambda_zero_no_token_mask_equals_grpo():
     rng = np.random.default_rng(1)
     lens = rng.integers(1, 7, size=len(r)).tolist()
     p = np.where(r.numpy() < 0.5, rng.uniform(size=len(r)), 0.0)
+    p[::2] = 0.0  # some failures unrepaired, or (indicator φ) every group's R' would be affine in R
     edits = [rng.integers(0, 2, size=n).astype(bool) for n in lens]
     for i, n in enumerate(lens):
         edits[i][0] = True

@@ -108,8 +108,12 @@ def test_policy_operator_best_repair_share_and_masks():
     assert len(sel) == 1 and sel.iloc[0].revision == "abZcd" and sel.iloc[0].traj == 0
     assert t[t.traj == 0].verified.sum() == 3 and not t[t.traj == 2].verified.any()
     assert set(t.reference_traj) == {1, 3}
-    # φ = ρ · share, averaged over the 5 failed trajectories
-    assert res.stats["phi_mean"] == pytest.approx(0.5 * 0.75 / 5)
+    # φ = ρ · 1[a revision verified] (published; one of 5 failed trajectories), and the share variant
+    assert res.stats["phi_mean"] == pytest.approx(0.5 * 1 / 5)
+    assert res.stats["phi_share_mean"] == pytest.approx(0.5 * 0.75 / 5)
+    # no audit configured: nothing rejected, every verified revision accepted
+    assert res.stats["audit_rejected"] == 0 and res.stats["audit_rejection_share"] == 0
+    assert (t.accepted == t.verified).all() and set(t.audit) == {""}
     assert res.stats["n_skipped"] == 3 and res.stats["n_failed"] == 5 and res.stats["n_repaired"] == 1
     # the input batch is untouched
     assert batch.repair_success is None and batch.edit_masks is None
@@ -256,12 +260,108 @@ def test_oracle_keeps_trailing_eos():
     assert res.batch.edit_masks[0].tolist() == [False, True, False, False]
 
 
+# --------------------------------------------------------------------------- K references: separate vs joint
+def test_joint_reference_mode_one_prompt_with_all_references():
+    batch, exs = make_batch([["ab!cd", "abXcd", "qq!qq", "abYcd"]], NO_BANG)
+    script = lambda p, j: {"ab!cd": ["abZcd", "ab!c", "xbZcdd", "abQcd"], "qq!qq": ["qq!qq"] * 4}[parse_repair(p)[0]][j]
+    sampler = ScriptedSampler(script)
+    cfg = CorrectConfig(num_references=2, revisions_per_reference=2, reference_mode="joint")
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
+    # one call; each failed trajectory's ONE prompt is repeated K = 2 times, n = 2: K·n = 4 revisions each
+    call = sampler.calls[0]
+    assert len(sampler.calls) == 1 and call["n"] == 2 and len(call["prompts"]) == 4
+    assert call["prompts"][0] == call["prompts"][1] != call["prompts"][2] == call["prompts"][3]
+    failed, ref = parse_repair(call["prompts"][0])
+    assert failed == "ab!cd" and ref == "Reference 1:\nabXcd\nReference 2:\nabYcd"
+    t = res.table
+    assert len(t) == 8 and set(t.n_references) == {2} and set(t.reference_traj) == {1}
+    # the same budget as 'separate' (2 references x 2 revisions); the scripted sampler answers sample j of each
+    # prompt copy with script(prompt, j), j < n = 2: abZcd, ab!c twice -> 2 of 4 verify
+    assert res.batch.repair_success.tolist()[0] == pytest.approx(2 / 4)
+    assert t[t.traj == 0].revision.tolist() == ["abZcd", "ab!c", "abZcd", "ab!c"]
+    # reference_distance: to the nearest of the two references ("abZcd" is 1 edit from either)
+    row = t[(t.traj == 0) & (t.revision == "abZcd")].iloc[0]
+    assert row.reference_distance == pytest.approx(1 / 5)
+    # K = 1: joint and separate send the same prompt
+    b1, e1 = make_batch([["ab!cd", "abXcd"]], NO_BANG)
+    prompts = {}
+    for mode in ("separate", "joint"):
+        sm = ScriptedSampler(lambda p, j: "abZcd")
+        compare_and_correct(b1, e1, NO_BANG, sm, CorrectConfig(num_references=1, reference_mode=mode))
+        prompts[mode] = sm.calls[0]["prompts"]
+    assert prompts["separate"] == prompts["joint"]
+
+
+def test_joint_uses_the_tasks_own_joint_prompt_and_rejects_splice():
+    class JointTask(PredTask):
+        def repair_prompt_joint(self, ex, failed, references):
+            return f"A failed attempt:\n{failed}\nA reference attempt:\n{'|'.join(references)}\nRewrite"
+
+    task = JointTask(lambda r: "!" not in r)
+    batch, exs = make_batch([["ab!cd", "abXcd", "abYcd"]], task)
+    sm = ScriptedSampler(lambda p, j: "abZcd")
+    compare_and_correct(batch, exs, task, sm, CorrectConfig(num_references=2, reference_mode="joint"))
+    assert parse_repair(sm.calls[0]["prompts"][0]) == ("ab!cd", "abXcd|abYcd")
+    with pytest.raises(ValueError, match="reference_mode"):
+        CorrectConfig(operator="splice", reference_mode="joint")
+
+
+# --------------------------------------------------------------------------- IOP audit and selection score
+def audit_setup(revisions, **cfg_kw):
+    # failed "xx!xx" (5 tokens), correct reference "abcde"; the scripted revisions in order
+    batch, exs = make_batch([["xx!xx", "abcde"]], NO_BANG)
+    sampler = ScriptedSampler(lambda p, j: revisions[j])
+    cfg = CorrectConfig(num_references=1, revisions_per_reference=len(revisions), **cfg_kw)
+    return compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
+
+
+def test_audit_rejects_a_copy_of_the_reference():
+    # "abcde": distance 0 to the reference, 1 to the failed attempt -> a copy; "xxYxx": 1/5 vs 1 -> a repair
+    off = audit_setup(["abcde", "xxYxx"])
+    on = audit_setup(["abcde", "xxYxx"], audit_copy=True)
+    assert off.batch.repair_success.tolist()[0] == 1.0 and off.stats["audit_rejected"] == 0
+    t = on.table
+    assert t.audit.tolist() == ["copy", "pass"] and t.accepted.tolist() == [False, True]
+    assert t.reference_distance.tolist() == pytest.approx([0.0, 1.0])
+    assert on.batch.repair_success.tolist()[0] == pytest.approx(1 / 2)
+    assert on.stats["audit_rejected"] == 1 and on.stats["audit_rejection_share"] == pytest.approx(1 / 2)
+    assert on.repaired.responses == ["xxYxx"]
+    # when the copy is the only verified revision, the audit leaves the trajectory unrepaired
+    only = audit_setup(["abcde", "xx!xx"], audit_copy=True)
+    assert only.batch.repair_success.tolist()[0] == 0.0 and len(only.repaired) == 0
+    assert not only.batch.edit_masks[0].any()
+    assert only.stats["audit_rejection_share"] == 1.0 and only.stats["phi_mean"] == 0.0
+
+
+def test_audit_edit_budget():
+    # "xxYxx" edits 1 of 5 tokens (0.2); "YYYxx" edits 3 (0.6): a budget of 0.5 rejects the second
+    res = audit_setup(["YYYxx", "xxYxx"], edit_budget=0.5)
+    assert res.table.audit.tolist() == ["budget", "pass"] and res.table.n_edited.tolist() == [3, 1]
+    assert res.stats["audit_rejected"] == 1
+    # at exactly the budget (3/5 = 0.6) the revision is kept
+    assert audit_setup(["YYYxx"], edit_budget=0.6).table.audit.tolist() == ["pass"]
+    # unverified revisions are not audited
+    assert audit_setup(["Y!Yxx"], edit_budget=0.2).table.audit.tolist() == [""]
+
+
+def test_selection_score_reward_minus_edit_penalty():
+    # both verified (reward 1): "xYYYx" is 3/5 from the failed attempt, "xxYxx" 1/5
+    res = audit_setup(["xYYYx", "xxYxx"])
+    t = res.table
+    assert t.score.tolist() == pytest.approx([1 - 3 / 5, 1 - 1 / 5])
+    assert t.selected.tolist() == [False, True] and res.repaired.responses == ["xxYxx"]
+    # edit_penalty 0: every accepted revision scores its reward; the first wins
+    flat = audit_setup(["xYYYx", "xxYxx"], edit_penalty=0.0)
+    assert flat.table.selected.tolist() == [True, False] and flat.repaired.responses == ["xYYYx"]
+
+
 # --------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "field, value",
     [("operator", "magic"), ("num_references", 0), ("revisions_per_reference", 0), ("reference_selection", "best"),
      ("no_correct", "retry"), ("temperature", -1.0), ("top_p", 0.0), ("max_new_tokens", 0), ("truncate_k", 0),
-     ("rho", -0.1)],
+     ("rho", -0.1), ("reference_mode", "both"), ("audit_copy", "yes"), ("edit_budget", 0.0), ("edit_budget", 1.5),
+     ("edit_penalty", -1.0)],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -133,6 +133,34 @@ def test_shaping_changes_failed_repaired_trajectories():
     assert not torch.allclose(a0, a1)
 
 
+def test_issue_case_no_positive_credit_on_a_failed_trajectory():
+    # rewards [1,0,0,0,0,0,0,0], three repaired failures editing tokens 1-2 of 4: the old shaped rule
+    # gave them +0.183 on exactly those tokens; the default (as in ibpo_lab) gives strictly negative credit
+    B, Tn = 8, 4
+    rewards = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0])
+    repair = np.array([0, 1, 1, 1, 0, 0, 0, 0], dtype=np.float32)
+    mask = torch.ones(B, Tn)
+    tlr = torch.zeros(B, Tn)
+    tlr[:, -1] = rewards
+    edit = torch.zeros(B, Tn)
+    edit[:, 1:3] = 1.0
+    index = np.array(["u"] * B, dtype=object)
+    kw = dict(non_tensor_batch={iv.REPAIR_SUCCESS_KEY: repair}, batch={iv.EDIT_MASK_KEY: edit})
+    adv, _ = iv.compute_ibpo_outcome_advantage(tlr, mask, index, config={"ibpo": {"lam": 0.6, "rho": 0.5}}, **kw)
+    failed = rewards < 0.5
+    assert (adv[failed] <= 0).all()
+    # the hand value: (1 - λρ) x the GRPO penalty of a failure among [1,0,0,0,0,0,0,0], -0.125 / sqrt(0.125)
+    torch.testing.assert_close(adv[1:4, 1:3], torch.full((3, 2), 0.7 * -0.125 / float(np.sqrt(0.125))), rtol=0, atol=1e-5)
+    assert (adv[1:4, [0, 3]] == 0).all()
+    # the old rule is still an option (an ablation), and shows the defect
+    old, _ = iv.compute_ibpo_outcome_advantage(
+        tlr, mask, index, config={"ibpo": {"lam": 0.6, "rho": 0.5, "sign_rule": "shaped"}}, **kw
+    )
+    assert (old[1:4, 1:3] > 0).all()
+    assert {"phi", "sign_rule", "anchors_only"} <= set(iv.ESTIMATOR_KEYS)
+    assert not {"scale", "eps", "std"} & set(iv.ESTIMATOR_KEYS)
+
+
 def test_estimator_errors_name_the_fix():
     d = verl_like(0)
     with pytest.raises(ValueError, match=r'"gdpo", "ibpo"'):

@@ -187,19 +187,57 @@ def test_gspo_uses_sequence_geometric_mean_ratio():
     assert (lp2.grad == 0).all()
 
 
-def test_gspo_gate_mask():
-    lp, old, adv, mask = rand_inputs(spread=0.1)
-    gate = torch.zeros_like(mask)
-    gate[:, 0] = 1
-    x = lp.clone().requires_grad_()
-    loss, _ = L.gspo_loss(x, old, adv, mask, gate_mask=gate)
+def test_gspo_gated_ratio_by_hand():
+    # B = 2, T = 3; row 0: tokens 0 and 2 gated; row 1: all tokens trained, token 1 gated
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    lp0 = torch.tensor([[0.2, 0.9, -0.1], [0.4, 0.1, -0.3]], dtype=torch.float64)
+    adv = torch.tensor([[-1.0, 0.5, 2.0], [1.0, -1.0, 0.5]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    gate = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.float64)  # (1, 2) is off-mask: ignored
+    lp = lp0.clone().requires_grad_()
+    loss, met = L.gspo_loss(lp, old, adv, mask, gate_mask=gate, clip_low=0.5, clip_high=0.5)
+    w0 = math.exp((0.2 - 0.1) / 2)  # mean log-ratio over tokens 0 and 2 (token 1's 0.9 is not in it)
+    w1 = math.exp(0.1)  # token 1 only
+    # no clipping (|w - 1| < 0.5); token-mean over the 5 trained tokens of -A·w
+    expected = -(w0 * (-1.0 + 0.5 + 2.0) + w1 * (1.0 - 1.0)) / 5
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
     loss.backward()
-    assert (x.grad[gate == 0] == 0).all() and (x.grad[:, 0] != 0).all()
-    # the ratio still comes from the whole mask: changing an ungated token changes the loss value
-    lp2 = lp.clone()
-    lp2[0, 1:] += 0.5 * mask[0, 1:]
-    loss2, _ = L.gspo_loss(lp2, old, adv, mask, gate_mask=gate)
-    assert float(loss2) != pytest.approx(float(loss.detach()))
+    # gradient of token t: -A_t · w_i / 5 (GSPO-token form), on every trained token
+    g_exp = torch.tensor([[1.0 * w0, -0.5 * w0, -2.0 * w0], [-1.0 * w1, 1.0 * w1, 0.0]], dtype=torch.float64) / 5
+    assert torch.allclose(lp.grad, g_exp)
+    assert met["seq_ratio_mean"] == pytest.approx((w0 + w1) / 2)
+    assert met["gate_frac"] == pytest.approx(3 / 5)
+    # an ungated token's log-ratio does not enter w, and its own loss term is -A·w: the value is unchanged
+    lp2 = lp0.clone()
+    lp2[0, 1] += 0.7
+    loss2, _ = L.gspo_loss(lp2, old, adv, mask, gate_mask=gate, clip_low=0.5, clip_high=0.5)
+    assert float(loss2) == pytest.approx(expected, rel=1e-12)
+    # while with the full gate (plain GSPO) it does
+    loss3, _ = L.gspo_loss(lp2, old, adv, mask, clip_low=0.5, clip_high=0.5)
+    loss4, _ = L.gspo_loss(lp0, old, adv, mask, clip_low=0.5, clip_high=0.5)
+    assert float(loss3) != pytest.approx(float(loss4))
+
+
+def test_gspo_credited_gate_uses_nonzero_advantages():
+    old = torch.zeros(2, 4, dtype=torch.float64)
+    lp = torch.tensor([[0.3, 0.05, -0.2, 0.6], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    adv = torch.tensor([[0.0, -1.0, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # IBPO-like
+    mask = torch.ones(2, 4, dtype=torch.float64)
+    loss, met = L.gspo_loss(lp, old, adv, mask, gate="credited", clip_low=0.5, clip_high=0.5)
+    w0 = math.exp((0.05 - 0.2) / 2)
+    assert float(loss) == pytest.approx(-(-1.0 * w0 * 2) / 8, rel=1e-12)
+    assert met["seq_ratio_mean"] == pytest.approx(w0)  # row 1 has no credited token
+    assert met["gate_frac"] == pytest.approx(2 / 8)
+    # same as passing that gate explicitly; different from the full-mask ratio
+    explicit, _ = L.gspo_loss(lp, old, adv, mask, gate_mask=(adv != 0).double(), clip_low=0.5, clip_high=0.5)
+    full, _ = L.gspo_loss(lp, old, adv, mask, clip_low=0.5, clip_high=0.5)
+    assert float(explicit) == pytest.approx(float(loss)) and float(full) != pytest.approx(float(loss))
+    # a sequence that clips on the gated tokens clips as a whole: w0 = e^-0.075 < 1 - 0.05, A < 0 -> no gradient
+    x = lp.clone().requires_grad_()
+    L.gspo_loss(x, old, adv, mask, gate="credited", clip_low=0.05, clip_high=0.05)[0].backward()
+    assert (x.grad == 0).all()
+    with pytest.raises(ValueError, match="gate"):
+        L.gspo_loss(lp, old, adv, mask, gate="edited")
 
 
 # ----------------------------------------------------------------------------- KL and IS

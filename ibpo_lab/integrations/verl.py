@@ -69,10 +69,24 @@ ESTIMATOR_NAME = "ibpo"
 REPAIR_SUCCESS_KEY = "ibpo_repair_success"
 #: batch key: 1.0 on response tokens the best repair edited, float32 [B, T] aligned with ``responses``
 EDIT_MASK_KEY = "ibpo_edit_mask"
-#: ``algorithm.ibpo`` keys passed on to ``get_estimator("ibpo")`` (see its docstring)
-ESTIMATOR_KEYS = (
-    "lam", "rho", "shaping", "token_mask", "renormalize", "no_repair", "empty_edit", "success_threshold", "const_tol",
-)
+#: ``get_estimator("ibpo")`` keywords that verl's own config decides (``norm_adv_by_std_in_grpo``, ``epsilon``)
+_VERL_SET_KEYS = ("scale", "eps", "std")
+
+
+def _estimator_keys() -> tuple[str, ...]:
+    import inspect
+
+    sig = inspect.signature(get_estimator(ESTIMATOR_NAME))
+    return tuple(
+        name for name, par in sig.parameters.items() if par.kind is par.KEYWORD_ONLY and name not in _VERL_SET_KEYS
+    )
+
+
+#: ``algorithm.ibpo`` keys passed on to ``get_estimator("ibpo")`` (see its docstring): every keyword of the
+#: estimator except those verl's config sets, read from its signature so a new estimator option is a key here
+#: too (``lam``, ``rho``, ``phi``, ``sign_rule``, ``anchors_only``, ``token_mask``, ``no_repair``, ...). The defaults
+#: are the estimator's: sign-safe credit (a failed trajectory never gets positive credit) and φ = ρ·1[repaired]
+ESTIMATOR_KEYS = _estimator_keys()
 
 VERL_PATCH = '''\
 # verl/trainer/ppo/ray_trainer.py (verl 0.9.1), legacy trainer (trainer.use_v1=False)
@@ -142,7 +156,9 @@ def compute_ibpo_outcome_advantage(
     non_tensor_batch[REPAIR_SUCCESS_KEY] [B], batch[EDIT_MASK_KEY] [B, T] (optional: without it
     every failed trajectory gets sequence-level credit)  ->  (advantages [B, T], returns [B, T]),
     both equal, 0 off ``response_mask`` — ``get_estimator("ibpo")`` on the same data.
-    ``config.ibpo`` holds the estimator's keyword arguments (:data:`ESTIMATOR_KEYS`).
+    ``config.ibpo`` holds the estimator's keyword arguments (:data:`ESTIMATOR_KEYS`); without them
+    the estimator's defaults apply, as in ibpo_lab's trainer — in particular ``sign_rule="safe"``
+    (no positive credit on any token of a failed trajectory) and ``phi="indicator"``.
     """
     if token_level_rewards.dim() != 2 or tuple(response_mask.shape) != tuple(token_level_rewards.shape):
         raise ValueError(
