@@ -308,15 +308,36 @@ class _Check:
     def _cli_args(self, estimator: str, dtype: str, steps: int) -> list[str]:
         sets = [f"estimator={estimator}", f"device={self.dev.type}", f"dtype={dtype}", f"steps={steps}", "seed=0"]
         if self.small:  # toy sizes (the batch of 16 stays divisible by smoke's minibatch of 16)
-            sets += ["prompts_per_step=4", "group_size=4", "eval_n=4"]
+            sets += ["prompts_per_step=4", "group_size=4", "max_new_tokens=24", "eval_n=4"]
         else:
             sets += ["eval_n=16"]
         return [sys.executable, "-m", "ibpo_lab.train", "smoke", "--no-progress", "--set", *sets]
 
     def _run_cli(self, name: str, args: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
+        """The train CLI into ``runs/<name>``: a subprocess on the GPU (a CUDA fault cannot take the
+        check down with it); in-process ``ibpo_lab.train.main`` with ``--small``, the same code without
+        paying a Python start-up and import per run on a small CPU."""
         run_dir = self.out / "runs" / name
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
-        p = subprocess.run([*args, "--out", str(run_dir)], capture_output=True, text=True, timeout=240, env=env, cwd=_REPO)
+        argv = [*args, "--out", str(run_dir)]
+        if self.small:
+            import contextlib
+            import io
+
+            from ibpo_lab.train import main as train_main
+
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    rc = train_main(argv[3:])  # drop `python -m ibpo_lab.train`
+                except SystemExit as e:  # argparse and usage errors
+                    rc = e.code if isinstance(e.code, int) else 1
+                except Exception:  # noqa: BLE001 - reported like a crashed subprocess
+                    err.write(traceback.format_exc())
+                    rc = 1
+            p = subprocess.CompletedProcess(argv, rc or 0, "", err.getvalue())
+        else:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=_REPO)
         f = run_dir / "metrics.jsonl"
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
         return p, rows
