@@ -508,7 +508,7 @@ class VLLMSampler(_Sampler):
         self.sleep_level = sleep_level
         self.recompute_logprobs = recompute_logprobs
         self.logprob_batch_size = logprob_batch_size
-        if engine is None and (llm_cls is None or sampling_params_cls is None):
+        if (engine is None and llm_cls is None) or sampling_params_cls is None:
             try:
                 import vllm
             except ImportError as e:
