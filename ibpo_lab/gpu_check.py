@@ -13,6 +13,7 @@ after every section) with:
 - ``mem_1p5b``: peak memory of the policy update (micro-batch 4) and of the no-grad log-prob pass
   (64 trajectories, the vllm sampler's recompute chunk) with a randomly initialised
   Qwen2.5-1.5B-shaped model built from a config in code (nothing downloaded), AdamW state resident;
+  and the bytes one such decoder layer keeps for backward per token (float32, bfloat16);
 - ``hf_sampler_1p5b``: the hf sampler's tokens/s at that shape (256 trajectories);
 - ``ok``: every section ran without an exception and every check in it passed.
 
@@ -43,7 +44,9 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["cuda_diagnosis", "TensorMemoryMeter", "qwen_1p5b_config", "run_check", "main"]
+__all__ = [
+    "cuda_diagnosis", "TensorMemoryMeter", "qwen_1p5b_config", "saved_activation_bytes_per_token_layer", "run_check", "main",
+]
 
 GiB = 2**30
 
@@ -227,6 +230,32 @@ def _padded_batch(B: int, P: int, T: int, V: int, device: torch.device, seed: in
         input_ids=ids, attention_mask=attn, response_ids=ids[:, P:], response_mask=attn[:, P:].float(),
         old_logprobs=torch.zeros(B, T), rewards=torch.zeros(B), group_ids=torch.zeros(B, dtype=torch.long), prompt_len=P,
     ).to(device)
+
+
+def saved_activation_bytes_per_token_layer(
+    dtype: torch.dtype = torch.float32, tokens: int = 256, device: str | torch.device = "cpu", small: bool = False
+) -> float:
+    """Bytes one Qwen2.5-1.5B-shaped decoder layer keeps for backward per token, measured: the live
+    tensor bytes after the forward of :func:`models.response_logprobs` with 2 layers minus with 1
+    (vocabulary 1000, so the head does not count), divided by ``tokens`` (one unpadded row).
+
+    On a CPU this includes the math attention's [heads, L, L] probabilities (grows with L); fused
+    GPU attention keeps only O(L) statistics."""
+    from ibpo_lab.models import response_logprobs
+
+    device = torch.device(device)
+    live = {}
+    for layers in (1, 2):
+        cfg = qwen_1p5b_config(1000, small=small)
+        cfg.num_hidden_layers = layers
+        model = _random_model(cfg, dtype, device)
+        pb = _padded_batch(1, tokens // 4, tokens - tokens // 4, 1000, device)
+        pb.attention_mask.fill_(1)
+        with TensorMemoryMeter() as meter:
+            lp, _ = response_logprobs(model, pb)
+            live[layers] = meter.current
+        del lp, model
+    return (live[2] - live[1]) / tokens
 
 
 def _big_char_tokenizer(vocab_size: int):
@@ -447,6 +476,10 @@ class _Check:
             del model, opt
             if self.dev.type == "cuda":
                 torch.cuda.empty_cache()
+        for dtype in (torch.float32, torch.bfloat16):  # feeds the README's activation term
+            out[f"saved_activation_bytes_per_token_layer_{str(dtype).split('.')[-1]}"] = saved_activation_bytes_per_token_layer(
+                dtype, tokens=64 if self.small else 1024, device=self.dev, small=self.small
+            )
         limit = 60.0  # GiB: the documented budget for the full profile (README, models.response_logprobs)
         peaks = [v["peak_gib"] for v in out.values() if isinstance(v, dict) and "peak_gib" in v]
         out["max_peak_gib"] = max(peaks, default=None)
