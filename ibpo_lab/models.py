@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from ibpo_lab.rollout import PaddedBatch
@@ -294,19 +295,69 @@ def _forward_kwargs(model) -> set[str]:
         return set()
 
 
-def response_logprobs(model, padded: PaddedBatch, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+#: architectures whose causal-LM head is exactly ``lm_head(decoder(...).last_hidden_state)``, with no
+#: logit scaling or soft-capping after it; for these the head runs per chunk on the hidden states
+_PLAIN_HEAD_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+#: default response tokens per log-softmax chunk (see :func:`response_logprobs`)
+LOGPROB_CHUNK_TOKENS = 1024
+
+
+def _plain_head(model):
+    """(decoder, lm_head) when the model's logits are ``lm_head(decoder(...)[0])`` and nothing
+    else (see ``_PLAIN_HEAD_TYPES``), else None."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is model:
+        return None
+    return decoder, head
+
+
+def _chunk_logprob_entropy(feats: Tensor, rows: Tensor, cols: Tensor, targets: Tensor, head, temperature: float):
+    """One chunk of C tokens: feats [B, T, H] (hidden states, ``head`` maps them to logits) or
+    [B, T, V] (logits, ``head`` None); rows, cols, targets [C] -> (log-prob of the target [C],
+    entropy [C]), float32. Indexing happens inside so that a checkpoint saves no [C, V] copy."""
+    x = feats[rows, cols]
+    logits = head(x) if head is not None else x
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return lp, entropy
+
+
+def response_logprobs(
+    model, padded: PaddedBatch, temperature: float = 1.0, *, chunk_tokens: int = LOGPROB_CHUNK_TOKENS
+) -> tuple[Tensor, Tensor]:
     """THE trainer forward pass: log-prob and entropy of every response token.
 
     padded.input_ids [B, P+T] (left-padded prompt, right-padded response), padded.attention_mask
-    [B, P+T], padded.prompt_len = P  ->  (logprobs [B, T], entropy [B, T]), both 0 on padding.
+    [B, P+T], padded.prompt_len = P  ->  (logprobs [B, T], entropy [B, T]), both float32, 0 on padding.
 
     logprobs[b, t] = log softmax(logits / temperature)[response_ids[b, t]] at input position
-    P + t - 1, computed in float32. This is the distribution the sampler draws from before top-p,
-    so it is also the sampler's behaviour log-prob. Gradients flow (call under torch.no_grad()
-    for old/reference log-probs).
+    P + t - 1, computed in float32. This is the distribution the hf sampler draws from before
+    top-p, so it is also its behaviour log-prob. Gradients flow (call under torch.no_grad() for
+    old/reference log-probs).
+
+    Memory (selective log-softmax): only the N <= B*T real response tokens are scored, in chunks
+    of ``chunk_tokens`` rows; at most one chunk's [chunk_tokens, V] logits, log-probs and
+    probabilities exist at a time, never a [B, T, V] float32 tensor. For architectures whose head
+    is a plain ``lm_head`` on the decoder's last hidden state (``_PLAIN_HEAD_TYPES``: Llama, Qwen2/3,
+    Mistral) the decoder runs once and ``lm_head`` runs per chunk on [chunk, H] hidden states, so
+    not even the model's own [B, T, V] logits are built; other models return their logits
+    (``logits_to_keep``) and only the float32 softmax work is chunked. With gradients on, each chunk
+    is recomputed in backward (``torch.utils.checkpoint``), so backward also holds one chunk's
+    [chunk, V] tensors, not all of them; the values and gradients equal the unchunked formula.
+    At Qwen2.5-1.5B (V = 151936) a 1024-token chunk is 1024 * 151936 * 4 B = 0.58 GiB per float32
+    [chunk, V] tensor, ~2.3 GiB for the bf16 logits, float32 log-probs, probabilities and their
+    product; the unchunked pass held four float32 [B, T, V] tensors (B=64, T=512: 4 * 18.5 GiB).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     ids, attn, P = padded.input_ids, padded.attention_mask, padded.prompt_len
     B, L = ids.shape
     T = L - P
@@ -318,16 +369,36 @@ def response_logprobs(model, padded: PaddedBatch, temperature: float = 1.0) -> t
     device = next(model.parameters()).device
     ids, attn = ids.to(device), attn.to(device)
     kw: dict[str, Any] = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False)
-    # only the T logits that predict response tokens are needed: saves B*P*V floats on big vocabularies
-    if "logits_to_keep" in _forward_kwargs(model):
-        kw["logits_to_keep"] = T + 1
-        logits = model(**kw).logits[:, :T]
+    plain = _plain_head(model)
+    if plain is not None:  # decoder once, lm_head per chunk below
+        decoder, head = plain
+        feats = decoder(**kw).last_hidden_state[:, P - 1 : P + T - 1]  # [B, T, H]
     else:
-        logits = model(**kw).logits[:, P - 1 : P + T - 1]
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    target = padded.response_ids.to(device)
-    lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+        head = None
+        # only the T logits that predict response tokens are needed: saves B*P*V floats on big vocabularies
+        if "logits_to_keep" in _forward_kwargs(model):
+            kw["logits_to_keep"] = T + 1
+            feats = model(**kw).logits[:, :T]
+        else:
+            feats = model(**kw).logits[:, P - 1 : P + T - 1]  # [B, T, V]
     real = attn[:, P:].bool()
-    zero = torch.zeros((), device=device)
-    return torch.where(real, lp, zero), torch.where(real, entropy, zero)
+    rows, cols = real.nonzero(as_tuple=True)  # the N real response tokens, row-major (masked_scatter's order)
+    targets = padded.response_ids.to(device)[rows, cols]  # [N]
+    checkpointed = torch.is_grad_enabled() and (
+        feats.requires_grad or (head is not None and any(p.requires_grad for p in head.parameters()))
+    )
+    lps, ents = [], []
+    for s in range(0, rows.shape[0], chunk_tokens):
+        args = (feats, rows[s : s + chunk_tokens], cols[s : s + chunk_tokens], targets[s : s + chunk_tokens], head, temperature)
+        if checkpointed:  # backward rebuilds the chunk's [chunk, V] tensors instead of keeping every chunk's
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_logprob_entropy, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprob_entropy(*args)
+        lps.append(lp)
+        ents.append(ent)
+    lp_out = torch.zeros((B, T), device=device, dtype=torch.float32)
+    ent_out = torch.zeros((B, T), device=device, dtype=torch.float32)
+    if lps:
+        lp_out = lp_out.masked_scatter(real, torch.cat(lps))
+        ent_out = ent_out.masked_scatter(real, torch.cat(ents))
+    return lp_out, ent_out

@@ -8,8 +8,9 @@ One interface, two backends, same output (a :class:`~ibpo_lab.rollout.RolloutBat
   batch. We write the loop ourselves rather than call ``model.generate`` because the behaviour
   log-probs must be *exactly* the trainer's (``models.response_logprobs``): same temperature
   scaling, same float32 log-softmax, same position ids counted from the first real token.
-- ``vllm``: an adapter over a colocated ``vllm.LLM`` (lazy import; ``pip install 'ibpo_lab[gpu]'``),
-  with sleep mode between generations and the trainer's weights pushed in by ``sync_weights``.
+- ``vllm``: an adapter over a colocated, in-process ``vllm.LLM`` (lazy import; ``pip install
+  'ibpo_lab[gpu]'``, vLLM >= 0.10.1), with sleep mode between generations and the trainer's weights
+  pushed in by ``sync_weights`` (``LLM.collective_rpc``); see :class:`VLLMSampler`.
 
 Conventions (both backends):
 
@@ -17,7 +18,8 @@ Conventions (both backends):
   filtering. That is the distribution ``response_logprobs(model, batch.padded(), temperature)``
   computes, so the PPO ratio is exactly 1 on the first update when top_p = 1; with top_p < 1 the
   tokens come from the renormalised nucleus but the log-prob stays the unfiltered one (the
-  choice TRL/verl make when they recompute old log-probs with the trainer's forward pass).
+  choice TRL/verl make when they recompute old log-probs with the trainer's forward pass; the vllm
+  backend therefore recomputes them whenever top_p < 1, since vLLM's are after top-k/top-p).
   temperature = 0 means greedy decoding; its log-probs are then those of temperature 1.
 - a trajectory ends at EOS (the EOS token is kept as the last response token, so it is trained),
   at a stop string (the tokens through the one that completes the first stop string are kept, so
@@ -32,7 +34,7 @@ Conventions (both backends):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -42,7 +44,10 @@ from ibpo_lab.models import Policy, _forward_kwargs, position_ids_from_mask, res
 from ibpo_lab.registry import Registry
 from ibpo_lab.rollout import RolloutBatch
 
-__all__ = ["sample", "get_sampler", "list_backends", "register_backend", "HFSampler", "VLLMSampler", "SAMPLERS"]
+__all__ = [
+    "sample", "get_sampler", "list_backends", "register_backend", "HFSampler", "VLLMSampler", "SAMPLERS",
+    "close_vllm_engines",
+]
 
 SAMPLERS: Registry = Registry("sampling backend")
 
@@ -370,19 +375,109 @@ _VLLM_MISSING = (
 )
 
 
+@dataclass
+class _Engine:
+    """One colocated ``vllm.LLM`` and its sleep state (shared by every sampler that reuses it)."""
+
+    llm: Any
+    asleep: set = field(default_factory=set)
+    weights_lost: bool = False  # a level-2 sleep dropped the weights; sync_weights must run first
+
+
+#: the engines this process built, by configuration; at most one lives at a time (a GPU holds one)
+_ENGINES: dict[tuple, _Engine] = {}
+
+
+def close_vllm_engines() -> int:
+    """Shut down every vLLM engine this process built and free its GPU memory; returns how many.
+
+    ``VLLMSampler`` calls it before building an engine with a different configuration; call it
+    yourself to give the GPU back between experiments in a notebook."""
+    n = len(_ENGINES)
+    while _ENGINES:
+        _, eng = _ENGINES.popitem()
+        _shutdown_llm(eng.llm)
+    if n:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return n
+
+
+def _shutdown_llm(llm) -> None:
+    """Stop an in-process engine: its engine core (executor, worker, KV cache) and vLLM's
+    torch.distributed group, so a next ``vllm.LLM`` in this process can initialise its own."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    except ImportError:  # a fake engine in tests, or a vllm without these helpers
+        return
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+def _colocated_env() -> None:
+    """``distributed_executor_backend="external_launcher"`` runs the engine core, executor and worker
+    in this process (vLLM's torchrun mode, world size 1 here); it reads the torchrun variables."""
+    import os
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a free port, so two kernels on one machine never collide
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    # external_launcher requires the in-process engine core (vLLM asserts it); say so explicitly
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def _load_weights_on_worker(worker, weights: list) -> None:
+    """Runs inside the engine through ``LLM.collective_rpc``: ``worker`` is the executor's
+    ``driver_worker`` (a ``WorkerWrapperBase``, whose attributes forward to the GPU worker)."""
+    worker = getattr(worker, "worker", worker)
+    worker.model_runner.model.load_weights(weights)
+
+
 @register_backend("vllm")
 class VLLMSampler(_Sampler):
-    """A colocated ``vllm.LLM`` behind the same interface.
+    """A colocated ``vllm.LLM`` (vLLM >= 0.10.1, read against 0.33) behind the same interface.
 
-    The engine shares the GPU with the trainer (``gpu_memory_utilization``) and sleeps between
-    generations (``enable_sleep_mode``; level 1 keeps weights in CPU RAM, level 2 drops them, so
-    they must be pushed again by ``sync_weights``). ``sync_weights(model)`` pushes the trainer's
-    parameters into the engine after each optimiser step. With ``recompute_logprobs=True``
-    (default) the behaviour log-probs are recomputed with :func:`models.response_logprobs` on the
-    trainer's model, so they follow the trainer's numerics exactly (vLLM's own are kept in
-    ``meta["engine_logprobs"]``); otherwise vLLM's ``processed_logprobs`` are used.
+    Engine: built with ``distributed_executor_backend="external_launcher"``, as TRL 1.16's colocate
+    mode does (``trl/generation/vllm_generation.py``), so the engine core, executor and worker live
+    in this process and share the trainer's GPU (``gpu_memory_utilization``). It sleeps between
+    generations (``enable_sleep_mode``; level 1 offloads the weights to CPU RAM, level 2 drops them,
+    so they must be pushed again by ``sync_weights``). Engines are cached per configuration in this
+    process: a second sampler with the same settings (the next run of a grid in one kernel) reuses
+    the engine, and its first ``sync_weights`` loads the new run's weights; a different
+    configuration shuts the old engine down first (:func:`close_vllm_engines`).
 
-    ``engine`` / ``sampling_params_cls``: inject a ready engine (or a fake one, in tests).
+    ``sync_weights(model)``: ``LLM.collective_rpc`` runs :func:`_load_weights_on_worker` on the
+    worker, which calls the vLLM model's ``load_weights`` with the trainer's ``named_parameters()``
+    (HF names; vLLM fuses q/k/v and gate/up itself and casts to the engine dtype), then the prefix
+    cache is reset. ``collective_rpc`` is public API in every vLLM V1 release; in-process it calls
+    the worker directly, so no tensor is serialised or copied between processes.
+
+    Behaviour log-probs: vLLM's ``processed_logprobs`` (``logprobs_mode``) are taken *after*
+    temperature, top-k and top-p, i.e. log-probs of the renormalised nucleus, while our convention
+    (module docstring) is the unfiltered ``log softmax(logits / temperature)``. So they are
+    recomputed with :func:`models.response_logprobs` on the trainer's model whenever
+    ``recompute_logprobs=True`` (default), and always when ``top_p < 1`` or ``temperature == 0``
+    (greedy: our convention is temperature 1); vLLM's own are kept in ``meta["engine_logprobs"]``.
+
+    Greedy (``temperature == 0``) with ``n > 1``: vLLM's ``SamplingParams`` refuses ``n > 1``
+    without sampling, and greedy decoding is deterministic, so each prompt is decoded once (n=1)
+    and its completion repeated n times, as the hf backend's n greedy trajectories would be.
+
+    ``engine`` / ``llm_cls`` / ``sampling_params_cls``: inject a ready engine, the class to build
+    (default ``vllm.LLM``) or the params class (fakes, in tests).
     """
 
     def __init__(
@@ -398,6 +493,7 @@ class VLLMSampler(_Sampler):
         logprob_batch_size: int = 64,
         model: str | None = None,
         engine: Any = None,
+        llm_cls: Any = None,
         sampling_params_cls: Any = None,
         **engine_kw,
     ):
@@ -405,61 +501,77 @@ class VLLMSampler(_Sampler):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        if isinstance(logprob_batch_size, bool) or not isinstance(logprob_batch_size, int) or logprob_batch_size < 1:
+            raise ValueError(f"logprob_batch_size must be a positive int, got {logprob_batch_size!r}")
         self.policy = policy
         self.enable_sleep_mode = enable_sleep_mode
         self.sleep_level = sleep_level
         self.recompute_logprobs = recompute_logprobs
         self.logprob_batch_size = logprob_batch_size
-        self._asleep: set[str] = set()
-        self._weights_lost = False  # level-2 sleep dropped the weights; sync_weights must run first
-        if engine is None or sampling_params_cls is None:
+        if (engine is None and llm_cls is None) or sampling_params_cls is None:
             try:
                 import vllm
             except ImportError as e:
                 raise ImportError(_VLLM_MISSING) from e
+            llm_cls = llm_cls or vllm.LLM
             sampling_params_cls = sampling_params_cls or vllm.SamplingParams
-            if engine is None:
-                engine = vllm.LLM(
-                    model=model or policy.model.name_or_path,
-                    gpu_memory_utilization=gpu_memory_utilization,
-                    enable_sleep_mode=enable_sleep_mode,
-                    max_model_len=max_model_len or policy.context_length,
-                    dtype=dtype,
-                    # temperature-scaled log-probs, like ours (vLLM's default is the raw logits')
-                    logprobs_mode="processed_logprobs",
-                    **engine_kw,
-                )
-        self.engine = engine
         self.sampling_params_cls = sampling_params_cls
+        if engine is not None:
+            self._engine = _Engine(engine)
+        else:
+            kwargs = dict(
+                model=model or policy.model.name_or_path,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=enable_sleep_mode,
+                max_model_len=max_model_len or policy.context_length,
+                dtype=dtype,
+                # in-process engine (TRL's colocate mode), so collective_rpc reaches the worker directly
+                distributed_executor_backend="external_launcher",
+                # temperature-scaled log-probs (vLLM's default is the raw logits'); see the class docstring
+                logprobs_mode="processed_logprobs",
+                **engine_kw,
+            )
+            key = (getattr(llm_cls, "__qualname__", repr(llm_cls)), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+            if key not in _ENGINES:
+                close_vllm_engines()  # one engine per GPU: the previous run's goes first
+                _colocated_env()
+                _ENGINES[key] = _Engine(llm_cls(**kwargs))
+            self._engine = _ENGINES[key]
         self.last_stats: dict[str, float] = {}
+
+    @property
+    def engine(self):
+        """The ``vllm.LLM`` this sampler drives."""
+        return self._engine.llm
 
     # -- sleep mode --------------------------------------------------------------
     def _wake(self, tags: Sequence[str]) -> None:
-        todo = [t for t in tags if t in self._asleep]
+        todo = [t for t in tags if t in self._engine.asleep]
         if todo:
             self.engine.wake_up(tags=todo)
-            self._asleep -= set(todo)
+            self._engine.asleep -= set(todo)
 
     def _sleep(self) -> None:
-        if self.enable_sleep_mode and not self._asleep:
+        if self.enable_sleep_mode and not self._engine.asleep:
             self.engine.sleep(level=self.sleep_level)
-            self._asleep = {"weights", "kv_cache"}
-            self._weights_lost = self.sleep_level == 2
+            self._engine.asleep = {"weights", "kv_cache"}
+            self._engine.weights_lost = self.sleep_level == 2
 
     def sync_weights(self, model) -> None:
         """Push ``model``'s parameters into the engine (call after each optimiser step)."""
         super().sync_weights(model)
         self._wake(["weights"])
-        runner = self.engine.llm_engine.model_executor.driver_worker.model_runner.model
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                runner.load_weights([(name, param.data)])
+            weights = [(name, p.detach()) for name, p in model.named_parameters()]
+            self.engine.collective_rpc(_load_weights_on_worker, args=(weights,))
         self.engine.reset_prefix_cache()  # cached prefixes were computed with the old weights
-        self._weights_lost = False
+        self._engine.weights_lost = False
 
     def _sample(self, req: _Request, prompt_ids: list[list[int]]) -> RolloutBatch:
+        greedy = req.temperature == 0
+        n_engine = 1 if greedy else req.n  # vLLM refuses n > 1 for greedy; its n copies are identical
         params = self.sampling_params_cls(
-            n=req.n,
+            n=n_engine,
             temperature=req.temperature,
             top_p=req.top_p,
             max_tokens=req.max_new_tokens,
@@ -468,7 +580,7 @@ class VLLMSampler(_Sampler):
             seed=req.seed,
             logprobs=0,  # the sampled token's log-prob only
         )
-        if self._weights_lost:
+        if self._engine.weights_lost:
             raise RuntimeError("the vllm engine slept at level 2 and lost its weights: call sync_weights(model) before sample")
         t0 = time.perf_counter()
         self._wake(["weights", "kv_cache"])
@@ -481,9 +593,9 @@ class VLLMSampler(_Sampler):
         eos = set(self.policy.eos_token_ids)
         responses, engine_lp, finish = [], [], []
         for i, o in enumerate(outputs):
-            if len(o.outputs) != req.n:
-                raise RuntimeError(f"vllm returned {len(o.outputs)} completions for prompt {i}, expected n={req.n}")
-            for c in o.outputs:
+            if len(o.outputs) != n_engine:
+                raise RuntimeError(f"vllm returned {len(o.outputs)} completions for prompt {i}, expected n={n_engine}")
+            for c in o.outputs * (req.n // n_engine):
                 ids = [int(t) for t in c.token_ids]
                 responses.append(ids)
                 engine_lp.append(
@@ -496,12 +608,14 @@ class VLLMSampler(_Sampler):
                 else:
                     finish.append("length")
         batch = _build_batch(self.policy, req, prompt_ids, responses, engine_lp, finish, meta={"engine_logprobs": engine_lp})
-        if self.recompute_logprobs:
+        if self.recompute_logprobs or req.top_p < 1 or greedy:  # vLLM's are after top-p (and greedy's are not ours)
             batch = batch.replace(logprobs=self._trainer_logprobs(batch, req.temperature))
         self.last_stats = _throughput(t0, sum(len(r) for r in responses))
         return batch
 
     def _trainer_logprobs(self, batch: RolloutBatch, temperature: float) -> list[list[float]]:
+        """Behaviour log-probs from the trainer's forward pass, ``logprob_batch_size`` trajectories at
+        a time (``response_logprobs`` keeps its own [chunk, V] work bounded inside each)."""
         temperature = temperature if temperature > 0 else 1.0  # greedy: log-probs at temperature 1
         out: list[list[float]] = []
         device = self.policy.device

@@ -188,3 +188,120 @@ def test_committed_tiny_policy_loads_and_meets_its_targets(monkeypatch):
     assert 0.2 <= final["solve_pass@1"] <= 0.6 and final["repair_success"] >= 0.5
     card = (folder / "README.md").read_text()
     assert f"{final['solve_pass@1']:.3f}" in card and f"{final['repair_success']:.3f}" in card
+
+
+# ---------------------------------------------------------------------------- chunked log-probs: values, gradients, memory
+def _reference_logprobs(model, padded, temperature=1.0):
+    """The unchunked formula: the model's full logits, one float32 log-softmax over [B, T, V]."""
+    ids, attn, P = padded.input_ids, padded.attention_mask, padded.prompt_len
+    T = ids.shape[1] - P
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits[:, P - 1 : P + T - 1]
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    lp = logp.gather(-1, padded.response_ids.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    real = attn[:, P:].bool()
+    return torch.where(real, lp, 0.0), torch.where(real, ent, 0.0)
+
+
+def _qwen(vocab: int, hidden: int = 16, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=512)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _gpt2(vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=256, attn_pdrop=0, resid_pdrop=0, embd_pdrop=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _random_padded(B, P, T, V, seed=0):
+    from ibpo_lab.gpu_check import _padded_batch
+
+    return _padded_batch(B, P, T, V, torch.device("cpu"), seed=seed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 4096])
+def test_chunked_logprobs_equal_unchunked_formula(small_policy, arch, chunk_tokens):
+    """Both paths (lm_head per chunk on hidden states for Llama; the model's own logits for GPT-2)
+    give the unchunked values within 1e-5, for chunks smaller than a row, ragged, and one chunk."""
+    model = small_policy.model if arch == "llama" else _gpt2(len(small_policy.tokenizer))
+    from ibpo_lab.models import _plain_head
+
+    assert (_plain_head(model) is not None) == (arch == "llama")
+    padded = _random_padded(4, 6, 9, len(small_policy.tokenizer))
+    assert padded.attention_mask[:, :6].eq(0).any() and padded.attention_mask[:, 6:].eq(0).any()  # left + right padding
+    with torch.no_grad():
+        want_lp, want_ent = _reference_logprobs(model, padded, 0.7)
+        lp, ent = response_logprobs(model, padded, 0.7, chunk_tokens=chunk_tokens)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == want_lp.shape
+    torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunked_logprobs_gradients_equal_unchunked(small_policy, arch):
+    model = small_policy.model if arch == "llama" else _gpt2(len(small_policy.tokenizer))
+    padded = _random_padded(3, 5, 8, len(small_policy.tokenizer), seed=1)
+    w = torch.randn(padded.response_ids.shape, generator=torch.Generator().manual_seed(2))
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        lp, ent = fn()
+        ((lp * w).sum() + 0.1 * (ent * w).sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads(lambda: _reference_logprobs(model, padded))
+    got = grads(lambda: response_logprobs(model, padded, chunk_tokens=5))
+    model.zero_grad(set_to_none=True)
+    assert set(got) == set(want) and len(want) > 0
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_chunk_tokens_must_be_positive(small_policy):
+    padded = _random_padded(2, 3, 4, len(small_policy.tokenizer))
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        response_logprobs(small_policy.model, padded, chunk_tokens=0)
+
+
+def test_logprob_pass_memory_at_qwen_vocab_is_one_chunk_not_b_t_v():
+    """Qwen2.5's vocabulary (151936) with a tiny hidden size: the live tensor bytes the pass creates
+    (TensorMemoryMeter) stay below a few [chunk, V] float32 tensors, while the unchunked formula
+    needs several [B, T, V] ones. Bounds from the shapes: B=4, T=64, V=151936, chunk=32."""
+    from ibpo_lab.gpu_check import TensorMemoryMeter
+
+    V, B, P, T, C = 151936, 4, 8, 64, 32
+    model = _qwen(V)
+    padded = _random_padded(B, P, T, V)
+    BTV = B * T * V * 4  # one float32 [B, T, V] tensor: 155.6 MB
+    CV = C * V * 4  # one float32 [chunk, V] tensor: 19.4 MB
+
+    with torch.no_grad(), TensorMemoryMeter() as old:
+        _reference_logprobs(model, padded)
+    with torch.no_grad(), TensorMemoryMeter() as new:
+        response_logprobs(model, padded, chunk_tokens=C)
+    assert old.peak >= 2 * BTV  # at least logits and log-softmax side by side
+    assert new.largest <= CV  # no tensor larger than one float32 [chunk, V]
+    small = 2**20  # the hidden-16 decoder's own activations: B * (P + T) * 16 floats a few times over
+    assert new.peak <= 4 * CV + small  # logits, log-probs, probabilities and their product, one chunk at a time
+
+    # with gradients: backward rebuilds one chunk at a time too
+    with TensorMemoryMeter() as new_bw:
+        lp, ent = response_logprobs(model, padded, chunk_tokens=C)
+        (lp.sum() + ent.sum()).backward()
+    with TensorMemoryMeter() as old_bw:
+        lp, ent = _reference_logprobs(model, padded)
+        (lp.sum() + ent.sum()).backward()
+    model.zero_grad(set_to_none=True)
+    emb = V * 16 * 4  # the tied embedding's gradient, a [V, H] float32 tensor
+    # backward: the chunk rebuilt (logits, log-probs, probabilities) plus their gradients, and the
+    # two [V, H] gradients of the tied embedding (as input embedding and as lm_head)
+    assert new_bw.peak <= 6 * CV + 2 * emb + small
+    assert old_bw.peak >= 3 * BTV

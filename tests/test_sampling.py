@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import string
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,60 +169,46 @@ def test_vllm_missing_is_a_clear_error(policy):
         get_sampler("vllm", policy)
 
 
-class FakeRunnerModel:
-    def __init__(self):
-        self.loaded: list[str] = []
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A clean engine cache and vLLM/torchrun environment around each test."""
+    from ibpo_lab.sampling import close_vllm_engines
 
-    def load_weights(self, weights):
-        self.loaded += [name for name, _ in weights]
+    from _sampler_fakes import FakeLLM
 
-
-class FakeLLM:
-    """Mimics the parts of vllm.LLM the adapter uses; emits random tokens, ending some with EOS."""
-
-    def __init__(self, eos_id: int, vocab_size: int):
-        self.eos_id, self.vocab_size = eos_id, vocab_size
-        self.calls: list[str] = []
-        self.runner = FakeRunnerModel()
-        self.llm_engine = SimpleNamespace(
-            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=self.runner)))
-        )
-        self.requests = None
-
-    def sleep(self, level):
-        self.calls.append(f"sleep{level}")
-
-    def wake_up(self, tags=None):
-        self.calls.append("wake:" + ",".join(tags))
-
-    def reset_prefix_cache(self):
-        self.calls.append("reset")
-
-    def generate(self, requests, sampling_params, use_tqdm=True):
-        self.calls.append("generate")
-        self.requests, self.params = requests, sampling_params
-        g = torch.Generator().manual_seed(sampling_params.seed or 0)
-        outs = []
-        for _ in requests:
-            comps = []
-            for j in range(sampling_params.n):
-                k = int(torch.randint(1, sampling_params.max_tokens + 1, (1,), generator=g))
-                ids = torch.randint(4, self.vocab_size, (k,), generator=g).tolist()
-                if j % 2 == 0:
-                    ids[-1] = self.eos_id
-                lps = [{t: SimpleNamespace(logprob=-1.0)} for t in ids]
-                reason = "stop" if j % 2 == 0 else "length"
-                comps.append(SimpleNamespace(token_ids=ids, logprobs=lps, finish_reason=reason))
-            outs.append(SimpleNamespace(outputs=comps))
-        return outs
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test
+    close_vllm_engines()
+    FakeLLM.built.clear()
+    yield
+    close_vllm_engines()
+    FakeLLM.built.clear()
 
 
 def _vllm(policy, **kw):
-    fake = FakeLLM(policy.tokenizer.eos_token_id, len(policy.tokenizer))
-    return fake, VLLMSampler(policy, engine=fake, sampling_params_cls=SimpleNamespace, **kw)
+    from functools import partial
+
+    from _sampler_fakes import FakeLLM, FakeSamplingParams
+
+    llm_cls = partial(FakeLLM, eos_id=policy.tokenizer.eos_token_id, vocab_size=len(policy.tokenizer))
+    sampler = VLLMSampler(policy, llm_cls=llm_cls, sampling_params_cls=FakeSamplingParams, **kw)
+    return sampler.engine, sampler
 
 
-def test_vllm_adapter_contract_with_fake_engine(policy):
+def test_vllm_engine_runs_in_process_like_trl_colocate(policy, fake_vllm):
+    import os
+
+    fake, sampler = _vllm(policy, gpu_memory_utilization=0.35)
+    kw = fake.kwargs
+    assert fake.model == policy.model.name_or_path
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["logprobs_mode"] == "processed_logprobs"
+    assert kw["gpu_memory_utilization"] == 0.35 and kw["max_model_len"] == policy.context_length
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert {os.environ[v] for v in ("RANK", "LOCAL_RANK")} == {"0"} and os.environ["WORLD_SIZE"] == "1"
+    assert int(os.environ["MASTER_PORT"]) > 0
+
+
+def test_vllm_adapter_contract_with_fake_engine(policy, fake_vllm):
     fake, sampler = _vllm(policy)
     b = sampler.sample(PROMPTS, n=4, max_new_tokens=8, temperature=0.8, top_p=0.95, stop=["\n"], seed=3, group_offset=2)
     assert isinstance(b, RolloutBatch) and len(b) == 12
@@ -242,23 +227,70 @@ def test_vllm_adapter_contract_with_fake_engine(policy):
     assert fake.calls[2:] == ["wake:weights,kv_cache", "generate", "sleep1"] and len(b2) == 3
 
 
-def test_vllm_engine_logprobs_when_not_recomputed(policy):
+def test_vllm_engine_logprobs_only_when_top_p_is_one(policy, fake_vllm):
     _, sampler = _vllm(policy, recompute_logprobs=False, enable_sleep_mode=False)
     b = sampler.sample(["x"], n=2, max_new_tokens=5, seed=0)
-    assert all(v == -1.0 for lp in b.logprobs for v in lp)
+    assert all(v == -1.0 for lp in b.logprobs for v in lp)  # vLLM's processed log-probs, as asked
+    # top_p < 1: vLLM's are of the renormalised nucleus, so the trainer's forward pass recomputes them
+    b = sampler.sample(PROMPTS, n=2, max_new_tokens=6, temperature=0.9, top_p=0.5, seed=1)
+    assert b.meta["engine_logprobs"][0] == [-1.0] * len(b.response_ids[0])
+    _assert_logprobs_match(policy, b, 0.9)
 
 
-def test_vllm_sync_weights_pushes_every_parameter(policy):
+def test_vllm_greedy_with_n_above_one_decodes_once_per_prompt(policy, fake_vllm):
+    fake, sampler = _vllm(policy, recompute_logprobs=False)
+    b = sampler.sample(PROMPTS, n=3, max_new_tokens=6, temperature=0)
+    assert fake.params.n == 1 and fake.params.temperature == 0  # vLLM's SamplingParams refuses n > 1 here
+    assert len(b) == 9 and b.group_ids.tolist() == [i // 3 for i in range(9)]
+    for g in range(3):
+        assert b.response_ids[3 * g] == b.response_ids[3 * g + 1] == b.response_ids[3 * g + 2]
+    _assert_logprobs_match(policy, b, 1.0)  # greedy: temperature-1 log-probs from the trainer's pass
+
+
+def test_vllm_sync_weights_loads_every_parameter_through_collective_rpc(policy, fake_vllm):
     fake, sampler = _vllm(policy, sleep_level=2)
     sampler.sample(["x"], n=1, max_new_tokens=3)
     with pytest.raises(RuntimeError, match="sync_weights"):
         sampler.sample(["x"], n=1, max_new_tokens=3)  # level-2 sleep dropped the weights
     new = policy.reference().model
+    with torch.no_grad():
+        next(new.parameters()).add_(1.0)  # make the pushed weights distinguishable
     sampler.sync_weights(new)
-    assert fake.runner.loaded == [name for name, _ in new.named_parameters()]
-    assert fake.calls[-2:] == ["wake:weights", "reset"] and sampler.policy.model is new
+    loaded = fake.runner_model.loaded
+    assert list(loaded) == [name for name, _ in new.named_parameters()]
+    assert all(torch.equal(loaded[n], p) for n, p in new.named_parameters())
+    assert fake.calls[-3:] == ["wake:weights", "rpc", "reset"] and sampler.policy.model is new
     sampler.sample(["x"], n=1, max_new_tokens=3)
     assert fake.calls[-3:] == ["wake:kv_cache", "generate", "sleep2"]
+
+
+def test_vllm_engine_is_reused_by_the_next_run_and_replaced_on_a_new_config(policy, fake_vllm):
+    from ibpo_lab.sampling import close_vllm_engines
+
+    from _sampler_fakes import FakeLLM
+
+    first, s1 = _vllm(policy)
+    s1.sample(["x"], n=1, max_new_tokens=3)  # leaves the engine asleep
+    again, s2 = _vllm(policy)  # the next run of a grid, same settings
+    assert again is first and len(FakeLLM.built) == 1
+    other = policy.reference().model
+    s2.sync_weights(other)  # the new run's weights go into the shared engine, which knows it sleeps
+    assert first.calls[-3:] == ["wake:weights", "rpc", "reset"]
+    s2.sample(["x"], n=1, max_new_tokens=3)
+    assert first.calls[-3:] == ["wake:kv_cache", "generate", "sleep1"]
+    executor = first.llm_engine.engine_core.engine_core.model_executor
+    assert not executor.is_shut_down
+    third, _ = _vllm(policy, gpu_memory_utilization=0.5)  # a different engine: the old one goes first
+    assert third is not first and executor.is_shut_down and len(FakeLLM.built) == 2
+    assert close_vllm_engines() == 1
+    assert third.llm_engine.engine_core.engine_core.model_executor.is_shut_down
+
+
+def test_vllm_bad_settings_are_value_errors(policy, fake_vllm):
+    for kw, match in [(dict(gpu_memory_utilization=0), "gpu_memory_utilization"), (dict(sleep_level=3), "sleep_level"),
+                      (dict(logprob_batch_size=0), "logprob_batch_size")]:
+        with pytest.raises(ValueError, match=match):
+            _vllm(policy, **kw)
 
 
 # ---------------------------------------------------------------------------- real models
