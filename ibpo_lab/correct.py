@@ -23,9 +23,10 @@ K references, two readings (``CorrectConfig.reference_mode``):
   sampled ``revisions_per_reference`` times. K then buys independent repair attempts (and more
   candidates to select from): with the indicator φ, K=2 raises the chance that *some* repair
   verifies.
-* ``"joint"``: ONE repair prompt showing all K references (:func:`join_references`, or the
-  task's ``repair_prompt_joint`` when it has one), sampled K·``revisions_per_reference`` times
-  so the revision budget equals ``"separate"``'s. K then buys contrast: the policy sees several
+* ``"joint"``: ONE repair prompt showing all K references (the task's ``repair_prompt_joint``:
+  its ``"repair_joint"`` template, see ``ibpo_lab.tasks.base``; a duck-typed task without one
+  gets its singular template with :func:`join_references`), sampled K·``revisions_per_reference``
+  times so the revision budget equals ``"separate"``'s. K then buys contrast: the policy sees several
   correct solutions at once and can tell what they share (the method) from how they differ
   (incidental wording).
 
@@ -370,7 +371,8 @@ def policy_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[R
 
 
 def join_references(texts: Sequence[str]) -> str:
-    """K reference texts as one block for a repair template's ``{reference}`` field:
+    """Fallback for a task without ``repair_prompt_joint``: K reference texts as one block for its
+    singular repair template's ``{reference}`` field (also the table's ``reference`` column in ``joint`` mode):
     ``Reference 1:\n<text>\nReference 2:\n<text>`` (one reference: its text unchanged, so
     ``joint`` with K = 1 gives exactly the ``separate`` prompt)."""
     if len(texts) == 1:
@@ -379,8 +381,9 @@ def join_references(texts: Sequence[str]) -> str:
 
 
 def _joint_prompt(task, r: RepairRequest) -> str:
-    """The one repair prompt of a ``joint`` request: the task's own ``repair_prompt_joint(example,
-    failed, references)`` when it has one, else its repair template with :func:`join_references`."""
+    """The one repair prompt of a ``joint`` request: the task's ``repair_prompt_joint(example,
+    failed, references)`` (every ``tasks.base.Task`` has one: its ``"repair_joint"`` template), else,
+    for a duck-typed task without it, its singular repair template with :func:`join_references`."""
     own = getattr(task, "repair_prompt_joint", None)
     if callable(own):
         return own(r.example, r.failed_text, list(r.references_text))

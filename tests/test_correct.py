@@ -27,6 +27,13 @@ def ids(text: str) -> list[int]:
     return TOK.encode(text)
 
 
+def parse_joint(prompt: str) -> tuple[str, str]:
+    """(failed attempt, references block) of the default joint repair template."""
+    m = re.search(r"A failed attempt:\n(.*)\n\d+ reference attempts:\n(.*)Rewrite", prompt, re.S)
+    assert m, prompt
+    return m.group(1), m.group(2)
+
+
 def parse_repair(prompt: str) -> tuple[str, str]:
     m = re.search(r"A failed attempt:\n(.*)\nA reference attempt:\n(.*)\nRewrite", prompt, re.S)
     assert m, prompt
@@ -263,7 +270,7 @@ def test_oracle_keeps_trailing_eos():
 # --------------------------------------------------------------------------- K references: separate vs joint
 def test_joint_reference_mode_one_prompt_with_all_references():
     batch, exs = make_batch([["ab!cd", "abXcd", "qq!qq", "abYcd"]], NO_BANG)
-    script = lambda p, j: {"ab!cd": ["abZcd", "ab!c", "xbZcdd", "abQcd"], "qq!qq": ["qq!qq"] * 4}[parse_repair(p)[0]][j]
+    script = lambda p, j: {"ab!cd": ["abZcd", "ab!c", "xbZcdd", "abQcd"], "qq!qq": ["qq!qq"] * 4}[parse_joint(p)[0]][j]
     sampler = ScriptedSampler(script)
     cfg = CorrectConfig(num_references=2, revisions_per_reference=2, reference_mode="joint")
     res = compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
@@ -271,8 +278,9 @@ def test_joint_reference_mode_one_prompt_with_all_references():
     call = sampler.calls[0]
     assert len(sampler.calls) == 1 and call["n"] == 2 and len(call["prompts"]) == 4
     assert call["prompts"][0] == call["prompts"][1] != call["prompts"][2] == call["prompts"][3]
-    failed, ref = parse_repair(call["prompts"][0])
-    assert failed == "ab!cd" and ref == "Reference 1:\nabXcd\nReference 2:\nabYcd"
+    # the task's "repair_joint" template (tasks.base.DEFAULT_TEMPLATES), references in selection order
+    failed, refs = parse_joint(call["prompts"][0])
+    assert failed == "ab!cd" and refs == "Reference attempt 1:\nabXcd\nReference attempt 2:\nabYcd\n"
     t = res.table
     assert len(t) == 8 and set(t.n_references) == {2} and set(t.reference_traj) == {1}
     # the same budget as 'separate' (2 references x 2 revisions); the scripted sampler answers sample j of each
@@ -302,6 +310,23 @@ def test_joint_uses_the_tasks_own_joint_prompt_and_rejects_splice():
     sm = ScriptedSampler(lambda p, j: "abZcd")
     compare_and_correct(batch, exs, task, sm, CorrectConfig(num_references=2, reference_mode="joint"))
     assert parse_repair(sm.calls[0]["prompts"][0]) == ("ab!cd", "abXcd|abYcd")
+    # a duck-typed task without repair_prompt_joint: its singular template with join_references
+    class Duck:
+        def __init__(self):
+            self.inner = PredTask(lambda r: "!" not in r)
+
+        def repair_prompt(self, ex, failed, reference):
+            return self.inner.repair_prompt(ex, failed, reference)
+
+        def solve_prompt(self, ex):
+            return self.inner.solve_prompt(ex)
+
+        def reward(self, ex, response):
+            return self.inner.reward(ex, response)
+
+    sm = ScriptedSampler(lambda p, j: "abZcd")
+    compare_and_correct(batch, exs, Duck(), sm, CorrectConfig(num_references=2, reference_mode="joint"))
+    assert parse_repair(sm.calls[0]["prompts"][0]) == ("ab!cd", "Reference 1:\nabXcd\nReference 2:\nabYcd")
     with pytest.raises(ValueError, match="reference_mode"):
         CorrectConfig(operator="splice", reference_mode="joint")
 

@@ -1,7 +1,9 @@
 """Task interface: prompts, terminal rewards, per-step labels and the solve/repair templates.
 
 A task turns examples into prompts (the *solve* template) and into compare-and-correct
-prompts (the *repair* template: question + failed attempt + reference attempt), scores a
+prompts (the *repair* template: question + failed attempt + reference attempt; the
+*repair_joint* template: question + failed attempt + all K references at once, each shown
+through the *repair_joint_item* template — ``CorrectConfig.reference_mode="joint"``), scores a
 response with a 0/1 terminal reward that never raises, and — where the task knows — labels
 each reasoning step as correct or not.
 """
@@ -12,7 +14,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["Example", "Score", "Task", "register_task", "get_task", "list_tasks", "DEFAULT_TEMPLATES"]
+__all__ = [
+    "Example", "Score", "Task", "register_task", "get_task", "list_tasks", "DEFAULT_TEMPLATES", "TEMPLATE_NAMES",
+    "TEMPLATE_FIELDS", "check_template_names",
+]
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,35 @@ DEFAULT_TEMPLATES: dict[str, str] = {
         "A reference attempt:\n{reference}\n"
         "Rewrite the failed attempt so it is correct, changing as little as possible.\n"
     ),
+    # K >= 2 references in one prompt (reference_mode="joint"); {references} is the items joined
+    "repair_joint": (
+        "Question: {question}\n"
+        "A failed attempt:\n{failed}\n"
+        "{n_references} reference attempts:\n{references}"
+        "Rewrite the failed attempt so it is correct, changing as little as possible.\n"
+    ),
+    "repair_joint_item": "Reference attempt {k}:\n{reference}\n",
+}
+
+#: the template names a task knows (``Task(templates=...)`` rejects others)
+TEMPLATE_NAMES: tuple[str, ...] = tuple(DEFAULT_TEMPLATES)
+
+#: the fields each template must use (checked when the prompt is built: templates are editable
+#: data, so a notebook edit that drops one gets one clear error instead of a silently short prompt)
+TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "solve": ("question",),
+    "repair": ("failed", "reference"),
+    "repair_joint": ("failed", "references"),
+    "repair_joint_item": ("reference",),
 }
 
 
 class Task(ABC):
     """Base class. Subclasses set ``name``, implement :meth:`examples` and :meth:`score`, and may
     override :meth:`step_labels`. ``templates`` is a plain dict, editable from a notebook:
-    ``task.templates["repair"] = "..."`` (fields: ``{question}``, ``{failed}``, ``{reference}``)."""
+    ``task.templates["repair"] = "..."`` (fields: ``{question}``, ``{failed}``, ``{reference}``);
+    ``"repair_joint"`` has ``{question}``, ``{failed}``, ``{references}`` (the K items, each
+    ``"repair_joint_item"`` with ``{k}`` counted from 1 and ``{reference}``) and ``{n_references}``."""
 
     name: str = "task"
     #: how responses split into steps (a ``delimiter`` accepted by ``ibpo_lab.steps.split_steps``)
@@ -58,10 +85,7 @@ class Task(ABC):
     def __init__(self, templates: dict[str, str] | None = None) -> None:
         self.templates = dict(DEFAULT_TEMPLATES)
         if templates:
-            unknown = set(templates) - {"solve", "repair"}
-            if unknown:
-                raise ValueError(f"templates: unknown template names {sorted(unknown)}; allowed: solve, repair")
-            self.templates.update(templates)
+            self.templates.update(check_template_names(templates))
 
     # -- data -------------------------------------------------------------------
     @abstractmethod
@@ -69,11 +93,38 @@ class Task(ABC):
         """The examples of ``split`` (``"train"`` or ``"test"``; tasks may add more), first ``n``."""
 
     # -- prompts ----------------------------------------------------------------
+    def _check_template(self, name: str) -> str:
+        """``self.templates[name]``, after checking it uses its required fields (subclasses add
+        checks, e.g. the synthetic task's character set)."""
+        tpl = self.templates[name]
+        missing = [f for f in TEMPLATE_FIELDS.get(name, ()) if "{" + f + "}" not in tpl]
+        if missing:
+            raise ValueError(f"templates[{name!r}] lacks the field(s) {', '.join('{' + f + '}' for f in missing)}")
+        return tpl
+
     def solve_prompt(self, example: Example) -> str:
-        return self.templates["solve"].format(question=example.prompt)
+        return self._check_template("solve").format(question=example.prompt)
 
     def repair_prompt(self, example: Example, failed: str, reference: str) -> str:
-        return self.templates["repair"].format(question=example.prompt, failed=failed, reference=reference)
+        return self._check_template("repair").format(question=example.prompt, failed=failed, reference=reference)
+
+    def repair_prompt_joint(self, example: Example, failed: str, references: Sequence[str]) -> str:
+        """ONE repair prompt showing the failed attempt and all K ``references`` in order
+        (``CorrectConfig.reference_mode="joint"``): the ``"repair_joint"`` template, whose
+        ``{references}`` is the ``"repair_joint_item"`` template filled for k = 1..K and concatenated.
+
+        K = 1 gives exactly :meth:`repair_prompt` (the singular template), so ``joint`` and
+        ``separate`` coincide at K = 1 and a K = 1 ablation compares like with like."""
+        references = list(references)
+        if not references:
+            raise ValueError("repair_prompt_joint: no references (K must be >= 1)")
+        if len(references) == 1:
+            return self.repair_prompt(example, failed, references[0])
+        item = self._check_template("repair_joint_item")
+        block = "".join(item.format(k=k, reference=ref) for k, ref in enumerate(references, start=1))
+        return self._check_template("repair_joint").format(
+            question=example.prompt, failed=failed, references=block, n_references=len(references)
+        )
 
     # -- rewards ----------------------------------------------------------------
     @abstractmethod
@@ -95,6 +146,14 @@ class Task(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def check_template_names(templates: dict[str, str]) -> dict[str, str]:
+    """``templates`` unchanged, or one error naming every unknown template name."""
+    unknown = set(templates) - set(TEMPLATE_NAMES)
+    if unknown:
+        raise ValueError(f"templates: unknown template names {sorted(unknown)}; allowed: {', '.join(TEMPLATE_NAMES)}")
+    return templates
 
 
 _TASKS: dict[str, Callable[..., Task]] = {}

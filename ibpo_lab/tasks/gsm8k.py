@@ -62,6 +62,14 @@ GSM8K_TEMPLATES: dict[str, str] = {
         "Rewrite the failed attempt so it is correct, changing as little as possible. "
         "Keep one step per line and end with '#### <number>'.\n"
     ),
+    "repair_joint": (
+        "Question: {question}\n"
+        "A failed attempt:\n{failed}\n"
+        "{n_references} reference attempts:\n{references}"
+        "Rewrite the failed attempt so it is correct, changing as little as possible. "
+        "Keep one step per line and end with '#### <number>'.\n"
+    ),
+    "repair_joint_item": "Reference attempt {k}:\n{reference}\n",
 }
 
 _ANNOTATION_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")

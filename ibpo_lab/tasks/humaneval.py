@@ -40,6 +40,15 @@ HUMANEVAL_TEMPLATES: dict[str, str] = {
         "# Rewrite the failed completion so the tests pass, changing as little as possible.\n"
         "# Corrected completion of the function body (it is appended to the function above):\n"
     ),
+    "repair_joint": (
+        "# Complete the function below.\n"
+        "{question}\n"
+        "# A failed completion of the function body:\n{failed}\n"
+        "# {n_references} reference completions of the function body:\n{references}"
+        "# Rewrite the failed completion so the tests pass, changing as little as possible.\n"
+        "# Corrected completion of the function body (it is appended to the function above):\n"
+    ),
+    "repair_joint_item": "# Reference completion {k}:\n{reference}\n",
 }
 
 _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")

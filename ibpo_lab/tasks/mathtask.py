@@ -53,6 +53,14 @@ MATH_TEMPLATES: dict[str, str] = {
         "Rewrite the failed attempt so it is correct, changing as little as possible. "
         "Put the final answer in \\boxed{{}}.\n"
     ),
+    "repair_joint": (
+        "Problem: {question}\n"
+        "A failed attempt:\n{failed}\n"
+        "{n_references} reference attempts:\n{references}"
+        "Rewrite the failed attempt so it is correct, changing as little as possible. "
+        "Put the final answer in \\boxed{{}}.\n"
+    ),
+    "repair_joint_item": "Reference attempt {k}:\n{reference}\n",
 }
 
 # runs in the child: one JSON request per line in, one JSON reply per line out

@@ -36,6 +36,14 @@ RG_TEMPLATES: dict[str, str] = {
         "Rewrite the failed attempt so it is correct, changing as little as possible. "
         "End with the final answer as <answer>...</answer>.\n"
     ),
+    "repair_joint": (
+        "{question}\n"
+        "A failed attempt:\n{failed}\n"
+        "{n_references} reference attempts:\n{references}"
+        "Rewrite the failed attempt so it is correct, changing as little as possible. "
+        "End with the final answer as <answer>...</answer>.\n"
+    ),
+    "repair_joint_item": "Reference attempt {k}:\n{reference}\n",
 }
 
 
