@@ -188,3 +188,12 @@ def test_committed_tiny_policy_loads_and_meets_its_targets(monkeypatch):
     assert 0.2 <= final["solve_pass@1"] <= 0.6 and final["repair_success"] >= 0.5
     card = (folder / "README.md").read_text()
     assert f"{final['solve_pass@1']:.3f}" in card and f"{final['repair_success']:.3f}" in card
+
+
+def test_tokenizer_for_and_cached_model_pass_through():
+    from ibpo_lab.models import cached_model, tokenizer_for
+
+    assert cached_model("tiny") == "tiny" and cached_model("Qwen/Qwen2.5-1.5B-Instruct").startswith("Qwen")
+    tok = tokenizer_for("tiny-random")  # the random tiny policy's character tokenizer over the synthetic vocabulary
+    assert tok.decode(tok.encode("3+4", add_special_tokens=False)) == "3+4"
+    assert tokenizer_for("no-such-model") is None  # offline and unknown: views fall back to characters
