@@ -85,14 +85,18 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return mid[inv]
 
 
-def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """Area under the ROC curve of ``scores`` separating positives (label True) from negatives:
-    P(score_pos > score_neg) + ½·P(tie), via the Mann–Whitney rank statistic. NaN without both classes."""
+def _scored(scores, labels) -> tuple[np.ndarray, np.ndarray, int, int]:
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=bool).reshape(-1)
     if len(s) != len(y):
         raise ValueError(f"scores has {len(s)} entries but labels has {len(y)}")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return s, y, int(y.sum()), int((~y).sum())
+
+
+def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of ``scores`` separating positives (label True) from negatives:
+    P(score_pos > score_neg) + ½·P(tie), via the Mann–Whitney rank statistic. NaN without both classes."""
+    s, y, n_pos, n_neg = _scored(scores, labels)
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     r = _average_ranks(s)
@@ -105,11 +109,7 @@ def roc_curve(scores: Sequence[float], labels: Sequence[bool]) -> tuple[np.ndarr
     Ties share one point (a sort and two cumulative sums; no scikit-learn dependency for one curve),
     so the area under the drawn curve equals the Mann-Whitney :func:`auc`.
     """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels, dtype=bool).reshape(-1)
-    if len(s) != len(y):
-        raise ValueError(f"scores has {len(s)} entries but labels has {len(y)}")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    s, y, n_pos, n_neg = _scored(scores, labels)
     if n_pos == 0 or n_neg == 0:
         raise ValueError("labels must contain both classes to draw a ROC curve")
     order = np.argsort(-s, kind="mergesort")

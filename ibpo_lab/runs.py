@@ -44,6 +44,10 @@ __all__ = [
     "load_run",
     "load_runs",
     "trajectory_files",
+    "has_records",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "EVAL_FILE",
     "prepare_run_dir",
     "append_jsonl",
     "read_jsonl",
@@ -62,6 +66,10 @@ __all__ = [
     "final_table",
     "stability_table",
 ]
+
+#: the files of a run folder
+CONFIG_FILE, METRICS_FILE, EVAL_FILE, TRAJECTORY_DIR, CHECKPOINT_DIR = (
+    "config.yaml", "metrics.jsonl", "eval.jsonl", "trajectories", "checkpoint")
 
 #: the columns of metrics.jsonl (one row per step); loss_* columns carry the loss's own metrics and
 #: correct_* columns the corrector's stats (counts, success rates, φ mean, edited tokens)
@@ -148,7 +156,7 @@ class RunRecord:
 
     def trajectories(self, step: int | None = None) -> pd.DataFrame:
         """Trajectories of one step, or of every step (``step=None``), as a DataFrame."""
-        tdir = self.path / "trajectories"
+        tdir = self.path / TRAJECTORY_DIR
         if step is None:
             files = [tdir / f"step_{s:06d}.parquet" for s in self.steps_with_trajectories()]
             if not files:
@@ -162,7 +170,7 @@ class RunRecord:
 
     @property
     def checkpoint(self) -> Path:
-        return self.path / "checkpoint"
+        return self.path / CHECKPOINT_DIR
 
     def load_policy(self, device: str = "cpu"):
         """The trained policy from the run's checkpoint."""
@@ -207,10 +215,15 @@ class RunRecord:
         return f"RunRecord({self.label!r}, seed={self.config.seed}, steps={len(self.metrics)}, path='{self.path}')"
 
 
+def has_records(run_dir: str | os.PathLike) -> bool:
+    """Whether a folder already holds a run's records (metrics or a checkpoint)."""
+    return any((Path(run_dir) / n).exists() for n in (METRICS_FILE, CHECKPOINT_DIR))
+
+
 def trajectory_files(run_dir: str | os.PathLike) -> dict[int, Path]:
     """step -> its ``trajectories/step_*.parquet`` file in a run folder."""
     files = {}
-    for p in sorted((Path(run_dir) / "trajectories").glob("step_*.parquet")):
+    for p in sorted((Path(run_dir) / TRAJECTORY_DIR).glob("step_*.parquet")):
         with contextlib.suppress(ValueError, IndexError):
             files[int(p.stem.split("_")[1])] = p
     return files
@@ -238,13 +251,13 @@ def read_jsonl(path: Path) -> pd.DataFrame:
 def load_run(path: str | os.PathLike, experiment: str = "") -> RunRecord:
     """Read a run folder written by ``train.train``."""
     p = Path(path)
-    if not (p / "config.yaml").is_file():
+    if not (p / CONFIG_FILE).is_file():
         raise ValueError(f"path: {p} is not a run folder (no config.yaml)")
     return RunRecord(
         path=p,
-        config=TrainConfig.from_yaml(p / "config.yaml"),
-        metrics=read_jsonl(p / "metrics.jsonl"),
-        eval=read_jsonl(p / "eval.jsonl"),
+        config=TrainConfig.from_yaml(p / CONFIG_FILE),
+        metrics=read_jsonl(p / METRICS_FILE),
+        eval=read_jsonl(p / EVAL_FILE),
         experiment=experiment,
     )
 
@@ -292,7 +305,7 @@ def prepare_run_dir(out_dir: str | os.PathLike | None, cfg: TrainConfig) -> Path
     p = Path(out_dir)
     try:
         p.mkdir(parents=True, exist_ok=True)
-        (p / "trajectories").mkdir(exist_ok=True)
+        (p / TRAJECTORY_DIR).mkdir(exist_ok=True)
         probe = p / f".write-probe-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
@@ -320,7 +333,7 @@ def set_rng_state(st: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """Write ``run_dir/checkpoint/state.pt`` via a temporary folder and renames, so the previous
     checkpoint survives a crash or a full disk. Raises OSError with a clear message on failure."""
-    final = run_dir / "checkpoint"
+    final = run_dir / CHECKPOINT_DIR
     tmp = run_dir / f".checkpoint.tmp-{os.getpid()}"
     old = run_dir / ".checkpoint.old"
     try:
@@ -347,7 +360,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint_state(run_dir: Path, map_location="cpu") -> dict[str, Any] | None:
-    for d in (run_dir / "checkpoint", run_dir / ".checkpoint.old"):
+    for d in (run_dir / CHECKPOINT_DIR, run_dir / ".checkpoint.old"):
         f = d / "state.pt"
         if f.is_file():
             return torch.load(f, map_location=map_location, weights_only=False)
@@ -419,7 +432,7 @@ def write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep_
         rdf["trained"] = rep_adv is not None
         df = pd.concat([df, rdf], ignore_index=True)
     buf = _parquet_bytes(df)
-    atomic_write_bytes(run_dir / "trajectories" / f"step_{step:06d}.parquet", buf)
+    atomic_write_bytes(run_dir / TRAJECTORY_DIR / f"step_{step:06d}.parquet", buf)
 
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
@@ -430,7 +443,7 @@ def _parquet_bytes(df: pd.DataFrame) -> bytes:
 
 def truncate_records(run_dir: Path, step: int) -> None:
     """Drop metric/eval rows written after the checkpoint (a killed run got further than it saved)."""
-    for name in ("metrics.jsonl", "eval.jsonl"):
+    for name in (METRICS_FILE, EVAL_FILE):
         p = run_dir / name
         if p.is_file():
             keep = []
@@ -439,7 +452,7 @@ def truncate_records(run_dir: Path, step: int) -> None:
                     if json.loads(line)["step"] <= step:
                         keep.append(line + "\n")
             atomic_write_text(p, "".join(keep))
-    for f in (run_dir / "trajectories").glob("step_*.parquet"):
+    for f in (run_dir / TRAJECTORY_DIR).glob("step_*.parquet"):
         if int(f.stem.split("_")[1]) > step:
             f.unlink()
 
@@ -500,9 +513,9 @@ def load_runs(runs_dir: str | os.PathLike) -> list:
     if not root.is_dir():
         raise ValueError(f"runs_dir: {root} is not a directory")
     out = []
-    for cfg in sorted(root.rglob("config.yaml")):
+    for cfg in sorted(root.rglob(CONFIG_FILE)):
         d = cfg.parent
-        if not (d / "metrics.jsonl").is_file():
+        if not (d / METRICS_FILE).is_file():
             continue
         rel = d.relative_to(root).parts
         out.append(load_run(d, experiment=rel[0] if len(rel) > 1 else ""))

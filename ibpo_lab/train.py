@@ -30,15 +30,14 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from ibpo_lab.advantages import ibpo_repair_advantages
-from ibpo_lab.config import PROFILES, TrainConfig, estimator_kwargs, load_config, presets
+from ibpo_lab.config import PROFILES, TrainConfig, estimator_kwargs, load_config
 from ibpo_lab.losses import get_loss, truncated_is_weights
 from ibpo_lab.models import load_policy, response_logprobs
 from ibpo_lab.rollout import PaddedBatch, RolloutBatch, concat_batches
 from ibpo_lab.runs import (
-    RunRecord, append_jsonl, load_checkpoint_state, load_run, mean_ci, prepare_run_dir, rng_state,
+    CONFIG_FILE, EVAL_FILE, METRICS_FILE, RunRecord, append_jsonl, has_records, load_checkpoint_state, load_run, mean_ci, prepare_run_dir, rng_state,
     save_checkpoint, set_rng_state, truncate_records, write_trajectories,
 )
 from ibpo_lab.sampling import get_sampler
@@ -260,15 +259,15 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     state = load_checkpoint_state(run_dir) if resume else None
     if state is not None:
         _check_resumable(cfg, TrainConfig.from_dict(state["config"]))
-    elif any((run_dir / n).exists() for n in ("metrics.jsonl", "checkpoint")):
+    elif has_records(run_dir):
         if resume:
-            saved = run_dir / "config.yaml"
-            if saved.is_file() and not yaml.safe_load(saved.read_text()).get("save_checkpoints", True):
+            saved = run_dir / CONFIG_FILE
+            if saved.is_file() and not TrainConfig.from_yaml(saved).save_checkpoints:
                 raise ValueError(f"out_dir: cannot resume {run_dir}: it was trained with save_checkpoints=False, "
                                  f"so it has no checkpoint; train it again in a new folder")
             raise ValueError(f"out_dir: {run_dir} has records but no checkpoint to resume from")
         raise ValueError(f"out_dir: {run_dir} already holds a run; pass resume=True (--resume) or pick a new folder")
-    cfg.to_yaml(run_dir / "config.yaml")
+    cfg.to_yaml(run_dir / CONFIG_FILE)
 
     seed_everything(cfg.seed)
     task = build_task(cfg)
@@ -339,7 +338,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
         row = {"step": step, **st.metrics(), **upd, "skipped_total": skipped_total, "lr": lr,
                "n_repaired": 0 if repaired is None else len(repaired),
                **{f"correct_{k}": v for k, v in st.stats.items() if isinstance(v, (int, float))}, **times}
-        append_jsonl(run_dir / "metrics.jsonl", row)
+        append_jsonl(run_dir / METRICS_FILE, row)
         if cfg.save_trajectories:
             write_trajectories(run_dir, step, batch, adv, st.repairs if st.correction is not None else None,
                                repaired, rep_adv, rep_w, examples, task)
@@ -354,7 +353,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
             ev = evaluate(policy, task, split=cfg.eval_split, n=cfg.eval_n, k=cfg.eval_k,
                           temperature=cfg.eval_temperature, seed=step_seed(cfg.seed, step, 2),
                           max_new_tokens=cfg.max_new_tokens, sampler=sampler)
-            append_jsonl(run_dir / "eval.jsonl", {"step": step, **ev})
+            append_jsonl(run_dir / EVAL_FILE, {"step": step, **ev})
             row["eval_avg@k"] = ev["avg@k"]
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
             checkpoint(step)

@@ -7,13 +7,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from ibpo_lab import config, diagnostics, runs
 from ibpo_lab import step as S
-from ibpo_lab.config import TrainConfig, load_config, presets
+from ibpo_lab.config import load_config, presets
 from ibpo_lab.rollout import RolloutBatch
 
 
@@ -208,3 +207,12 @@ def test_variant_config_rules():
         "lam": 0.3, "token_mask": False}
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         S.variant_config(cfg, "nope")
+
+
+def test_token_frame_carries_the_methods_advantage():
+    s = _sample()
+    tf = s.token_frame("ibpo_no_mask")
+    adv = s.advantages_for(["ibpo_no_mask"])["ibpo_no_mask"]
+    row = tf[(tf.traj == 1) & (tf.pos == 2)].iloc[0]
+    assert row.advantage == pytest.approx(float(adv[1, 2])) and row.token_id == 9
+    assert len(tf) == sum(len(r) for r in s.batch.response_ids)

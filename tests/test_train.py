@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import errno
-import json
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +11,7 @@ import torch
 import ibpo_lab.train as T
 from ibpo_lab import runs as R
 from ibpo_lab import step as S
-from ibpo_lab.config import TrainConfig, presets
+from ibpo_lab.config import TrainConfig
 from ibpo_lab.losses import LOSSES, get_loss, register_loss
 from ibpo_lab.rollout import RolloutBatch
 
