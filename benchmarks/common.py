@@ -281,7 +281,7 @@ def tiny_policy_or_random(quick: bool) -> tuple[str, str]:
     a randomly initialised policy of the same shape for ``--quick`` (and when the checkpoint is missing,
     which the report then says)."""
     from ibpo_lab.models import tiny_policy_dir
-    from ibpo_lab.train import RANDOM_TINY
+    from ibpo_lab.config import RANDOM_TINY
 
     if quick:
         return RANDOM_TINY, "random-init tiny policy (--quick)"

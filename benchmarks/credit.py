@@ -1,9 +1,9 @@
 """Benchmark 1 — credit quality and gradient variance of every advantage estimator, on the synthetic
 task from the committed tiny policy.
 
-Credit quality: per seed, one batch of the fixed prompts (G samples each) goes through the trainer's
-own phases (``ibpo_lab.train``: sample → score + step spans → compare-and-correct → Monte-Carlo step
-values), then every estimator's advantages are scored against the task's exact step labels with
+Credit quality: per seed, one step of the fixed prompts (G samples each) is taken with the step
+training takes (``ibpo_lab.step.take_step``: sample → score + step spans → compare-and-correct →
+Monte-Carlo step values), then every estimator's advantages are scored against the task's exact step labels with
 ``diagnostics.batch_credit_quality`` (AUC of step advantage separating correct from wrong steps, and
 first-error localisation on failed trajectories). IBPO with oracle repairs is added as the ceiling
 of edit-masked credit (perfect minimal repairs).
@@ -38,48 +38,44 @@ ORACLE = "ibpo (oracle repairs)"
 
 
 def estimator_config(name: str, base: dict[str, Any]):
-    """The committed config of an estimator (its estimator-specific fields: λ, ρ, edit mask, K for
-    VinePPO...) with the benchmark's shared sizes ``base``."""
-    from ibpo_lab.train import CONFIG_DIR, TrainConfig
+    """The committed config of an estimator (``ibpo_lab.config.load_config``: its estimator_kwargs,
+    corrector, K for VinePPO...) with the benchmark's shared sizes ``base``."""
+    from ibpo_lab.config import load_config
 
-    path = CONFIG_DIR / f"{name}.yaml"
-    cfg = TrainConfig.from_yaml(path) if path.is_file() else TrainConfig(estimator=name)
-    return cfg.replace(**base)
+    return load_config(name).replace(**base)
 
 
-def prepared_batch(policy, sampler, task, examples, cfg, oracle_cfg, seed: int):
-    """One batch with everything any estimator reads: rewards, step spans, policy repairs (IBPO), an
-    oracle-repaired copy and Monte-Carlo step values (VinePPO). -> (batch, oracle_batch)."""
-    from ibpo_lab import train as T
+def prepared_step(lab, examples, seed: int):
+    """One ``step.take_step`` with everything any estimator reads: rewards, step spans, policy repairs
+    (IBPO) and Monte-Carlo step values (VinePPO), plus the same batch re-corrected by the oracle.
+    -> (step, oracle_step)."""
+    from ibpo_lab.step import take_step
 
-    batch = T.sample_groups(sampler, task, examples, cfg, seed=seed)
-    batch = T.score_groups(batch, examples, task, policy.tokenizer, cfg)
-    batch = T.step_values(batch, examples, task, sampler, policy.tokenizer, cfg, seed=seed + 1)
-    repaired, *_ = T.correct_groups(batch, examples, task, sampler, policy.tokenizer, cfg, seed=seed + 2)
-    oracle, *_ = T.correct_groups(batch, examples, task, sampler, policy.tokenizer, oracle_cfg, seed=seed + 3)
-    return repaired, oracle
+    st = take_step(lab, examples, seed=seed, correct=True, values=True, correct_seed=seed + 2, values_seed=seed + 1)
+    return st, st.recorrect(correct={"operator": "oracle"}, seed=seed + 3)
+
+
+def _lab(policy, task, cfg):
+    from ibpo_lab.step import build_lab
+
+    return build_lab(cfg, policy=policy, task=task)
 
 
 def credit_rows(policy, task, examples, base: dict[str, Any], seeds: Sequence[int],
                 estimators: Sequence[str] = ESTIMATORS) -> pd.DataFrame:
-    """One row per (seed, estimator): the ``batch_credit_quality`` numbers and the batch accuracy."""
-    from ibpo_lab import train as T
+    """One row per (seed, estimator): the ``batch_credit_quality`` numbers and the batch accuracy. Every
+    estimator's advantages come from ``Step.advantages_for`` (the code training runs) on one step."""
     from ibpo_lab.diagnostics import batch_credit_quality
-    from ibpo_lab.sampling import get_sampler
+    from ibpo_lab.step import step_seed
 
-    sampler = get_sampler("hf", policy)
-    cfgs = {name: estimator_config(name, base) for name in estimators}
-    ibpo_cfg = cfgs.get("ibpo") or estimator_config("ibpo", base)
-    oracle_cfg = ibpo_cfg.replace(corrector="oracle")
+    lab = _lab(policy, task, estimator_config("ibpo", {**base, "mc_rollouts": estimator_config("vineppo", base).mc_rollouts}))
     rows = []
     for s in seeds:
-        batch, oracle = prepared_batch(policy, sampler, task, examples, ibpo_cfg.replace(
-            mc_rollouts=cfgs["vineppo"].mc_rollouts if "vineppo" in cfgs else ibpo_cfg.mc_rollouts), oracle_cfg,
-            seed=T.step_seed(s, 0, 7))
+        st, oracle = prepared_step(lab, examples, seed=step_seed(s, 0, 7))
+        advs = {**st.advantages_for(list(estimators)), ORACLE: oracle.advantage}
         exs = dict(enumerate(examples))
-        for name, cfg in [*cfgs.items(), (ORACLE, oracle_cfg)]:
-            b = oracle if name == ORACLE else batch
-            adv = T.compute_advantages(b, cfg)
+        for name, adv in advs.items():
+            b = oracle.batch if name == ORACLE else st.batch
             q = batch_credit_quality(b, adv, task, exs)
             rows.append({"seed": s, "estimator": name, **q, "accuracy": float((b.rewards >= 1).float().mean()),
                          "repair_success": float(b.repair_success[b.rewards < 1].mean())
@@ -90,30 +86,17 @@ def credit_rows(policy, task, examples, base: dict[str, Any], seeds: Sequence[in
 def variance_rows(policy, task, examples, base: dict[str, Any], seeds: Sequence[int], resamples: int,
                   estimators: Sequence[str] = ESTIMATORS) -> pd.DataFrame:
     """One row per (seed, estimator): ``diagnostics.gradient_variance`` over ``resamples`` resamples."""
-    from ibpo_lab import train as T
     from ibpo_lab.diagnostics import gradient_variance
+    from ibpo_lab.step import step_seed
 
-    cfgs = {name: estimator_config(name, base) for name in estimators}
-    est_kw = {name: _estimator_kwargs(cfg) for name, cfg in cfgs.items()}
-    ibpo_cfg = cfgs.get("ibpo") or estimator_config("ibpo", base)
+    lab = _lab(policy, task, estimator_config("ibpo", {**base, "mc_rollouts": estimator_config("vineppo", base).mc_rollouts}))
     out = []
     for s in seeds:
-        df = gradient_variance(
-            policy, task, examples, estimators=est_kw, resamples=resamples,
-            sampler_kwargs={"n": base["group_size"], "max_new_tokens": base["max_new_tokens"]},
-            correct_cfg=T.correct_config(ibpo_cfg), seed=T.step_seed(s, 0, 8) % 2**31,
-            mc_k=cfgs["vineppo"].mc_rollouts if "vineppo" in cfgs else 4, progress=False)
+        df = gradient_variance(lab, examples, estimators=list(estimators), resamples=resamples,
+                               seed=step_seed(s, 0, 8) % 2**31, progress=False)
         df.insert(0, "seed", s)
         out.append(df)
     return pd.concat(out, ignore_index=True)
-
-
-def _estimator_kwargs(cfg) -> dict[str, Any]:
-    # the keyword arguments ibpo_lab.train.compute_advantages passes to the estimator
-    kw = dict(cfg.estimator_kwargs)
-    if cfg.estimator == "ibpo":
-        kw = {"lam": cfg.lam, "rho": cfg.rho, "token_mask": cfg.edit_mask, **kw}
-    return kw
 
 
 def summarise(credit: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
@@ -175,7 +158,7 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int |
     # credit quality is cheap per batch, so it scores twice the prompts the gradient resamples use
     P_credit = P if quick else 2 * P
     base = dict(model=model_name, device="cpu", prompts_per_step=P, group_size=G, max_new_tokens=T_max, minibatch_size=0,
-                repair_k=min(2, G - 1), mc_rollouts=2 if quick else 4)
+                correct={"num_references": min(2, G - 1)}, mc_rollouts=2 if quick else 4)
     task = get_task("synthetic")
     # "same prompts": the first held-out problems, for every seed and estimator
     examples = task.examples("test", max(P, P_credit))
@@ -186,7 +169,7 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int |
                  setup={"policy": model_desc, "prompts (credit)": P_credit, "prompts (gradients)": P, "group size": G,
                         "max new tokens": T_max,
                         "seeds": len(seeds), "gradient resamples per seed": R,
-                        "VinePPO K": base["mc_rollouts"], "IBPO repairs per failure": base["repair_k"]})
+                        "VinePPO K": base["mc_rollouts"], "IBPO repairs per failure": base["correct"]["num_references"]})
     rep.tables.append(("Per estimator, mean ± std over seeds", table))
     acc = credit[credit["estimator"] == "grpo"][["seed", "accuracy"]].copy()
     ib = credit[credit["estimator"] == "ibpo"].set_index("seed")

@@ -37,7 +37,7 @@ from benchmarks.common import (
 NAME = "learning"
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo")
 #: the budget fields taken from presets("smoke"); everything else comes from the estimator's own config
-BUDGET_FIELDS = ("task", "device", "backend", "prompts_per_step", "group_size", "max_new_tokens", "repair_max_new_tokens", "lr",
+BUDGET_FIELDS = ("task", "device", "backend", "prompts_per_step", "group_size", "max_new_tokens", "lr",
                  "max_grad_norm", "ppo_epochs", "minibatch_size", "eval_every", "eval_n", "eval_k", "checkpoint_every")
 SMOOTH = 3  # trailing window (steps) of the accuracy curves
 
@@ -63,9 +63,9 @@ class CountingSampler:
 def counting_samplers() -> Iterator[list[CountingSampler]]:
     """While active, every sampler ``get_sampler`` builds is a :class:`CountingSampler`; yields the
     list of them. The name is replaced where ``ibpo_lab.sampling`` defines it and where
-    ``ibpo_lab.train`` imported it."""
+    ``ibpo_lab.step`` (which builds the lab's sampler) imported it."""
     import ibpo_lab.sampling as S
-    import ibpo_lab.train as T
+    import ibpo_lab.step as T
 
     made: list[CountingSampler] = []
     orig = S.get_sampler
@@ -104,16 +104,17 @@ def tokens_per_step(calls: Sequence[tuple[int, int, int]], prompts_per_step: int
 
 def learning_config(estimator: str, model: str, steps: int, seed: int, quick: bool):
     """The estimator's committed config with the smoke budget and ``steps`` steps."""
-    from ibpo_lab.train import CONFIG_DIR, TrainConfig, presets
+    from ibpo_lab.config import load_config, presets
 
     smoke = presets("smoke").to_dict()
     kw = {k: smoke[k] for k in BUDGET_FIELDS}
+    kw["correct"] = {"max_new_tokens": smoke["correct"]["max_new_tokens"]}
     # a larger held-out evaluation than the smoke preset's, once per run: the final accuracy is a headline number
     kw.update(model=model, steps=steps, seed=seed, save_trajectories=False, eval_every=0, eval_n=32, eval_k=4)
     if quick:
-        kw.update(prompts_per_step=2, group_size=4, max_new_tokens=12, repair_max_new_tokens=12, minibatch_size=0,
-                  eval_n=2, eval_k=2, repair_k=1)
-    return TrainConfig.from_yaml(CONFIG_DIR / f"{estimator}.yaml").replace(**kw)
+        kw.update(prompts_per_step=2, group_size=4, max_new_tokens=12, correct={"max_new_tokens": 12, "num_references": 1},
+                  minibatch_size=0, eval_n=2, eval_k=2)
+    return load_config(estimator).replace(**kw)
 
 
 def train_runs(estimators: Sequence[str], seeds: Sequence[int], steps: int, model: str, quick: bool,

@@ -71,15 +71,15 @@ def diff_timer() -> Iterator[dict[str, float]]:
 def speed_config(estimator: str, model: str, steps: int, seed: int, quick: bool):
     """The committed config of ``estimator`` (``ibpo_lab/configs/<estimator>.yaml``) on the CPU with
     evaluation, checkpoints between steps and trajectory files off (they are not part of a step)."""
-    from ibpo_lab.train import CONFIG_DIR, TrainConfig
+    from ibpo_lab.config import load_config
 
-    cfg = TrainConfig.from_yaml(CONFIG_DIR / f"{estimator}.yaml")
+    cfg = load_config(estimator)
     kw = dict(model=model, device="cpu", steps=steps, seed=seed, eval_n=0, eval_every=0, checkpoint_every=0,
               save_trajectories=False)
     if quick:
         # the oracle corrector repairs every failure, so the diff path runs even on a random-init policy
-        kw.update(prompts_per_step=2, group_size=4, max_new_tokens=12, repair_max_new_tokens=12, minibatch_size=0,
-                  repair_k=1, corrector="oracle")
+        kw.update(prompts_per_step=2, group_size=4, max_new_tokens=12, minibatch_size=0,
+                  correct={"max_new_tokens": 12, "num_references": 1, "operator": "oracle"})
     return cfg.replace(**kw)
 
 
@@ -159,7 +159,7 @@ def run(quick: bool = False, runs: int | None = None, steps: int | None = None) 
     rep = Report(name=NAME, title="Training step time split: GRPO vs IBPO",
                  setup={"policy": model_desc, "prompts/step": cfg.prompts_per_step, "group size": cfg.group_size,
                         "max new tokens": cfg.max_new_tokens, "minibatch": cfg.minibatch_size or cfg.batch_size,
-                        "repairs per failure": cfg.repair_k, "runs × steps per estimator": f"{runs} × {steps}"})
+                        "repairs per failure": cfg.correct.num_references, "runs × steps per estimator": f"{runs} × {steps}"})
     rep.tables.append(("Median seconds per phase (steps of alternating GRPO / IBPO runs)", split))
     g = split.set_index("estimator")
     ratio = float(g.loc["ibpo", "step s (median)"] / g.loc["grpo", "step s (median)"])

@@ -5,7 +5,7 @@ temperature, learning rate, clip range, token-mean loss and no KL reference. TRL
 ``trainer.train()`` loop; a callback times each of its steps (``on_step_begin`` → ``on_step_end``:
 generation, rewards, advantages, forward/backward, clipping, optimiser) and, right after each
 one, runs and times one ibpo_lab step — so the two alternate in one process under the same load.
-The ibpo_lab step is the trainer's own phases (``ibpo_lab.train``: ``sample_groups`` →
+The ibpo_lab step is the one step training takes (``ibpo_lab.step.take_step``: ``sample_groups`` →
 ``score_groups`` → ``compute_advantages`` (grpo) → ``policy_update`` (ppo) → ``sync_weights``).
 The first step of each is a warm-up and is not counted; the ratio is of medians.
 
@@ -50,17 +50,19 @@ def lab_stepper(policy, task, examples, s: StepSetup, seed: int = 0):
     (seconds, mean completion length, seconds spent sampling)."""
     import torch
 
-    from ibpo_lab import train as T
-    from ibpo_lab.sampling import get_sampler
+    from ibpo_lab.config import TrainConfig
+    from ibpo_lab.step import build_lab, step_seed, take_step
+    from ibpo_lab.train import policy_update
 
-    cfg = T.TrainConfig(task="synthetic", model="tiny", device="cpu", estimator="grpo", loss="ppo", agg="token-mean",
+    cfg = TrainConfig(task="synthetic", model="tiny", device="cpu", estimator="grpo", loss="ppo", agg="token-mean",
                         prompts_per_step=s.prompts, group_size=s.group_size, max_new_tokens=s.max_new_tokens,
                         temperature=s.temperature, lr=s.lr, kl_coef=0.0, minibatch_size=0, ppo_epochs=1,
                         max_grad_norm=1.0, clip_low=0.2, clip_high=0.2)
     model = policy.model
     model.eval()  # the lab's trainer keeps the model in eval mode (no dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    sampler = get_sampler("hf", policy)
+    lab = build_lab(cfg, policy=policy, task=task)
+    sampler = lab.sampler
     sampler.sync_weights(model)
     device = torch.device("cpu")
     counter = [0]
@@ -68,14 +70,10 @@ def lab_stepper(policy, task, examples, s: StepSetup, seed: int = 0):
     def step() -> tuple[float, float, float]:
         counter[0] += 1
         t0 = time.perf_counter()
-        sd = T.step_seed(seed, counter[0])
-        batch = T.sample_groups(sampler, task, examples, cfg, seed=sd)
-        t_sample = time.perf_counter() - t0
-        batch = T.score_groups(batch, examples, task, policy.tokenizer, cfg)
-        adv = T.compute_advantages(batch, cfg)
-        T.policy_update(model, None, opt, batch, adv, cfg, device)
+        st = take_step(lab, examples, seed=step_seed(seed, counter[0]))
+        policy_update(model, None, opt, st.batch, st.advantage, cfg, device)
         sampler.sync_weights(model)
-        return time.perf_counter() - t0, float(batch.response_lengths.float().mean()), t_sample
+        return time.perf_counter() - t0, float(st.batch.response_lengths.float().mean()), st.timings["time_sample"]
 
     return step
 

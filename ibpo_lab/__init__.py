@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "rollout", "steps", "diff", "tasks", "models", "sampling", "correct", "advantages", "losses",
-    "train", "diagnostics", "viz", "reproduce", "warmup", "integrations", "mc_values", "experiments", "registry",
+    "config", "step", "runs", "train", "diagnostics", "viz", "reproduce", "warmup", "integrations", "mc_values",
+    "registry",
 }
 
 # the functions a notebook reaches for, re-exported from the module that owns each
@@ -31,10 +32,14 @@ _EXPORTS = {
     "list_estimators": "advantages",
     "get_loss": "losses",
     "list_losses": "losses",
-    "TrainConfig": "train",
-    "presets": "train",
+    "TrainConfig": "config",
+    "presets": "config",
+    "load_config": "config",
+    "build_lab": "step",
+    "take_step": "step",
     "train_many": "train",
-    "load_run": "train",
+    "load_run": "runs",
+    "load_runs": "runs",
     "evaluate": "train",
 }
 

@@ -2,14 +2,18 @@
 and effective updates — the measurements behind IBPO's claims (lower-variance, better-localised
 credit than sequence-level GRPO; signal in groups where GRPO's advantage is zero).
 
-Pure parts (numpy / torch in, numbers out): :func:`step_advantages`, :func:`auc`,
-:func:`credit_quality`, :func:`gradient_stats`, :func:`effective_updates`. Model parts:
-:func:`policy_gradient` (one backward of the on-policy surrogate) and :func:`gradient_variance`
-(R independent group resamples of fixed prompts, every estimator on the same samples).
+Pure parts (numpy / torch in, numbers out): :func:`step_advantages`, :func:`auc` (and its curve,
+:func:`roc_curve`), :func:`credit_quality`, :func:`gradient_stats`, :func:`effective_updates`,
+:func:`shaping_moments` (φ from ``advantages.shaped_rewards``). Model parts: :func:`policy_gradient`
+(one backward of the on-policy surrogate) and :func:`gradient_variance` (R independent steps of
+fixed prompts, every method on the same samples). Tables of one ``step.Step`` (the notebooks'
+credit tables): :func:`credit_summary`, :func:`step_credit_frame`, :func:`sequence_advantages`,
+:func:`group_views`, :func:`k_sweep`, :func:`rewrite_comparison`, :func:`shaping_grid`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,12 +26,23 @@ from ibpo_lab.rollout import RolloutBatch, Span
 __all__ = [
     "step_advantages",
     "auc",
+    "roc_curve",
     "credit_quality",
     "batch_credit_quality",
     "gradient_stats",
     "policy_gradient",
     "gradient_variance",
     "effective_updates",
+    "sequence_advantages",
+    "step_credit_frame",
+    "credit_summary",
+    "group_views",
+    "divergence_summary",
+    "k_sweep",
+    "rewrite_comparison",
+    "shaping_grid",
+    "shaping_moments",
+    "shaping_variance_curve",
 ]
 
 
@@ -70,18 +85,39 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return mid[inv]
 
 
-def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """Area under the ROC curve of ``scores`` separating positives (label True) from negatives:
-    P(score_pos > score_neg) + ½·P(tie), via the Mann–Whitney rank statistic. NaN without both classes."""
+def _scored(scores, labels) -> tuple[np.ndarray, np.ndarray, int, int]:
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=bool).reshape(-1)
     if len(s) != len(y):
         raise ValueError(f"scores has {len(s)} entries but labels has {len(y)}")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return s, y, int(y.sum()), int((~y).sum())
+
+
+def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of ``scores`` separating positives (label True) from negatives:
+    P(score_pos > score_neg) + ½·P(tie), via the Mann–Whitney rank statistic. NaN without both classes."""
+    s, y, n_pos, n_neg = _scored(scores, labels)
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     r = _average_ranks(s)
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(scores: Sequence[float], labels: Sequence[bool]) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC of ``scores`` for boolean ``labels`` (True = positive): (fpr, tpr, :func:`auc`).
+
+    Ties share one point (a sort and two cumulative sums; no scikit-learn dependency for one curve),
+    so the area under the drawn curve equals the Mann-Whitney :func:`auc`.
+    """
+    s, y, n_pos, n_neg = _scored(scores, labels)
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("labels must contain both classes to draw a ROC curve")
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s) - 1]
+    tps = np.cumsum(y_sorted)[distinct]
+    fps = (distinct + 1) - tps
+    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos], auc(s, y)
 
 
 def credit_quality(
@@ -265,92 +301,311 @@ def policy_gradient(
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float().cpu() for p, g in zip(params, grads)])
 
 
-#: estimators that need compare-and-correct / Monte-Carlo values on the batch before they run
-_NEEDS_REPAIR = ("ibpo",)
-_NEEDS_MC = ("vineppo",)
-
-
 def gradient_variance(
-    policy: Any,
-    task: Any,
+    lab: Any,
     examples: Sequence[Any],
     estimators: Sequence[str] | Mapping[str, Mapping[str, Any]] = ("grpo", "ibpo"),
     resamples: int = 8,
-    sampler_kwargs: Mapping[str, Any] | None = None,
-    correct_cfg: Any = None,
     seed: int = 0,
     loss_name: str = "ppo",
-    mc_k: int = 4,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Gradient variance of each estimator over R independent group resamples of fixed prompts.
+    """Gradient variance of each method over R independent group resamples of fixed prompts.
 
-    policy: ``models.Policy``; examples: the fixed prompts (one group each); estimators: names or
-    name -> estimator kwargs; sampler_kwargs: ``n`` (group size, default 8), ``max_new_tokens``
-    (default 64), ``temperature``, ``top_p``, ``stop``, ``backend`` ("hf"); correct_cfg:
-    ``CorrectConfig`` for estimators that read repairs (``ibpo``); mc_k: continuations per step
-    boundary for ``vineppo``. Per resample r one batch is sampled (seed + r), rewarded, split into
-    steps, repaired / valued once if any estimator needs it, and every estimator's gradient
-    (:func:`policy_gradient`) is taken on that same batch. IOP's repaired trajectories are not
-    part of the gradient (the sampled batch only). Memory: R·P float32 per estimator.
-    -> one row per estimator: estimator, resamples, the :func:`gradient_stats` columns,
-    reward_mean and the mean :func:`effective_updates` shares.
+    lab: ``step.Lab`` (its config gives the group size, lengths, corrector and Monte-Carlo K);
+    examples: the fixed prompts (one group each); estimators: names or label -> TrainConfig
+    overrides, as ``step.Step.advantages_for``. Per resample r one step is taken
+    (``step.take_step``, seed + r; repairs seed + 10000 + r and step values seed + 20000 + r when a
+    method needs them) and every method's gradient (:func:`policy_gradient`) is taken on that same
+    batch. IOP's repaired trajectories are not part of the gradient. Memory: R·P float32 per method.
+    -> one row per method: estimator, resamples, the :func:`gradient_stats` columns, reward_mean
+    and the mean :func:`effective_updates` shares.
     """
     from tqdm.auto import tqdm
 
-    from ibpo_lab.advantages import get_estimator
-    from ibpo_lab.sampling import get_sampler
-    from ibpo_lab.steps import split_steps
+    from ibpo_lab.step import take_step, variant_config
 
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 2:
         raise ValueError(f"resamples must be an int >= 2 (a variance needs two samples), got {resamples!r}")
     if not examples:
         raise ValueError("examples is empty: need at least one fixed prompt")
-    est = {name: {} for name in estimators} if not isinstance(estimators, Mapping) else {k: dict(v) for k, v in estimators.items()}
-    if not est:
+    specs = {n: None for n in estimators} if not isinstance(estimators, Mapping) else dict(estimators)
+    if not specs:
         raise ValueError("estimators is empty")
-    fns = {name: get_estimator(name) for name in est}
-    kw = dict(sampler_kwargs or {})
-    backend = kw.pop("backend", "hf")
-    n = int(kw.pop("n", 8))
-    kw.setdefault("max_new_tokens", 64)
-    unknown = set(kw) - {"max_new_tokens", "temperature", "top_p", "stop"}
-    if unknown:
-        raise ValueError(f"sampler_kwargs: unknown keys {sorted(unknown)}")
-    sampler = get_sampler(backend, policy)
-    tok = policy.tokenizer
-    prompts = [task.solve_prompt(e) for e in examples]
-    per_traj = [e for e in examples for _ in range(n)]
-    needs_repair = any(name.startswith(_NEEDS_REPAIR) for name in est)
-    needs_mc = any(name.startswith(_NEEDS_MC) for name in est)
-    if needs_repair:
-        from ibpo_lab.correct import CorrectConfig, compare_and_correct
-
-        correct_cfg = CorrectConfig() if correct_cfg is None else correct_cfg
-    grads: dict[str, list[Tensor]] = {name: [] for name in est}
-    eff: dict[str, list[dict]] = {name: [] for name in est}
+    cfgs = [variant_config(lab.cfg, n, s) for n, s in specs.items()]
+    needs_repair = any(c.uses_correction for c in cfgs)
+    needs_mc = any(c.uses_step_values for c in cfgs)
+    grads: dict[str, list[Tensor]] = {name: [] for name in specs}
+    eff: dict[str, list[dict]] = {name: [] for name in specs}
     rewards_mean = []
     for r in tqdm(range(resamples), desc="gradient resamples", disable=not progress):
-        b = sampler.sample(prompts, n=n, seed=seed + r, **kw)
-        b = b.replace(
-            rewards=task.rewards(per_traj, b.responses),
-            step_spans=[split_steps(ids, tok, getattr(task, "step_delimiter", "newline")) for ids in b.response_ids],
-        )
-        if needs_repair:
-            b = compare_and_correct(b, per_traj, task, sampler, correct_cfg, tokenizer=tok, seed=seed + 10_000 + r).batch
-        if needs_mc:
-            from ibpo_lab.mc_values import mc_step_values
-
-            b = b.replace(step_values=mc_step_values(b, per_traj, task, sampler, mc_k, seed=seed + 20_000 + r,
-                                                     tokenizer=tok, progress=False, **kw))
-        rewards_mean.append(float(b.rewards.mean()))
-        for name, fn in fns.items():
-            adv = fn(b, **est[name])
-            grads[name].append(policy_gradient(policy.model, b, adv, loss_name=loss_name))
-            eff[name].append(effective_updates(b, adv))
+        st = take_step(lab, examples, seed=seed + r, correct=needs_repair, values=needs_mc,
+                       correct_seed=seed + 10_000 + r, values_seed=seed + 20_000 + r, advantages=False)
+        rewards_mean.append(float(st.batch.rewards.mean()))
+        for name, adv in st.advantages_for(specs).items():
+            grads[name].append(policy_gradient(lab.policy.model, st.batch, adv, loss_name=loss_name,
+                                               temperature=lab.cfg.temperature))
+            eff[name].append(effective_updates(st.batch, adv))
     rows = []
-    for name in est:
+    for name in specs:
         stats = gradient_stats(torch.stack(grads[name]))
         e = pd.DataFrame(eff[name]).mean().to_dict()
         rows.append({"estimator": name, "resamples": resamples, **stats, "reward_mean": float(np.mean(rewards_mean)), **e})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- credit tables of a step
+def _with_batch(step, batch):
+    """The same step with another batch (e.g. other edit masks); advantages recomputed on demand."""
+    import dataclasses
+
+    return dataclasses.replace(step, batch=batch, advantages={})
+
+
+def sequence_advantages(sample: "Step", advantages: Mapping[str, Tensor]) -> pd.DataFrame:
+    """One row per trajectory: reward, repair share and, per estimator, the mean advantage over its
+    trained tokens (for sequence-level estimators, the advantage itself)."""
+    b = sample.batch
+    mask = b.response_mask
+    n = mask.sum(1).clamp(min=1)
+    df = pd.DataFrame({"traj": np.arange(len(b)), "group": b.group_ids.numpy(), "reward": b.rewards.numpy()})
+    if b.repair_success is not None:
+        df["repair_success"] = b.repair_success.numpy()
+    for name, adv in advantages.items():
+        if tuple(adv.shape) != tuple(mask.shape):
+            raise ValueError(f"advantages[{name!r}] has shape {tuple(adv.shape)}, expected {tuple(mask.shape)}")
+        df[name] = ((adv * mask).sum(1) / n).numpy()
+    return df
+
+
+def step_credit_frame(sample: "Step", advantages: Mapping[str, Tensor]) -> pd.DataFrame:
+    """Long table, one row per (estimator, trajectory, step): mean token advantage of the step
+    (``diagnostics.step_advantages``), its ground-truth label ``correct``, ``first_error`` (the
+    trajectory's first wrong step), the trajectory's reward and group. Unlabelled trajectories and
+    trajectories whose label count differs from their step count are left out (counted in
+    ``credit_summary``'s ``n_unlabelled``)."""
+    b = sample.batch
+    if b.step_spans is None:
+        raise ValueError("sample.batch has no step spans")
+    rows = []
+    for name, adv in advantages.items():
+        per = step_advantages(adv, b.step_spans, b.response_mask)
+        for i, (vals, labs) in enumerate(zip(per, sample.step_labels)):
+            if labs is None or len(labs) != len(vals):
+                continue
+            wrong = [k for k, ok in enumerate(labs) if not ok]
+            first = wrong[0] if wrong else -1
+            for k, (v, ok) in enumerate(zip(vals, labs)):
+                rows.append({"estimator": name, "traj": i, "group": int(b.group_ids[i]), "step": k,
+                             "advantage": float(v), "correct": bool(ok), "first_error": k == first,
+                             "reward": float(b.rewards[i])})
+    return pd.DataFrame(rows, columns=["estimator", "traj", "group", "step", "advantage", "correct", "first_error",
+                                       "reward"])
+
+
+def credit_summary(sample: "Step", advantages: Mapping[str, Tensor]) -> pd.DataFrame:
+    """One row per estimator: ``diagnostics.credit_quality`` (AUC, within-failure AUC, first-error
+    localisation, blame share on wrong steps) and ``effective_updates`` on the sample."""
+    b = sample.batch
+    rows = []
+    for name, adv in advantages.items():
+        per = step_advantages(adv, b.step_spans, b.response_mask)
+        labs = [lab if lab is not None and len(lab) == len(v) else None for lab, v in zip(sample.step_labels, per)]
+        q = credit_quality(per, labs, b.rewards.tolist())
+        rows.append({"estimator": name, **q, **{f"live_{k}": v for k, v in effective_updates(b, adv).items()}})
+    return pd.DataFrame(rows)
+
+
+def group_views(sample: "Step", group: int = 0) -> dict[str, Any]:
+    """A group's token and step divergence matrices, its step prefix trie and member indices."""
+    from ibpo_lab.diff import build_prefix_trie, divergence_matrix, step_divergence_matrix, step_keys
+
+    b = sample.batch
+    groups = b.groups()
+    if group not in groups:
+        raise ValueError(f"group {group} not in the sample; groups: {sorted(groups)}")
+    idx = groups[group]
+    ids = [b.response_ids[i] for i in idx]
+    steps = [step_keys(b.response_ids[i], b.step_spans[i]) for i in idx]
+    r = b.rewards[idx].numpy()
+    return {"members": idx, "rewards": r, "token_divergence": divergence_matrix(ids),
+            "step_divergence": step_divergence_matrix(steps), "trie": build_prefix_trie(steps, r)}
+
+
+def divergence_summary(views: Mapping[str, Any], group: int = -1) -> dict[str, float]:
+    """Numbers behind a group's heatmaps (:func:`group_views` output): mean shared token prefix and
+    shared steps over pairs, as a share of the shorter trajectory too, and the trie's size."""
+    T = np.asarray(views["token_divergence"], dtype=float)
+    S = np.asarray(views["step_divergence"], dtype=float)
+    G = T.shape[0]
+    off = ~np.eye(G, dtype=bool)
+    lens, steps = np.diag(T), np.diag(S)
+    shorter = np.minimum.outer(lens, lens)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(shorter > 0, T / shorter, np.nan)
+    trie = views["trie"]
+    return {"group": group, "G": G, "reward_mean": float(np.mean(views["rewards"])),
+            "mean_len": float(lens.mean()), "mean_steps": float(steps.mean()),
+            "shared_tokens": float(T[off].mean()) if G > 1 else math.nan,
+            "shared_token_share": float(np.nanmean(share[off])) if G > 1 else math.nan,
+            "shared_steps": float(S[off].mean()) if G > 1 else math.nan,
+            "trie_nodes": int(trie.n_nodes), "root_branches": int(trie.branching()[0])}
+
+
+def _repair_stats(s: "Step") -> dict[str, float]:
+    b = s.batch
+    failed = (b.rewards < 0.5).numpy()
+    rs = b.repair_success.numpy()
+    n_edit = np.array([m.sum() for m in b.edit_masks]) if b.edit_masks is not None else np.zeros(len(b))
+    lens = np.array([max(len(r), 1) for r in b.response_ids])
+    rep = failed & (rs > 0)
+    return {"n_failed": int(failed.sum()), "repaired_share": float(rep.sum() / max(failed.sum(), 1)),
+            "phi_share_mean": float(rs[failed].mean()) if failed.any() else math.nan,
+            "edited_fraction": float((n_edit[rep] / lens[rep]).mean()) if rep.any() else math.nan}
+
+
+def k_sweep(sample: "Step", ks: Sequence[int], *, seed: int = 1) -> pd.DataFrame:
+    """Number of sibling references K: for each K, compare-and-correct on the same batch, then the
+    repair statistics and IBPO's credit quality. One row per K."""
+    rows = []
+    G = min(len(v) for v in sample.batch.groups().values())
+    for k in ks:
+        if not 1 <= int(k) <= G - 1:
+            raise ValueError(f"ks: K={k} needs 1 <= K <= group size - 1 = {G - 1}")
+        s = sample.recorrect(correct={"num_references": int(k)}, seed=seed)
+        q = credit_summary(s, s.advantages_for(["ibpo"])).iloc[0].to_dict()
+        rows.append({"K": int(k), **_repair_stats(s), **{k2: q[k2] for k2 in
+                     ("auc", "auc_within_failed", "first_error_localisation", "live_group_share")}})
+    return pd.DataFrame(rows)
+
+
+def rewrite_comparison(sample: "Step") -> pd.DataFrame:
+    """Local repair vs full rewrite on one corrected batch. For the failed trajectories with a
+    verified repair, the credited tokens come from:
+
+    * ``local repair``: the edit mask of the policy's own minimal repair (IBPO);
+    * ``full rewrite``: the edit mask against the reference sibling it was repaired from — what a
+      repair that simply rewrites the attempt as the reference would change;
+    * ``no mask``: every token (sequence-level credit of the shaped reward).
+
+    One row per variant: edited fraction and IBPO's credit quality with those masks.
+    """
+    from ibpo_lab.diff import edit_masks
+
+    c = sample.correction
+    if c is None:
+        raise ValueError("sample has no correction: take_step(correct=True)")
+    b = sample.batch
+    table = c.table
+    sel = table[table["selected"].astype(bool)] if len(table) else table
+    ref_of = {int(t): int(r) for t, r in zip(sel.get("traj", []), sel.get("reference_traj", [])) if int(r) >= 0}
+    rewrite = []
+    for i in range(len(b)):
+        m = b.edit_masks[i] if b.edit_masks is not None else np.zeros(len(b.response_ids[i]), bool)
+        if i in ref_of:
+            m = edit_masks(b.response_ids[i], b.response_ids[ref_of[i]])[0]
+            if not m.any():  # identical to the reference: nothing to rewrite, credit its last token
+                m = np.zeros(len(m), bool)
+                m[-1:] = True
+        rewrite.append(np.asarray(m, bool))
+    variants = {
+        "local repair": (sample, {"estimator": "ibpo"}),
+        "full rewrite": (_with_batch(sample, b.replace(edit_masks=rewrite)), {"estimator": "ibpo"}),
+        "no mask": (sample, {"estimator": "ibpo", "estimator_kwargs": {"token_mask": False}}),
+    }
+    rows = []
+    for name, (s, spec) in variants.items():
+        adv = s.advantages_for({name: {**spec, "estimator_kwargs": {**sample.variant("ibpo").estimator_kwargs, **spec.get("estimator_kwargs", {})}}})
+        q = credit_summary(s, adv).iloc[0].to_dict()
+        st = _repair_stats(s)
+        if name == "no mask":
+            st["edited_fraction"] = 1.0 if not math.isnan(st["edited_fraction"]) else math.nan
+        rows.append({"credit": name, "edited_fraction": st["edited_fraction"], "repaired_share": st["repaired_share"],
+                     **{k: q[k] for k in ("auc", "auc_within_failed", "first_error_localisation",
+                                          "wrong_step_credit_share")}})
+    return pd.DataFrame(rows)
+
+
+def shaping_grid(sample: "Step", lams: Sequence[float], rhos: Sequence[float]) -> pd.DataFrame:
+    """Sensitivity to λ and ρ on one corrected batch: for every (λ, ρ), the pooled within-group
+    variance of the shaped reward, the share of groups IBPO gives a non-zero signal, and its
+    credit quality. One row per (λ, ρ)."""
+    rows = []
+    for rho in rhos:
+        for lam in lams:
+            pooled = shaping_moments(sample, lam, rho).iloc[-1]
+            ibpo = sample.variant("ibpo")
+            adv = sample.advantages_for({"ibpo": {"estimator": "ibpo",
+                                                  "estimator_kwargs": {**ibpo.estimator_kwargs, "lam": lam, "rho": rho}}})
+            q = credit_summary(sample, adv).iloc[0]
+            eff = effective_updates(sample.batch, adv["ibpo"])
+            rows.append({"lam": float(lam), "rho": float(rho), "var_shaped": pooled.var_shaped,
+                         "live_group_share": eff["group_share"], "auc": q.auc,
+                         "auc_within_failed": q.auc_within_failed,
+                         "first_error_localisation": q.first_error_localisation})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- the variance argument
+def _shaping_parts(sample, lam: float, rho: float, success_threshold: float | None):
+    """(R, λφ, group ids) as float64 numpy, φ from ``advantages.shaped_rewards`` (the estimator's own shaping)."""
+    from ibpo_lab.advantages import shaped_rewards
+
+    b = getattr(sample, "batch", sample)
+    if b.repair_success is None:
+        raise ValueError("the batch has no repair_success: run compare-and-correct first")
+    if success_threshold is None:  # the step's estimator decides what failed, as in training
+        cfg = getattr(sample, "cfg", None)
+        success_threshold = (cfg.estimator_kwargs.get("success_threshold", 0.5) if cfg is not None else 0.5)
+    r = b.rewards.double()
+    phi = shaped_rewards(r, b.repair_success, lam=1.0, rho=rho, success_threshold=success_threshold) - r
+    return r.numpy(), phi.numpy(), b.group_ids.numpy(), success_threshold
+
+
+def shaping_moments(sample: "Step | RolloutBatch", lam: float = 0.6, rho: float = 0.5,
+                    success_threshold: float | None = None) -> pd.DataFrame:
+    """The variance argument, measured. Per group and pooled over groups (within-group moments,
+    what group normalisation divides by): Var(R), Var(φ), Cov(R, φ), corr, Var(R + λφ), and the
+    decomposition Var(R) + λ²Var(φ) + 2λCov(R, φ) (equal to it up to rounding).
+
+    φ = ρ·(share of successful repairs) on failed trajectories, 0 on correct ones, exactly as
+    ``advantages.shaped_rewards`` shapes (``success_threshold``: default the step's estimator's).
+    """
+    if lam < 0 or rho < 0:
+        raise ValueError(f"lam and rho must be >= 0, got lam={lam}, rho={rho}")
+    r, phi, g, thr = _shaping_parts(sample, lam, rho, success_threshold)
+    rows = []
+    for gid in np.unique(g):
+        m = g == gid
+        rr, pp = r[m], phi[m]
+        if len(rr) < 2:
+            continue
+        c = np.cov(np.stack([rr, pp]), ddof=1)
+        shaped = np.var(rr + lam * pp, ddof=1)
+        rows.append({"group": int(gid), "n": int(m.sum()), "reward_mean": rr.mean(), "var_R": c[0, 0],
+                     "var_phi": c[1, 1], "cov_R_phi": c[0, 1], "var_shaped": shaped,
+                     "var_decomposed": c[0, 0] + lam**2 * c[1, 1] + 2 * lam * c[0, 1],
+                     "all_failed": bool(rr.max() < thr), "all_correct": bool(rr.min() >= thr)})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        raise ValueError("no group with >= 2 trajectories")
+    pooled = {"group": -1, "n": int(df.n.sum()), "reward_mean": float(r.mean()), "all_failed": False,
+              "all_correct": False}
+    for col in ("var_R", "var_phi", "cov_R_phi", "var_shaped", "var_decomposed"):
+        pooled[col] = float(np.average(df[col], weights=df.n - 1))  # pooled within-group moments
+    df = pd.concat([df, pd.DataFrame([pooled])], ignore_index=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        df["corr_R_phi"] = df.cov_R_phi / np.sqrt(df.var_R * df.var_phi)
+    return df
+
+
+def shaping_variance_curve(sample: "Step | RolloutBatch", lams: Sequence[float], rho: float = 0.5) -> pd.DataFrame:
+    """Pooled within-group Var(R + λφ) for each λ, measured and from the decomposition."""
+    rows = []
+    for lam in lams:
+        pooled = shaping_moments(sample, lam, rho).iloc[-1]
+        rows.append({"lam": float(lam), "rho": rho, "var_shaped": pooled.var_shaped, "var_decomposed": pooled.var_decomposed,
+                     "var_R": pooled.var_R, "cov_R_phi": pooled.cov_R_phi, "var_phi": pooled.var_phi})
+    return pd.DataFrame(rows)
+
+

@@ -40,6 +40,8 @@ __all__ = [
     "build_tiny_policy",
     "tiny_policy_dir",
     "smollm2_gguf_path",
+    "tokenizer_for",
+    "cached_model",
     "SPECIAL_TOKENS",
     "DTYPES",
 ]
@@ -213,6 +215,62 @@ def load_policy(
 
 
 # ---------------------------------------------------------------------------- the tiny policy
+def tokenizer_for(model: str):
+    """The tokenizer of a policy name as ``TrainConfig.model`` spells it (aliases, the random tiny
+    policy, cached GGUF copies, hub ids, paths) — for decoding logged token ids; None when it cannot
+    be loaded offline (views then fall back to characters or ids)."""
+    try:
+        if model == "tiny-random":
+            from ibpo_lab.tasks.synthetic import VOCAB
+
+            return char_tokenizer(VOCAB)
+        from transformers import AutoTokenizer
+
+        if model == "tiny":
+            return AutoTokenizer.from_pretrained(tiny_policy_dir())
+        if model == "smollm2" or str(model).endswith(".gguf"):
+            p = smollm2_gguf_path() if model == "smollm2" else Path(model)
+            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        return AutoTokenizer.from_pretrained(model)
+    except Exception:  # display only: a missing tokenizer must not break a view
+        return None
+
+
+def cached_model(name: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A fast-loading local copy of a GGUF policy (``"smollm2"`` or a ``.gguf`` path), as a folder
+    name for ``TrainConfig.model``; any other name is returned unchanged.
+
+    Reading SmolLM2's GGUF (tokenizer conversion + dequantisation) takes ~30 s on a 2-core CPU and
+    ``train`` loads the policy once per run; the dequantised float32 copy (~0.5 GB, in
+    ``cache_dir``, default ``$IBPO_CACHE_DIR`` or ``~/.cache/ibpo_lab``) loads in under a second
+    with identical logits. Written once per machine, atomically (folder renamed into place).
+    """
+    if not (name == "smollm2" or str(name).endswith(".gguf")):
+        return name
+    root = Path(cache_dir or os.environ.get("IBPO_CACHE_DIR") or Path.home() / ".cache" / "ibpo_lab")
+    target = root / "models" / Path(str(name)).stem
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target)
+    policy = load_policy(name)
+    model = policy.model
+    # the GGUF loader leaves its (dequantising) quantizer attached, which blocks save_pretrained;
+    # the weights are plain float32 by now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    tmp = root / "models" / f".{target.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    policy.tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return str(target)
+
+
 def char_tokenizer(vocab: str | Sequence[str], model_max_length: int = 1024):
     """A character-level ``PreTrainedTokenizerFast``: one token per character of ``vocab``.
 

@@ -479,7 +479,7 @@ def runs_frame(runs: Any, *, label: str | Callable | None = None) -> pd.DataFram
     """Metrics of several runs as one long DataFrame with ``label`` and ``seed`` columns.
 
     ``runs``: a DataFrame (returned as is), or run records / run folders (anything with a
-    ``metrics`` DataFrame and a ``config``; folders are read with ``ibpo_lab.train.load_run``).
+    ``metrics`` DataFrame and a ``config``; folders are read with ``ibpo_lab.runs.load_run``).
     ``label``: config attribute or function(record) naming the curve (default: the config's
     ``label`` if it has one, else its ``estimator``).
     """
@@ -490,7 +490,7 @@ def runs_frame(runs: Any, *, label: str | Callable | None = None) -> pd.DataFram
     frames = []
     for r in runs:
         if isinstance(r, (str, Path)):
-            from ibpo_lab.train import load_run
+            from ibpo_lab.runs import load_run
 
             r = load_run(r)
         if not hasattr(r, "metrics"):
@@ -524,9 +524,10 @@ def _band(values: pd.Series, band: str | None) -> tuple[float, float, float]:
     mu = float(v.mean()) if len(v) else math.nan
     if band is None or len(v) < 2:
         return mu, mu, mu
-    if band == "ci":  # normal-approximation 95% interval of the mean across seeds
-        h = 1.96 * v.std(ddof=1) / math.sqrt(len(v))
-        return mu, mu - h, mu + h
+    if band == "ci":  # the 95% Student-t interval of the tables (runs.mean_ci)
+        from ibpo_lab.runs import mean_ci
+
+        return mean_ci(v)
     if band == "std":
         s = v.std(ddof=1)
         return mu, mu - s, mu + s
@@ -673,27 +674,11 @@ def grid_heatmap(df: pd.DataFrame, x: str, y: str, value: str, *, ax=None, title
 
 # ------------------------------------------------------------------------------------------ credit
 def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, float]:
-    """ROC of ``scores`` for boolean ``labels`` (True = positive): (fpr, tpr, auc).
+    """ROC of ``scores`` for boolean ``labels``: (fpr, tpr, auc) — ``diagnostics.roc_curve``, whose
+    area is ``diagnostics.auc`` (one AUC in the lab)."""
+    from ibpo_lab.diagnostics import roc_curve as _roc
 
-    Written here (a sort and two cumulative sums) rather than adding scikit-learn as a
-    dependency for one curve; ties get the average rank, as in the Mann-Whitney AUC.
-    """
-    s = _to_numpy(scores, "scores").reshape(-1)
-    y = np.asarray(labels, dtype=bool).reshape(-1)
-    if len(s) != len(y):
-        raise ValueError(f"scores has {len(s)} entries but labels has {len(y)}")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("labels must contain both classes to draw a ROC curve")
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s) - 1]
-    tps = np.cumsum(y_sorted)[distinct]
-    fps = (distinct + 1) - tps
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
-    auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
-    return fpr, tpr, auc
+    return _roc(_to_numpy(scores, "scores"), labels)
 
 
 def roc_plot(df: pd.DataFrame, *, score: str = "advantage", label: str = "correct", by: str = "estimator",
@@ -748,83 +733,43 @@ def step_credit_plot(df: pd.DataFrame, *, value: str = "advantage", label: str =
 
 # ------------------------------------------------------------------------------------------ explorer
 def _step_files(run_dir: Path) -> dict[int, Path]:
-    files = {}
-    for p in sorted((run_dir / "trajectories").glob("step_*.parquet")):
-        m = re.search(r"step_(\d+)", p.stem)
-        if m:
-            files[int(m.group(1))] = p
-    return files
+    from ibpo_lab.runs import trajectory_files
+
+    return trajectory_files(run_dir)
 
 
 def load_trajectories(run_dir: str | Path, step: int | None = None) -> pd.DataFrame:
-    """The trajectories a run logged at ``step`` (default: the last logged step), one row each."""
-    run_dir = Path(run_dir)
-    files = _step_files(run_dir)
-    if not files:
+    """The trajectories a run logged at ``step`` (default: the last logged step), one row each
+    (``runs.RunRecord.trajectories``; columns ``runs.TRAJECTORY_HELP``)."""
+    from ibpo_lab.runs import load_run
+
+    rec = load_run(run_dir)
+    steps = rec.steps_with_trajectories()
+    if not steps:
         raise ValueError(f"run_dir: {run_dir} has no trajectories/step_*.parquet files")
-    if step is None:
-        step = max(files)
-    if step not in files:
-        raise ValueError(f"step {step} was not logged in {run_dir}; logged steps: {sorted(files)}")
-    return pd.read_parquet(files[step])
+    return rec.trajectories(steps[-1] if step is None else step)
 
 
 def run_tokenizer(run_dir: str | Path):
-    """The tokenizer of a run's policy (from its ``config.yaml``), for decoding logged token ids;
-    None when it cannot be loaded offline (views then fall back to characters or ids)."""
-    import yaml
+    """The tokenizer of a run's policy (``runs.RunRecord.tokenizer``), for decoding logged token ids;
+    None when the folder has no config or the tokenizer cannot be loaded offline."""
+    from ibpo_lab.runs import load_run
 
-    cfg_file = Path(run_dir) / "config.yaml"
-    if not cfg_file.is_file():
-        return None
-    model = (yaml.safe_load(cfg_file.read_text()) or {}).get("model")
     try:
-        if model == "tiny-random":
-            from ibpo_lab.models import char_tokenizer
-            from ibpo_lab.tasks.synthetic import VOCAB
-
-            return char_tokenizer(VOCAB)
-        from transformers import AutoTokenizer
-
-        if model == "tiny":
-            from ibpo_lab.models import tiny_policy_dir
-
-            return AutoTokenizer.from_pretrained(tiny_policy_dir())
-        if model == "smollm2":
-            from ibpo_lab.models import smollm2_gguf_path
-
-            p = smollm2_gguf_path()
-            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        return AutoTokenizer.from_pretrained(model)
-    except Exception:  # display only: a missing tokenizer must not break the explorer
+        return load_run(run_dir).tokenizer()
+    except ValueError:
         return None
 
 
 def run_step_labeler(run_dir: str | Path) -> Callable[[str, str], list[bool] | None] | None:
-    """``labeler(prompt, response) -> step labels`` for a run's task (from its ``config.yaml``): the
-    logged solve prompt is matched back to its example, then ``task.step_labels``. None when the task
-    cannot be built offline; the labeler returns None for an unknown prompt or an unlabelled task."""
-    import yaml
+    """``labeler(prompt, response) -> step labels`` for a run's task (``runs.RunRecord.step_labeler``);
+    None when the folder has no readable config or the task cannot be built offline."""
+    from ibpo_lab.runs import load_run
 
-    cfg_file = Path(run_dir) / "config.yaml"
-    if not cfg_file.is_file():
-        return None
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
     try:
-        from ibpo_lab.tasks import get_task
-
-        task = get_task(cfg.get("task", "synthetic"), **(cfg.get("task_kwargs") or {}))
-        index = {}
-        for split in dict.fromkeys([cfg.get("train_split", "train"), cfg.get("eval_split", "test")]):
-            index.update({task.solve_prompt(e): e for e in task.examples(split)})
-    except Exception:  # display only: no labels rather than a broken explorer
+        return load_run(run_dir).step_labeler()
+    except ValueError:
         return None
-
-    def labeler(prompt: str, response: str) -> list[bool] | None:
-        ex = index.get(prompt)
-        return None if ex is None else task.step_labels(ex, response)
-
-    return labeler
 
 
 def _col(row: Mapping, *names, default=None):

@@ -44,15 +44,16 @@ mc_rollouts = 2  # VinePPO continuations per step boundary
 # %%
 from IPython.display import display
 
-from ibpo_lab import experiments as ex
+from ibpo_lab import config, diagnostics
+from ibpo_lab.step import sample as sample_step
 from ibpo_lab import viz
-from ibpo_lab.train import presets
 
-ex.require_gpu_for_full(profile)
+config.require_gpu_for_full(profile)
 knobs = {k: v for k, v in dict(model=model, task=task, max_new_tokens=max_new_tokens).items() if v is not None}
-cfg = presets(profile, group_size=group_size, corrector=corrector, repair_k=repair_k, lam=lam, rho=rho,
-              prompts_per_step=1, minibatch_size=0, **knobs)
-sample = ex.sample_groups(cfg, n_prompts=1, seed=seed)
+cfg = config.presets(profile, group_size=group_size, correct={"operator": corrector, "num_references": repair_k},
+                     estimator_kwargs={"lam": lam, "rho": rho}, mc_rollouts=mc_rollouts,
+                     prompts_per_step=1, minibatch_size=0, **knobs)
+sample = sample_step(cfg, n_prompts=1, seed=seed)
 print(sample.examples[0].prompt)
 sample.batch
 
@@ -80,14 +81,14 @@ else:
 # prefix-tree and VinePPO vary by step; IBPO concentrates a failed trajectory's blame on its edited tokens.
 
 # %%
-advantages = ex.estimator_advantages(sample, estimators, mc_rollouts=mc_rollouts, seed=seed)
+advantages = sample.advantages_for(estimators)
 b = sample.batch
 fig = viz.advantage_panel(advantages, b.response_mask, rewards=b.rewards, group_ids=b.group_ids,
                           step_spans=b.step_spans, title="token advantages by estimator")
 viz.save_fig(fig, out_dir, "advantages_by_estimator")
 
 # %%
-means = ex.sequence_advantages(sample, advantages)
+means = diagnostics.sequence_advantages(sample, advantages)
 viz.save_table(means, out_dir, "mean_advantage_per_trajectory")
 means
 
@@ -95,13 +96,13 @@ means
 # ## One failed trajectory: its tokens by advantage, and its repair
 
 # %%
-i = ex.pick_trajectory(sample, "repaired")
+i = sample.pick_trajectory("repaired")
 for name in ("grpo", "ibpo"):
     if name in advantages:
         view = viz.batch_token_html(b, advantages[name], sample.tokenizer, i)
         viz.save_html(view, out_dir, f"tokens_{name}")
         display(view)
-pair = ex.repair_of(sample, i)
+pair = sample.repair_of(i)
 if pair is not None:
     view = viz.repair_diff_html(pair[0], pair[1], sample.tokenizer, title=f"repair of trajectory {i}")
     viz.save_html(view, out_dir, "repair_diff")

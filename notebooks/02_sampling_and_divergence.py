@@ -42,15 +42,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from ibpo_lab import experiments as ex
+from ibpo_lab import config, diagnostics
+from ibpo_lab.step import sample as sample_step
 from ibpo_lab import viz
-from ibpo_lab.train import presets
 
-ex.require_gpu_for_full(profile)
+config.require_gpu_for_full(profile)
 knobs = {k: v for k, v in dict(model=model, task=task, max_new_tokens=max_new_tokens).items() if v is not None}
-cfg = presets(profile, group_size=group_size, prompts_per_step=n_prompts, minibatch_size=0, corrector=corrector,
-              repair_k=repair_k, temperature=temperature, **knobs)
-sample = ex.sample_groups(cfg, seed=seed)
+cfg = config.presets(profile, group_size=group_size, prompts_per_step=n_prompts, minibatch_size=0,
+                     correct={"operator": corrector, "num_references": repair_k}, temperature=temperature, **knobs)
+sample = sample_step(cfg, seed=seed)
 sample.batch
 
 # %% [markdown]
@@ -59,13 +59,13 @@ sample.batch
 # %%
 summary = []
 for g in sorted(sample.batch.groups()):
-    v = ex.group_views(sample, g)
+    v = diagnostics.group_views(sample, g)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     viz.divergence_heatmap(v["token_divergence"], axes[0], rewards=v["rewards"], title=f"group {g}: shared prefix")
     viz.divergence_heatmap(v["step_divergence"], axes[1], rewards=v["rewards"], unit="steps",
                            title=f"group {g}: shared steps")
     viz.save_fig(fig, out_dir, f"divergence_group{g}")
-    summary.append(ex.divergence_summary(v, g))
+    summary.append(diagnostics.divergence_summary(v, g))
 summary = pd.DataFrame(summary)
 viz.save_table(summary, out_dir, "divergence_summary")
 summary
@@ -76,7 +76,7 @@ summary
 # mean reward — the Monte-Carlo value the prefix-tree estimator differences step by step.
 
 # %%
-v = ex.group_views(sample, sorted(sample.batch.groups())[0])
+v = diagnostics.group_views(sample, sorted(sample.batch.groups())[0])
 fig = viz.prefix_trie_plot(v["trie"])
 viz.save_fig(fig, out_dir, "prefix_trie")
 v["trie"].to_dataframe().head(20)
@@ -85,10 +85,10 @@ v["trie"].to_dataframe().head(20)
 # ## Repair diffs
 
 # %%
-repaired = [i for i in range(len(sample.batch)) if ex.repair_of(sample, i) is not None]
+repaired = [i for i in range(len(sample.batch)) if sample.repair_of(i) is not None]
 print(f"{len(repaired)} of {int((sample.batch.rewards < 0.5).sum())} failed trajectories have a verified repair")
 for i in repaired[:max_diffs]:
-    failed, fixed = ex.repair_of(sample, i)
+    failed, fixed = sample.repair_of(i)
     view = viz.repair_diff_html(failed, fixed, sample.tokenizer, title=f"trajectory {i}")
     viz.save_html(view, out_dir, f"repair_diff_{i}")
     display(view)

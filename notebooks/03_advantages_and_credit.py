@@ -50,33 +50,34 @@ variance_resamples = None  # independent resamples; None: 3 (smoke) / 32 (full)
 # %%
 from IPython.display import display
 
-from ibpo_lab import experiments as ex
+from ibpo_lab import config, diagnostics
+from ibpo_lab.step import sample as sample_step
 from ibpo_lab import viz
-from ibpo_lab.diagnostics import gradient_variance
-from ibpo_lab.train import correct_config, presets
 
-ex.require_gpu_for_full(profile)
-n_prompts = n_prompts or ex.profile_value(profile, 6, 64)
-variance_prompts = variance_prompts or ex.profile_value(profile, 2, 16)
-variance_resamples = variance_resamples or ex.profile_value(profile, 3, 32)
+config.require_gpu_for_full(profile)
+n_prompts = n_prompts or config.profile_value(profile, 6, 64)
+variance_prompts = variance_prompts or config.profile_value(profile, 2, 16)
+variance_resamples = variance_resamples or config.profile_value(profile, 3, 32)
 # credit quality needs step labels: the synthetic task in both profiles (the tiny policy knows it)
-cfg = presets("smoke", task="synthetic", model=model or "tiny", device="auto", group_size=group_size,
-              prompts_per_step=n_prompts, minibatch_size=0, corrector=corrector, repair_k=repair_k, lam=lam, rho=rho)
-sample = ex.sample_groups(cfg, seed=seed)
+cfg = config.presets("smoke", task="synthetic", model=model or "tiny", device="auto", group_size=group_size,
+                     prompts_per_step=n_prompts, minibatch_size=0,
+                     correct={"operator": corrector, "num_references": repair_k},
+                     estimator_kwargs={"lam": lam, "rho": rho}, mc_rollouts=mc_rollouts)
+sample = sample_step(cfg, seed=seed)
 sample.batch
 
 # %% [markdown]
 # ## Credit quality per estimator
 
 # %%
-advantages = ex.estimator_advantages(sample, estimators, mc_rollouts=mc_rollouts, seed=seed)
-quality = ex.credit_summary(sample, advantages)
+advantages = sample.advantages_for(estimators)
+quality = diagnostics.credit_summary(sample, advantages)
 viz.save_table(quality, out_dir, "credit_quality")
 quality[["estimator", "auc", "auc_within_failed", "first_error_localisation", "wrong_step_credit_share",
          "n_localisable", "live_group_share"]]
 
 # %%
-steps = ex.step_credit_frame(sample, advantages)
+steps = diagnostics.step_credit_frame(sample, advantages)
 fig = viz.step_credit_plot(steps)
 viz.save_fig(fig, out_dir, "step_advantage_by_label")
 if steps["correct"].nunique() == 2:
@@ -100,7 +101,7 @@ viz.save_fig(fig, out_dir, "credit_quality_bars")
 # ## One failed trajectory, coloured by each estimator's credit
 
 # %%
-i = ex.pick_trajectory(sample, "repaired")
+i = sample.pick_trajectory("repaired")
 print("step labels:", sample.step_labels[i])
 for name, adv in advantages.items():
     display(viz.batch_token_html(sample.batch, adv, sample.tokenizer, i))
@@ -112,9 +113,8 @@ for name, adv in advantages.items():
 # %%
 lab = sample.lab
 examples = lab.task.examples("train", variance_prompts)
-var = gradient_variance(lab.policy, lab.task, examples, estimators=variance_estimators, resamples=variance_resamples,
-                        sampler_kwargs={"n": group_size, "max_new_tokens": cfg.max_new_tokens},
-                        correct_cfg=correct_config(cfg), seed=seed + 100, mc_k=mc_rollouts, progress=False)
+var = diagnostics.gradient_variance(lab, examples, estimators=variance_estimators, resamples=variance_resamples,
+                                    seed=seed + 100, progress=False)
 viz.save_table(var, out_dir, "gradient_variance")
 fig = viz.summary_bars(var, "estimator", "rel_var", title="relative gradient variance (lower is better)")
 viz.save_fig(fig, out_dir, "gradient_variance")

@@ -39,20 +39,21 @@ ablations = ["ibpo_no_shaping", "ibpo_no_mask", "ibpo_k1", "ibpo_bilateral", "ib
 metrics = ["reward_mean", "entropy", "grad_norm", "repair_success"]  # curves drawn
 
 # %%
-from ibpo_lab import experiments as ex
+from ibpo_lab import config, runs
 from ibpo_lab import viz
+from ibpo_lab.train import train_many
 
-ex.require_gpu_for_full(profile)
-seeds = seeds or ex.profile_value(profile, [0, 1], [0, 1, 2, 3, 4])
-estimators = estimators or ex.profile_value(profile, ["grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo"],
+config.require_gpu_for_full(profile)
+seeds = seeds or config.profile_value(profile, [0, 1], [0, 1, 2, 3, 4])
+estimators = estimators or config.profile_value(profile, ["grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo"],
                                             ["grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo"])
 knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not None}
-ablation_seeds = ablation_seeds or ex.profile_value(profile, [0], seeds)
-cfgs = ex.grid_configs(profile, ex.method_variants(estimators), seeds, **knobs)
-cfgs += ex.grid_configs(profile, ex.method_variants(ablations), ablation_seeds, **knobs)
+ablation_seeds = ablation_seeds or config.profile_value(profile, [0], seeds)
+cfgs = config.grid_configs(profile, config.method_variants(estimators), seeds, **knobs)
+cfgs += config.grid_configs(profile, config.method_variants(ablations), ablation_seeds, **knobs)
 print(f"{len(cfgs)} runs of {cfgs[0].steps} steps: {len(estimators)} methods x {len(seeds)} seeds, "
       f"{len(ablations)} ablations x {len(ablation_seeds)} seeds")
-records = ex.run_grid(cfgs, runs_dir, "04_training_synthetic")
+records = train_many(cfgs, runs_dir, progress=False, experiment="04_training_synthetic", keep_checkpoints=False)
 
 # %% [markdown]
 # ## Learning curves: baselines vs IBPO
@@ -74,14 +75,14 @@ viz.save_fig(fig, out_dir, "curves_ablations")
 # ## Final accuracy and stability
 
 # %%
-final = ex.final_table(records)
+final = runs.final_table(records)
 viz.save_table(final, out_dir, "final_accuracy")
 fig = viz.summary_bars(final, "label", "mean", title="held-out accuracy at the end (mean over seeds)")
 viz.save_fig(fig, out_dir, "final_accuracy")
 final
 
 # %%
-stability = ex.stability_table(records)
+stability = runs.stability_table(records)
 viz.save_table(stability, out_dir, "stability")
 stability
 

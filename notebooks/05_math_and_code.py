@@ -50,37 +50,38 @@ gsm8k_path = None  # GSM8K jsonl; None: $IBPO_DATA_DIR/gsm8k, else the 20-proble
 metrics = ["reward_mean", "entropy", "grad_norm", "approx_kl"]  # stability curves
 
 # %%
-from ibpo_lab import experiments as ex
+from ibpo_lab import config, models, runs
 from ibpo_lab import viz
+from ibpo_lab.train import train_many
 
-ex.require_gpu_for_full(profile)  # before any model loads
-tasks = tasks or ex.profile_value(profile, ["gsm8k", "humaneval"], ["gsm8k", "math", "humaneval"])
-methods = methods or ex.profile_value(profile, ["grpo", "ibpo"], ["grpo", "gspo", "ibpo"])
-seeds = seeds or ex.profile_value(profile, [0], [0, 1, 2])
+config.require_gpu_for_full(profile)  # before any model loads
+tasks = tasks or config.profile_value(profile, ["gsm8k", "humaneval"], ["gsm8k", "math", "humaneval"])
+methods = methods or config.profile_value(profile, ["grpo", "ibpo"], ["grpo", "gspo", "ibpo"])
+seeds = seeds or config.profile_value(profile, [0], [0, 1, 2])
 sizes = dict(
-    model=ex.cached_model(model or ex.profile_value(profile, "smollm2", "Qwen/Qwen2.5-1.5B-Instruct")),
-    steps=steps or ex.profile_value(profile, 1, 200),
-    prompts_per_step=prompts_per_step or ex.profile_value(profile, 1, 32),
-    group_size=group_size or ex.profile_value(profile, 2, 8),
-    max_new_tokens=max_new_tokens or ex.profile_value(profile, 32, 512),
-    eval_n=eval_n or ex.profile_value(profile, 1, 256),
+    model=models.cached_model(model or config.profile_value(profile, "smollm2", "Qwen/Qwen2.5-1.5B-Instruct")),
+    steps=steps or config.profile_value(profile, 1, 200),
+    prompts_per_step=prompts_per_step or config.profile_value(profile, 1, 32),
+    group_size=group_size or config.profile_value(profile, 2, 8),
+    max_new_tokens=max_new_tokens or config.profile_value(profile, 32, 512),
+    eval_n=eval_n or config.profile_value(profile, 1, 256),
 )
 if profile == "smoke":
     sizes.update(device="cpu", backend="hf", minibatch_size=0, eval_k=1, lr=1e-6)
-task_kwargs = {"gsm8k": ex.gsm8k_task_kwargs(gsm8k_path), "math": {}, "humaneval": {}}
+task_kwargs = {"gsm8k": config.gsm8k_task_kwargs(gsm8k_path), "math": {}, "humaneval": {}}
 records = []
 for task in tasks:
-    cfgs = ex.grid_configs(profile, ex.method_variants(methods), seeds, synthetic=False, task=task,
+    cfgs = config.grid_configs(profile, config.method_variants(methods), seeds, synthetic=False, task=task,
                            task_kwargs=task_kwargs.get(task, {}), **sizes,
-                           fixed={"repair_k": repair_k or ex.profile_value(profile, 1, 2)})
-    records += ex.run_grid(cfgs, runs_dir, f"05_{task}")
+                           fixed={"correct": {"num_references": repair_k or config.profile_value(profile, 1, 2)}})
+    records += train_many(cfgs, runs_dir, progress=False, experiment=f"05_{task}", keep_checkpoints=False)
 print(f"{len(records)} runs")
 
 # %% [markdown]
 # ## Main comparison: held-out accuracy at the end of training
 
 # %%
-final = ex.final_table(records)
+final = runs.final_table(records)
 viz.save_table(final, out_dir, "main_comparison")
 fig = viz.summary_bars(final, "experiment", "mean", hue="label", title="held-out accuracy (avg@k) by task and method")
 viz.save_fig(fig, out_dir, "main_comparison")
@@ -96,7 +97,7 @@ for task in tasks:
     viz.save_fig(fig, out_dir, f"stability_{task}")
 
 # %%
-stability = ex.stability_table(records)
+stability = runs.stability_table(records)
 viz.save_table(stability, out_dir, "stability")
 stability
 

@@ -44,26 +44,28 @@ steps = None  # training steps; None: the profile's size (3 / 100)
 # %%
 import matplotlib.pyplot as plt
 
-from ibpo_lab import experiments as ex
+from ibpo_lab import config, diagnostics, runs
+from ibpo_lab.step import sample as sample_step
 from ibpo_lab import viz
+from ibpo_lab.train import train_many
 
-ex.require_gpu_for_full(profile)
-n_prompts = n_prompts or ex.profile_value(profile, 6, 64)
-group_size = group_size or ex.profile_value(profile, 4, 8)
-ks = ks or ex.profile_value(profile, [1, 2, 3], [1, 2, 3, 4])
-train_ks = train_ks or ex.profile_value(profile, [1, 2], ks)
-seeds = seeds or ex.profile_value(profile, [0], [0, 1, 2, 3, 4])
+config.require_gpu_for_full(profile)
+n_prompts = n_prompts or config.profile_value(profile, 6, 64)
+group_size = group_size or config.profile_value(profile, 4, 8)
+ks = ks or config.profile_value(profile, [1, 2, 3], [1, 2, 3, 4])
+train_ks = train_ks or config.profile_value(profile, [1, 2], ks)
+seeds = seeds or config.profile_value(profile, [0], [0, 1, 2, 3, 4])
 knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not None}
-cfg = ex.synthetic_preset(profile, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
-                          estimator="ibpo", **knobs)
-sample = ex.sample_groups(cfg, seed=seed, correct=False)
+cfg = config.synthetic_preset(profile, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
+                              estimator="ibpo", **knobs)
+sample = sample_step(cfg, seed=seed, correct=False)
 sample.batch
 
 # %% [markdown]
 # ## K on one fixed batch
 
 # %%
-ksweep = ex.k_sweep(sample, ks, seed=seed + 1)
+ksweep = diagnostics.k_sweep(sample, ks, seed=seed + 1)
 viz.save_table(ksweep, out_dir, "k_sweep")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
 viz.summary_bars(ksweep, "K", "repaired_share", ax=axes[0], title="failed trajectories with a verified repair")
@@ -76,8 +78,8 @@ ksweep
 # ## Local repair vs full rewrite on the same batch
 
 # %%
-corrected = ex.recorrect(sample, repair_k=max(k for k in ks if k < group_size), seed=seed + 1)
-rewrite = ex.rewrite_comparison(corrected)
+corrected = sample.recorrect(correct={"num_references": max(k for k in ks if k < group_size)}, seed=seed + 1)
+rewrite = diagnostics.rewrite_comparison(corrected)
 viz.save_table(rewrite, out_dir, "local_vs_rewrite")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
 viz.summary_bars(rewrite.fillna(0), "credit", "edited_fraction", ax=axes[0], title="share of tokens credited")
@@ -91,12 +93,12 @@ rewrite
 # ## In training: K, and full-rewrite credit (IBPO without the edit mask)
 
 # %%
-variants = {f"ibpo_K{k}": {"estimator": "ibpo", "repair_k": k} for k in train_ks}
-variants["ibpo_full_rewrite"] = {**ex.method_variants(["ibpo_no_mask"])["ibpo_no_mask"]}
-cfgs = ex.grid_configs(profile, variants, seeds, group_size=group_size, **knobs)
-records = ex.run_grid(cfgs, runs_dir, "06_siblings_and_repair")
+variants = {f"ibpo_K{k}": {"estimator": "ibpo", "correct": {"num_references": k}} for k in train_ks}
+variants["ibpo_full_rewrite"] = {**config.method_variants(["ibpo_no_mask"])["ibpo_no_mask"]}
+cfgs = config.grid_configs(profile, variants, seeds, group_size=group_size, **knobs)
+records = train_many(cfgs, runs_dir, progress=False, experiment="06_siblings_and_repair", keep_checkpoints=False)
 fig = viz.metric_grid(records, ["reward_mean", "repair_success"], title="IBPO by K, and with full-rewrite credit")
 viz.save_fig(fig, out_dir, "training_k_and_rewrite")
-final = ex.final_table(records)
+final = runs.final_table(records)
 viz.save_table(final, out_dir, "training_final")
 final

@@ -44,19 +44,21 @@ lams = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0]  # λ values traced
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ibpo_lab import experiments as ex
+from ibpo_lab import config, diagnostics
+from ibpo_lab.step import sample as sample_step
 from ibpo_lab import viz
 
-ex.require_gpu_for_full(profile)
-n_prompts = n_prompts or ex.profile_value(profile, 8, 256)
+config.require_gpu_for_full(profile)
+n_prompts = n_prompts or config.profile_value(profile, 8, 256)
 knobs = {"model": model} if model else {}
-cfg = ex.synthetic_preset(profile, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
-                          estimator="ibpo", repair_k=repair_k, lam=lam, rho=rho, **knobs)
-sample = ex.sample_groups(cfg, seed=seed)
+cfg = config.synthetic_preset(profile, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
+                              estimator="ibpo", correct={"num_references": repair_k},
+                              estimator_kwargs={"lam": lam, "rho": rho}, **knobs)
+sample = sample_step(cfg, seed=seed)
 sample.batch
 
 # %%
-moments = ex.shaping_moments(sample, lam, rho)
+moments = diagnostics.shaping_moments(sample, lam, rho)
 viz.save_table(moments, out_dir, "moments_by_group")
 moments
 
@@ -65,7 +67,7 @@ pooled = moments.iloc[-1]
 terms = pd.DataFrame({"term": ["Var(R)", "λ²·Var(φ)", "2λ·Cov(R,φ)", "Var(R + λφ)"],
                           "value": [pooled.var_R, lam**2 * pooled.var_phi, 2 * lam * pooled.cov_R_phi,
                                     pooled.var_shaped]})
-curve = ex.shaping_variance_curve(sample, lams, rho)
+curve = diagnostics.shaping_variance_curve(sample, lams, rho)
 viz.save_table(curve, out_dir, "variance_vs_lambda")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
 viz.summary_bars(terms, "term", "value", ax=axes[0], title=f"pooled within-group terms (λ={lam}, ρ={rho})")
@@ -83,8 +85,8 @@ viz.save_fig(fig, out_dir, "variance_decomposition")
 
 # %%
 per_group = moments[moments.group >= 0]
-revived = ex.estimator_advantages(sample, ["grpo", "ibpo"])
-live = ex.credit_summary(sample, revived)[["estimator", "live_group_share", "live_trajectory_share", "live_token_share"]]
+revived = sample.advantages_for(["grpo", "ibpo"])
+live = diagnostics.credit_summary(sample, revived)[["estimator", "live_group_share", "live_trajectory_share", "live_token_share"]]
 viz.save_table(live, out_dir, "effective_updates")
 print(f"{int(per_group.all_failed.sum())} all-failed and {int(per_group.all_correct.sum())} all-correct groups "
       f"of {len(per_group)}")

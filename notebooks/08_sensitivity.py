@@ -41,26 +41,28 @@ steps = None  # training steps; None: the profile's size (3 / 100)
 # %%
 import matplotlib.pyplot as plt
 
-from ibpo_lab import experiments as ex
+from ibpo_lab import config, diagnostics, runs
+from ibpo_lab.step import sample as sample_step
 from ibpo_lab import viz
+from ibpo_lab.train import train_many
 
-ex.require_gpu_for_full(profile)
-n_prompts = n_prompts or ex.profile_value(profile, 6, 64)
-group_size = group_size or ex.profile_value(profile, 4, 8)
-train_lams = train_lams or ex.profile_value(profile, [0.0, 0.6, 1.2], [0.0, 0.3, 0.6, 1.0, 2.0])
-train_rhos = train_rhos or ex.profile_value(profile, [0.25, 1.0], [0.25, 0.5, 1.0])
-seeds = seeds or ex.profile_value(profile, [0], [0, 1, 2])
+config.require_gpu_for_full(profile)
+n_prompts = n_prompts or config.profile_value(profile, 6, 64)
+group_size = group_size or config.profile_value(profile, 4, 8)
+train_lams = train_lams or config.profile_value(profile, [0.0, 0.6, 1.2], [0.0, 0.3, 0.6, 1.0, 2.0])
+train_rhos = train_rhos or config.profile_value(profile, [0.25, 1.0], [0.25, 0.5, 1.0])
+seeds = seeds or config.profile_value(profile, [0], [0, 1, 2])
 knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not None}
-cfg = ex.synthetic_preset(profile, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
-                          estimator="ibpo", **knobs)
-sample = ex.sample_groups(cfg, seed=seed)
+cfg = config.synthetic_preset(profile, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
+                              estimator="ibpo", **knobs)
+sample = sample_step(cfg, seed=seed)
 sample.batch
 
 # %% [markdown]
 # ## λ × ρ on one fixed batch
 
 # %%
-grid = ex.shaping_grid(sample, lams, rhos)
+grid = diagnostics.shaping_grid(sample, lams, rhos)
 viz.save_table(grid, out_dir, "lambda_rho_grid")
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
 viz.grid_heatmap(grid, "lam", "rho", "var_shaped", ax=axes[0], title="pooled Var(R + λφ)")
@@ -73,11 +75,11 @@ viz.save_fig(fig, out_dir, "lambda_rho_grid")
 # ## In training
 
 # %%
-variants = {f"lam{lam:g}_rho0.5": {"estimator": "ibpo", "lam": lam, "rho": 0.5} for lam in train_lams}
-variants.update({f"lam0.6_rho{rho:g}": {"estimator": "ibpo", "lam": 0.6, "rho": rho} for rho in train_rhos})
-cfgs = ex.grid_configs(profile, variants, seeds, group_size=group_size, **knobs)
-records = ex.run_grid(cfgs, runs_dir, "08_sensitivity")
-final = ex.final_table(records)
+variants = {f"lam{lam:g}_rho0.5": {"estimator": "ibpo", "estimator_kwargs": {"lam": lam, "rho": 0.5}} for lam in train_lams}
+variants.update({f"lam0.6_rho{rho:g}": {"estimator": "ibpo", "estimator_kwargs": {"lam": 0.6, "rho": rho}} for rho in train_rhos})
+cfgs = config.grid_configs(profile, variants, seeds, group_size=group_size, **knobs)
+records = train_many(cfgs, runs_dir, progress=False, experiment="08_sensitivity", keep_checkpoints=False)
+final = runs.final_table(records)
 viz.save_table(final, out_dir, "training_final")
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
 viz.summary_bars(final, "label", "final_reward", ax=axes[0], title="final training reward")

@@ -29,19 +29,19 @@ runs_dir = None  # folder of run records to summarise; None: runs/notebooks unde
 metric = "reward_mean"  # training metric whose curves are drawn
 
 # %%
-from ibpo_lab import experiments as ex
+from ibpo_lab import runs
 from ibpo_lab import viz
 
-records = ex.load_runs(runs_dir or "runs/notebooks")
+records = runs.load_runs(runs_dir or "runs/notebooks")
 print(f"{len(records)} runs in {len(set(r.experiment for r in records))} experiments")
 
 # %%
-final = ex.final_table(records)
+final = runs.final_table(records)
 viz.save_table(final, out_dir, "summary_final_accuracy")
 final
 
 # %%
-stability = ex.stability_table(records)
+stability = runs.stability_table(records)
 viz.save_table(stability[["experiment", "label", "n_seeds", "steps", "final_reward", "run_to_run_std", "step_jitter",
                           "entropy_start", "entropy_end", "grad_norm_mean", "grad_norm_max", "skipped"]],
                out_dir, "summary_stability")

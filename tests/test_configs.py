@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ibpo_lab.advantages import list_estimators
-from ibpo_lab.train import CONFIG_DIR, TrainConfig
+from ibpo_lab.config import CONFIG_DIR, TrainConfig, read_yaml
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 EXPECTED = {
@@ -29,28 +29,50 @@ def test_every_estimator_has_a_config():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_validates_and_round_trips(path):
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)  # base: followed
     cfg = TrainConfig.from_yaml(path)
     assert cfg.task == "synthetic" and cfg.label == path.stem
-    # every key written in the file is a real field, kept as written
+    # every key written in the file (or its base) is a real field, kept as written
+    d = cfg.to_dict()
     for k, v in raw.items():
-        assert getattr(cfg, k) == pytest.approx(v) if isinstance(v, float) else getattr(cfg, k) == v, k
+        if isinstance(v, dict) and k == "correct":
+            assert {kk: d[k][kk] for kk in v} == v, k
+        else:
+            assert d[k] == pytest.approx(v) if isinstance(v, float) else d[k] == v, k
     assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
     assert cfg.batch_size % (cfg.minibatch_size or cfg.batch_size) == 0
 
 
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def test_ablations_differ_from_ibpo_in_one_knob():
-    base = load("ibpo").to_dict()
+    base = _flat(load("ibpo").to_dict())
 
     def diff(name):
-        d = load(name).to_dict()
-        return {k: d[k] for k in d if d[k] != base[k] and k != "label"}
+        d = _flat(load(name).to_dict())
+        return {k: d.get(k) for k in set(d) | set(base) if d.get(k) != base.get(k) and k != "label"}
 
-    assert diff("ibpo_no_shaping") == {"lam": 0.0}
-    assert diff("ibpo_no_mask") == {"edit_mask": False}
-    assert diff("ibpo_k1") == {"repair_k": 1}
+    assert diff("ibpo_no_shaping") == {"estimator_kwargs.lam": 0.0}
+    assert diff("ibpo_no_mask") == {"estimator_kwargs.token_mask": False}
+    assert diff("ibpo_k1") == {"correct.num_references": 1}
     assert diff("ibpo_bilateral") == {"bilateral": True}
-    assert diff("ibpo_splice") == {"corrector": "splice"}
+    assert diff("ibpo_splice") == {"correct.operator": "splice"}
+
+
+def test_configs_inherit_instead_of_repeating():
+    # every committed config but the root states only what differs from its base
+    for p in CONFIGS:
+        raw = yaml.safe_load(p.read_text())
+        if p.stem == "grpo":
+            assert "base" not in raw
+            continue
+        assert raw["base"] in ("grpo.yaml", "ibpo.yaml"), p.stem
+        assert len(raw) <= 6, (p.stem, sorted(raw))
     assert load("ibpo").bilateral is False  # IOP bilateral training is off by default for IBPO
 
 

@@ -166,20 +166,46 @@ def test_policy_gradient_is_the_advantage_weighted_score(tiny):
 
 
 def test_gradient_variance_same_samples_for_every_estimator(tiny):
-    from ibpo_lab.correct import CorrectConfig
+    from ibpo_lab.config import presets
     from ibpo_lab.diagnostics import gradient_variance
+    from ibpo_lab.step import build_lab
     from ibpo_lab.tasks import get_task
 
     task = get_task("synthetic", n_steps=2, n_train=50, n_test=10)
     exs = task.examples("train", n=2)
-    df = gradient_variance(
-        tiny, task, exs, estimators=["grpo", "rloo", "ibpo"], resamples=2,
-        sampler_kwargs={"n": 3, "max_new_tokens": 12}, correct_cfg=CorrectConfig(num_references=1, no_correct="any",
-                                                                                 max_new_tokens=12),
-        seed=0, progress=False,
-    )
-    assert df.estimator.tolist() == ["grpo", "rloo", "ibpo"]
+    cfg = presets("smoke", model="tiny-random", device="cpu", group_size=3, max_new_tokens=12,
+                  correct={"num_references": 1, "no_correct": "any", "max_new_tokens": 12})
+    lab = build_lab(cfg, policy=tiny, task=task)
+    df = gradient_variance(lab, exs, estimators=["grpo", "rloo", "ibpo", "ibpo_no_mask"], resamples=2, seed=0,
+                           progress=False)
+    assert df.estimator.tolist() == ["grpo", "rloo", "ibpo", "ibpo_no_mask"]
     assert (df.resamples == 2).all() and len(set(df.reward_mean)) == 1  # same samples for all
     for col in ("total_var", "grad_norm", "group_share", "token_share"):
         assert df[col].notna().all()
     assert (df.total_var >= 0).all()
+
+
+def test_roc_curve_area_is_the_auc():
+    from ibpo_lab.diagnostics import auc, roc_curve
+
+    s = [0.1, 0.4, 0.35, 0.8, 0.4]
+    y = [False, True, False, True, False]
+    fpr, tpr, a = roc_curve(s, y)
+    assert a == auc(s, y)
+    # hand-derived: pairs (pos, neg) = (0.4, 0.1) win, (0.4, 0.35) win, (0.4, 0.4) tie, (0.8, *) win x3 -> 5.5/6
+    assert a == pytest.approx(5.5 / 6)
+    area = np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr)
+    assert area == pytest.approx(a)  # the drawn curve and the number are one AUC
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+
+
+def test_shaping_moments_use_the_estimators_shaping_threshold():
+    from ibpo_lab.diagnostics import shaping_moments
+
+    b = RolloutBatch(prompt_ids=[[1]] * 4, response_ids=[[2]] * 4, rewards=[0.4, 0.4, 1.0, 0.0], group_ids=[0] * 4,
+                     repair_success=[1.0, 0.0, 0.0, 0.5])
+    # threshold 0.3: rewards of 0.4 count as successes (φ = 0); threshold 0.5: as failures
+    lo = shaping_moments(b, lam=1.0, rho=1.0, success_threshold=0.3).iloc[0]
+    hi = shaping_moments(b, lam=1.0, rho=1.0, success_threshold=0.5).iloc[0]
+    assert lo.var_phi == pytest.approx(np.var([0, 0, 0, 0.5], ddof=1))
+    assert hi.var_phi == pytest.approx(np.var([1.0, 0, 0, 0.5], ddof=1))

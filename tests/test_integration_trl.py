@@ -273,6 +273,28 @@ def test_config_validation_and_translation(tmp_path):
     assert all(f.metadata.get("help") for f in IBPOConfig.__dataclass_fields__.values() if f.name.startswith(("ibpo_", "correct_")))
 
 
+def test_correct_fields_are_correctconfigs(tmp_path):
+    """IBPOConfig's correct_* fields are CorrectConfig's fields: same names, defaults and help."""
+    import dataclasses
+
+    from ibpo_lab.correct import CorrectConfig
+    from ibpo_lab.integrations.trl import IBPOConfig
+
+    ours = {f.name: f for f in dataclasses.fields(IBPOConfig) if f.name.startswith("correct_")}
+    for f in dataclasses.fields(CorrectConfig):
+        if f.name == "rho":  # ρ is ibpo_rho, shared with the estimator
+            assert "correct_rho" not in ours
+            continue
+        g = ours[f"correct_{f.name}"]
+        assert g.metadata["help"].startswith(f.metadata["help"])
+        if f.name not in ("temperature", "top_p", "max_new_tokens"):
+            assert g.default == f.default, f.name
+    # the default agrees with its help text (it said 0.5 and was 1.0)
+    assert IBPOConfig.__dataclass_fields__["correct_success_threshold"].default == 0.5
+    args = _config(tmp_path)
+    assert args.correct_config().success_threshold == 0.5 == args.ibpo_success_threshold
+
+
 def test_missing_trl_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now raises ImportError
     monkeypatch.delitem(sys.modules, "ibpo_lab.integrations.trl", raising=False)

@@ -305,3 +305,12 @@ def test_logprob_pass_memory_at_qwen_vocab_is_one_chunk_not_b_t_v():
     # two [V, H] gradients of the tied embedding (as input embedding and as lm_head)
     assert new_bw.peak <= 6 * CV + 2 * emb + small
     assert old_bw.peak >= 3 * BTV
+
+
+def test_tokenizer_for_and_cached_model_pass_through():
+    from ibpo_lab.models import cached_model, tokenizer_for
+
+    assert cached_model("tiny") == "tiny" and cached_model("Qwen/Qwen2.5-1.5B-Instruct").startswith("Qwen")
+    tok = tokenizer_for("tiny-random")  # the random tiny policy's character tokenizer over the synthetic vocabulary
+    assert tok.decode(tok.encode("3+4", add_special_tokens=False)) == "3+4"
+    assert tokenizer_for("no-such-model") is None  # offline and unknown: views fall back to characters

@@ -1,10 +1,7 @@
-"""Trainer: config validation and YAML, the loop's run records, checkpoints/resume, NaN handling, CLI."""
+"""Trainer: the loop's run records, checkpoints/resume, NaN handling, the update, train_many, CLI
+(config: tests/test_config.py; the run folder: tests/test_runs.py; the step: tests/test_step.py)."""
 
 from __future__ import annotations
-
-import errno
-import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -12,16 +9,18 @@ import pytest
 import torch
 
 import ibpo_lab.train as T
+from ibpo_lab import runs as R
+from ibpo_lab import step as S
+from ibpo_lab.config import TrainConfig
 from ibpo_lab.losses import LOSSES, get_loss, register_loss
 from ibpo_lab.rollout import RolloutBatch
-from ibpo_lab.train import RunRecord, TrainConfig
 
 
 def small(**kw) -> TrainConfig:
     """A run small enough for a unit test (a second or two per step on 2 CPU cores): the committed
     tiny policy (solves about half the synthetic problems, so groups have mixed rewards)."""
     base = dict(task="synthetic", model="tiny", device="cpu", steps=2, prompts_per_step=2, group_size=4,
-                max_new_tokens=40, repair_max_new_tokens=40, lr=1e-4, eval_n=2, eval_k=2, estimator="grpo")
+                max_new_tokens=40, lr=1e-4, eval_n=2, eval_k=2, estimator="grpo")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -31,87 +30,6 @@ METRIC_COLUMNS = [
     "active_tokens", "repair_success", "skipped", "skipped_total", "lr",
     "time_sample", "time_reward", "time_correct", "time_advantage", "time_update", "time_step",
 ]
-
-
-# ------------------------------------------------------------------------------------------ config
-def test_yaml_round_trip(tmp_path):
-    cfg = TrainConfig(label="x", estimator="ibpo", lam=0.3, task_kwargs={"n_steps": 3}, stop=["\n\n"],
-                      adam_betas=[0.8, 0.9], lr=2e-5, minibatch_size=8)
-    text = cfg.to_yaml(tmp_path / "c.yaml")
-    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
-    assert TrainConfig.from_yaml(text) == cfg
-    # YAML 1.1 reads 1e-5 as a string: the config coerces it to the field's type
-    assert TrainConfig.from_yaml("lr: 1e-5\nsteps: '3'\n").lr == pytest.approx(1e-5)
-
-
-def test_every_field_has_help():
-    import dataclasses
-
-    for f in dataclasses.fields(TrainConfig):
-        assert f.metadata.get("help"), f.name
-    assert "repair_k" in TrainConfig.help()
-
-
-@pytest.mark.parametrize(
-    "kw, field",
-    [
-        (dict(estimator="ppo2"), "estimator"),
-        (dict(estimator="ibpo", repair_k=8, group_size=8), "repair_k"),
-        (dict(lam=-0.1), "lam"),
-        (dict(prompts_per_step=3, group_size=4, minibatch_size=5), "minibatch_size"),
-        (dict(task=""), "task"),
-        (dict(task=None), "task"),
-        (dict(task="no-such-task"), "task"),
-        (dict(loss="dpo"), "loss"),
-        (dict(device="tpu"), "device"),
-        (dict(group_size=1), "group_size"),
-        (dict(seed="abc"), "seed"),
-        (dict(bilateral=True, estimator="grpo"), "bilateral"),
-        (dict(agg="mean"), "agg"),
-        (dict(save_checkpoints=False, checkpoint_every=2), "checkpoint_every"),
-        (dict(save_checkpoints="maybe"), "save_checkpoints"),
-    ],
-)
-def test_invalid_config_raises_one_error_naming_the_field(kw, field):
-    with pytest.raises(ValueError, match=rf"invalid TrainConfig: .*\b{field}\b") as e:
-        TrainConfig(**kw)
-    assert str(e.value).count(field) >= 1
-
-
-def test_unknown_yaml_field_is_an_error():
-    with pytest.raises(ValueError, match="unknown field.*'lamda'"):
-        TrainConfig.from_yaml("lamda: 0.5\nsteps: 2\n")
-
-
-def test_repair_k_only_limited_for_correcting_estimators():
-    TrainConfig(estimator="grpo", group_size=2, repair_k=5)  # no corrector runs: K is unused
-    with pytest.raises(ValueError, match="repair_k"):
-        TrainConfig(estimator="ibpo", group_size=2, repair_k=2)
-
-
-def test_overrides_parse_yaml_values_and_dict_keys():
-    cfg = TrainConfig().with_overrides(["steps=3", "lr=1e-4", "task_kwargs.n_steps=3", "stop=['\\n\\n']",
-                                        "bilateral=true"])
-    assert (cfg.steps, cfg.lr, cfg.task_kwargs, cfg.bilateral) == (3, 1e-4, {"n_steps": 3}, True)
-    with pytest.raises(ValueError, match="unknown field 'stepz'"):
-        TrainConfig().with_overrides(["stepz=3"])
-    with pytest.raises(ValueError, match="lam"):
-        TrainConfig().with_overrides(["lam=-1"])
-
-
-def test_presets():
-    s = T.presets("smoke", estimator="grpo", seed=3)
-    assert (s.estimator, s.seed, s.device) == ("grpo", 3, "cpu")
-    assert s.steps * s.batch_size <= 6 * 4 * 8 and s.model == "tiny"
-    assert s.minibatch_size == s.batch_size // 2
-    assert T.presets("smoke", group_size=5, prompts_per_step=3).minibatch_size == 0  # 15 does not split in 2
-    assert T.presets("smoke", minibatch_size=8).minibatch_size == 8
-    f = T.presets("full")
-    assert f.backend == "vllm" and f.task == "gsm8k" and f.minibatch_size * 4 == f.batch_size
-    with pytest.raises(ValueError, match="profile"):
-        T.presets("huge")
-    with pytest.raises(ValueError, match="lam"):
-        T.presets("smoke", lam=-1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -150,80 +68,11 @@ def test_lr_schedules():
     assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and all(a > b for a, b in zip(cos, cos[1:]))
 
 
-# ------------------------------------------------------------------------------------------ records
-def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
-    T.save_checkpoint(tmp_path, {"step": 1, "x": torch.ones(2)})
-    real_save = torch.save
-
-    def full_disk(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="could not write the checkpoint.*previous checkpoint.*kept"):
-        T.save_checkpoint(tmp_path, {"step": 2, "x": torch.zeros(2)})
-    monkeypatch.setattr(torch, "save", real_save)
-    state = T._load_checkpoint_state(tmp_path)
-    assert state["step"] == 1 and torch.equal(state["x"], torch.ones(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temp folders left behind
-
-
-def test_load_run_tolerates_a_truncated_last_line(tmp_path):
-    TrainConfig().to_yaml(tmp_path / "config.yaml")
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "accuracy": 0.5}) + "\n{\"step\": 2, \"acc")
-    with pytest.warns(UserWarning, match="truncated last line"):
-        rec = T.load_run(tmp_path)
-    assert rec.metrics["step"].tolist() == [1]
-    with pytest.raises(ValueError, match="not a run folder"):
-        T.load_run(tmp_path / "nope")
-
-
-def test_trajectory_frame_records_example_id_and_step_labels():
-    from ibpo_lab.tasks import get_task
-    from ibpo_lab.tasks.synthetic import SyntheticTask
-
-    task = get_task("synthetic")
-    exs = task.examples("train", n=2)
-    rng = np.random.default_rng(0)
-    good = task.solutions(exs[1], 1, rng)[0]
-    bad = str(task.inject_error(exs[1], good, rng))
-    texts = [good, "", good, bad]  # group 0 gets ex 1's solution: a wrong answer to ex 0
-    batch = RolloutBatch(prompt_ids=[[1, 2]] * 4, response_ids=[[3, 4, 5]] * 4, rewards=[0.0, 1.0, 0.0, 1.0],
-                         group_ids=[0, 0, 1, 1], responses=texts)
-    df = T.trajectory_frame(batch, torch.zeros(4, 3), step=1, examples=exs, task=task)
-    assert df["example_id"].tolist() == [exs[0].id, exs[0].id, exs[1].id, exs[1].id]
-    want = [task.step_labels(exs[g], t) for g, t in zip([0, 0, 1, 1], texts)]
-    assert df["step_labels"].tolist() == want
-    assert all(want[2]) and want[3] is not None and not all(want[3])
-
-    class Broken(SyntheticTask):
-        def step_labels(self, example, response):
-            raise RuntimeError("labeller bug")
-
-    df = T.trajectory_frame(batch, torch.zeros(4, 3), step=1, examples=exs, task=Broken())
-    assert df["step_labels"].tolist() == [None] * 4  # a failing labeller costs the labels, not the run
-    assert "example_id" not in T.trajectory_frame(batch, torch.zeros(4, 3), step=1).columns
-
-
-def test_summarise_runs_ci_over_seeds():
-    def rec(label, seed, acc):
-        return RunRecord(path=None, config=TrainConfig(label=label, seed=seed),
-                         metrics=pd.DataFrame({"accuracy": [0.0, acc], "reward_mean": [0.0, acc]}),
-                         eval=pd.DataFrame({"step": [2], "avg@k": [acc]}))
-
-    vals = [0.2, 0.4, 0.6]
-    df = T.summarise_runs([rec("a", s, v) for s, v in enumerate(vals)] + [rec("b", 0, 0.9)]).set_index("label")
-    m, sd = np.mean(vals), np.std(vals, ddof=1)
-    assert df.loc["a", "mean"] == pytest.approx(m)
-    assert df.loc["a", "ci_hi"] - m == pytest.approx(4.303 * sd / math.sqrt(3), rel=1e-3)  # t(0.975, df=2)
-    assert df.loc["a", "n_seeds"] == 3 and df.loc["b", "n_seeds"] == 1 and math.isnan(df.loc["b", "ci_lo"])
-
-
 # ------------------------------------------------------------------------------------------ training runs
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "ibpo"])
 def test_two_step_run_writes_every_record(tmp_path, estimator):
-    rec = T.train(small(estimator=estimator, repair_k=2), tmp_path / estimator, progress=False)
+    rec = T.train(small(estimator=estimator, correct={"num_references": 2}), tmp_path / estimator, progress=False)
     p = rec.path
     for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoint/state.pt",
                  "trajectories/step_000001.parquet", "trajectories/step_000002.parquet"):
@@ -233,7 +82,7 @@ def test_two_step_run_writes_every_record(tmp_path, estimator):
     assert m["step"].tolist() == [1, 2]
     assert not set(METRIC_COLUMNS) - set(m.columns), set(METRIC_COLUMNS) - set(m.columns)
     documented = {c for c in m.columns if not c.startswith(("loss_", "correct_"))}
-    assert documented <= set(T.METRIC_HELP), documented - set(T.METRIC_HELP)
+    assert documented <= set(R.METRIC_HELP), documented - set(R.METRIC_HELP)
     assert m["updates"].eq(1).all()
     # a step learns something exactly when some group has mixed rewards (or IBPO's shaping varies)
     has_signal = m["active_tokens"] > 0
@@ -243,7 +92,7 @@ def test_two_step_run_writes_every_record(tmp_path, estimator):
     assert len(t[t["kind"] == "policy"]) == 8 and set(t["group"]) == {0, 1}
     assert [len(a) for a in t["advantages"]] == t["response_len"].tolist()
     assert rec.trajectories()["step"].tolist().count(1) >= 8
-    task = T.build_task(rec.config)
+    task = S.build_task(rec.config)
     picked = T.pick_examples(task.examples(rec.config.train_split), rec.config, 2)
     by_id = {e.id: e for e in picked}
     assert t["example_id"].tolist() == [picked[g].id for g in t["group"]]  # repairs keep their source's example
@@ -287,7 +136,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     cfg = small(steps=4, checkpoint_every=2, eval_every=2, estimator="rloo")
     straight = T.train(cfg, tmp_path / "straight", progress=False)
 
-    real_write, calls = T._write_trajectories, []
+    real_write, calls = T.write_trajectories, []
 
     def killed_in_step_3(*a, **k):
         calls.append(1)
@@ -296,13 +145,13 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_write(*a, **k)
 
-    monkeypatch.setattr(T, "_write_trajectories", killed_in_step_3)
+    monkeypatch.setattr(T, "write_trajectories", killed_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, tmp_path / "resumed", progress=False)
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 4, "rew')  # and a torn half-written line, as a kill mid-write leaves
-    assert T._load_checkpoint_state(tmp_path / "resumed")["step"] == 2
-    monkeypatch.setattr(T, "_write_trajectories", real_write)
+    assert R.load_checkpoint_state(tmp_path / "resumed")["step"] == 2
+    monkeypatch.setattr(T, "write_trajectories", real_write)
 
     real_update, after = T.policy_update, []
 
@@ -317,8 +166,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(_strip_times(straight.metrics), _strip_times(resumed.metrics))
     pd.testing.assert_frame_equal(straight.eval, resumed.eval)
     pd.testing.assert_frame_equal(straight.trajectories(4), resumed.trajectories(4))
-    a = T._load_checkpoint_state(straight.path)["model"]
-    b = T._load_checkpoint_state(resumed.path)["model"]
+    a = R.load_checkpoint_state(straight.path)["model"]
+    b = R.load_checkpoint_state(resumed.path)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -347,18 +196,18 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_after_three(tmp_path):
     cfg = small(loss="nan-always-test", steps=5, eval_n=0)
     with pytest.raises(T.NonFiniteLossError, match="3 optimiser steps in a row"):
         T.train(cfg, tmp_path / "always", progress=False)
-    rec = T.load_run(tmp_path / "always")
+    rec = R.load_run(tmp_path / "always")
     assert rec.metrics["skipped_total"].tolist() == [1, 2, 3]
-    state = T._load_checkpoint_state(rec.path)
+    state = R.load_checkpoint_state(rec.path)
     assert state["step"] == 3
     # nothing was applied: the checkpointed weights are the initial ones
-    init = T.build_policy(cfg, None, torch.device("cpu")).model.state_dict()
+    init = S.build_policy(cfg, None, torch.device("cpu")).model.state_dict()
     assert all(torch.equal(init[k], state["model"][k]) for k in init)
 
 
 @pytest.mark.slow
 def test_bilateral_trains_repairs_off_policy(tmp_path):
-    rec = T.train(small(estimator="ibpo", bilateral=True, repair_k=2, is_cap=1.5, eval_n=0, steps=1,
+    rec = T.train(small(estimator="ibpo", bilateral=True, correct={"num_references": 2}, is_cap=1.5, eval_n=0, steps=1,
                         prompts_per_step=3), tmp_path / "bi", progress=False)
     t = rec.trajectories(1)
     rep = t[t["kind"] == "repaired"]
@@ -386,7 +235,7 @@ def test_cli_prints_run_dir(tmp_path, capsys):
     assert T.main([str(cfg_path), "--set", "steps=1", "label=cli", "kl_coef=0.05", "--out", str(out),
                    "--no-progress"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
-    rec = T.load_run(out)
+    rec = R.load_run(out)
     assert rec.config.label == "cli" and rec.metrics["step"].tolist() == [1]
     assert rec.metrics["kl_ref"].iloc[0] == 0.0  # the reference is the initial policy: no KL before any update
 
@@ -395,9 +244,9 @@ def test_cli_prints_run_dir(tmp_path, capsys):
 def test_evaluate_and_train_many(tmp_path):
     recs = T.train_many([small(steps=1, seed=s, eval_n=2) for s in (0, 1)], tmp_path, progress=False)
     assert [r.path.name for r in recs] == ["grpo-seed0", "grpo-seed1"]
-    df = T.summarise_runs(recs)
+    df = R.summarise_runs(recs)
     assert df["n_seeds"].tolist() == [2]
-    pd.testing.assert_frame_equal(T.summarise_runs([r.path for r in recs]), df)
+    pd.testing.assert_frame_equal(R.summarise_runs([r.path for r in recs]), df)
     policy = recs[0].load_policy()
     ev = T.evaluate(policy, "synthetic", split="test", n=3, k=2, temperature=1.0, seed=0, max_new_tokens=40)
     assert ev["n"] == 3 and ev["k"] == 2 and 0 <= ev["avg@k"] <= ev["pass@k"] <= 1
@@ -432,3 +281,11 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(agg):
     for micro in (1, 4):
         for a, b in zip(whole, _toy_update(micro, agg)):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cli_resolves_names_and_nested_overrides(capsys):
+    assert T.main(["ibpo", "--set", "correct.num_references=3", "estimator_kwargs.lam=0.2", "--print-config"]) == 0
+    cfg = TrainConfig.from_yaml(capsys.readouterr().out)
+    assert (cfg.label, cfg.correct.num_references, cfg.estimator_kwargs["lam"]) == ("ibpo", 3, 0.2)
+    with pytest.raises(SystemExit):
+        T.main(["ibpo", "--set", "repair_k=3", "--print-config"])

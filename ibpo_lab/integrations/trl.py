@@ -52,14 +52,7 @@ import torch
 from torch import Tensor
 
 from ibpo_lab.advantages import get_estimator
-from ibpo_lab.correct import (
-    NO_CORRECT_POLICIES,
-    REFERENCE_SELECTIONS,
-    CorrectConfig,
-    CorrectionResult,
-    compare_and_correct,
-    list_operators,
-)
+from ibpo_lab.correct import CorrectConfig, CorrectionResult, compare_and_correct
 from ibpo_lab.rollout import RolloutBatch
 
 __all__ = [
@@ -80,9 +73,6 @@ __all__ = [
 
 #: dataset column holding each row's ``Example.id`` (TRL passes every column to reward functions)
 EXAMPLE_ID_COLUMN = "example_id"
-
-_CORRECT_HELP = CorrectConfig.help()
-
 
 # --------------------------------------------------------------------------- data and rewards
 def examples_by_id(examples: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
@@ -165,6 +155,31 @@ def _ibpo(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
+#: CorrectConfig fields whose IBPOConfig value None means "TRL's own setting" (CorrectConfig field -> TRL field)
+_CORRECT_FROM_TRL = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_completion_length"}
+#: CorrectConfig fields IBPOConfig takes from its ibpo_* fields instead (one ρ for the estimator and the stats)
+_CORRECT_FROM_IBPO = {"rho": "ibpo_rho"}
+
+
+def _add_correct_fields(namespace: dict) -> None:
+    """Declare ``correct_<name>`` for every CorrectConfig field in a class body being built (so
+    IBPOConfig's compare-and-correct fields are CorrectConfig's, with its defaults and help)."""
+    import dataclasses
+
+    ann = namespace.setdefault("__annotations__", {})
+    for f in dataclasses.fields(CorrectConfig):
+        if f.name in _CORRECT_FROM_IBPO:
+            continue
+        name, help = f"correct_{f.name}", f.metadata.get("help", "")
+        if f.name in _CORRECT_FROM_TRL:
+            ann[name] = f"{str(f.type).replace(' | None', '')} | None"
+            namespace[name] = _ibpo(None, f"{help}. None = TRL's `{_CORRECT_FROM_TRL[f.name]}`")
+        else:
+            ann[name] = str(f.type)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            namespace[name] = _ibpo(default, help)
+
+
 @dataclass
 class IBPOConfig(GRPOConfig):
     """TRL's ``GRPOConfig`` plus IBPO's fields (``ibpo_*``: the estimator; ``correct_*``: compare-and-correct).
@@ -192,34 +207,15 @@ class IBPOConfig(GRPOConfig):
     )
     ibpo_success_threshold: float = _ibpo(0.5, "a trajectory counts as failed when its reward is below this")
     ibpo_eps: float = _ibpo(1e-4, "added to the group std when scaling (TRL's GRPO uses 1e-4; ibpo_lab's default is 1e-6)")
-    correct_operator: str = _ibpo("policy", _CORRECT_HELP["operator"])
-    correct_num_references: int = _ibpo(2, _CORRECT_HELP["num_references"])
-    correct_revisions_per_reference: int = _ibpo(1, _CORRECT_HELP["revisions_per_reference"])
-    correct_reference_selection: str = _ibpo("correct_first", _CORRECT_HELP["reference_selection"])
-    correct_no_correct: str = _ibpo("skip", _CORRECT_HELP["no_correct"])
-    correct_temperature: float | None = _ibpo(None, "sampling temperature of the repairs; None = `temperature`")
-    correct_top_p: float | None = _ibpo(None, "nucleus sampling of the repairs; None = `top_p`")
-    correct_max_new_tokens: int | None = _ibpo(
-        None, "token budget of one repair; None = `max_completion_length` (a repair is about as long as the attempt)"
-    )
-    correct_stop: list[str] | None = _ibpo(None, _CORRECT_HELP["stop"])
-    correct_truncate_k: int | None = _ibpo(None, _CORRECT_HELP["truncate_k"])
-    correct_success_threshold: float = _ibpo(1.0, _CORRECT_HELP["success_threshold"])
-    correct_insertion_credit: bool = _ibpo(True, _CORRECT_HELP["insertion_credit"])
+    # correct_<name>: one field per CorrectConfig field, with its help text (a new CorrectConfig field
+    # appears here by itself); temperature/top_p/max_new_tokens default to TRL's own settings, ρ is ibpo_rho
+    _add_correct_fields(locals())
     correct_max_batch_size: int = _ibpo(
         64, "at most this many repair trajectories decode together (ibpo_lab's hf sampler, per process)"
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.correct_operator not in list_operators():
-            raise ValueError(f"correct_operator must be one of {list_operators()}, got {self.correct_operator!r}")
-        if self.correct_reference_selection not in REFERENCE_SELECTIONS:
-            raise ValueError(
-                f"correct_reference_selection must be one of {REFERENCE_SELECTIONS}, got {self.correct_reference_selection!r}"
-            )
-        if self.correct_no_correct not in NO_CORRECT_POLICIES:
-            raise ValueError(f"correct_no_correct must be one of {NO_CORRECT_POLICIES}, got {self.correct_no_correct!r}")
         if self.ibpo_no_repair not in ("sequence", "zero"):
             raise ValueError(f"ibpo_no_repair must be 'sequence' or 'zero', got {self.ibpo_no_repair!r}")
         if self.ibpo_empty_edit not in ("error", "sequence", "zero"):
@@ -242,22 +238,21 @@ class IBPOConfig(GRPOConfig):
         self.correct_config()  # validates the correct_* fields with CorrectConfig's own checks
 
     def correct_config(self) -> CorrectConfig:
-        """The :class:`~ibpo_lab.correct.CorrectConfig` these fields describe."""
-        return CorrectConfig(
-            operator=self.correct_operator,
-            num_references=self.correct_num_references,
-            revisions_per_reference=self.correct_revisions_per_reference,
-            reference_selection=self.correct_reference_selection,
-            no_correct=self.correct_no_correct,
-            temperature=self.temperature if self.correct_temperature is None else self.correct_temperature,
-            top_p=self.top_p if self.correct_top_p is None else self.correct_top_p,
-            max_new_tokens=self.max_completion_length if self.correct_max_new_tokens is None else self.correct_max_new_tokens,
-            stop=self.correct_stop,
-            truncate_k=self.correct_truncate_k,
-            rho=self.ibpo_rho,
-            success_threshold=self.correct_success_threshold,
-            insertion_credit=self.correct_insertion_credit,
-        )
+        """The :class:`~ibpo_lab.correct.CorrectConfig` these fields describe (its own checks, errors
+        naming the ``correct_*`` field)."""
+        import dataclasses
+
+        kw = {}
+        for f in dataclasses.fields(CorrectConfig):
+            if f.name in _CORRECT_FROM_IBPO:
+                kw[f.name] = getattr(self, _CORRECT_FROM_IBPO[f.name])
+                continue
+            v = getattr(self, f"correct_{f.name}")
+            kw[f.name] = getattr(self, _CORRECT_FROM_TRL[f.name]) if v is None and f.name in _CORRECT_FROM_TRL else v
+        try:
+            return CorrectConfig(**kw)
+        except ValueError as e:
+            raise ValueError(f"correct_{e}") from None
 
     def estimator_params(self) -> dict[str, Any]:
         """Keyword arguments of ``get_estimator("ibpo")`` these fields describe."""
