@@ -207,5 +207,6 @@ def test_shaping_moments_use_the_estimators_shaping_threshold():
     # threshold 0.3: rewards of 0.4 count as successes (φ = 0); threshold 0.5: as failures
     lo = shaping_moments(b, lam=1.0, rho=1.0, success_threshold=0.3).iloc[0]
     hi = shaping_moments(b, lam=1.0, rho=1.0, success_threshold=0.5).iloc[0]
-    assert lo.var_phi == pytest.approx(np.var([0, 0, 0, 0.5], ddof=1))
-    assert hi.var_phi == pytest.approx(np.var([1.0, 0, 0, 0.5], ddof=1))
+    # φ = ρ·1[a revision verified] (the published indicator): the 0.5 share counts as a success
+    assert lo.var_phi == pytest.approx(np.var([0, 0, 0, 1.0], ddof=1))
+    assert hi.var_phi == pytest.approx(np.var([1.0, 0, 0, 1.0], ddof=1))

@@ -47,7 +47,7 @@ def test_shaping_moments_decompose_and_covariance_is_negative():
     np.testing.assert_allclose(m.var_shaped, m.var_decomposed, atol=1e-12)
     g0 = m.iloc[0]
     r = np.array([1, 0, 0, 1.0])
-    phi = 0.5 * np.array([0, 1.0, 0.5, 0])
+    phi = 0.5 * np.array([0, 1.0, 1.0, 0])  # φ = ρ·1[a revision verified] on failures (the published indicator)
     assert np.isclose(g0.var_R, r.var(ddof=1)) and np.isclose(g0.var_phi, phi.var(ddof=1))
     assert np.isclose(g0.cov_R_phi, np.cov(r, phi)[0, 1]) and g0.cov_R_phi < 0
     assert np.isclose(g0.var_shaped, (r + 0.6 * phi).var(ddof=1))
