@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -87,7 +88,7 @@ def test_big_files_are_refused():
 
 @pytest.mark.parametrize("cfg", [FAST, NO_GUARD], ids=["guard", "no-guard"])
 def test_deleting_files_outside_the_temp_dir_fails(tmp_path, cfg):
-    if cfg is NO_GUARD and REPORT["runs_as"] != "nobody":
+    if cfg is NO_GUARD and not (REPORT["runs_as"] == "nobody" or REPORT.get("uid_per_run")):
         pytest.skip(f"without the Python guard only a different user protects our files: {REPORT}")
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
@@ -134,8 +135,12 @@ def test_temp_dir_is_private_and_removed():
     r = _run("import os\nprint(os.getcwd())\nopen('scratch.txt', 'w').write('x')\n")
     assert r.passed
     workdir = r.stdout.decode().strip()
-    assert os.path.basename(workdir).startswith("ibpo-sandbox-")
-    assert not os.path.exists(workdir)
+    if REPORT.get("private_tmp"):
+        assert workdir == "/tmp"  # the private tmpfs; the host's /tmp never sees scratch.txt
+        assert not os.path.exists("/tmp/scratch.txt")
+    else:
+        assert os.path.basename(workdir).startswith("ibpo-sandbox-")
+        assert not os.path.exists(workdir)
 
 
 def test_program_must_be_text():
@@ -155,3 +160,295 @@ def test_config_validation():
 def test_runner_survives_and_still_works():
     # after every hostile case above, this process still runs programs normally
     assert _run("assert sum(range(10)) == 45\n").passed
+
+
+# ---------------------------------------------------------------- issue 14, items 7-9
+# Whether this machine can give a run its own mount namespace and uids is probed here, not read from
+# the module under test, so that these tests also run (and fail) against a sandbox without those layers.
+def _machine_can(cmd: list[str]) -> bool:
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+ROOT = os.geteuid() == 0
+CAN_MOUNT_NS = _machine_can(["unshare", "-m", "true"] if ROOT else ["unshare", "-r", "-m", "true"])
+needs_mount_ns = pytest.mark.skipif(not CAN_MOUNT_NS, reason="no mount namespace on this machine")
+needs_uids = pytest.mark.skipif(not (ROOT and CAN_MOUNT_NS), reason="distinct uids per run need root")
+TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _host_leftovers(name: str) -> list[str]:
+    return [os.path.join(d, name) for d in TMP_DIRS if os.path.lexists(os.path.join(d, name))]
+
+
+def _remove(paths):
+    for p in paths:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+
+
+@needs_mount_ns
+def test_temp_writes_vanish_and_nothing_else_is_writable():
+    name = f"ibpo-leftover-{uuid.uuid4().hex}"
+    others = ["/", "/run/lock", "/root", os.getcwd(), os.path.dirname(os.__file__), "/usr/local", "/etc"]
+    prog = (
+        "import os\n"
+        f"for d in {TMP_DIRS!r}:\n"
+        f"    with open(os.path.join(d, {name!r}), 'w') as f:\n"
+        "        f.write('x' * 1000)\n"
+        "    print('TEMP-OK', d)\n"
+        f"for d in {others!r}:\n"
+        "    try:\n"
+        f"        with open(os.path.join(d, {name!r}), 'w') as f:\n"
+        "            f.write('x')\n"
+        "        print('WROTE', d)\n"
+        "    except OSError as e:\n"
+        "        print('REFUSED', d, e.errno)\n"
+    )
+    try:
+        r = _run(prog, NO_GUARD)
+        out = r.stdout.decode()
+        assert r.passed, r
+        assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("TEMP-OK")] == list(TMP_DIRS)
+        assert "WROTE" not in out, out  # nothing but the private temp is writable
+        assert _host_leftovers(name) == []  # and what was written there is gone
+        assert not any(os.path.lexists(os.path.join(d, name)) for d in others)
+    finally:
+        _remove(_host_leftovers(name) + [os.path.join(d, name) for d in others])
+
+
+@needs_mount_ns
+@pytest.mark.parametrize("where", TMP_DIRS)
+def test_writing_more_than_the_temp_cap_fails_and_the_host_is_fine(where):
+    name = f"ibpo-big-{uuid.uuid4().hex}"
+    cfg = SandboxConfig(timeout_s=5.0, python_guard=False, tmp_bytes=1 << 20, max_file_bytes=64 << 20)
+    # 4 MiB in 64 KiB writes: under the file-size limit, over the 1 MiB temp cap
+    prog = f"with open({os.path.join(where, name)!r}, 'wb') as f:\n    for _ in range(64):\n        f.write(b'x' * 65536)\n"
+    try:
+        r = _run(prog, cfg)
+        assert not r.passed and "No space left" in r.reason, r
+        assert _host_leftovers(name) == []
+        assert _run("assert sum(range(10)) == 45\n", cfg).passed
+    finally:
+        _remove(_host_leftovers(name))
+
+
+@needs_mount_ns
+def test_the_three_temp_dirs_share_one_cap():
+    # 600 KiB in each: each fits alone in 1 MiB, the three together do not
+    cfg = SandboxConfig(timeout_s=5.0, python_guard=False, tmp_bytes=1 << 20)
+    prog = "".join(f"open({os.path.join(d, 'part')!r}, 'wb').write(b'x' * (600 << 10))\n" for d in TMP_DIRS)
+    r = _run(prog, cfg)
+    assert not r.passed and "No space left" in r.reason, r
+    assert _run(prog.splitlines()[0] + "\n", cfg).passed
+
+
+@needs_uids
+def test_parallel_sandboxes_each_get_their_own_process_limit():
+    # each correct program needs 7 of its 8 processes at once; on one shared uid, runs in parallel
+    # exhaust the limit together and some fail with "Resource temporarily unavailable"
+    cfg = SandboxConfig(timeout_s=20.0, python_guard=False, max_processes=8)
+    prog = (
+        "import os, time\n"
+        "kids = []\n"
+        "for _ in range(6):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        time.sleep(1.0)\n"
+        "        os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "for pid in kids:\n"
+        "    assert os.waitpid(pid, 0)[1] == 0\n"
+        "print(os.getuid())\n"
+    )
+    results = [None] * 6
+
+    def one(i):
+        results[i] = run_python(prog, cfg)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert [r.passed for r in results] == [True] * 6, [r.reason for r in results]
+    assert all(live_processes(r.sandbox_id) == [] for r in results)
+
+
+@needs_uids
+def test_parallel_correct_programs_all_score_one():
+    from ibpo_lab.tasks.humaneval import HumanEvalTask
+
+    task = HumanEvalTask(sandbox=SandboxConfig(timeout_s=10.0), workers=4)
+    sample = task.examples()[:8]
+    assert task.rewards(sample, [task.gold_response(e) for e in sample]) == [1.0] * 8
+
+
+@needs_mount_ns
+def test_a_module_planted_by_one_run_cannot_be_imported_by_another():
+    name = f"ibpo_planted_{uuid.uuid4().hex}"
+    planter = (
+        "import glob, os, sys, time\n"
+        f"dirs = {TMP_DIRS!r} + (os.getcwd(),) + tuple(glob.glob('/tmp/ibpo-sandbox-*'))\n"
+        "for d in dirs:\n"
+        "    try:\n"
+        f"        open(os.path.join(d, {name!r} + '.py'), 'w').write('PLANTED = True\\n')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        f"sys.path[:0] = list(dirs)\n"
+        f"import {name}\n"  # the planter itself can import it
+        "time.sleep(2.0)\n"
+    )
+    victim = (
+        "import glob, importlib, os, sys, time\n"
+        "end = time.time() + 2.0\n"
+        "while time.time() < end:\n"
+        f"    sys.path[:0] = list({TMP_DIRS!r}) + [os.getcwd()] + glob.glob('/tmp/ibpo-sandbox-*') + glob.glob('/proc/*/cwd')\n"
+        "    importlib.invalidate_caches()\n"
+        "    try:\n"
+        f"        importlib.import_module({name!r})\n"
+        "        print('IMPORTED')\n"
+        "        break\n"
+        "    except ImportError:\n"
+        "        time.sleep(0.05)\n"
+    )
+    cfg = SandboxConfig(timeout_s=10.0, python_guard=False)
+    got = {}
+    th = threading.Thread(target=lambda: got.update(planter=run_python(planter, cfg)))
+    th.start()
+    try:
+        time.sleep(0.3)
+        got["victim"] = _run(victim, cfg)
+        th.join()
+        assert got["planter"].passed, got["planter"]
+        assert got["victim"].passed and b"IMPORTED" not in got["victim"].stdout, got["victim"]
+    finally:
+        th.join()
+        _remove([os.path.join(d, name + ".py") for d in TMP_DIRS])
+
+
+# Reward forgery. Each thief is a wrong HumanEval/0 completion (it returns the wrong answer) that tries one
+# way to make the harness report success; run on the task itself, the way rewards are computed.
+_FIND_AND_FORGE = (
+    "    import os, re, sys\n"
+    "    def forge(found):\n"
+    "        for tok in set(found):\n"
+    "            for fd in range(3, 64):\n"
+    "                try:\n"
+    "                    os.write(fd, tok if isinstance(tok, bytes) else str(tok).encode())\n"
+    "                except OSError:\n"
+    "                    pass\n"
+    "        os._exit(0)\n"
+    "    hexes = lambda text: re.findall(r'(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])', text)\n"
+)
+THIEVES = {
+    # the known path: the runner's token in its module's globals
+    "main-module": "    found = [v for v in vars(sys.modules['__main__']).values() if isinstance(v, (str, bytes))]\n    forge(found)\n",
+    "frames": (
+        "    found, f = [], sys._getframe()\n"
+        "    while f is not None:\n"
+        "        for ns in (f.f_locals, f.f_globals):\n"
+        "            found += [v for v in ns.values() if isinstance(v, (str, bytes))]\n"
+        "        f = f.f_back\n"
+        "    forge(found)\n"
+    ),
+    "gc": (
+        "    import gc\n"
+        "    found = [o for o in gc.get_objects() if isinstance(o, (str, bytes))]\n"
+        "    for o in gc.get_objects():\n"
+        "        if isinstance(o, dict):\n"
+        "            found += [v for v in o.values() if isinstance(v, (str, bytes))]\n"
+        "    forge(found)\n"
+    ),
+    "env-argv-files": (
+        "    text = repr(dict(os.environ)) + repr(sys.argv)\n"
+        "    for p in ['/proc/self/cmdline', '/proc/self/environ', '/proc/1/cmdline', '/proc/1/environ', '/proc/self/fd/0']:\n"
+        "        try:\n"
+        "            text += open(p, 'rb').read().decode('latin-1')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    forge(hexes(text))\n"
+    ),
+    "inherited-fds": (
+        "    found = []\n"
+        "    for fd in range(0, 64):\n"
+        "        try:\n"
+        "            os.set_blocking(fd, False)\n"
+        "            found.append(os.read(fd, 4096))\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    forge([t for b in found for t in hexes(b.decode('latin-1'))] + found)\n"
+    ),
+    "process-memory": (
+        "    found = []\n"
+        "    for pid in ('self', '1', str(os.getppid())):\n"
+        "        try:\n"
+        "            maps = open(f'/proc/{pid}/maps').read().splitlines()\n"
+        "            mem = open(f'/proc/{pid}/mem', 'rb')\n"
+        "        except OSError:\n"
+        "            continue\n"
+        "        for line in maps:\n"
+        "            lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+        "            if 'r' not in line.split()[1] or hi - lo > 64 << 20:\n"
+        "                continue\n"
+        "            try:\n"
+        "                mem.seek(lo)\n"
+        "                found += hexes(mem.read(hi - lo).decode('latin-1'))\n"
+        "            except (OSError, ValueError, OverflowError):\n"
+        "                pass\n"
+        "    forge(found)\n"
+    ),
+    "always-equal": (
+        "    class Anything:\n"
+        "        def __eq__(self, other):\n"
+        "            return True\n"
+        "        __ne__ = lambda self, other: False\n"
+        "        __bool__ = lambda self: True\n"
+        "    return Anything()\n"
+    ),
+    "patch-the-check": (
+        "    import builtins\n"
+        "    builtins.AssertionError = type('Nothing', (Exception,), {})\n"
+        "    for m in list(sys.modules.values()):\n"
+        "        if getattr(m, 'check', None) is not None:\n"
+        "            m.check = lambda candidate: None\n"
+        "    f = sys._getframe()\n"
+        "    while f is not None:\n"
+        "        if 'check' in f.f_globals:\n"
+        "            f.f_globals['check'] = lambda candidate: None\n"
+        "        f = f.f_back\n"
+        "    return False\n"
+    ),
+    "kill-the-checker": (
+        "    import signal\n"
+        "    for pid in (1, os.getppid()):\n"
+        "        try:\n"
+        "            os.kill(pid, signal.SIGKILL)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    os._exit(0)\n"
+    ),
+    "exit-early": "    os._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("how", sorted(THIEVES))
+def test_a_wrong_program_cannot_forge_its_reward(how):
+    from ibpo_lab.tasks.humaneval import HumanEvalTask
+
+    task = HumanEvalTask(sandbox=SandboxConfig(timeout_s=10.0, python_guard=False))  # no guard: the OS layers alone
+    ex = task.examples()[0]
+    completion = _FIND_AND_FORGE + THIEVES[how]
+    s = task.score(ex, completion)
+    assert s.reward == 0.0, s
+    # the same completion after a correct body is not needed to fail: a right answer still scores 1
+    assert task.reward(ex, task.gold_response(ex)) == 1.0
