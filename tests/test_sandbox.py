@@ -340,15 +340,19 @@ def test_a_module_planted_by_one_run_cannot_be_imported_by_another():
 # way to make the harness report success; run on the task itself, the way rewards are computed.
 _FIND_AND_FORGE = (
     "    import os, re, sys\n"
+    "    HEX = r'[0-9a-f]{32}'\n"
     "    def forge(found):\n"
-    "        for tok in set(found):\n"
-    "            for fd in range(3, 64):\n"
-    "                try:\n"
-    "                    os.write(fd, tok if isinstance(tok, bytes) else str(tok).encode())\n"
-    "                except OSError:\n"
-    "                    pass\n"
+    "        # the first thing that looks like a token (32 hex digits, not this run's id), to every fd\n"
+    "        texts = [t.decode('latin-1') if isinstance(t, bytes) else t for t in found if isinstance(t, (str, bytes))]\n"
+    "        own = os.environ.get('IBPO_SANDBOX_ID')\n"
+    "        tokens = [t for t in texts if re.fullmatch(HEX, t) and t != own]\n"
+    "        for fd in range(3, 64):\n"
+    "            try:\n"
+    "                os.write(fd, tokens[0].encode())\n"
+    "            except (OSError, IndexError):\n"
+    "                pass\n"
     "        os._exit(0)\n"
-    "    hexes = lambda text: re.findall(r'(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])', text)\n"
+    "    hexes = lambda text: re.findall(r'(?<![0-9a-f])' + HEX + r'(?![0-9a-f])', text)\n"
 )
 THIEVES = {
     # the known path: the runner's token in its module's globals
@@ -452,3 +456,12 @@ def test_a_wrong_program_cannot_forge_its_reward(how):
     assert s.reward == 0.0, s
     # the same completion after a correct body is not needed to fail: a right answer still scores 1
     assert task.reward(ex, task.gold_response(ex)) == 1.0
+
+
+@pytest.mark.parametrize("how", ["main-module", "frames", "gc", "env-argv-files", "exit-early"])
+def test_run_python_token_is_not_in_the_programs_reach_by_introspection(how):
+    # run_python (one process) keeps the token out of the runner's globals, frames, objects, argv, env and
+    # files; reading it from its fd remains possible there (the module docstring says so; rewards use run_check)
+    prog = "def thief():\n" + _FIND_AND_FORGE + THIEVES[how] + "thief()\nassert False, 'wrong program'\n"
+    r = _run(prog, NO_GUARD)
+    assert not r.passed, r

