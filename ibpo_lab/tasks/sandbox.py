@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import json
+import marshal
 import math
 import os
 import pwd
@@ -147,8 +147,9 @@ class SandboxResult:
     isolation: dict
 
 
-# The runner, run as ``python -I -S -c _RUNNER CONFIG_JSON`` (inside the namespaces when there are any).
-# stdin: the sources as JSON (no secret); fd ``token_fd``: the end-of-program token (the secret); fd
+# The runner, run as ``python -I -S -c _BOOTSTRAP CODE CONFIG`` (inside the namespaces when there are any):
+# CODE is the runner compiled once by the sandbox's interpreter (compiling 10k characters of source on every
+# run cost 12-30 ms), CONFIG the marshalled settings, both hex. stdin: the sources, marshalled (no secret); fd ``token_fd``: the end-of-program token (the secret); fd
 # ``result_fd``: where the token goes when the program has passed. Everything runs inside _main(), so
 # the runner's module (``sys.modules['__main__']``) holds no state.
 #
@@ -167,9 +168,9 @@ import os, sys
 
 
 def _main():
-    import json
-    cfg = json.loads(sys.argv[1])
-    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    import marshal  # built in: config and sources arrive marshalled (json would import re first)
+    cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
+    payload = marshal.loads(sys.stdin.buffer.read())
     null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
     libc = _libc() if (cfg["mount"] or cfg["root_in_ns"]) else None
     if cfg["mount"]:
@@ -330,6 +331,8 @@ class CandidateExited(Exception):
 
 
 def _check(libc, cfg, payload, cwd):
+    import builtins, io, resource  # before the fork: both processes need them, import once
+    pickle = _pickle_module()
     req_r, req_w = os.pipe()
     resp_r, resp_w = os.pipe()
     if os.fork() == 0:  # C: the candidate's process
@@ -349,10 +352,9 @@ def _check(libc, cfg, payload, cwd):
     os.chdir("/")
     token = os.read(cfg["token_fd"], 64)
     os.close(cfg["token_fd"])
-    import builtins, io, pickle
     plain = {"complex", "set", "frozenset", "bytearray", "range", "slice"}
 
-    class PlainData(pickle.Unpickler):
+    class PlainData(pickle.Unpickler):  # the documented way to restrict unpickling (find_class)
         def find_class(self, module, name):
             if module == "builtins" and name in plain:
                 return getattr(builtins, name)
@@ -367,10 +369,6 @@ def _check(libc, cfg, payload, cwd):
             raise CandidateExited("the candidate exited before the end of the program (sys.exit/os._exit?)")
         return PlainData(io.BytesIO(data)).load()
 
-    ready = reply()
-    if ready[0] != "ready":
-        raise SystemExit(_fail(CandidateError(ready[1])))
-
     def candidate(*args, **kwargs):
         _send(req_w, pickle.dumps((args, kwargs), protocol=4))
         answer = reply()
@@ -379,7 +377,7 @@ def _check(libc, cfg, payload, cwd):
         raise CandidateError("%s: %s" % (answer[1], answer[2]))
 
     g = {"__name__": "__main__", "__builtins__": builtins}
-    try:
+    try:  # the tests are defined while the program process loads the solution
         helpers = payload["helpers"]
         try:
             code = compile(helpers, "helpers.py", "exec")
@@ -388,6 +386,9 @@ def _check(libc, cfg, payload, cwd):
         exec(code, g)
         g[payload["entry_point"]] = candidate  # tests may call the function by its name (HumanEval/33)
         exec(compile(payload["test"], "test.py", "exec"), g)
+        ready = reply()
+        if ready[0] != "ready":
+            raise CandidateError(ready[1])
         g["check"](candidate)
     except BaseException as e:
         raise SystemExit(_fail(e))
@@ -409,8 +410,16 @@ def _fail(e):
     os._exit(1)
 
 
+def _pickle_module():
+    try:
+        import _pickle as pickle  # the C pickler alone: "import pickle" also imports re (~20 ms on a busy machine)
+    except ImportError:
+        import pickle
+    return pickle
+
+
 def _serve(cfg, payload, req_r, resp_w):
-    import pickle
+    pickle = _pickle_module()
     dumps, loads, exit_, send, recv = pickle.dumps, pickle.loads, os._exit, _send, _recv
     g = {}
     failed = _run_source(payload["program"], "program.py", cfg["guard"], g)
@@ -512,6 +521,26 @@ def _legacy_plan(python: str | None, isolate_network: bool, drop_privileges: boo
         if unshare and _probe([unshare, *ns_flags, "--", interp, "-I", "-c", "import json"]):
             return {**base, "prefix": [unshare, *ns_flags, "--"], "python": interp, "uid": None, "pid_namespace": True, "net_namespace": isolate_network}
     return {**base, "prefix": [], "python": python or sys.executable, "uid": None, "pid_namespace": False, "net_namespace": False}
+
+
+_BOOTSTRAP = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv.pop(1))))"
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_runner(interp: str) -> str | None:
+    """``_RUNNER`` compiled and marshalled by ``interp`` itself (code objects are version-specific), as hex;
+    None if that fails (then the source is passed and compiled on every run)."""
+    code = "import marshal, sys; sys.stdout.write(marshal.dumps(compile(sys.stdin.read(), '<ibpo-sandbox-runner>', 'exec')).hex())"
+    try:
+        out = subprocess.run([interp, "-I", "-S", "-c", code], input=_RUNNER, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _runner_cmd(interp: str) -> list[str]:
+    compiled = _compiled_runner(interp)
+    return [interp, "-I", "-S", "-c", _BOOTSTRAP, compiled] if compiled else [interp, "-I", "-S", "-c", _RUNNER]
 
 
 @functools.lru_cache(maxsize=16)
@@ -687,7 +716,7 @@ def _execute(plan: dict, cfg: SandboxConfig, payload: dict, mode: str, probe: bo
     report = {} if probe else isolation_report(cfg)
     sandbox_id = uuid.uuid4().hex
     token = uuid.uuid4().hex
-    for key in ("program", "test", "helpers"):
+    for key in ("program", "test", "helpers", "entry_point"):
         try:
             payload.get(key, "").encode("utf-8")
         except UnicodeEncodeError as e:
@@ -719,7 +748,7 @@ def _execute(plan: dict, cfg: SandboxConfig, payload: dict, mode: str, probe: bo
                "IBPO_SANDBOX_ID": sandbox_id}
         # -I: ignore PYTHON* variables and the user site; -S: no site-packages (programs get the standard
         # library only, and start ~30% faster)
-        cmd = [*plan["prefix"], plan["python"], "-I", "-S", "-c", _RUNNER, json.dumps(conf)]
+        cmd = [*plan["prefix"], *_runner_cmd(plan["python"]), marshal.dumps(conf).hex()]
         # legacy plan without unshare: Popen itself switches to nobody (done in C after fork: thread-safe)
         as_user = {"user": plan["uid"][0], "group": plan["uid"][1], "extra_groups": []} if plan["uid"] and not plan["prefix"] else {}
         try:
@@ -739,7 +768,7 @@ def _execute(plan: dict, cfg: SandboxConfig, payload: dict, mode: str, probe: bo
             pass
         os.close(w_tok)
         try:
-            proc.stdin.write(json.dumps(payload).encode())
+            proc.stdin.write(marshal.dumps(payload))
             proc.stdin.close()
         except OSError:
             pass
