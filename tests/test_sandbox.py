@@ -465,3 +465,50 @@ def test_run_python_token_is_not_in_the_programs_reach_by_introspection(how):
     prog = "def thief():\n" + _FIND_AND_FORGE + THIEVES[how] + "thief()\nassert False, 'wrong program'\n"
     r = _run(prog, NO_GUARD)
     assert not r.passed, r
+
+
+def test_run_check_verdicts_and_reasons():
+    from ibpo_lab.tasks.sandbox import run_check
+
+    test = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(x=3) == 6\n"
+    ok = run_check("def double(x):\n    return 2 * x\n", test, "double", FAST)
+    assert ok.passed and ok.reason == "ok", ok
+    wrong = run_check("def double(x):\n    return x + 2\n", test, "double", FAST)
+    assert not wrong.passed and wrong.reason == "failed: AssertionError", wrong
+    raises = run_check("def double(x):\n    raise KeyError('k')\n", test, "double", FAST)
+    assert not raises.passed and "CandidateError: KeyError" in raises.reason, raises
+    missing = run_check("def triple(x):\n    return 3 * x\n", test, "double", FAST)
+    assert not missing.passed and "defines no function 'double'" in missing.reason, missing
+    broken = run_check("def double(x:\n", test, "double", FAST)
+    assert not broken.passed and "SyntaxError" in broken.reason, broken
+    # a return value that is not plain data never reaches the tests
+    # (Fraction(4) == 4 would pass the test; a Fraction is refused before it gets there)
+    obj = run_check("from fractions import Fraction\ndef double(x):\n    return Fraction(2 * x)\n", test, "double", FAST)
+    assert not obj.passed and "fractions.Fraction; only plain data" in obj.reason, obj
+    local = run_check("class Two:\n    pass\ndef double(x):\n    return Two()\n", test, "double", FAST)
+    assert not local.passed and "cannot be sent to the tests" in local.reason, local
+    # plain data of every kind crosses intact (tuples stay tuples, True stays the True singleton)
+    values = "(1, 2.5, 'x', b'y', None, True, [1], {'a': (2,)}, {3}, frozenset({4}), 1 + 2j, bytearray(b'z'))"
+    same = run_check(f"def f():\n    return {values}\n", f"def check(c):\n    v = c()\n    assert v == {values}\n    assert v[5] is True\n", "f", FAST)
+    assert same.passed, same
+    # arguments reach the candidate as copies; helpers (the prompt) are visible to the tests
+    helper = run_check("def f(l):\n    l.append(9)\n    return len(l)\n", "def check(c):\n    l = [1]\n    assert c(l) == 2 and l == [1]\n    assert helper() == 7\n", "f", FAST, helpers="def helper():\n    return 7\ndef f(l):\n    '''doc'''\n")
+    assert helper.passed, helper
+    with pytest.raises(ValueError, match="entry_point"):
+        run_check("", "", None)
+
+
+@pytest.mark.parametrize("kind", ["program", "check"])
+def test_without_a_private_mount_namespace_the_old_layers_still_work(kind):
+    from ibpo_lab.tasks.sandbox import run_check
+
+    cfg = SandboxConfig(timeout_s=3.0, private_tmp=False)
+    assert not isolation_report(cfg)["private_tmp"]
+    if kind == "program":
+        assert _run("assert 1 + 1 == 2\n", cfg).passed
+        assert not _run("assert 1 + 1 == 3\n", cfg).passed
+        assert not _run("import os\nos._exit(0)\n", cfg).passed
+    else:
+        test = "def check(candidate):\n    assert candidate(2) == 4\n"
+        assert run_check("def double(x):\n    return 2 * x\n", test, "double", cfg).passed
+        assert not run_check("def double(x):\n    return x + 3\n", test, "double", cfg).passed

@@ -50,7 +50,9 @@ _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
 def humaneval_program(example: Example, completion: str) -> str:
-    """The program the sandbox runs: prompt + completion + tests + ``check(entry_point)``."""
+    """The original harness's single program: prompt + completion + tests + ``check(entry_point)``.
+    (Kept for reference and inspection; rewards run the same pieces through ``run_check``, which keeps
+    the tests out of the candidate's process.)"""
     return example.prompt + completion + "\n" + example.meta["test"] + "\n" + f"check({example.meta['entry_point']})\n"
 
 
