@@ -28,6 +28,7 @@ __all__ = [
     "parse_number",
     "numbers_equal",
     "extract_numeric_answer",
+    "extract_final_number",
     "single_number",
     "MAX_ANSWER_CHARS",
     "last_boxed",
@@ -107,17 +108,30 @@ def parse_number(text: str) -> Fraction | None:
     ignored); None when ``text`` holds no number."""
     if not isinstance(text, str):
         return None
-    s = text.replace("\\$", "$").replace("\\!", "").replace("\\,", "").replace("{,}", ",")
+    return _first_number(_normalise(text))[0]
+
+
+def _normalise(text: str) -> str:
+    return text.replace("\\$", "$").replace("\\!", "").replace("\\,", "").replace("{,}", ",")
+
+
+def _first_number(s: str) -> tuple[Fraction | None, tuple[int, int] | None]:
+    """Value and span of the first number of the normalised ``s``; ``(None, span)`` for a number that
+    has no exact value here (zero denominator, huge exponent); ``(None, None)`` when there is none."""
     frac = _LATEX_FRAC_RE.search(s)
     m = _VALUE_RE.search(s)
     if frac and (m is None or frac.start() <= m.start()):
         den = int(frac.group(3))
         if den == 0:
-            return None
+            return None, frac.span()
         value = Fraction(int(frac.group(2)), den)
-        return -value if frac.group(1) else value
+        return (-value if frac.group(1) else value), frac.span()
     if m is None:
-        return None
+        return None, None
+    return _value_of(m), m.span()
+
+
+def _value_of(m: re.Match) -> Fraction | None:
     try:
         value = Fraction(m.group(1).replace(",", ""))
         if m.group(2):
@@ -201,19 +215,15 @@ def single_number(answer: str) -> tuple[Fraction | None, str]:
     answer = answer.strip()
     if len(answer) > MAX_ANSWER_CHARS:
         return None, f"final answer too long ({len(answer)} > {MAX_ANSWER_CHARS} characters)"
-    s = answer.replace("\\$", "$").replace("\\!", "").replace("\\,", "").replace("{,}", ",")
-    frac = _LATEX_FRAC_RE.search(s)
-    m = _VALUE_RE.search(s)
-    if frac and (m is None or frac.start() <= m.start()):
-        span = frac.span()
-    elif m is not None:
-        span = m.span()
-    else:
+    s = _normalise(answer)
+    value, span = _first_number(s)
+    if span is None:
         return None, "no number"
-    around = _ANSWER_DECORATION_RE.sub(lambda d: d.group(1) or " ", s[: span[0]] + " " + s[span[1] :])
-    if not _ALLOWED_AROUND_RE.fullmatch(around):
-        return None, f"final answer {answer[:40]!r} is not exactly one number"
-    value = parse_number(s[span[0] : span[1]])
+    around = s[: span[0]] + " " + s[span[1] :]
+    if not _ALLOWED_AROUND_RE.fullmatch(around):  # (the common case, plain units, needs no rewriting)
+        around = _ANSWER_DECORATION_RE.sub(lambda d: d.group(1) or " ", around)
+        if not _ALLOWED_AROUND_RE.fullmatch(around):
+            return None, f"final answer {answer[:40]!r} is not exactly one number"
     if value is None:
         return None, f"final answer {answer[:40]!r} is not a number"
     return value, "ok"
@@ -227,6 +237,13 @@ def extract_numeric_answer(text: str) -> tuple[str | None, str]:
     Returns ``(answer_string, how)`` where ``how`` is ``"####"``, ``"boxed"``, ``"answer is"``,
     ``"last number"``; ``(None, reason)`` when there is no such answer. Linear in ``len(text)``.
     """
+    _, answer, how = extract_final_number(text)
+    return answer, how
+
+
+def extract_final_number(text: str) -> tuple[Fraction | None, str | None, str]:
+    """:func:`extract_numeric_answer` with the answer's value: ``(value, answer_string, how)``, or
+    ``(None, None, reason)``."""
     hashes = _HASH_RE.findall(text)
     if hashes:
         return _one_number(hashes[-1], "####", "#### without a number")
@@ -237,20 +254,22 @@ def extract_numeric_answer(text: str) -> tuple[str | None, str]:
     if said:
         sentence = _SENTENCE_END_RE.split(said[-1], maxsplit=1)[0]
         if _NUMBER_RE.search(sentence[: MAX_ANSWER_CHARS + 1]):
-            return _one_number(sentence, "answer is", "")
+            found = _one_number(sentence, "answer is", "")
+            if found[2]:  # else no number with a value there: the last number of the text, as before
+                return found
     nums = _NUMBER_RE.findall(text)
     if nums:
-        return nums[-1], "last number"
-    return None, "no final answer"
+        return parse_number(nums[-1]), nums[-1], "last number"
+    return None, None, "no final answer"
 
 
-def _one_number(answer: str, how: str, none_reason: str) -> tuple[str | None, str]:
+def _one_number(answer: str, how: str, none_reason: str) -> tuple[Fraction | None, str | None, str]:
     value, reason = single_number(answer)
     if value is not None:
-        return answer.strip(), how
-    if reason == "no number":
-        return None, none_reason
-    return None, f"{how}: {reason}"
+        return value, answer.strip(), how
+    if reason == "no number" or reason.endswith("is not a number"):  # (1/0 has no value)
+        return None, None, none_reason
+    return None, None, f"{how}: {reason}"
 
 
 # -- data files ------------------------------------------------------------------------------------

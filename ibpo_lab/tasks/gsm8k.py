@@ -38,7 +38,7 @@ from ibpo_lab.tasks.answers import (
     cached_split,
     check_max_response_chars,
     data_dir_file,
-    extract_numeric_answer,
+    extract_final_number,
     guarded_score,
     hub_offline,
     numbers_equal,
@@ -157,10 +157,10 @@ class GSM8KTask(Task):
         return guarded_score(response, self.max_response_chars, lambda text: self._score_text(example, text))
 
     def _score_text(self, example: Example, text: str) -> Score:
-        answer, how = extract_numeric_answer(text)
+        got, answer, how = extract_final_number(text)
         if answer is None:
             return Score(0.0, how)
-        got, want = single_number(answer)[0], parse_number(example.answer)
+        want = parse_number(example.answer)
         if got is None:
             return Score(0.0, f"final answer {answer[:40]!r} is not a number")
         if numbers_equal(got, want):
