@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import threading
 import time
@@ -512,3 +513,20 @@ def test_without_a_private_mount_namespace_the_old_layers_still_work(kind):
         test = "def check(candidate):\n    assert candidate(2) == 4\n"
         assert run_check("def double(x):\n    return 2 * x\n", test, "double", cfg).passed
         assert not run_check("def double(x):\n    return x + 3\n", test, "double", cfg).passed
+
+
+@needs_uids
+@pytest.mark.skipif(not any(p.pw_name == "daemon" for p in pwd.getpwall()), reason="no 'daemon' account")
+def test_without_a_free_uid_pool_runs_share_nobody_but_keep_the_private_temp():
+    from ibpo_lab.tasks.sandbox import run_check
+
+    taken = pwd.getpwnam("daemon").pw_uid  # an account owns this uid: the pool starting there is refused
+    cfg = SandboxConfig(timeout_s=5.0, uid_base=taken)
+    rep = isolation_report(cfg)
+    assert rep["runs_as"] == "nobody" and rep["private_tmp"] and not rep["uid_per_run"], rep
+    r = _run("import os, pwd\nopen('/tmp/x', 'w').write('x')\nprint(pwd.getpwuid(os.getuid()).pw_name)\n", cfg)
+    assert r.passed and r.stdout == b"nobody\n", r
+    assert run_check("def f():\n    return 1\n", "def check(c):\n    assert c() == 1\n", "f", cfg).passed
+    # the checker shares the program's uid here, so it is not dumpable: its memory stays unreadable
+    thief = "def f():\n" + _FIND_AND_FORGE + THIEVES["process-memory"]
+    assert not run_check(thief, "def check(c):\n    assert c() == 2\n", "f", cfg).passed

@@ -386,7 +386,7 @@ def _check(libc, cfg, payload, cwd):
     # P: the checker
     os.close(req_r); os.close(resp_w)
     _become(libc, cfg["check_uid"], cfg["limits"], cfg)
-    if not cfg["check_uid"]:
+    if not cfg["check_uid"] or cfg["check_uid"] == cfg["uid"]:
         (libc or _libc())[1].prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: same uid as C, so no ptrace or /proc/P/mem from C
     os.chdir("/")
     token = os.read(cfg["token_fd"], 64)
@@ -591,13 +591,15 @@ def _plan(python: str | None, isolate_network: bool, drop_privileges: bool, priv
     shapes = []
     if unshare and private_tmp:
         if root and drop_privileges and _pool_uids_free(uid_base, max_concurrent):
-            shapes.append({"prefix": [unshare, *ns, "--"], "pool": True, "root_in_ns": False})
-        shapes.append({"prefix": [unshare, *(["-r"] if not root else []), *ns, "--"], "pool": False, "root_in_ns": True})
+            shapes.append({"prefix": [unshare, *ns, "--"], "pool": True, "root_in_ns": False, "uid": None})
+        if root and drop_privileges and _nobody_ids():  # no pool: one shared uid, as without namespaces
+            shapes.append({"prefix": [unshare, *ns, "--"], "pool": False, "root_in_ns": False, "uid": _nobody_ids()})
+        shapes.append({"prefix": [unshare, *(["-r"] if not root else []), *ns, "--"], "pool": False, "root_in_ns": True, "uid": None})
     probe_cfg = SandboxConfig(timeout_s=30.0, python=python, isolate_network=isolate_network, drop_privileges=drop_privileges,
                               private_tmp=private_tmp, uid_base=uid_base, max_concurrent=max_concurrent)
     for shape in shapes:
         for interp in _interpreter_candidates(python):
-            plan = {**shape, "python": interp, "mount": True, "uid": None, "pid_namespace": True, "net_namespace": isolate_network}
+            plan = {**shape, "python": interp, "mount": True, "pid_namespace": True, "net_namespace": isolate_network}
             if _execute(plan, probe_cfg, {}, "program", probe=True).passed:
                 return plan
     return _legacy_plan(python, isolate_network, drop_privileges)
@@ -765,7 +767,7 @@ def _execute(plan: dict, cfg: SandboxConfig, payload: dict, mode: str, probe: bo
     workdir = None if plan["mount"] else tempfile.mkdtemp(prefix="ibpo-sandbox-")
     try:
         if workdir:
-            if plan["uid"]:
+            if plan["uid"]:  # (legacy: unshare --setuid / Popen(user=) switch to nobody)
                 os.chown(workdir, *plan["uid"])
             os.chmod(workdir, 0o700)
         cpu = cfg.cpu_s or int(math.ceil(cfg.timeout_s)) + 1
@@ -778,7 +780,9 @@ def _execute(plan: dict, cfg: SandboxConfig, payload: dict, mode: str, probe: bo
         r_tok, w_tok = os.pipe()
         conf = {
             "mode": mode, "probe": probe, "mount": plan["mount"], "root_in_ns": plan["root_in_ns"], "tmp_bytes": cfg.tmp_bytes,
-            "uid": slot.program if slot else None, "check_uid": slot.checker if slot else None, "limits": limits,
+            # with a mount namespace the runner switches uid itself (plan["uid"]: nobody, for every run)
+            "uid": slot.program if slot else (plan["uid"] if plan["mount"] else None),
+            "check_uid": slot.checker if slot else (plan["uid"] if plan["mount"] else None), "limits": limits,
             "guard": cfg.python_guard, "workdir": workdir, "result_fd": w_res, "token_fd": r_tok,
             "max_answer_bytes": cfg.max_output_bytes,
         }
