@@ -26,7 +26,8 @@ What is isolated
   shared one process budget (a correct program failed when two ran at once) and could signal, ptrace and
   read each other. With a uid per run the process limit is per run, and the checker's uid is not the
   program's (the program cannot ptrace it, read its memory through /proc, signal it, or reach its fds).
-  The uids need no account; ``no_new_privs`` is set. Not root: a user namespace (``unshare -r``) with
+  The uids need no account (an account owning one refuses the pool: then every run is ``nobody``, as
+  without namespaces, and the checker makes itself non-dumpable); ``no_new_privs`` is set. Not root: a user namespace (``unshare -r``) with
   all capabilities dropped in the program; then program and checker share one uid and the checker makes
   itself non-dumpable.
 * time: a wall-clock deadline (``timeout_s``), then SIGKILL of the whole process group; plus ``RLIMIT_CPU``.
