@@ -286,3 +286,118 @@ def test_bad_n_and_max_response_chars_are_rejected(task):
     assert short.score(ex, f"#### {ex.answer}").reward == 1.0
     s = short.score(ex, "x" * 20 + f"\n#### {ex.answer}")
     assert s.reward == 0.0 and "too long" in s.reason
+
+
+# ---------------------------------------------------------------- issue 14, items 10 and 11
+class _CountingStr(str):
+    """A str that counts character-by-character indexing (how the quadratic box scan read the text)."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        type(self).reads += 1
+        return str.__getitem__(self, key)
+
+
+def _indexing_reads(text: str) -> int:
+    from ibpo_lab.tasks.answers import last_boxed
+
+    _CountingStr.reads = 0
+    last_boxed(_CountingStr(text))
+    return _CountingStr.reads
+
+
+def test_last_boxed_does_not_rescan_the_text_per_box():
+    # n unclosed boxes: scanning forward from each box reads ~n^2/2 characters one by one
+    # (2000 boxes: ~14 million reads); one pass over the braces reads none one by one
+    small, big = _indexing_reads("\\boxed{" * 1000), _indexing_reads("\\boxed{" * 2000)
+    assert big <= 2 * small + 2, (small, big)
+    assert big <= 2000  # at most one read per box, far below n^2/2 = 2 million
+
+
+@pytest.mark.parametrize(
+    "response, reward, reason_part",
+    [
+        ("\\boxed{" * 28_571, 0.0, "no final answer"),  # 200k characters, no box ever closes
+        ("\\boxed{" * 28_570 + "33}", 1.0, "ok"),  # only the innermost box closes: its content counts
+        ("{" * 199_990 + "\\boxed{33}", 1.0, "ok"),
+        ("}" * 199_990 + "\\boxed{33}", 1.0, "ok"),
+        (" " * 199_990 + "#### 33", 1.0, "ok"),
+        ("#### " + " " * 199_990 + "x", 0.0, "#### without a number"),
+        ("The answer is " + " " * 199_980 + "33", 1.0, "ok"),
+        ("#### 3" + "3" * 199_990, 0.0, "too long"),
+        ("\\boxed{" + " " * 199_990 + "33}", 1.0, "ok"),
+        ("-" * 100_000 + " " * 99_990 + "7", 0.0, "wrong answer"),
+    ],
+    ids=["open-boxes", "nested-boxes", "open-braces", "close-braces", "spaces-then-hash", "hash-then-spaces",
+         "answer-is-spaces", "huge-number", "boxed-spaces", "dashes-spaces"],
+)
+def test_adversarial_200k_responses_score_right(task, examples, response, reward, reason_part):
+    # every one of these took minutes (some hours) with the quadratic scans; a linear scorer takes
+    # milliseconds. Here only the values are asserted (no clock); test_last_boxed_does_not_rescan...
+    # asserts the linearity of the box scan structurally.
+    assert len(response) <= task.max_response_chars
+    s = task.score(examples[0], response)  # gold 33
+    assert s.reward == reward and reason_part in s.reason, s
+
+
+def test_adversarial_parse_number_and_step_labels():
+    assert parse_number(" " * 200_000 + "5") == 5  # was quadratic in the run of spaces (\frac pattern)
+    t = GSM8KTask(path=FIXTURE)
+    ex = t.examples("test")[0]  # annotations 48, 33
+    # "= <200k spaces> 48": the optional "$" between two \s* made this quadratic (hours at 200k)
+    assert t.step_labels(ex, "= " + " " * 199_990 + "x") == [False]
+    assert t.step_labels(ex, "x =" + " " * 199_990 + "48") == [True]
+
+
+def _gold(answer: str) -> Example:
+    return Example(id="x", prompt="q", answer=answer)
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("\\boxed{9^{9^{9^9}}}", "9"),
+        ("#### 33 or 34", "33"),
+        ("#### 33, 34", "33"),
+        ("The answer is 33 or 34.", "33"),
+        ("\\boxed{\\sqrt{9}}", "9"),
+        ("#### 5!", "5"),
+        ("\\boxed{2 \\times 3}", "2"),
+        ("#### 33 - 1", "33"),
+        ("\\boxed{33}\\boxed{ 3^3 }", "3"),
+    ],
+)
+def test_final_answer_must_be_exactly_one_number(task, response, gold):
+    s = task.score(_gold(gold), response)
+    assert s.reward == 0.0 and "not exactly one number" in s.reason, s
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("#### 33", "33"),
+        ("#### $33", "33"),
+        ("#### 33 cookies.", "33"),
+        ("#### 1,350 pages", "1350"),
+        ("\\boxed{33 \\text{ cookies}}", "33"),
+        ("\\boxed{\\$1{,}350}", "1350"),
+        ("\\boxed{\\frac{11}{2}}", "5.5"),
+        ("#### 11/2", "5.5"),
+        ("The answer is **33**.", "33"),
+        ("The answer is 33. Then 4 more lines follow.", "33"),
+        ("#### 40%", "40"),
+        ("#### -5", "-5"),
+        ("\\(\\boxed{33}\\)", "33"),
+    ],
+)
+def test_one_number_with_units_still_scores(task, response, gold):
+    assert task.score(_gold(gold), response) == task.score(_gold(gold), response)
+    s = task.score(_gold(gold), response)
+    assert s.reward == 1.0, s
+
+
+def test_hash_step_label_needs_exactly_one_number(task, examples):
+    ex = examples[0]  # gold 33
+    assert task.step_labels(ex, "4 * 12 = 48\n#### 33") == [True, True]
+    assert task.step_labels(ex, "4 * 12 = 48\n#### 33 or 34") == [True, False]

@@ -128,10 +128,10 @@ def test_all_164_gold_solutions_pass(examples):
 def test_sandbox_failure_scores_zero_and_bad_arguments_are_errors(examples, monkeypatch):
     import ibpo_lab.tasks.humaneval as he
 
-    def boom(program, cfg):
+    def boom(*args, **kwargs):
         raise OSError("no more processes")
 
-    monkeypatch.setattr(he, "run_python", boom)
+    monkeypatch.setattr(he, "run_check", boom)
     s = HumanEvalTask().score(examples[0], examples[0].meta["canonical_solution"])
     assert s.reward == 0.0 and s.reason == "sandbox error: OSError: no more processes"
     for bad in (0, -1, 2.5):

@@ -28,6 +28,9 @@ __all__ = [
     "parse_number",
     "numbers_equal",
     "extract_numeric_answer",
+    "extract_final_number",
+    "single_number",
+    "MAX_ANSWER_CHARS",
     "last_boxed",
     "read_jsonl",
     "data_dir_file",
@@ -90,9 +93,12 @@ def guarded_score(response: Any, max_chars: int, verify: Callable[[str], Score],
 _NUMBER_BODY = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER_RE = re.compile(r"(?<![\w.])" + _NUMBER_BODY)
 _VALUE_RE = re.compile(r"(?<![\w.])(" + _NUMBER_BODY + r")(?:[eE]([-+]?\d+))?(?:\s*/\s*(\d+))?")
-_LATEX_FRAC_RE = re.compile(r"(-?)\s*\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+# the optional sign is "(?:(-)\s*)?" rather than "(-?)\s*": with the latter every position in a run of
+# whitespace starts a match attempt that scans the rest of the run (quadratic in the run's length)
+_LATEX_FRAC_RE = re.compile(r"(?:(-)\s*)?\\[dt]?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
 _HASH_RE = re.compile(r"####\s*([^\n]*)")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_RE = re.compile(r"[{}]")
 _ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)\s*([^\n]*)", re.IGNORECASE)
 
 
@@ -102,17 +108,30 @@ def parse_number(text: str) -> Fraction | None:
     ignored); None when ``text`` holds no number."""
     if not isinstance(text, str):
         return None
-    s = text.replace("\\$", "$").replace("\\!", "").replace("\\,", "").replace("{,}", ",")
+    return _first_number(_normalise(text))[0]
+
+
+def _normalise(text: str) -> str:
+    return text.replace("\\$", "$").replace("\\!", "").replace("\\,", "").replace("{,}", ",")
+
+
+def _first_number(s: str) -> tuple[Fraction | None, tuple[int, int] | None]:
+    """Value and span of the first number of the normalised ``s``; ``(None, span)`` for a number that
+    has no exact value here (zero denominator, huge exponent); ``(None, None)`` when there is none."""
     frac = _LATEX_FRAC_RE.search(s)
     m = _VALUE_RE.search(s)
     if frac and (m is None or frac.start() <= m.start()):
         den = int(frac.group(3))
         if den == 0:
-            return None
+            return None, frac.span()
         value = Fraction(int(frac.group(2)), den)
-        return -value if frac.group(1) else value
+        return (-value if frac.group(1) else value), frac.span()
     if m is None:
-        return None
+        return None, None
+    return _value_of(m), m.span()
+
+
+def _value_of(m: re.Match) -> Fraction | None:
     try:
         value = Fraction(m.group(1).replace(",", ""))
         if m.group(2):
@@ -141,43 +160,116 @@ def numbers_equal(a: Fraction | None, b: Fraction | None, rel_tol: float = 1e-6)
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces, or None."""
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces, or None.
+
+    Linear in ``len(text)``: one pass pairs every ``{`` with its ``}`` (a stack of open positions), then
+    the boxes are tried from the last one. (Scanning forward from each box, as before, was quadratic:
+    200k characters of ``\\boxed{`` took minutes.)"""
     # balanced-brace scan written here because the \boxed{} content must be found before any
     # LaTeX parsing (and latex2sympy's extract_boxed_content joins several boxes, which we don't want)
-    matches = list(_BOXED_RE.finditer(text))
-    for m in reversed(matches):
-        depth, i = 1, m.end()
-        while i < len(text):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[m.end() : i]
-            i += 1
+    starts = [m.end() for m in _BOXED_RE.finditer(text)]
+    if not starts:
+        return None
+    close_of = _matching_braces(text)
+    for start in reversed(starts):
+        end = close_of.get(start - 1)  # the box's "{" is the last character of the match
+        if end is not None:
+            return text[start:end]
     return None
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """``{open_position: close_position}`` for every balanced ``{...}`` of ``text``, in one pass over
+    its braces. A ``}`` with no open ``{`` is skipped; an ``{`` never closed gets no entry."""
+    stack: list[int] = []
+    pairs: dict[int, int] = {}
+    for m in _BRACE_RE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            pairs[stack.pop()] = m.start()
+    return pairs
+
+
+#: the longest final answer (the text after ``####``, inside ``\\boxed{}``, after "answer is") that is
+#: read at all: one number with a unit word is far shorter, and the cap makes the cost of checking an
+#: answer a constant whatever the response holds (a response itself may be ``MAX_RESPONSE_CHARS`` long)
+MAX_ANSWER_CHARS = 100
+
+# what may stand around the one number of a final answer: unit words and punctuation ("$33", "33 cookies.",
+# "**33**", "33\%"). No digit (a second number), and none of ^ _ { } ( ) [ ] * / + = < > ! | ~ \ (so
+# 9^{9^9}, 5!, \sqrt{4}, 2*3 are not read as their first number)
+_ANSWER_DECORATION_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}\d]*)\}|\*\*|\\[()\[\]]|\\%")
+_ALLOWED_AROUND_RE = re.compile(r"(?:[^\W\d_]|[\s.,:;$%'\"\u20ac\u00a3\u00a5])*")
+_SENTENCE_END_RE = re.compile(r"[.;!?](?=\s|$)")
+
+
+def single_number(answer: str) -> tuple[Fraction | None, str]:
+    """Value of ``answer`` when it is exactly one number, as :func:`parse_number` reads it, with at most
+    unit words and punctuation around it; else ``(None, reason)``.
+
+    ``"33"``, ``"$1,350"``, ``"33 cookies."``, ``"\\frac{1}{2}"``, ``"11/2"``, ``"**33**"`` are one number;
+    ``"33 or 34"``, ``"9^{9^{9^9}}"``, ``"5!"``, ``"\\sqrt{4}"`` are not (a reward must not go to the first
+    of several numbers, or to a number an operator changes). Answers over ``MAX_ANSWER_CHARS`` are refused
+    unread."""
+    answer = answer.strip()
+    if len(answer) > MAX_ANSWER_CHARS:
+        return None, f"final answer too long ({len(answer)} > {MAX_ANSWER_CHARS} characters)"
+    s = _normalise(answer)
+    value, span = _first_number(s)
+    if span is None:
+        return None, "no number"
+    around = s[: span[0]] + " " + s[span[1] :]
+    if not _ALLOWED_AROUND_RE.fullmatch(around):  # (the common case, plain units, needs no rewriting)
+        around = _ANSWER_DECORATION_RE.sub(lambda d: d.group(1) or " ", around)
+        if not _ALLOWED_AROUND_RE.fullmatch(around):
+            return None, f"final answer {answer[:40]!r} is not exactly one number"
+    if value is None:
+        return None, f"final answer {answer[:40]!r} is not a number"
+    return value, "ok"
 
 
 def extract_numeric_answer(text: str) -> tuple[str | None, str]:
     """Final numeric answer of a worked solution: the last ``#### N``, else the last ``\\boxed{N}``,
-    else the last "answer is N", else the last number in the text.
+    else the last "answer is N" (up to the end of that sentence), else the last number in the text.
+    The answer found must be exactly one number (:func:`single_number`).
 
     Returns ``(answer_string, how)`` where ``how`` is ``"####"``, ``"boxed"``, ``"answer is"``,
-    ``"last number"``; ``(None, reason)`` when no number is found.
+    ``"last number"``; ``(None, reason)`` when there is no such answer. Linear in ``len(text)``.
     """
+    _, answer, how = extract_final_number(text)
+    return answer, how
+
+
+def extract_final_number(text: str) -> tuple[Fraction | None, str | None, str]:
+    """:func:`extract_numeric_answer` with the answer's value: ``(value, answer_string, how)``, or
+    ``(None, None, reason)``."""
     hashes = _HASH_RE.findall(text)
     if hashes:
-        return (hashes[-1].strip(), "####") if parse_number(hashes[-1]) is not None else (None, "#### without a number")
+        return _one_number(hashes[-1], "####", "#### without a number")
     boxed = last_boxed(text)
     if boxed is not None:
-        return (boxed.strip(), "boxed") if parse_number(boxed) is not None else (None, "\\boxed{} without a number")
+        return _one_number(boxed, "boxed", "\\boxed{} without a number")
     said = _ANSWER_IS_RE.findall(text)
-    if said and parse_number(said[-1]) is not None:
-        return said[-1].strip(), "answer is"
+    if said:
+        sentence = _SENTENCE_END_RE.split(said[-1], maxsplit=1)[0]
+        if _NUMBER_RE.search(sentence[: MAX_ANSWER_CHARS + 1]):
+            found = _one_number(sentence, "answer is", "")
+            if found[2]:  # else no number with a value there: the last number of the text, as before
+                return found
     nums = _NUMBER_RE.findall(text)
     if nums:
-        return nums[-1], "last number"
-    return None, "no final answer"
+        return parse_number(nums[-1]), nums[-1], "last number"
+    return None, None, "no final answer"
+
+
+def _one_number(answer: str, how: str, none_reason: str) -> tuple[Fraction | None, str | None, str]:
+    value, reason = single_number(answer)
+    if value is not None:
+        return value, answer.strip(), how
+    if reason == "no number" or reason.endswith("is not a number"):  # (1/0 has no value)
+        return None, None, none_reason
+    return None, None, f"{how}: {reason}"
 
 
 # -- data files ------------------------------------------------------------------------------------

