@@ -215,27 +215,27 @@ def _decode_each(token_ids: Sequence[int], tokenizer) -> list[str]:
     """The text each token contributes, read off the decoded sequence rather than each token alone.
 
     A byte-level BPE (GPT-2, SmolLM2, Qwen) may split one character (é, 中, an emoji) over several
-    tokens; decoded alone each piece is U+FFFD (``�``). Here the sequence is decoded incrementally
-    (the detokenizer of text-generation servers): a token whose bytes do not yet finish a character
-    shows nothing and the token that completes it shows the whole character, so the pieces join to
-    exactly ``tokenizer.decode(ids)``. Decoding a window that starts a token before the new text keeps
-    SentencePiece's leading-space rule right. A sequence cut inside a character ends in ``�`` on
-    its last token (those bytes are really there). No tokenizer: the ids as strings."""
+    tokens, or end a token inside the next character; decoded alone such a token is U+FFFD (``�``).
+    Here the sequence is decoded incrementally (as text-generation servers stream it): every
+    character goes to the token that holds its last byte, a token holding only the first bytes of
+    a character shows nothing, and the pieces join to exactly ``tokenizer.decode(ids)``. The
+    decoding window starts a token before the new text, which keeps SentencePiece's leading-space
+    rule right. A sequence cut inside a character ends in ``�`` on its last token (those bytes are
+    really there). No tokenizer: the ids as strings."""
     if tokenizer is None:
         return [str(t) for t in token_ids]
     ids = [int(t) for t in token_ids]
     out: list[str] = []
-    prefix, read = 0, 0  # ids[prefix:read] decode to `shown`, the context of the next piece
-    shown = ""
+    prefix = boundary = 0  # window start; the latest token boundary between whole characters
+    emitted = 0  # characters of decode(ids[prefix:...]) already given to tokens
     for i in range(len(ids)):
         text = _decode(tokenizer, ids[prefix:i + 1])
-        last = i == len(ids) - 1
-        if (len(text) > len(shown) and not text.endswith("\ufffd")) or last:
-            out.append(text[len(shown):])
-            prefix, read = read, i + 1
-            shown = _decode(tokenizer, ids[prefix:read])
-        else:  # incomplete character (or a token that decodes to nothing): its text comes with a later token
-            out.append("")
+        whole = text if i == len(ids) - 1 else text.rstrip("\ufffd")  # drop a trailing incomplete character
+        out.append(whole[emitted:])
+        emitted = max(emitted, len(whole))
+        if not text.endswith("\ufffd"):  # token i ends on a character boundary: slide the window up
+            prefix, boundary = boundary, i + 1
+            emitted = len(_decode(tokenizer, ids[prefix:i + 1]))
     return out
 
 
