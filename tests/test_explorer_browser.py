@@ -10,7 +10,8 @@ Needs Debian's ``chromium`` (``.ci/run`` installs it; Playwright's own browser d
 internet and is not used), python ``playwright`` (the ``dev`` extra) and JupyterLab with
 ``jupyterlab_widgets`` (the ``lab`` extra). Without them the test skips and says which is missing;
 with ``IBPO_REQUIRE_BROWSER=1`` (set by ``.ci/run`` once chromium is installed) it fails instead.
-``IBPO_CHROMIUM`` points at another Chromium binary.
+``IBPO_CHROMIUM`` points at another Chromium binary; ``IBPO_BROWSER_SCREENSHOT=file.png`` saves the
+final page.
 """
 
 from __future__ import annotations
@@ -190,9 +191,13 @@ def _rdbu(x: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+CHECKED: list[dict] = []  # every selection _check_panels saw
+
+
 def _check_panels(page, run_name: str, step: int, prompt: int, traj: int, want: dict) -> None:
     from playwright.sync_api import expect
 
+    CHECKED.append(want)
     head = page.locator(".ibpo-explorer-header")
     expect(head).to_contain_text(f"{run_name} · step {step} · prompt {prompt} · trajectory {traj} · "
                                  f"reward {want['reward']:g}", timeout=TIMEOUT_MS)
@@ -291,6 +296,8 @@ def test_explorer_in_jupyterlab_follows_every_choice(tools, runs, lab):
             _check_panels(page, "grpo-seed0", 1, 1, last, _expected(grpo, 1, last))
 
             body = page.locator("body").inner_text()
+            if os.environ.get("IBPO_BROWSER_SCREENSHOT"):  # a picture of the last state, to look at
+                page.screenshot(path=os.environ["IBPO_BROWSER_SCREENSHOT"], full_page=True)
         except Exception:
             shot = lab["log"].parent / "failure.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -300,6 +307,7 @@ def test_explorer_in_jupyterlab_follows_every_choice(tools, runs, lab):
         finally:
             browser.close()
     seconds = time.perf_counter() - t0
+    assert any(w["repair"] for w in CHECKED), "no checked trajectory had a repair: the diff panel went untested"
     print(f"\n[browser test] page work {seconds:.1f} s; console: {len(messages)} messages")
     assert "VBox(children=" not in body, "the widget is shown as text: jupyterlab_widgets is missing"
     bad = errors + [m for m in messages if m.startswith("error") or "Exception opening new comm" in m]
