@@ -1091,6 +1091,15 @@ def explorer(run_dir: str | Path, tokenizer=None, *, scale: str = "step"):
             out_tokens.value = out_diff.value = out_steps.value = ""
             out_heat.layout.display = "none"
             return
+        out_tokens.value, out_diff.value, out_steps.value = views["tokens"], views["diff"], views["steps"]
+        fig = views.get("heatmap")
+        if fig is not None:
+            out_heat.value = _figure_png(fig)
+            plt.close(fig)
+            out_heat.layout.display = None
+        else:
+            out_heat.layout.display = "none"
+        # the header last: when it names the selection, every panel above has been sent
         reward = _col(rows.iloc[0].to_dict(), "reward", default=math.nan)
         how = (f"max |advantage| over step {step_dd.value}" if scale == "step"
                else f"max |advantage| of trajectory {t}")
@@ -1100,14 +1109,6 @@ def explorer(run_dir: str | Path, tokenizer=None, *, scale: str = "step"):
             f'±<span class="ibpo-scale">{vmax:.3g}</span> '
             f"({how})</div>"
         )
-        out_tokens.value, out_diff.value, out_steps.value = views["tokens"], views["diff"], views["steps"]
-        fig = views.get("heatmap")
-        if fig is not None:
-            out_heat.value = _figure_png(fig)
-            plt.close(fig)
-            out_heat.layout.display = None
-        else:
-            out_heat.layout.display = "none"
 
     def on(level: str):
         def handler(change) -> None:

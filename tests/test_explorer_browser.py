@@ -146,6 +146,11 @@ def lab(tmp_path_factory, runs):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("JupyterLab did not start:\n" + (home / "server.log").read_text()[-3000:])
             time.sleep(0.3)
+        # the notebook's kernel (python3) is this environment's interpreter: the project kernel
+        req = urllib.request.Request(f"{base}/api/kernelspecs", headers={"Authorization": f"token {token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            argv0 = json.load(r)["kernelspecs"]["python3"]["spec"]["argv"][0]
+        assert Path(shutil.which(argv0) or argv0).resolve() == Path(sys.executable).resolve(), argv0
         yield {"url": f"{base}/lab/tree/explorer.ipynb?token={token}", "log": home / "server.log"}
     finally:
         if proc.poll() is None:
@@ -286,7 +291,9 @@ def test_explorer_in_jupyterlab_follows_every_choice(tools, runs, lab):
             _select(page, "prompt", _prompt_label(page, 1))
             first = int(_policy(ibpo, 1).query("group == 1")["traj"].iloc[0])
             _check_panels(page, "ibpo-seed0", 1, 1, first, _expected(ibpo, 1, first))
-            assert page.locator("img.ibpo-explorer-heatmap").get_attribute("src") != png_grpo
+            page.wait_for_function(  # the heatmap image was redrawn (a new blob for the new group)
+                "old => document.querySelector('img.ibpo-explorer-heatmap').src !== old", arg=png_grpo,
+                timeout=TIMEOUT_MS)
             # 5. another trajectory: the last of the group
             last = int(_policy(ibpo, 1).query("group == 1")["traj"].iloc[-1])
             _select(page, "trajectory", _traj_label(ibpo, 1, last))
