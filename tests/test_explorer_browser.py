@@ -54,7 +54,12 @@ def _missing(what: str) -> None:
 
 
 def _chromium() -> str:
-    exe = os.environ.get("IBPO_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    exe = os.environ.get("IBPO_CHROMIUM")
+    if exe:
+        if not os.access(exe, os.X_OK):
+            _missing(f"IBPO_CHROMIUM={exe} is not an executable")
+        return exe
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
         _missing("no chromium on PATH (Debian: apt-get install chromium; .ci/run does this)")
     return exe
