@@ -42,6 +42,7 @@ __all__ = [
     "find_notebooks",
     "select_notebooks",
     "notebook_parameters",
+    "kernel_manager_class",
     "parse_overrides",
     "check_profile",
     "check_kernel",
@@ -135,10 +136,51 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _container(spec: dict[str, Any]) -> str | None:
+    """``"list"`` or ``"dict"`` when a declared parameter takes one: its default is such a literal
+    (``estimators = ["grpo", "ibpo"]``) or its annotation names one (``seeds: list = None``)."""
+    try:
+        default = ast.literal_eval(spec.get("default") or "None")
+    except (ValueError, SyntaxError):
+        default = None
+    if isinstance(default, (list, tuple)):
+        return "list"
+    if isinstance(default, dict):
+        return "dict"
+    m = re.match(r"\s*(?:typing\.)?(?:optional\[)?\s*(list|tuple|sequence|dict|mapping)\b", str(spec.get("type") or ""), re.I)
+    if m:
+        return "dict" if m.group(1).lower() in ("dict", "mapping") else "list"
+    return None
+
+
+def _check_kind(key: str, value: Any, declared: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """A parameter that takes a list (or dict) must get one: ``-p estimators grpo,ibpo`` is the
+    string 'grpo,ibpo', which a notebook would iterate character by character."""
+    specs = {nb: ps[key] for nb, ps in declared.items() if key in ps}
+    kinds = {nb: k for nb, sp in specs.items() if (k := _container(sp))}
+    if not kinds:
+        return
+    kind = next(iter(kinds.values()))
+    ok = (list, tuple) if kind == "list" else (dict,)
+    if isinstance(value, ok):
+        return
+    if value is None and any(str(sp.get("default")).strip() == "None" for sp in specs.values()):
+        return
+    nb = next(iter(kinds))
+    got = f"the string {value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+    hint = ""
+    if kind == "list" and isinstance(value, str) and "," in value:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        hint = f"; write it as a Python list: -p {key} \"{[parse_value(v) for v in items]!r}\""
+    raise UsageError(f"-p {key}: expected a {kind} ({nb} declares {key} = {specs[nb]['default']}), got {got}{hint}")
+
+
 def parse_overrides(pairs: Sequence[Sequence[str]] | None, notebooks: Sequence[Path]) -> dict[str, Any]:
     """Validate ``-p key value`` pairs against the parameters the selected notebooks declare.
 
-    A key no selected notebook declares → UsageError listing each notebook's parameters.
+    A key no selected notebook declares → UsageError listing each notebook's parameters; a value
+    of the wrong kind for a parameter that takes a list or dict (see :func:`_container`) →
+    UsageError "expected a list", before any notebook runs.
     """
     overrides: dict[str, Any] = {}
     if not pairs:
@@ -157,6 +199,7 @@ def parse_overrides(pairs: Sequence[Sequence[str]] | None, notebooks: Sequence[P
             )
             raise UsageError(f"-p {key}: no selected notebook has a parameter {key!r}. Parameters:\n{listing}")
         overrides[key] = parse_value(value)
+        _check_kind(key, overrides[key], declared)
     return overrides
 
 
@@ -205,6 +248,38 @@ def _kernel_env(profile: str) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_KERNEL_MANAGER: list[type] = []
+
+
+def kernel_manager_class() -> type:
+    """The kernel manager papermill starts each notebook's kernel with: jupyter_client's
+    ``AsyncKernelManager`` with two changes that keep the log to what matters.
+
+    * Transport: IPC (Unix sockets in the Jupyter runtime folder) on POSIX, so the kernel opens no
+      TCP port and does not warn "Kernel is running over TCP without encryption"; Windows keeps TCP.
+    * Shutdown: jupyter_client interrupts (SIGINT) a kernel before asking it to shut down. After the
+      last cell there is nothing to interrupt, and the signal can land while the kernel finishes its
+      last message, which prints a spurious "KeyboardInterrupt caught in kernel". The interrupt is
+      skipped while shutting down; interrupts at other times (a cell timeout) still go through."""
+    if _KERNEL_MANAGER:
+        return _KERNEL_MANAGER[0]
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            if os.name == "posix":
+                self.transport = "ipc"
+
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    _KERNEL_MANAGER.append(QuietKernelManager)
+    return QuietKernelManager
+
+
 def _collect(folder: Path, run_dir: Path, ext: str) -> list[str]:
     if not folder.is_dir():
         return []
@@ -244,6 +319,7 @@ def run_notebook(
             str(out_nb),
             parameters=params,
             kernel_name=KERNEL,
+            kernel_manager_class=kernel_manager_class(),
             cwd=str(path.parent),
             progress_bar=progress_bar,
             execution_timeout=cell_timeout,

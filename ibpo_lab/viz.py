@@ -204,10 +204,39 @@ def token_html(
     )
 
 
+def _decode(tokenizer, ids: list[int]) -> str:
+    try:  # a transformers tokenizer: keep special tokens and the spacing exactly as generated
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    except TypeError:  # a tokenizer without these options (tokenizers.Tokenizer, a test stub)
+        return tokenizer.decode(ids)
+
+
 def _decode_each(token_ids: Sequence[int], tokenizer) -> list[str]:
+    """The text each token contributes, read off the decoded sequence rather than each token alone.
+
+    A byte-level BPE (GPT-2, SmolLM2, Qwen) may split one character (é, 中, an emoji) over several
+    tokens, or end a token inside the next character; decoded alone such a token is U+FFFD (``�``).
+    Here the sequence is decoded incrementally (as text-generation servers stream it): every
+    character goes to the token that holds its last byte, a token holding only the first bytes of
+    a character shows nothing, and the pieces join to exactly ``tokenizer.decode(ids)``. The
+    decoding window starts a token before the new text, which keeps SentencePiece's leading-space
+    rule right. A sequence cut inside a character ends in ``�`` on its last token (those bytes are
+    really there). No tokenizer: the ids as strings."""
     if tokenizer is None:
         return [str(t) for t in token_ids]
-    return [tokenizer.decode([int(t)]) for t in token_ids]
+    ids = [int(t) for t in token_ids]
+    out: list[str] = []
+    prefix = boundary = 0  # window start; the latest token boundary between whole characters
+    emitted = 0  # characters of decode(ids[prefix:...]) already given to tokens
+    for i in range(len(ids)):
+        text = _decode(tokenizer, ids[prefix:i + 1])
+        whole = text if i == len(ids) - 1 else text.rstrip("\ufffd")  # drop a trailing incomplete character
+        out.append(whole[emitted:])
+        emitted = max(emitted, len(whole))
+        if not text.endswith("\ufffd"):  # token i ends on a character boundary: slide the window up
+            prefix, boundary = boundary, i + 1
+            emitted = len(_decode(tokenizer, ids[prefix:i + 1]))
+    return out
 
 
 def batch_token_html(batch, advantages: Any, tokenizer=None, index: int = 0, *, vmax: float | None = None) -> HTML:
@@ -325,11 +354,15 @@ def divergence_heatmap(
     unit: str = "tokens",
     annotate: bool | None = None,
     hide_diagonal: bool = True,
+    highlight: int | None = None,
 ):
     """Heatmap of a group's divergence matrix (``diff.divergence_matrix`` or
     ``diff.step_divergence_matrix``): cell (i, j) = length of the prefix trajectories i and j share
     (the diagonal is each trajectory's own length: blank unless ``hide_diagonal=False``, so the
-    colour scale shows the pairs; its numbers stay written). int[G, G] -> Figure."""
+    colour scale shows the pairs; its numbers stay written). Rows and columns are labelled
+    ``i (R=reward)`` when ``rewards`` are given. ``highlight``: the row/column index of one
+    trajectory (the explorer's selection), outlined in red with a bold red ``▶`` label.
+    int[G, G] -> Figure."""
     M = _to_numpy(matrix, "matrix")
     if M.ndim != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"matrix must be square [G, G], got shape {M.shape}")
@@ -341,7 +374,11 @@ def divergence_heatmap(
         labels = [f"{i}" + ("" if r is None else f" (R={r[i]:g})") for i in range(G)]
     elif len(labels) != G:
         raise ValueError(f"labels has {len(labels)} entries but the matrix is {G}x{G}")
-    fig, ax = _new_ax(ax, (1.2 + 0.45 * G, 0.9 + 0.4 * G))
+    if highlight is not None and not 0 <= int(highlight) < G:
+        raise ValueError(f"highlight {highlight} out of range for a {G}x{G} matrix")
+    labels = [("▶ " if highlight is not None and i == int(highlight) else "") + str(lab)
+              for i, lab in enumerate(labels)]
+    fig, ax = _new_ax(ax, (1.6 + 0.45 * G, 0.9 + 0.4 * G))
     shown = M.astype(float)
     if hide_diagonal and G > 1:
         np.fill_diagonal(shown, np.nan)
@@ -358,6 +395,15 @@ def divergence_heatmap(
                 dark = not np.isfinite(shown[i, j]) or shown[i, j] > 0.6 * top
                 ax.text(j, i, f"{M[i, j]:g}", ha="center", va="center", fontsize=7,
                         color="black" if dark else "white")
+    if highlight is not None:
+        from matplotlib.patches import Rectangle
+
+        h = int(highlight)
+        for xy, w, hh in (((-0.5, h - 0.5), G, 1), ((h - 0.5, -0.5), 1, G)):  # its row, its column
+            ax.add_patch(Rectangle(xy, w, hh, fill=False, edgecolor="red", linewidth=2, clip_on=False))
+        for tick in (ax.get_xticklabels()[h], ax.get_yticklabels()[h]):
+            tick.set_color("red")
+            tick.set_fontweight("bold")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return fig
 
@@ -779,14 +825,17 @@ def _col(row: Mapping, *names, default=None):
     return default
 
 
-def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None, labeler=None) -> dict[str, Any]:
+def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None, labeler=None, *,
+                    vmax: float | None = None) -> dict[str, Any]:
     """Every static view of one logged trajectory (the explorer shows exactly these):
 
-    ``tokens`` HTML coloured by advantage, ``diff`` HTML of its repair (if it was repaired),
-    ``steps`` HTML of its step labels, ``heatmap`` Figure of its group's divergence matrix.
-    ``frame``: :func:`load_trajectories` output; ``traj``: the row's ``traj`` value (or index);
-    ``labeler``: ``(prompt, response) -> step labels`` (:func:`run_step_labeler`) when the frame has
-    no ``step_labels`` column.
+    ``tokens`` HTML coloured by advantage (symmetric scale ±``vmax``; default: this trajectory's
+    max |advantage| on trained tokens), ``diff`` HTML of its repair (if it was repaired), ``steps``
+    HTML of its step labels, ``heatmap`` Figure of its group's divergence matrix (rows labelled
+    ``traj (R=reward)``, this trajectory outlined). ``frame``: :func:`load_trajectories` output;
+    ``traj``: the row's ``traj`` value (or index); ``labeler``: ``(prompt, response) -> step labels``
+    (:func:`run_step_labeler`) when the frame has no ``step_labels`` column. Token texts come from
+    decoding the whole sequence (:func:`_decode_each`), so byte-level BPE text shows no ``�``.
     """
     from ibpo_lab.diff import divergence_matrix
 
@@ -817,7 +866,7 @@ def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None, labeler=None
     reward = _col(row, "reward", default=math.nan)
     group = _col(row, "group", default=-1)
     out: dict[str, Any] = {}
-    out["tokens"] = token_html(toks, adv[: len(toks)], mask=mask, edited=edited,
+    out["tokens"] = token_html(toks, adv[: len(toks)], mask=mask, edited=edited, vmax=vmax,
                                title=f"traj {traj} · group {group} · reward {reward:g}")
     failed_text = _col(row, "response")
     repaired = _col(row, "repaired_ids", "repaired_response_ids")
@@ -842,23 +891,69 @@ def trajectory_view(frame: pd.DataFrame, traj: int, tokenizer=None, labeler=None
         out["steps"] = HTML("<div><i>no step spans logged</i></div>")
     if "group" in frame.columns and "response_ids" in frame.columns:
         grp = frame[frame["group"] == group]
+        names = grp["traj"].tolist() if "traj" in grp else list(range(len(grp)))
+        rewards = grp["reward"].tolist() if "reward" in grp else [math.nan] * len(grp)
         M = divergence_matrix([list(x) for x in grp["response_ids"]])
-        fig = divergence_heatmap(M, rewards=grp["reward"].to_numpy() if "reward" in grp else None,
-                                 labels=[str(t) for t in grp.get("traj", range(len(grp)))],
+        fig = divergence_heatmap(M, labels=[f"{t} (R={r:g})" for t, r in zip(names, rewards)],
+                                 highlight=names.index(traj) if traj in names else None,
                                  title=f"group {group}: shared prefix")
         out["heatmap"] = fig
     return out
 
 
-def explorer(run_dir: str | Path, tokenizer=None):
+def _max_abs_advantage(frame: pd.DataFrame) -> float:
+    """max |advantage| over the trained tokens (``response_mask``) of every sampled trajectory in
+    ``frame`` (one step): the explorer's colour scale, so one colour is one credit across the step."""
+    if "kind" in frame.columns:
+        frame = frame[frame["kind"] == "policy"]
+    best = 0.0
+    for row in frame.to_dict("records"):
+        adv = _col(row, "advantages", "advantage")
+        if adv is None or np.ndim(adv) == 0:
+            continue
+        a = np.abs(np.asarray(adv, dtype=float).reshape(-1))
+        m = _col(row, "response_mask", "mask")
+        if m is not None:
+            a = a[np.asarray(m, dtype=bool).reshape(-1)[: len(a)]]
+        best = max(best, float(np.max(a, initial=0.0)))
+    return best
+
+
+def _figure_png(fig) -> bytes:
+    """A figure as PNG bytes (for an ``ipywidgets.Image``: shown the same under any matplotlib backend)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _first_line(text: Any, n: int = 40) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= n else line[: n - 1] + "…"
+
+
+def explorer(run_dir: str | Path, tokenizer=None, *, scale: str = "step"):
     """Interactive explorer of logged trajectories: pick run → step → prompt (group) → trajectory
     and see its tokens coloured by advantage, its repair diff, its step labels and its group's
     divergence heatmap. ``run_dir``: one run folder, or a folder of run folders. -> ipywidgets.VBox.
-    The panels are :func:`trajectory_view`'s static views."""
+
+    One function draws every panel from the current selection. A change upstream refreshes the
+    choices below it (keeping each one's value where the new choices still have it, else the
+    first; a new run keeps the step when it was logged there) and then redraws everything once, so
+    no panel keeps showing the previous run/step/prompt even when a dropdown's value stays the same.
+    ``scale``: the colour scale of the tokens, symmetric around 0: ``"step"`` (default) = max
+    |advantage| over the trained tokens of the step's sampled trajectories, so one colour means
+    one credit across the trajectories and prompts of a step; ``"trajectory"`` = the selected
+    trajectory's own max |advantage| (stronger contrast, not comparable across trajectories).
+    The panels are :func:`trajectory_view`'s static views; the returned box has ``controls``
+    (run, step, prompt, trajectory dropdowns), ``views`` (header, tokens, diff, steps, heatmap) and
+    ``selection()`` (the current choice as a dict)."""
     import ipywidgets as W
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
+    if scale not in ("step", "trajectory"):
+        raise ValueError(f"scale: expected 'step' or 'trajectory', got {scale!r}")
     root = Path(run_dir)
     if not root.is_dir():
         raise ValueError(f"run_dir: {root} is not a directory")
@@ -868,71 +963,120 @@ def explorer(run_dir: str | Path, tokenizer=None):
     runs = [r for r in runs if _step_files(r)]
     if not runs:
         raise ValueError(f"run_dir: no run with trajectories/step_*.parquet under {root}")
-    run_dd = W.Dropdown(options=[(str(r.relative_to(root)) if r != root else r.name, r) for r in runs],
-                        description="run")
+    names = {r: (str(r.relative_to(root)) if r != root else r.name) for r in runs}
+    run_dd = W.Dropdown(options=[(names[r], r) for r in runs], description="run")
     step_dd = W.Dropdown(description="step")
     group_dd = W.Dropdown(description="prompt")
     traj_dd = W.Dropdown(description="trajectory")
-    out_tokens, out_diff, out_steps, out_heat = W.HTML(), W.HTML(), W.HTML(), W.Output()
-    state: dict[str, Any] = {}
+    for dd in (run_dd, step_dd, group_dd, traj_dd):
+        dd.add_class(f"ibpo-explorer-{dd.description}")  # stable hooks for a browser (and its test)
+    head = W.HTML()
+    out_tokens, out_diff, out_steps = W.HTML(), W.HTML(), W.HTML()
+    out_heat = W.Image(format="png")
+    for w, name in ((head, "header"), (out_tokens, "tokens"), (out_diff, "diff"), (out_steps, "steps"),
+                    (out_heat, "heatmap")):
+        w.add_class(f"ibpo-explorer-{name}")
+    state: dict[str, Any] = {"busy": False}
 
-    def on_run(*_):
-        steps = sorted(_step_files(run_dd.value))
-        step_dd.options = steps
-        step_dd.value = steps[-1]
+    def choose(dd, options: list, keep: bool = True, default_last: bool = False) -> None:
+        """New options for ``dd``; its value stays when still offered, else the first (or last)."""
+        values = [o[1] if isinstance(o, tuple) else o for o in options]
+        old = dd.value
+        dd.options = options
+        dd.value = old if keep and old in values else (values[-1] if default_last else values[0])
 
-    def on_run_tokenizer(*_):
-        state["tokenizer"] = tokenizer if tokenizer is not None else run_tokenizer(run_dd.value)
-        state["labeler"] = run_step_labeler(run_dd.value)
+    def refresh(level: str) -> None:
+        """Refresh the choices below ``level`` (run, step, prompt, trajectory), then draw once."""
+        state["busy"] = True  # the dropdowns' own observers stay quiet while we set them
+        try:
+            if level == "run":
+                state["tokenizer"] = tokenizer if tokenizer is not None else run_tokenizer(run_dd.value)
+                state["labeler"] = run_step_labeler(run_dd.value)
+                choose(step_dd, sorted(_step_files(run_dd.value)), keep=step_dd.value is not None,
+                       default_last=True)
+            if level in ("run", "step"):
+                frame = load_trajectories(run_dd.value, step_dd.value)
+                if "kind" in frame.columns:
+                    frame = frame[frame["kind"] == "policy"]
+                state["frame"] = frame
+                state["step_scale"] = _max_abs_advantage(frame)
+                opts = []
+                for g in (sorted(frame["group"].unique().tolist()) if "group" in frame else [0]):
+                    sub = frame[frame["group"] == g] if "group" in frame else frame
+                    label = f"{g}"
+                    if "prompt" in sub and len(sub):
+                        label += f": {_first_line(sub['prompt'].iloc[0])}"
+                    if "reward" in sub and len(sub):
+                        label += f" (mean R={float(sub['reward'].mean()):.2g})"
+                    opts.append((label, g))
+                choose(group_dd, opts)
+            if level in ("run", "step", "prompt"):
+                frame = state["frame"]
+                sub = frame[frame["group"] == group_dd.value] if "group" in frame else frame
+                trajs = sub["traj"].tolist() if "traj" in sub else list(range(len(sub)))
+                rewards = sub["reward"].tolist() if "reward" in sub else [math.nan] * len(sub)
+                choose(traj_dd, [(f"{t} (R={r:g})", t) for t, r in zip(trajs, rewards)])
+        finally:
+            state["busy"] = False
+        render()
 
-    def on_step(*_):
-        if step_dd.value is None:
+    def selection() -> dict[str, Any]:
+        return {"run": run_dd.value, "step": step_dd.value, "prompt": group_dd.value, "trajectory": traj_dd.value}
+
+    def render() -> None:
+        """Draw every panel from the current selection."""
+        frame, t = state["frame"], traj_dd.value
+        rows = frame[frame["traj"] == t] if "traj" in frame else frame.iloc[[t]]
+        vmax = state["step_scale"] if scale == "step" else _max_abs_advantage(rows)
+        try:
+            views = trajectory_view(frame, t, state["tokenizer"], state["labeler"], vmax=vmax)
+        except Exception as e:  # show the problem in the panel rather than in the invisible widget log
+            head.value = HTML(f'<div style="color:#a00000"><b>cannot show this trajectory:</b> '
+                              f"{_html.escape(f'{type(e).__name__}: {e}')}</div>")
+            out_tokens.value = out_diff.value = out_steps.value = ""
+            out_heat.layout.display = "none"
             return
-        frame = load_trajectories(run_dd.value, step_dd.value)
-        if "kind" in frame.columns:
-            frame = frame[frame["kind"] == "policy"]
-        state["frame"] = frame
-        groups = sorted(frame["group"].unique().tolist()) if "group" in frame else [0]
-        group_dd.options = groups
-        group_dd.value = groups[0]
-
-    def on_group(*_):
-        frame = state.get("frame")
-        if frame is None or group_dd.value is None:
-            return
-        sub = frame[frame["group"] == group_dd.value] if "group" in frame else frame
-        trajs = sub["traj"].tolist() if "traj" in sub else list(range(len(sub)))
-        traj_dd.options = [(f"{t} (R={r:g})", t) for t, r in zip(trajs, sub.get("reward", [math.nan] * len(sub)))]
-        traj_dd.value = trajs[0]
-
-    def on_traj(*_):
-        frame = state.get("frame")
-        if frame is None or traj_dd.value is None:
-            return
-        views = trajectory_view(frame, traj_dd.value, state.get("tokenizer"), state.get("labeler"))
         out_tokens.value, out_diff.value, out_steps.value = views["tokens"], views["diff"], views["steps"]
-        out_heat.clear_output(wait=True)
-        if "heatmap" in views:
-            with out_heat:
-                display(views["heatmap"])
-            plt.close(views["heatmap"])
+        fig = views.get("heatmap")
+        if fig is not None:
+            out_heat.value = _figure_png(fig)
+            plt.close(fig)
+            out_heat.layout.display = None
+        else:
+            out_heat.layout.display = "none"
+        # the header last: when it names the selection, every panel above has been sent
+        reward = _col(rows.iloc[0].to_dict(), "reward", default=math.nan)
+        how = (f"max |advantage| over step {step_dd.value}" if scale == "step"
+               else f"max |advantage| of trajectory {t}")
+        head.value = HTML(
+            f'<div class="ibpo-selection">{_html.escape(names[run_dd.value])} · step {step_dd.value} · '
+            f"prompt {group_dd.value} · trajectory {t} · reward {reward:g} · colour scale "
+            f'±<span class="ibpo-scale">{vmax:.3g}</span> '
+            f"({how})</div>"
+        )
 
-    run_dd.observe(on_run_tokenizer, "value")
-    run_dd.observe(on_run, "value")
-    step_dd.observe(on_step, "value")
-    group_dd.observe(on_group, "value")
-    traj_dd.observe(on_traj, "value")
-    on_run_tokenizer()
-    on_run()
-    on_step()
-    on_group()
-    on_traj()
+    def on(level: str):
+        def handler(change) -> None:
+            if not state["busy"] and change["new"] is not None:
+                refresh(level) if level != "trajectory" else render()
+        return handler
+
+    run_dd.observe(on("run"), "value")
+    step_dd.observe(on("step"), "value")
+    group_dd.observe(on("prompt"), "value")
+    traj_dd.observe(on("trajectory"), "value")
+    refresh("run")
     box = W.VBox([
-        W.HBox([run_dd, step_dd, group_dd, traj_dd]),
+        W.HBox([run_dd, step_dd, group_dd, traj_dd], layout=W.Layout(flex_flow="row wrap")),
+        head,
         W.HBox([W.VBox([W.HTML("<b>tokens by advantage</b>"), out_tokens, W.HTML("<b>repair</b>"), out_diff],
                        layout=W.Layout(width="60%")),
-                W.VBox([W.HTML("<b>step labels</b>"), out_steps, out_heat], layout=W.Layout(width="40%"))]),
+                W.VBox([W.HTML("<b>step labels</b>"), out_steps,
+                        W.HTML("<b>divergence heatmap</b> (▶ / red outline: the selected trajectory)"), out_heat],
+                       layout=W.Layout(width="40%"))]),
     ])
-    box.views = {"tokens": out_tokens, "diff": out_diff, "steps": out_steps, "heatmap": out_heat}
+    box.add_class("ibpo-explorer")
+    box.views = {"header": head, "tokens": out_tokens, "diff": out_diff, "steps": out_steps, "heatmap": out_heat}
     box.controls = {"run": run_dd, "step": step_dd, "prompt": group_dd, "trajectory": traj_dd}
+    box.selection = selection
     return box

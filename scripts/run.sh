@@ -3,6 +3,9 @@
 #   bash scripts/run.sh main [extra args]   # the smoke reproduction (all notebooks, report under runs/)
 #   bash scripts/run.sh test [pytest args]  # the test suite
 #   bash scripts/run.sh setup               # only create/refresh .venv
+#   bash scripts/run.sh lab [jupyter args]  # JupyterLab on 127.0.0.1 with the project kernel
+#                                           # (installs the [lab] extra into .venv the first time)
+#   bash scripts/run.sh lab-setup           # only install the [lab] extra (CI does, for the browser test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job="${1:-test}"; shift || true
@@ -38,10 +41,27 @@ setup() {
   fi
 }
 
+lab_setup() {
+  # JupyterLab and the ipywidgets front end (without jupyterlab_widgets the explorer prints as
+  # `VBox(children=...)` text); kept out of setup so `main` and `test` stay lean
+  if ! "$VENV/bin/python" -c "import jupyterlab, jupyterlab_widgets" 2>/dev/null; then
+    echo "[lab] installing ibpo_lab[lab] (JupyterLab + jupyterlab_widgets) into $VENV"
+    "$VENV/bin/python" -m pip install -q -e ".[lab]"
+  fi
+}
+
 setup
 case "$job" in
   setup) ;;
   main) exec "$VENV/bin/python" -m ibpo_lab.reproduce --profile smoke "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
-  *) echo "unknown job '$job' (use: main, test, setup)" >&2; exit 2 ;;
+  lab-setup) lab_setup ;;
+  lab)
+    lab_setup
+    unset MPLBACKEND  # exported above for scripts; in notebooks figures must show inline
+    # the kernel is setup's `python3` (this .venv, ibpo_lab installed editable); the server listens
+    # on 127.0.0.1 only and prints its token URL; the file browser opens at the repository root
+    root_flag=(); if [ "$(id -u)" = 0 ]; then root_flag=(--allow-root); fi  # containers run as root
+    exec "$VENV/bin/python" -m jupyterlab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir="$PWD" ${root_flag[@]+"${root_flag[@]}"} "$@" ;;
+  *) echo "unknown job '$job' (use: main, test, setup, lab, lab-setup)" >&2; exit 2 ;;
 esac

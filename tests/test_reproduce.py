@@ -174,3 +174,73 @@ def test_report_puts_key_figures_first_and_failures_with_their_cell(tmp_path):
     assert "1/2 notebooks ok" in md and "ValueError: boom" in md and "raise ValueError('boom')" in md
     status = json.loads((tmp_path / "status.json").read_text())
     assert [n["status"] for n in status["notebooks"]] == ["ok", "failed"]
+
+
+# ------------------------------------------------------------------------------------ item 10 of issue 17
+def test_a_list_parameter_given_a_string_fails_at_once(nbdir, tmp_path, capsys):
+    _write(nbdir, "04_lists", '''# %% tags=["parameters"]
+profile = "smoke"
+out_dir = None
+estimators = ["grpo", "ibpo"]  # compared
+seeds: list = None  # None: the profile's
+weights = {"a": 1}  # a dict
+
+# %%
+pass
+''')
+    nbs = rp.find_notebooks(nbdir)
+    out = tmp_path / "runs"
+    code = rp.main(["--notebooks-dir", str(nbdir), "--out", str(out), "-p", "estimators", "grpo,ibpo"])
+    assert code == 2 and not out.exists()  # nothing ran
+    err = capsys.readouterr().err
+    assert "expected a list" in err and "'grpo,ibpo'" in err and "\"['grpo', 'ibpo']\"" in err
+    with pytest.raises(rp.UsageError, match="expected a list"):
+        rp.parse_overrides([["estimators", "grpo"]], nbs)
+    with pytest.raises(rp.UsageError, match="expected a list"):
+        rp.parse_overrides([["seeds", "3"]], nbs)  # declared None, annotated list
+    with pytest.raises(rp.UsageError, match="expected a dict"):
+        rp.parse_overrides([["weights", "[1]"]], nbs)
+    assert rp.parse_overrides([["estimators", "['grpo']"], ["seeds", "None"], ["weights", "{}"]], nbs) == {
+        "estimators": ["grpo"], "seeds": None, "weights": {}}
+    assert rp.parse_overrides([["seeds", "1, 2"]], nbs) == {"seeds": (1, 2)}  # a tuple is a list here
+    with pytest.raises(rp.UsageError, match="expected a list"):
+        rp.parse_overrides([["estimators", "None"]], nbs)  # its default is a list, never None
+    assert rp.parse_overrides([["n", "grpo,ibpo"]], nbs) == {"n": "grpo,ibpo"}  # scalars: as before
+
+
+def test_notebook_kernels_log_no_tcp_warning(nbdir, tmp_path, capfd):
+    res = rp.run_notebook(nbdir / "01_first.ipynb", tmp_path / "run", "smoke", {"n": 3})
+    assert res.status == "ok", res.error
+    err = capfd.readouterr().err  # the kernel writes its log to this process's stderr
+    assert "without encryption" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_kernel_is_not_interrupted_when_shut_down(quiet):
+    """jupyter_client sends SIGINT before a shutdown; after the last cell that only prints a spurious
+    "KeyboardInterrupt caught in kernel". The plain manager (quiet=False) shows the test can fail."""
+    import asyncio
+    import signal
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    cls = rp.kernel_manager_class() if quiet else AsyncKernelManager
+
+    async def run():
+        km = cls(kernel_name=rp.KERNEL)
+        await km.start_kernel()
+        sent = []
+        orig = km.provisioner.send_signal
+
+        async def record(signum):
+            sent.append(signum)
+            await orig(signum)
+
+        km.provisioner.send_signal = record
+        await km.shutdown_kernel()
+        return km, sent
+
+    km, sent = asyncio.run(run())
+    assert (signal.SIGINT in sent) is (not quiet)
+    if quiet:
+        assert km.transport == ("ipc" if __import__("os").name == "posix" else "tcp")

@@ -345,3 +345,170 @@ def test_grid_heatmap_cells_are_the_means():
     assert [t.get_text() for t in fig.axes[0].texts] == ["2", "3", "2", "4"]
     with pytest.raises(ValueError, match="columns"):
         viz.grid_heatmap(df, "lam", "rho", "nope")
+
+
+def _fake_run_b(tmp_path):
+    """A second run with the same steps, prompts and trajectory numbers as run_a but other tokens,
+    rewards and advantages: switching runs keeps every dropdown's value."""
+    b = RolloutBatch(
+        prompt_ids=[[1]] * 4, response_ids=[[5, 5], [5, 6, 6], [7, 7, 7], [8]], rewards=[0.0, 1.0, 0.0, 1.0],
+        group_ids=[0, 0, 1, 1], step_spans=[[(0, 2)], [(0, 3)], [(0, 3)], [(0, 1)]],
+        responses=["ee", "eff", "ggg", "h"],
+    )
+    df = b.to_dataframe()
+    df["advantages"] = [[-0.86, 0.1], [0.3, 0.3, 0.3], [0.2, 0.2, 0.2], [0.4]]
+    df["response_mask"] = [[True, True], [True, True, True], [True, True, True], [True]]
+    run = tmp_path / "run_b"
+    (run / "trajectories").mkdir(parents=True)
+    df.to_parquet(run / "trajectories" / "step_000002.parquet")
+    df.assign(reward=[1.0, 1.0, 1.0, 0.0], advantages=[[2.0, 0.0], [0.0] * 3, [0.0] * 3, [-1.0]]).to_parquet(
+        run / "trajectories" / "step_000001.parquet")
+    return run
+
+
+def _scale(box) -> float:
+    return float(re.search(r'class="ibpo-scale">([^<]*)<', box.views["header"].value).group(1))
+
+
+def test_explorer_redraws_every_panel_when_downstream_values_stay(tmp_path):
+    _fake_run(tmp_path)
+    run_b = _fake_run_b(tmp_path)
+    box = viz.explorer(tmp_path)
+    c, v = box.controls, box.views
+    assert box.selection()["run"].name == "run_a" and box.selection()["step"] == 2
+    before_png = v["heatmap"].value
+    assert _scale(box) == 1.0  # run_a step 2: max |advantage| is traj 1's -1.0
+    c["run"].value = run_b  # step 2, prompt 0, trajectory 0 all stay: none of their observers fires
+    assert box.selection() == {"run": run_b, "step": 2, "prompt": 0, "trajectory": 0}
+    assert [s.group(4) for s in _spans(v["tokens"].value)] == ["e", "e"]
+    assert "reward 0" in v["tokens"].value and "reward 0" in v["header"].value
+    assert [lab for lab, _ in c["trajectory"].options] == ["0 (R=0)", "1 (R=1)"]
+    assert _scale(box) == 0.86  # run_b step 2: |-0.86| over 0.1, 0.3, 0.2, 0.4
+    assert "colour scale ±0.86" in v["tokens"].value
+    assert "no repair" in v["diff"].value and "ee" in v["steps"].value
+    assert bytes(v["heatmap"].value) != bytes(before_png) and bytes(v["heatmap"].value).startswith(b"\x89PNG")
+    c["step"].value = 1  # prompt 0 / trajectory 0 stay again
+    assert [lab for lab, _ in c["trajectory"].options] == ["0 (R=1)", "1 (R=1)"]
+    assert "reward 1" in v["tokens"].value and _scale(box) == 2.0
+    c["prompt"].value = 1
+    assert box.selection()["trajectory"] == 2 and [s.group(4) for s in _spans(v["tokens"].value)] == ["g"] * 3
+    c["trajectory"].value = 3
+    assert [s.group(4) for s in _spans(v["tokens"].value)] == ["h"] and "reward 0" in v["header"].value
+    # the darkest red is the step's -2.0 (traj 0), so traj 3's -1.0 is half-way: not saturated
+    assert _bg(_spans(v["tokens"].value)[0].group(3)) != _bg(_spans(viz.token_html(["x"], [-1.0]))[0].group(3))
+    c["run"].value = tmp_path / "run_a"  # back: step 1 exists there too and stays; trajectory 3 stays
+    assert box.selection()["step"] == 1 and box.selection()["trajectory"] == 3
+    assert [s.group(4) for s in _spans(v["tokens"].value)] == ["i", "i"] and "reward 0" in v["tokens"].value
+
+
+def test_explorer_trajectory_scale_is_the_trajectorys_own_max(tmp_path):
+    _fake_run(tmp_path)
+    box = viz.explorer(tmp_path / "run_a", scale="trajectory")
+    box.controls["prompt"].value = 1
+    box.controls["trajectory"].value = 3
+    assert _scale(box) == 0.9 and "of trajectory 3" in box.views["header"].value  # |-0.9| > |-0.3|
+    with pytest.raises(ValueError, match="scale"):
+        viz.explorer(tmp_path, scale="global")
+
+
+def test_explorer_shows_a_broken_row_in_the_panel(tmp_path):
+    run = _fake_run(tmp_path)
+    df = pd.read_parquet(run / "trajectories" / "step_000002.parquet")
+    df["advantages"] = [[0.5] * 4, [0.5] * 3, [0.5] * 2, [0.5]]  # traj 3 has 2 tokens but 1 advantage
+    df.to_parquet(run / "trajectories" / "step_000002.parquet")
+    box = viz.explorer(run)
+    box.controls["prompt"].value = 1
+    box.controls["trajectory"].value = 3
+    assert "cannot show this trajectory" in box.views["header"].value and box.views["tokens"].value == ""
+
+
+def test_divergence_heatmap_labels_rewards_and_marks_the_selected_row():
+    fig = viz.divergence_heatmap(np.array([[3, 2, 0], [2, 4, 0], [0, 0, 2]]), rewards=[1.0, 0.0, 0.5], highlight=1)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["0 (R=1)", "▶ 1 (R=0)", "2 (R=0.5)"] == [t.get_text() for t in ax.get_xticklabels()]
+    assert ax.get_yticklabels()[1].get_fontweight() == "bold" and ax.get_yticklabels()[0].get_fontweight() != "bold"
+    boxes = sorted((p.get_xy(), p.get_width(), p.get_height()) for p in ax.patches)
+    assert boxes == [((-0.5, 0.5), 3, 1), ((0.5, -0.5), 1, 3)]  # row 1 and column 1 outlined
+    with pytest.raises(ValueError, match="highlight"):
+        viz.divergence_heatmap(np.eye(2), highlight=2)
+
+
+def test_trajectory_view_heatmap_labels_the_group_with_rewards(tmp_path):
+    frame = viz.load_trajectories(_fake_run(tmp_path))
+    ax = viz.trajectory_view(frame, 3)["heatmap"].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["2 (R=1)", "▶ 3 (R=0)"]
+
+
+# ------------------------------------------------------------------------------------ byte-level BPE text
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character table (the byte-level BPE alphabet), written out here so the
+    test reads token bytes without going through the tokenizer's decoder."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _byte_bpe(merges: list[tuple[str, str]]):
+    """A byte-level BPE (the GPT-2/SmolLM2 kind) with the whole byte alphabet and the given merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _expected_pieces(text: str, tokens: list[str]) -> list[str]:
+    """Each character goes to the token holding its last byte (hand-derived from the byte table)."""
+    inv = {c: b for b, c in _bytes_to_unicode().items()}
+    ends = np.cumsum([len(t) for t in tokens])  # byte offset where each token ends (one char per byte)
+    assert bytes(inv[c] for c in "".join(tokens)) == text.encode()
+    pieces, pos = [""] * len(tokens), 0
+    for ch in text:
+        pos += len(ch.encode())
+        pieces[int(np.searchsorted(ends, pos))] += ch
+    return pieces
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_decoding_byte_level_bpe_never_splits_a_character(wrap):
+    u = _bytes_to_unicode()
+    zh, wen = "中".encode(), "文".encode()
+    # merges that cut characters: 中's last byte with 文's first, 😀 in two halves, é in one token
+    merges = [(u[zh[2]], u[wen[0]]), (u[0xF0], u[0x9F]), (u[0x98], u[0x80]), (u[0xC3], u[0xA9])]
+    tok = _byte_bpe(merges)
+    text = "café 中文 ok😀!"
+    enc = tok.encode(text)
+    if wrap:
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(tokenizer_object=tok)
+    assert any("\ufffd" in tok.decode([i]) for i in enc.ids)  # token by token the text is broken
+    pieces = viz._decode_each(enc.ids, tok)
+    assert pieces == _expected_pieces(text, enc.tokens)
+    assert "".join(pieces) == text and len(pieces) == len(enc.ids)
+    assert "中" in pieces and "😀" in pieces and "é" in pieces
+    # generation stopped inside 😀: the bytes that are there show as one replacement character
+    cut = viz._decode_each(enc.ids[:-2], tok)
+    assert "".join(cut[:-1]) == "café 中文 ok" and cut[-1] == "\ufffd"
+
+
+def test_trajectory_view_shows_whole_characters_of_a_byte_level_bpe(tmp_path):
+    u = _bytes_to_unicode()
+    tok = _byte_bpe([(u[0xC3], u[0xA9])])
+    text = "né 中"
+    ids = tok.encode(text).ids
+    frame = pd.DataFrame({"traj": [0], "group": [0], "reward": [1.0], "response_ids": [ids],
+                          "response": [text], "advantages": [[0.1] * len(ids)]})
+    shown = [s.group(4) for s in _spans(viz.trajectory_view(frame, 0, tokenizer=tok)["tokens"])]
+    assert "".join(shown) == text and "\ufffd" not in "".join(shown) and shown[-3:] == ["", "", "中"]
