@@ -383,8 +383,13 @@ class HFSampler(_Sampler):
     difference were computed on a wrong context and are dropped, their KV columns masked out and
     cropped). Every kept token is the draw plain decoding would make, so the distribution and the
     behaviour log-probs are exactly the policy's. After a difference the pointer re-aligns with
-    :func:`realign_draft` (``draft_ngram``). ``last_stats["tokens_per_forward"]``: new tokens per
-    row-forward (1.0 without drafts; the prefill counts as one forward).
+    :func:`realign_draft` (``draft_ngram``). ``last_stats``: ``tokens_per_forward`` (new tokens per
+    row-forward; 1.0 without drafts, the prefill counts as one forward), ``model_calls`` (batched
+    forward passes), ``positions`` (input positions computed, padding and rejected drafts included:
+    the compute a draft costs), ``draft_fed`` / ``draft_accepted`` (draft tokens fed / confirmed).
+    Drafting saves forward passes, not arithmetic: it pays where a decode step is bound by memory
+    traffic or per-call overhead (GPU decoding), less on a CPU where a step's cost grows with the
+    positions it computes.
     """
 
     def __init__(self, policy: Policy, max_batch_size: int = 256, draft_tokens: int = 8, draft_ngram: int = 3):
@@ -465,7 +470,7 @@ class HFSampler(_Sampler):
         responses: list[list[int]] = []
         logprobs: list[list[float]] = []
         finish: list[str] = []
-        counts = {"row_forwards": 0, "model_calls": 0, "draft_fed": 0, "draft_accepted": 0}
+        counts = {"row_forwards": 0, "model_calls": 0, "positions": 0, "draft_fed": 0, "draft_accepted": 0}
         t0, n_tokens = time.perf_counter(), 0
         model = self.policy.model
         was_training = model.training
@@ -534,6 +539,7 @@ class HFSampler(_Sampler):
         while True:
             nb, W, V = logits.shape
             counts["row_forwards"] += nb
+            counts["positions"] += nb * W  # decode-step inputs the model computed (rejected and padding included)
             u = None
             if req.temperature > 0:
                 pos = torch.tensor([len(responses[b]) for b in active], dtype=torch.long, device=device)
