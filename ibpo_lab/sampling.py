@@ -392,6 +392,9 @@ class HFSampler(_Sampler):
     positions it computes.
     """
 
+    #: ``sample`` accepts ``drafts=`` and a per-prompt ``max_new_tokens`` list (callers check this attribute)
+    supports_drafts = True
+
     def __init__(self, policy: Policy, max_batch_size: int = 256, draft_tokens: int = 8, draft_ngram: int = 3):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")

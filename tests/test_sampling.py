@@ -388,6 +388,10 @@ def test_bad_drafts_and_caps_raise(policy, kw, match):
         get_sampler("hf", policy).sample(PROMPTS, n=1, seed=0, **args)
 
 
+def test_hf_sampler_advertises_drafts(policy):
+    assert get_sampler("hf", policy).supports_drafts is True
+
+
 @pytest.mark.parametrize("kw,match", [(dict(draft_tokens=0), "draft_tokens"), (dict(draft_ngram=1), "draft_ngram")])
 def test_bad_draft_settings_raise(policy, kw, match):
     with pytest.raises(ValueError, match=match):
