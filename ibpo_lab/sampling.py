@@ -264,7 +264,7 @@ def keyed_uniform(seed: int, rows: Tensor, positions: Tensor) -> Tensor:
     h = _mix32(torch.tensor([s & _M32], dtype=torch.long, device=rows.device))
     h = _mix32(h ^ (s >> 32))
     h = _mix32(h ^ (rows.long() & _M32))
-    h = _mix32((h + 0x9E3779B9) & _M32 ^ (positions.long() & _M32))
+    h = _mix32(((h + 0x9E3779B9) & _M32) ^ (positions.long() & _M32))
     return (h.double() + 0.5) / 2.0**32
 
 
@@ -273,7 +273,8 @@ def _draw(logits: Tensor, req: _Request, u: Tensor | None) -> tuple[Tensor, Tens
 
     Inverse-CDF sampling: the token whose cumulative-probability interval (in vocabulary order,
     float64) contains ``u``; an exact draw from the (top-p renormalised) distribution that needs one
-    uniform per token, so the noise can be keyed by (seed, row, position). temperature 0: argmax."""
+    uniform per sampled token (not one per vocabulary entry, as the exponential race / Gumbel-max
+    draw does), so keying the noise by (seed, row, position) is cheap. temperature 0: argmax."""
     if req.temperature == 0:
         logp = torch.log_softmax(logits, dim=-1)
         token = logp.argmax(-1)
@@ -330,7 +331,7 @@ def _cache_kv(cache) -> list[tuple[Any, str, Any]] | None:
                     return None
                 out.append((layer, name, t))
         return out
-    if isinstance(getattr(cache, "key_cache", None), list):  # transformers < 4.56
+    if isinstance(getattr(cache, "key_cache", None), list):  # older transformers: per-layer lists
         return [(lst, i, t) for lst in (cache.key_cache, cache.value_cache) for i, t in enumerate(lst)]
     return None
 
