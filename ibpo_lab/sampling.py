@@ -7,7 +7,10 @@ One interface, two backends, same output (a :class:`~ibpo_lab.rollout.RolloutBat
   is prefilled once and its KV cache copied to its n trajectories; finished trajectories leave the
   batch. We write the loop ourselves rather than call ``model.generate`` because the behaviour
   log-probs must be *exactly* the trainer's (``models.response_logprobs``): same temperature
-  scaling, same float32 log-softmax, same position ids counted from the first real token.
+  scaling, same float32 log-softmax, same position ids counted from the first real token. Its
+  sampling noise is keyed by (seed, trajectory, position), which makes copy-draft decoding
+  (``drafts=``: a repair decoded against its failed attempt, several tokens verified per forward
+  pass) give token for token the samples of plain decoding.
 - ``vllm``: an adapter over a colocated, in-process ``vllm.LLM`` (lazy import; ``pip install
   'ibpo_lab[gpu]'``, vLLM >= 0.10.1), with sleep mode between generations and the trainer's weights
   pushed in by ``sync_weights`` (``LLM.collective_rpc``); see :class:`VLLMSampler`.
@@ -33,6 +36,7 @@ Conventions (both backends):
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -136,16 +140,18 @@ def _check_request(prompts, n, max_new_tokens, temperature, top_p, stop, seed, g
     return _Request(prompts, n, max_new_tokens, float(temperature), float(top_p), stop, seed, group_offset)
 
 
-def _encode_prompts(policy: Policy, req: _Request) -> list[list[int]]:
-    """Tokenise (with the tokenizer's own special tokens, e.g. BOS) and check the context fits."""
+def _encode_prompts(policy: Policy, req: _Request, limits: Sequence[int] | None = None) -> list[list[int]]:
+    """Tokenise (with the tokenizer's own special tokens, e.g. BOS) and check the context fits
+    (``limits``: max_new_tokens per prompt, default ``req.max_new_tokens`` for all)."""
     ids = policy.tokenizer(req.prompts, add_special_tokens=True)["input_ids"]
     ctx = policy.context_length
     for i, p in enumerate(ids):
         if not p:
             raise ValueError(f"prompts[{i}] encodes to zero tokens; a causal LM needs at least one to condition on")
-        if len(p) + req.max_new_tokens > ctx:
+        m = req.max_new_tokens if limits is None else limits[i]
+        if len(p) + m > ctx:
             raise ValueError(
-                f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={req.max_new_tokens} that exceeds the "
+                f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={m} that exceeds the "
                 f"model's context of {ctx} tokens. Shorten the prompt or lower max_new_tokens "
                 "(prompts are never truncated silently)"
             )
@@ -231,57 +237,281 @@ def _output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32) and a 32-bit constant c, without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash with full avalanche (Wellons' "lowbias32"), elementwise on int64 in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keyed_uniform(seed: int, rows: Tensor, positions: Tensor) -> Tensor:
+    """One uniform in (0, 1) per (seed, row, position), float64, shape of ``rows`` and ``positions`` broadcast.
+
+    A counter-based draw: the value depends on the key only, never on what else is drawn in the
+    same call, so a token sampled at response position t of trajectory ``row`` gets the same noise
+    whether it is decoded alone, in a batch, in another chunk, or verified inside a drafted span.
+    Hand-written (torch has no keyed per-element generator): a chain of 32-bit avalanche hashes of
+    the seed's two halves, the row and the position; 2**32 distinct values, offset by half a step
+    so 0 and 1 never occur.
+    """
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    h = _mix32(torch.tensor([s & _M32], dtype=torch.long, device=rows.device))
+    h = _mix32(h ^ (s >> 32))
+    h = _mix32(h ^ (rows.long() & _M32))
+    h = _mix32(((h + 0x9E3779B9) & _M32) ^ (positions.long() & _M32))
+    return (h.double() + 0.5) / 2.0**32
+
+
+def _draw(logits: Tensor, req: _Request, u: Tensor | None) -> tuple[Tensor, Tensor]:
+    """logits [N, V] float32, u [N] keyed uniforms -> (sampled token [N], its behaviour log-prob [N]).
+
+    Inverse-CDF sampling: the token whose cumulative-probability interval (in vocabulary order,
+    float64) contains ``u``; an exact draw from the (top-p renormalised) distribution that needs one
+    uniform per sampled token (not one per vocabulary entry, as the exponential race / Gumbel-max
+    draw does), so keying the noise by (seed, row, position) is cheap. temperature 0: argmax."""
+    if req.temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        token = logp.argmax(-1)
+    else:
+        scaled = logits / req.temperature
+        logp = torch.log_softmax(scaled, dim=-1)
+        if req.top_p < 1.0:
+            from transformers.generation.logits_process import TopPLogitsWarper
+
+            probs = torch.softmax(TopPLogitsWarper(req.top_p)(None, scaled), dim=-1)
+        else:
+            probs = logp.exp()
+        cdf = probs.double().cumsum(-1)
+        # u < 1, so u * total < total: the interval found always has positive width (zero-probability
+        # tokens, e.g. outside the nucleus, have empty intervals and are never drawn)
+        token = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        token = token.clamp(max=logits.shape[-1] - 1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def realign_draft(draft: Sequence[int], generated: Sequence[int], miss: int, ngram: int = 3) -> int:
+    """Where to continue copying ``draft`` after the output left it at draft index ``miss``.
+
+    ``generated``: the output so far, whose last token is the one that differed from
+    ``draft[miss]``. Rule: the longest suffix of ``generated`` of n tokens, n = ``ngram`` down to 2,
+    that occurs in the draft, at the occurrence whose end is nearest to ``miss + 1`` (ties: the
+    later one); the pointer goes just after it (prompt-lookup decoding's n-gram match, made local
+    because a repair edits the failed attempt in place). No such suffix: ``miss + 1``, i.e. assume
+    the token was substituted (the commonest local edit). 1-grams are not used: on a small
+    vocabulary a single token occurs all over the draft and sends the pointer astray. The rule only
+    decides what is proposed, never what is sampled. It was chosen by replaying the tiny policy's
+    repairs on the synthetic task against alternatives (pure substitution guess, 1-grams,
+    prompt-lookup's first occurrence without fallback): it needed the fewest forward passes for the
+    slowest row of the batch, which sets the number of batched forward passes.
+    """
+    for n in range(min(ngram, len(generated)), 1, -1):
+        tail = list(generated[-n:])
+        ends = [j + n for j in range(len(draft) - n + 1) if list(draft[j : j + n]) == tail]
+        if ends:
+            return min(ends, key=lambda e: (abs(e - (miss + 1)), -e))
+    return miss + 1
+
+
+def _cache_kv(cache) -> list[tuple[Any, str, Any]] | None:
+    """(holder, attribute or index, tensor [B, H, C, D]) of every key/value tensor of a DynamicCache, or
+    None for a cache layout we do not know (then it is never compacted)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        out = []
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if not isinstance(t, Tensor) or t.dim() != 4:
+                    return None
+                out.append((layer, name, t))
+        return out
+    if isinstance(getattr(cache, "key_cache", None), list):  # older transformers: per-layer lists
+        return [(lst, i, t) for lst in (cache.key_cache, cache.value_cache) for i, t in enumerate(lst)]
+    return None
+
+
+def _should_compact(width: int, live: int) -> bool:
+    """Compact a KV cache of ``width`` columns whose longest row attends to ``live`` of them once the
+    holes left by rejected draft tokens are at least 64 columns and at least the live width (one
+    gather of the cache halves it or better, so compaction costs O(1) per decoded column)."""
+    holes = width - live
+    return holes >= 64 and holes >= live
+
+
+def _compact(cache, attn: Tensor) -> Tensor:
+    """Drop cache columns that no row attends to, keeping each row's live columns in order,
+    right-aligned. attn [B, C] 0/1 -> the new attn [B, C']; the cache is changed in place."""
+    kv = _cache_kv(cache)
+    if kv is None:
+        return attn
+    live = int(attn.sum(-1).max())
+    idx = torch.sort(attn, dim=1, stable=True).indices[:, attn.shape[1] - live :]  # holes first, then live columns
+    for holder, key, t in kv:
+        g = t.gather(2, idx[:, None, :, None].expand(t.shape[0], t.shape[1], live, t.shape[3]))
+        if isinstance(key, str):
+            setattr(holder, key, g)
+        else:
+            holder[key] = g
+    return attn.gather(1, idx)
+
+
 @register_backend("hf")
 class HFSampler(_Sampler):
-    """Batched KV-cache sampling with a transformers causal LM (CPU or GPU).
+    """Batched KV-cache sampling with a transformers causal LM (CPU or GPU), with optional
+    copy-draft (prompt-lookup) speculative decoding.
 
     ``max_batch_size``: at most this many trajectories decode together (prompts are chunked,
     a prompt's n trajectories are never split across chunks unless n itself is larger).
     It samples from the trainer's own module, so ``sync_weights`` has nothing to copy, only re-points.
+
+    Noise: the uniform behind the token at response position t of trajectory b (its index in the
+    call, prompt-major) is :func:`keyed_uniform` (seed, b, t) (seed=None draws a seed from torch's
+    global generator). So outputs do not depend on chunking, and drafted decoding is token-for-token
+    plain decoding (up to float rounding of logits computed in a different batch shape, which can
+    flip a draw whose uniform lies within ~1e-7 of an interval boundary).
+
+    Copy-draft decoding (``sample(..., drafts=...)``): each prompt may come with a draft, a token
+    list the output is expected to copy (a repair's failed attempt). Each forward pass feeds a
+    row's last sampled token plus up to ``draft_tokens`` draft tokens from its draft pointer, draws
+    the policy's own token at every position with the keyed noise, and keeps the draws up to and
+    including the first one that differs from the draft token fed next (the tokens after a
+    difference were computed on a wrong context and are dropped, their KV columns masked out and
+    cropped). Every kept token is the draw plain decoding would make, so the distribution and the
+    behaviour log-probs are exactly the policy's. After a difference the pointer re-aligns with
+    :func:`realign_draft` (``draft_ngram``). ``last_stats``: ``tokens_per_forward`` (new tokens per
+    row-forward; 1.0 without drafts, the prefill counts as one forward), ``model_calls`` (batched
+    forward passes), ``positions`` (input positions computed, padding and rejected drafts included:
+    the compute a draft costs), ``draft_fed`` / ``draft_accepted`` (draft tokens fed / confirmed).
+    Drafting saves forward passes, not arithmetic: it pays where a decode step is bound by memory
+    traffic or per-call overhead (GPU decoding), less on a CPU where a step's cost grows with the
+    positions it computes. ``draft_tokens`` = 4 by default: on the tiny policy's synthetic-task
+    repairs on a CPU, 2 and 4 draft tokens were about equally fast and 8 slower (more rejected
+    positions computed); raise it on a GPU, where wider forward passes cost little.
     """
 
-    def __init__(self, policy: Policy, max_batch_size: int = 256):
+    #: ``sample`` accepts ``drafts=`` and a per-prompt ``max_new_tokens`` list (callers check this attribute)
+    supports_drafts = True
+
+    def __init__(self, policy: Policy, max_batch_size: int = 256, draft_tokens: int = 4, draft_ngram: int = 3):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+            raise ValueError(f"draft_tokens (draft tokens fed per forward pass) must be a positive int, got {draft_tokens!r}")
+        if isinstance(draft_ngram, bool) or not isinstance(draft_ngram, int) or draft_ngram < 2:
+            raise ValueError(f"draft_ngram (longest n-gram used to re-align a draft) must be an int >= 2, got {draft_ngram!r}")
         self.policy = policy
         self.max_batch_size = max_batch_size
+        self.draft_tokens = draft_tokens
+        self.draft_ngram = draft_ngram
         self.last_stats: dict[str, float] = {}
 
-    def _sample(self, req: _Request, prompt_ids: list[list[int]]) -> RolloutBatch:
-        device = self.policy.device
-        gen = None
-        if req.seed is not None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(req.seed)
-        rows = [i for i in range(len(prompt_ids)) for _ in range(req.n)]  # prompt index of each trajectory
+    def sample(
+        self,
+        prompts: list[str],
+        n: int,
+        max_new_tokens: int | Sequence[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        group_offset: int = 0,
+        drafts: Sequence[Sequence[int] | None] | None = None,
+    ) -> RolloutBatch:
+        """``n`` trajectories for each prompt, conventions as in the module docstring (see :func:`sample`).
+
+        max_new_tokens: one int, or one per prompt (e.g. a repair capped at its failed attempt's
+        length plus a margin). drafts: None, or one token-id list (or None) per prompt that its n
+        trajectories are decoded against (copy-draft decoding; the samples are the same as without).
+        """
+        if max_new_tokens is None or isinstance(max_new_tokens, (numbers.Number, str)):
+            limits = None
+            req = _check_request(prompts, n, max_new_tokens, temperature, top_p, stop, seed, group_offset)
+        else:
+            limits = list(max_new_tokens)
+            if isinstance(prompts, (list, tuple)) and len(limits) != len(prompts):
+                raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts (need one per prompt)")
+            for i, m in enumerate(limits):
+                if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+                    raise ValueError(f"max_new_tokens[{i}] must be a positive int, got {m!r}")
+                limits[i] = int(m)
+            req = _check_request(prompts, n, max(limits, default=1), temperature, top_p, stop, seed, group_offset)
+        drafts = self._check_drafts(drafts, len(req.prompts))
+        return self._sample(req, _encode_prompts(self.policy, req, limits), drafts=drafts, limits=limits)
+
+    def _check_drafts(self, drafts, n_prompts: int) -> list[list[int] | None] | None:
+        if drafts is None:
+            return None
+        if isinstance(drafts, (str, Tensor)) or not isinstance(drafts, Sequence):
+            raise ValueError(f"drafts must be a list with one token-id list (or None) per prompt, got {type(drafts).__name__}")
+        drafts = list(drafts)
+        if len(drafts) != n_prompts:
+            raise ValueError(f"drafts has {len(drafts)} entries for {n_prompts} prompts (need one per prompt, None for none)")
+        vocab = self.policy.model.get_input_embeddings().num_embeddings
+        out: list[list[int] | None] = []
+        for i, d in enumerate(drafts):
+            if d is None:
+                out.append(None)
+                continue
+            if isinstance(d, (str, int)) or not isinstance(d, (Sequence, Tensor)):
+                raise ValueError(f"drafts[{i}] must be a list of token ids or None, got {type(d).__name__}")
+            ids = d.tolist() if isinstance(d, Tensor) else list(d)
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"drafts[{i}] has entries that are not token ids in [0, {vocab}): {bad[:5]}")
+            out.append([int(t) for t in ids] or None)
+        if any(d is not None for d in out) and getattr(self.policy.model.config, "sliding_window", None):
+            raise ValueError("drafts need a full-attention model: rejected draft columns would shift a sliding window")
+        return out if any(d is not None for d in out) else None
+
+    def _sample(self, req: _Request, prompt_ids: list[list[int]], drafts=None, limits=None) -> RolloutBatch:
+        seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        limits = limits if limits is not None else [req.max_new_tokens] * len(prompt_ids)
+        trajs = list(range(len(prompt_ids) * req.n))  # prompt of trajectory b: b // n
         responses: list[list[int]] = []
         logprobs: list[list[float]] = []
         finish: list[str] = []
+        counts = {"row_forwards": 0, "model_calls": 0, "positions": 0, "draft_fed": 0, "draft_accepted": 0}
         t0, n_tokens = time.perf_counter(), 0
         model = self.policy.model
         was_training = model.training
         model.eval()  # no dropout while sampling
         try:
-            for start in range(0, len(rows), self.max_batch_size):
-                chunk = rows[start : start + self.max_batch_size]
-                r, lp, fin = self._decode_chunk(prompt_ids, chunk, req, gen)
+            for start in range(0, len(trajs), self.max_batch_size):
+                chunk = trajs[start : start + self.max_batch_size]
+                r, lp, fin = self._decode_chunk(prompt_ids, chunk, req, seed, drafts, limits, counts)
                 responses += r
                 logprobs += lp
                 finish += fin
                 n_tokens += sum(len(x) for x in r)
         finally:
             model.train(was_training)
-        self.last_stats = _throughput(t0, n_tokens)
+        self.last_stats = {
+            **_throughput(t0, n_tokens),
+            **counts,
+            "tokens_per_forward": n_tokens / max(counts["row_forwards"], 1),
+        }
         return _build_batch(self.policy, req, prompt_ids, responses, logprobs, finish)
 
     @torch.inference_mode()
-    def _decode_chunk(self, prompt_ids, rows: list[int], req: _Request, gen) -> tuple[list, list, list]:
-        """Decode the trajectories ``rows`` (prompt index per trajectory) together."""
+    def _decode_chunk(self, prompt_ids, trajs: list[int], req: _Request, seed: int, drafts, limits, counts) -> tuple[list, list, list]:
+        """Decode the trajectories ``trajs`` (global indices; prompt b // n) together."""
         model, tok = self.policy.model, self.policy.tokenizer
         device = self.policy.device
         pad = int(tok.pad_token_id)
-        eos = torch.tensor(self.policy.eos_token_ids, dtype=torch.long, device=device)
+        eos = set(self.policy.eos_token_ids)
         stop_hit = _StopChecker(tok, req.stop)
+        rows = [b // req.n for b in trajs]  # prompt index of each trajectory
 
         # prefill each distinct prompt once, left-padded, then copy its KV cache to its n rows
         uniq = list(dict.fromkeys(rows))
@@ -301,70 +531,101 @@ class HFSampler(_Sampler):
         cache = _output_cache(out)
         expand = torch.tensor([uniq.index(r) for r in rows], dtype=torch.long, device=device)
         cache.batch_select_indices(expand)
-        logits = out.logits[:, -1].float()[expand]
+        logits = out.logits[:, -1:].float()[expand]  # [b, W, V]: W = 1 after the prefill
         attn = attn[expand]
-        next_pos = attn.sum(-1)  # position of the next token = number of real tokens so far
+        next_pos = attn.sum(-1)  # position of the next input token = number of real tokens so far
+        counts["model_calls"] += 1
 
-        B = len(rows)
-        active = torch.arange(B, device=device)  # trajectory index of each row still decoding
+        B = len(trajs)
+        key = torch.tensor(trajs, dtype=torch.long, device=device)  # noise key of each active row
+        active = list(range(B))  # local index of each row still decoding
+        draft = [None if drafts is None else drafts[r] for r in rows]
+        ptr = [0] * B  # next draft index each row expects to copy
+        fed: list[list[int]] = [[] for _ in range(B)]  # draft tokens fed after the last token, per active row
+        limit = [limits[r] for r in rows]
         responses: list[list[int]] = [[] for _ in range(B)]
         logprobs: list[list[float]] = [[] for _ in range(B)]
         finish = ["length"] * B
-        for step in range(req.max_new_tokens):
-            token, lp = self._next_token(logits, req, gen)
-            tok_list, lp_list, act_list = token.tolist(), lp.tolist(), active.tolist()
-            done = torch.isin(token, eos) if eos.numel() else torch.zeros_like(token, dtype=torch.bool)
-            done_list = done.tolist()
-            for k, b in enumerate(act_list):
-                responses[b].append(tok_list[k])
-                logprobs[b].append(lp_list[k])
-                if done_list[k]:
-                    finish[b] = "eos"
-                elif stop_hit(responses[b]):
-                    finish[b] = "stop"
-                    done_list[k] = True
-            if step == req.max_new_tokens - 1:
-                break
-            keep = [k for k, d in enumerate(done_list) if not d]
+        decoding = False  # False while the logits come from the prefill
+        while True:
+            nb, W, V = logits.shape
+            counts["row_forwards"] += nb
+            counts["positions"] += nb * W  # decode-step inputs the model computed (rejected and padding included)
+            u = None
+            if req.temperature > 0:
+                pos = torch.tensor([len(responses[b]) for b in active], dtype=torch.long, device=device)
+                u = keyed_uniform(seed, key[:, None], pos[:, None] + torch.arange(W, device=device)).reshape(-1)
+            token, lp = _draw(logits.reshape(nb * W, V), req, u)
+            token, lp = token.view(nb, W).tolist(), lp.view(nb, W).tolist()
+            keep, n_valid = [], []
+            for k, b in enumerate(active):
+                f, resp, done = fed[k], responses[b], False
+                for j in range(len(f) + 1):
+                    t = token[k][j]
+                    resp.append(t)
+                    logprobs[b].append(lp[k][j])
+                    if t in eos:
+                        finish[b], done = "eos", True
+                    elif stop_hit(resp):
+                        finish[b], done = "stop", True
+                    elif len(resp) >= limit[b]:
+                        done = True  # finish stays "length"
+                    if done or j == len(f) or t != f[j]:
+                        break
+                counts["draft_fed"] += len(f)
+                counts["draft_accepted"] += j  # fed draft tokens that were confirmed by the draw after them
+                if done:
+                    continue
+                keep.append(k)
+                n_valid.append(j + 1)  # inputs whose KV columns stay: the last token and j confirmed draft tokens
+                d = draft[b]
+                if d is not None:
+                    miss = ptr[b] + j
+                    ptr[b] = miss + 1 if miss < len(d) and d[miss] == t else realign_draft(d, resp, miss, self.draft_ngram)
             if not keep:
                 break
-            if len(keep) < len(act_list):  # finished trajectories leave the batch (and the cache)
-                keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            if len(keep) < nb:  # finished trajectories leave the batch (and the cache)
                 cache.batch_select_indices(keep_t)
-                active, token, attn, next_pos = active[keep_t], token[keep_t], attn[keep_t], next_pos[keep_t]
-            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+                attn, next_pos, key = attn[keep_t], next_pos[keep_t], key[keep_t]
+            active = [active[k] for k in keep]
+            if decoding:
+                nv = torch.tensor(n_valid, dtype=torch.long, device=device)
+                # drafted inputs after a difference were computed on a wrong context: mask their KV columns ...
+                attn[:, -W:] *= (torch.arange(W, device=device)[None, :] < nv[:, None]).long()
+                next_pos = next_pos + nv
+                surplus = W - max(n_valid)  # ... and crop the columns no row kept
+                if surplus:
+                    cache.crop(-surplus)
+                    attn = attn[:, :-surplus]
+                if _should_compact(attn.shape[1], int(attn.sum(-1).max())):
+                    attn = _compact(cache, attn)
+            decoding = True
+            # next input per row: its last sampled token, then up to draft_tokens draft tokens
+            fed = []
+            for b in active:
+                d, room = draft[b], limit[b] - len(responses[b])  # room >= 1 for an active row
+                m = 0 if d is None else max(0, min(self.draft_tokens, len(d) - ptr[b], room - 1))
+                fed.append(d[ptr[b] : ptr[b] + m] if m else [])
+            W = 1 + max(len(f) for f in fed)
+            inp = torch.full((len(active), W), pad, dtype=torch.long)
+            new_attn = torch.zeros((len(active), W), dtype=torch.long)
+            for k, b in enumerate(active):
+                x = [responses[b][-1]] + fed[k]
+                inp[k, : len(x)] = torch.tensor(x)
+                new_attn[k, : len(x)] = 1
+            attn = torch.cat([attn, new_attn.to(device)], dim=1)
             out = model(
-                input_ids=token[:, None],
+                input_ids=inp.to(device),
                 attention_mask=attn,
-                position_ids=next_pos[:, None],
+                position_ids=next_pos[:, None] + torch.arange(W, device=device)[None, :],
                 use_cache=True,
                 **{cache_arg: cache},
             )
             cache = _output_cache(out)
-            logits = out.logits[:, -1].float()
-            next_pos = next_pos + 1
+            logits = out.logits.float()
+            counts["model_calls"] += 1
         return responses, logprobs, finish
-
-    @staticmethod
-    def _next_token(logits: Tensor, req: _Request, gen) -> tuple[Tensor, Tensor]:
-        """logits [b, V] float32 -> (sampled token [b], its behaviour log-prob [b])."""
-        if req.temperature == 0:
-            logp = torch.log_softmax(logits, dim=-1)
-            token = logp.argmax(-1)
-        else:
-            scaled = logits / req.temperature
-            logp = torch.log_softmax(scaled, dim=-1)
-            if req.top_p < 1.0:
-                from transformers.generation.logits_process import TopPLogitsWarper
-
-                probs = torch.softmax(TopPLogitsWarper(req.top_p)(None, scaled), dim=-1)
-            else:
-                probs = logp.exp()
-            # exponential race (argmax of p / Exp(1) is a draw from p): same distribution as
-            # torch.multinomial, several times faster on 50k-token vocabularies
-            race = torch.empty_like(probs).exponential_(1.0, generator=gen)
-            token = (probs / race).argmax(-1)
-        return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------- vllm backend

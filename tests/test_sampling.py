@@ -11,7 +11,8 @@ import torch
 
 from ibpo_lab.models import Policy, build_tiny_policy, load_policy, response_logprobs
 from ibpo_lab.rollout import RolloutBatch
-from ibpo_lab.sampling import HFSampler, VLLMSampler, get_sampler, list_backends, sample
+import ibpo_lab.sampling as sampling
+from ibpo_lab.sampling import HFSampler, VLLMSampler, _draw, _Request, get_sampler, keyed_uniform, list_backends, realign_draft, sample
 
 VOCAB = string.ascii_lowercase + string.digits + " \n+=:?"
 PROMPTS = ["Q: 1+2=?\n", "a much longer question: 12+30=?\n", "x"]
@@ -24,6 +25,12 @@ def policy() -> Policy:
     tok = pol.tokenizer
     pol.model.generation_config.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(list("abcde"))
     return pol
+
+
+@pytest.fixture(scope="module")
+def long_policy() -> Policy:
+    """The same random model without the extra EOS characters: it runs to max_new_tokens."""
+    return build_tiny_policy(VOCAB, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seed=0)
 
 
 def _assert_logprobs_match(policy, batch: RolloutBatch, temperature: float, atol: float = 1e-4):
@@ -160,6 +167,234 @@ def test_prompt_longer_than_context_is_an_error(policy):
 
 def test_backends_registered():
     assert set(list_backends()) >= {"hf", "vllm"}
+
+
+# ---------------------------------------------------------------------------- keyed noise
+def test_keyed_uniform_is_a_function_of_its_key_and_uniform():
+    rows = torch.arange(200).repeat_interleave(100)
+    pos = torch.arange(100).repeat(200)
+    u = keyed_uniform(3, rows, pos)
+    assert u.dtype == torch.float64 and bool(((u > 0) & (u < 1)).all())
+    assert torch.equal(u, keyed_uniform(3, rows, pos))
+    # the same key gives the same value wherever it sits in the call
+    assert torch.equal(keyed_uniform(3, rows.flip(0), pos.flip(0)), u.flip(0))
+    assert len(set(u.tolist())) == len(u)  # 20000 keys, no collision
+    assert not torch.isclose(keyed_uniform(4, rows, pos), u).any()
+    assert (keyed_uniform(3, rows + 1, pos) != u).float().mean() == 1.0
+    # uniform: 20 equal bins of 20000 draws; chi-square (19 dof) far below 60 (p < 1e-5 for a true uniform)
+    counts = torch.bincount((u * 20).long(), minlength=20).double()
+    chi2 = float(((counts - 1000) ** 2 / 1000).sum())
+    assert chi2 < 60, chi2
+    # neighbouring positions of one row are uncorrelated
+    a = keyed_uniform(9, torch.zeros(5001, dtype=torch.long), torch.arange(5001))
+    assert abs(float(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1])) < 0.06  # 4 sigma at n = 5000
+
+
+def _req(temperature=1.0, top_p=1.0):
+    return _Request(["x"], 1, 1, temperature, top_p, (), 0, 0)
+
+
+def test_draw_is_the_inverse_cdf_of_the_nucleus():
+    p = torch.tensor([0.1, 0.2, 0.7])
+    logits = p.log()[None].repeat(6, 1)
+    u = torch.tensor([0.05, 0.15, 0.29, 0.31, 0.99, 0.5], dtype=torch.float64)
+    tok, lp = _draw(logits, _req(), u)
+    assert tok.tolist() == [0, 1, 1, 2, 2, 2]  # intervals [0, .1), [.1, .3), [.3, 1)
+    assert torch.allclose(lp, p.log()[tok])
+    # top_p = 0.75 keeps {0.7, 0.2}, renormalised: intervals [0, 2/9), [2/9, 1); token 0 never drawn
+    tok, lp = _draw(logits, _req(top_p=0.75), torch.tensor([0.01, 0.2, 0.25, 0.999, 0.0001, 0.5], dtype=torch.float64))
+    assert tok.tolist() == [1, 1, 2, 2, 1, 2]
+    assert torch.allclose(lp, p.log()[tok])  # behaviour log-prob: before top-p
+    # temperature 2: probabilities ∝ sqrt(p) = [.316, .447, .837] / 1.600 -> intervals [0, .198), [.198, .477), ...
+    tok, _ = _draw(logits[:3], _req(temperature=2.0), torch.tensor([0.19, 0.21, 0.47], dtype=torch.float64))
+    assert tok.tolist() == [0, 1, 1]
+    # greedy ignores the noise
+    assert _draw(logits[:2], _req(temperature=0.0), None)[0].tolist() == [2, 2]
+
+
+def test_draw_frequencies_match_the_distribution():
+    p = torch.tensor([0.05, 0.15, 0.3, 0.5])
+    N = 20000
+    u = keyed_uniform(11, torch.arange(N), torch.zeros(N, dtype=torch.long))
+    tok, _ = _draw(p.log()[None].repeat(N, 1), _req(), u)
+    freq = torch.bincount(tok, minlength=4).double() / N
+    assert torch.allclose(freq, p.double(), atol=0.0175)  # 5 sigma of the largest std, sqrt(.25 / 20000)
+
+
+def test_chunking_does_not_change_samples(policy):
+    whole = get_sampler("hf", policy).sample(PROMPTS, n=4, max_new_tokens=10, seed=3)
+    chunked = get_sampler("hf", policy, max_batch_size=3).sample(PROMPTS, n=4, max_new_tokens=10, seed=3)
+    assert chunked.response_ids == whole.response_ids
+
+
+def test_per_prompt_max_new_tokens_cuts_the_same_samples(policy):
+    s = get_sampler("hf", policy)
+    long = s.sample(PROMPTS, n=3, max_new_tokens=20, seed=6)
+    caps = [3, 20, 7]
+    short = s.sample(PROMPTS, n=3, max_new_tokens=caps, seed=6)
+    for b in range(len(long)):
+        cap = caps[b // 3]
+        assert short.response_ids[b] == long.response_ids[b][:cap]
+        assert short.logprobs[b] == pytest.approx(long.logprobs[b][:cap], abs=1e-5)
+        assert short.meta["finish_reason"][b] == ("length" if len(long.response_ids[b]) > cap else long.meta["finish_reason"][b])
+
+
+# ---------------------------------------------------------------------------- copy-draft decoding
+def test_realign_draft_rules():
+    d = [10, 11, 12, 13, 14, 15, 16, 17]
+    assert realign_draft(d, [10, 11, 99], miss=2) == 3  # no n-gram matches: substitution, continue after d[2]
+    assert realign_draft(d, [10, 11, 15, 16], miss=2) == 7  # deletion: [15, 16] found, continue at 17
+    assert realign_draft(d, [10, 11, 13, 14], miss=2) == 5  # one token deleted
+    assert realign_draft(d, [99, 17], miss=1) == 2  # a lone matching token is no match (no 1-grams)
+    # the longest n-gram wins; among its occurrences the one ending nearest to miss + 1
+    rep = [1, 2, 3, 1, 2, 4, 1, 2, 3]
+    assert realign_draft(rep, [7, 1, 2, 3], miss=4) == 3  # [1, 2, 3] ends at 3 and 9; 3 is nearer to 5
+    assert realign_draft(rep, [7, 1, 2, 3], miss=7) == 9
+    assert realign_draft(rep, [7, 8, 1, 2], miss=3) == 5  # [1, 2] ends at 2, 5, 8; 5 is nearest to 4
+    assert realign_draft(rep, [4, 1, 2], miss=3) == 8  # the trigram [4, 1, 2] beats the nearer bigram ...
+    assert realign_draft(rep, [4, 1, 2], miss=3, ngram=2) == 5  # ... unless ngram stops at bigrams
+    assert realign_draft([5, 6, 5, 6], [9, 5, 6], miss=2, ngram=2) == 4  # ends 2 and 4 tie around 3: the later
+
+
+def _plain_and_drafted(policy, prompts, n, drafts, seed, **kw):
+    s = get_sampler("hf", policy, draft_tokens=kw.pop("draft_tokens", 4))
+    plain = s.sample(prompts, n=n, seed=seed, **kw)
+    plain_stats = dict(s.last_stats)
+    drafted = s.sample(prompts, n=n, seed=seed, drafts=drafts, **kw)
+    return plain, drafted, plain_stats, dict(s.last_stats)
+
+
+def _assert_same(plain, drafted):
+    assert drafted.response_ids == plain.response_ids
+    assert drafted.meta["finish_reason"] == plain.meta["finish_reason"]
+    for a, b in zip(drafted.logprobs, plain.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def _edit(ids, k):
+    """a local edit of ``ids``: one token replaced, one inserted, one deleted (k picks where)."""
+    out = list(ids)
+    if len(out) > 6:
+        out[k % len(out)] = 30
+        out.insert((3 * k) % len(out), 31)
+        del out[(5 * k) % len(out)]
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["full", "edited", "unrelated", "longer", "shorter", "mixed"])
+def test_drafted_equals_plain(policy, seed, kind):
+    n, mx = 3, 24
+    ref = sample(policy, PROMPTS, n=n, max_new_tokens=mx, seed=seed)
+    outs = [ref.response_ids[i * n] for i in range(len(PROMPTS))]  # the first trajectory of each prompt
+    g = torch.Generator().manual_seed(seed)
+    drafts = {
+        "full": outs,
+        "edited": [_edit(o, k + seed) for k, o in enumerate(outs)],
+        "unrelated": [torch.randint(5, 40, (mx,), generator=g).tolist() for _ in outs],
+        "longer": [o + torch.randint(5, 40, (20,), generator=g).tolist() for o in outs],
+        "shorter": [o[: len(o) // 2] for o in outs],
+        "mixed": [outs[0], None, []],
+    }[kind]
+    plain, drafted, ps, ds = _plain_and_drafted(policy, PROMPTS, n, drafts, seed, max_new_tokens=mx)
+    assert plain.response_ids == ref.response_ids
+    _assert_same(plain, drafted)
+    _assert_logprobs_match(policy, drafted, 1.0)
+    assert ps["tokens_per_forward"] == 1.0 and ps["draft_fed"] == 0
+    assert ds["draft_accepted"] <= ds["draft_fed"]
+    assert ds["new_tokens"] == ps["new_tokens"]
+    assert ds["tokens_per_forward"] == ds["new_tokens"] / ds["row_forwards"]
+    if kind == "full":  # trajectory 0 of each prompt is its draft: all its tokens after the first are confirmed
+        # draft tokens, less one per decode forward (the token drawn after the last fed one)
+        K = 4
+        assert ds["draft_accepted"] >= sum(len(o) - 1 - -(-(len(o) - 1) // (K + 1)) for o in outs)
+        assert ds["model_calls"] <= ps["model_calls"]
+
+
+def test_eos_stop_and_length_inside_an_accepted_span(policy):
+    prompts = PROMPTS + [p + "?" for p in PROMPTS]
+    ref = sample(policy, prompts, n=1, max_new_tokens=30, seed=4, stop=["z", "9"])
+    assert {"eos", "stop"} <= set(ref.meta["finish_reason"])
+    # each draft runs on past where its output ended, so the end falls inside an accepted span
+    drafts = [r + [20, 21, 22, 23, 24, 25] for r in ref.response_ids]
+    for mx in (30, 5):  # 5: the length limit cuts inside the drafted span
+        plain, drafted, _, ds = _plain_and_drafted(policy, prompts, 1, drafts, 4, max_new_tokens=mx, stop=["z", "9"], draft_tokens=8)
+        _assert_same(plain, drafted)
+        assert drafted.response_ids == [r[:mx] for r in ref.response_ids]
+        # every row copies its draft: after the prefill's token, each forward yields 9 tokens (8 confirmed
+        # draft tokens and the draw after them) until the output ends
+        assert ds["row_forwards"] == sum(1 + -(-(len(r) - 1) // 9) for r in drafted.response_ids)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (0.0, 1.0), (1.5, 1.0)])
+def test_drafted_logprobs_match_trainer_forward(long_policy, temperature, top_p):
+    policy = long_policy
+    ref = sample(policy, PROMPTS, n=1, max_new_tokens=20, temperature=temperature, top_p=top_p, seed=5)
+    drafts = [_edit(r, 2) for r in ref.response_ids]
+    plain, drafted, _, ds = _plain_and_drafted(
+        policy, PROMPTS, 2, drafts, 5, max_new_tokens=20, temperature=temperature, top_p=top_p
+    )
+    _assert_same(plain, drafted)
+    _assert_logprobs_match(policy, drafted, temperature if temperature > 0 else 1.0)
+    assert ds["draft_accepted"] > 0
+
+
+def test_drafted_with_kv_compaction_equals_plain(long_policy, monkeypatch):
+    policy = long_policy
+    calls = []
+    compact = sampling._compact
+    monkeypatch.setattr(sampling, "_should_compact", lambda width, live: width > live)  # compact at every hole
+    monkeypatch.setattr(sampling, "_compact", lambda cache, attn: calls.append(attn.shape[1]) or compact(cache, attn))
+    ref = sample(policy, PROMPTS, n=2, max_new_tokens=40, seed=8)
+    drafts = [ref.response_ids[0], _edit(ref.response_ids[2], 1), list(range(5, 40))]
+    plain, drafted, _, _ = _plain_and_drafted(policy, PROMPTS, 2, drafts, 8, max_new_tokens=40, draft_tokens=6)
+    assert calls  # rejected draft columns piled up and were compacted away
+    _assert_same(plain, drafted)
+    _assert_logprobs_match(policy, drafted, 1.0)
+
+
+def test_committed_tiny_policy_drafted_repairs_equal_plain():
+    from ibpo_lab.tasks import get_task
+
+    pol, task = load_policy("tiny"), get_task("synthetic")
+    exs = task.examples("train", n=4)
+    solves = sample(pol, [task.solve_prompt(e) for e in exs], n=2, max_new_tokens=48, seed=0)
+    prompts = [task.repair_prompt(exs[i // 2], solves.responses[i], solves.responses[i ^ 1]) for i in range(len(solves))]
+    caps = [len(r) + 8 for r in solves.response_ids]
+    plain, drafted, _, ds = _plain_and_drafted(pol, prompts, 1, solves.response_ids, 1, max_new_tokens=caps, draft_tokens=8)
+    _assert_same(plain, drafted)
+    _assert_logprobs_match(pol, drafted, 1.0)
+    assert ds["tokens_per_forward"] > 1.0
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(drafts=[[1, 2]]), r"drafts has 1 entries for 3 prompts"),
+        (dict(drafts=[1, 2, 3]), r"drafts\[0\] must be a list"),
+        (dict(drafts="abc"), "drafts must be a list"),
+        (dict(drafts=[[1], None, [10**6]]), r"drafts\[2\].*token ids"),
+        (dict(drafts=[[1], None, [-1]]), r"drafts\[2\].*token ids"),
+        (dict(max_new_tokens=[4, 4]), "max_new_tokens has 2 entries for 3 prompts"),
+        (dict(max_new_tokens=[4, 0, 4]), r"max_new_tokens\[1\]"),
+        (dict(max_new_tokens=[4, 2.5, 4]), r"max_new_tokens\[1\]"),
+    ],
+)
+def test_bad_drafts_and_caps_raise(policy, kw, match):
+    args = dict(max_new_tokens=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        get_sampler("hf", policy).sample(PROMPTS, n=1, seed=0, **args)
+
+
+def test_hf_sampler_advertises_drafts(policy):
+    assert get_sampler("hf", policy).supports_drafts is True
+
+
+@pytest.mark.parametrize("kw,match", [(dict(draft_tokens=0), "draft_tokens"), (dict(draft_ngram=1), "draft_ngram")])
+def test_bad_draft_settings_raise(policy, kw, match):
+    with pytest.raises(ValueError, match=match):
+        HFSampler(policy, **kw)
 
 
 # ---------------------------------------------------------------------------- vllm adapter
