@@ -360,6 +360,7 @@ def _fake_run_b(tmp_path):
     df["response_mask"] = [[True, True], [True, True, True], [True, True, True], [True]]
     run = tmp_path / "run_b"
     (run / "trajectories").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: no-such-model\ntask: synthetic\n")  # a run folder has its config
     df.to_parquet(run / "trajectories" / "step_000002.parquet")
     df.assign(reward=[1.0, 1.0, 1.0, 0.0], advantages=[[2.0, 0.0], [0.0] * 3, [0.0] * 3, [-1.0]]).to_parquet(
         run / "trajectories" / "step_000001.parquet")
