@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _SUBMODULES = {
     "rollout", "steps", "diff", "tasks", "models", "sampling", "correct", "advantages", "losses",
     "config", "step", "runs", "train", "diagnostics", "viz", "reproduce", "warmup", "integrations", "mc_values",
-    "registry",
+    "registry", "gpu_check",
 }
 
 # the functions a notebook reaches for, re-exported from the module that owns each

@@ -14,7 +14,7 @@ credit tables): :func:`credit_summary`, :func:`step_credit_frame`, :func:`sequen
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 from ibpo_lab.rollout import RolloutBatch, Span
+
+if TYPE_CHECKING:  # annotations only: step imports diagnostics' callers, not the reverse
+    from ibpo_lab.step import Step
 
 __all__ = [
     "step_advantages",
