@@ -63,9 +63,16 @@ status = Counter(s for _, s in rows)
 total = sum(status.values())
 killed = status.get("killed", 0) + status.get("caught by type check", 0)
 survivors = [n for n, s in rows if s == "survived"]
+try:  # one process for all diffs (`mutmut show NAME` per survivor takes seconds each)
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+except ImportError:
+    get_diff_for_mutant = None
 with open("survivors.txt", "w") as f:
     for name in survivors:
-        f.write(subprocess.run([sys.executable, "-m", "mutmut", "show", name], capture_output=True, text=True).stdout + "\n")
+        if get_diff_for_mutant is not None:
+            f.write(f"# {name}: survived\n{get_diff_for_mutant(name)}\n\n")
+        else:
+            f.write(subprocess.run([sys.executable, "-m", "mutmut", "show", name], capture_output=True, text=True).stdout + "\n")
 score = 100.0 * killed / total if total else float("nan")
 print(f"[mutation] ibpo_lab/{module}.py: {killed}/{total} mutants killed ({score:.1f}%) in {secs} s; "
       + ", ".join(f"{k}: {v}" for k, v in sorted(status.items())))
