@@ -327,3 +327,45 @@ def test_smollm2_tokenizer_repair_masks():
     text = CORPUS[2]
     spans = split_steps(enc(tok, text), tok, "newline")
     assert [tok.decode(enc(tok, text)[a:b]) for a, b in spans] == [text[s:e] for s, e in split_text_steps(text)]
+
+
+# --------------------------------------------------------------------------- a random policy over BPE
+def test_policy_operator_with_a_random_model_over_bpe():
+    """A tiny random Llama over the trained BPE: the policy's revisions keep the ids it sampled (no
+    re-tokenisation), so their behaviour log-probs are the model's under the repair prompt, and the
+    failed response's unmarked tokens pair up with the revision's unmarked tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ibpo_lab.models import Policy, response_logprobs
+    from ibpo_lab.sampling import get_sampler
+
+    tok = trained_bpe()
+    tok.padding_side, tok.pad_token = "left", tok.eos_token
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    sampler = get_sampler("hf", Policy(model=model, tokenizer=tok, name="random over BPE"))
+
+    task = PredTask(lambda r: True)  # every revision verifies; the batch's own rewards mark the failure
+    batch, exs = hand_batch([CORPUS[0], CORPUS[0].replace("14.", "15.", 1)], task, tok=tok)
+    batch = batch.replace(rewards=torch.tensor([0.0, 1.0]), logprobs=None)
+    cfg = CorrectConfig(operator="policy", num_references=1, revisions_per_reference=2, max_new_tokens=8,
+                        temperature=1.0)
+    res = compare_and_correct(batch, exs, task, sampler, cfg, seed=0)
+    rep = res.repaired
+    assert len(rep) == 1 and res.batch.repair_success.tolist() == [1.0, 0.0]
+    sel = res.table[res.table.selected].iloc[0]
+    prompt = task.repair_prompt(exs[0], sel.failed, sel.reference)
+    one = RolloutBatch(prompt_ids=[enc(tok, prompt)], response_ids=[rep.response_ids[0]], rewards=[1],
+                       group_ids=[0], pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        ref, _ = response_logprobs(model, one.padded())
+    assert torch.allclose(torch.tensor(rep.logprobs[0]), ref[0], atol=1e-4)
+    changed, inserted = res.batch.edit_masks[0], rep.edit_masks[0]
+    kept_failed = [t for t, m in zip(batch.response_ids[0], changed) if not m]
+    kept_repair = [t for t, m in zip(rep.response_ids[0], inserted) if not m]
+    assert kept_failed == kept_repair
+    assert not res.batch.edit_masks[1].any()
