@@ -411,6 +411,16 @@ def test_upto_must_be_a_non_negative_int():
             edit_masks([1, 2], [1, 3], upto=bad)
 
 
+def test_graft_of_the_first_k_edits_by_hand():
+    # three one-token replacements at positions 1, 3, 5; grafting K of them takes b up to the K-th
+    a, b = [1, 2, 3, 4, 5, 6], [1, 9, 3, 8, 5, 7]
+    assert apply_opcodes(a, b, upto=0).tolist() == a
+    assert apply_opcodes(a, b, upto=1).tolist() == [1, 9, 3, 4, 5, 6]
+    assert apply_opcodes(a, b, upto=2).tolist() == [1, 9, 3, 8, 5, 6]
+    assert apply_opcodes(a, b, upto=3).tolist() == b == apply_opcodes(a, b).tolist()
+    assert edit_masks(a, b, upto=2)[0].tolist() == [False, True, False, True, False, False]
+
+
 def test_empty_graft_is_an_int64_token_array():
     out = apply_opcodes([], [])
     assert out.shape == (0,) and out.dtype == np.int64
@@ -494,6 +504,7 @@ def test_prefix_trie_reward_inputs():
     trie = build_prefix_trie([["a"], ["b"]], torch.tensor([1.0, 0.0], requires_grad=True))
     assert trie.mean.tolist() == [0.5, 1.0, 0.0]
     assert build_prefix_trie([["a"], ["b"]], [[1.0], [0.0]]).mean.tolist() == [0.5, 1.0, 0.0]
+    assert build_prefix_trie([["a"], ["b"]], [[1.0, 0.0]]).mean.tolist() == [0.5, 1.0, 0.0]  # a [1, G] row
     with pytest.raises(ValueError, match=r"^rewards must be G numbers \("):
         build_prefix_trie([["a"]], ["high"])
     with pytest.raises(ValueError, match=r"^step_seqs must be a sequence of step sequences, got a string$"):
