@@ -100,6 +100,23 @@ def time_groups(group_sizes: Sequence[int], length: int, repeats: int, seed: int
     return pd.DataFrame(rows)
 
 
+def time_divergence(group_size: int, length: int, repeats: int, seed: int = 2) -> pd.DataFrame:
+    """Median time of one ``divergence_matrix`` over a group of ``group_size`` trajectories of up to
+    ``length`` tokens that share random-length prefixes (the step/token divergence heatmaps' input)."""
+    from ibpo_lab.diff import divergence_matrix
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 50_000, length)
+    seqs = []
+    for _ in range(group_size):
+        s = base.copy()
+        cut = int(rng.integers(0, length))
+        s[cut:] = rng.integers(0, 50_000, length - cut)
+        seqs.append(s[: int(rng.integers(length // 2, length + 1))])
+    t = median_time(lambda: divergence_matrix(seqs), repeats)
+    return pd.DataFrame([{"group size": group_size, "max tokens": length, "ms / divergence_matrix": 1e3 * t}])
+
+
 def figure(by_len: pd.DataFrame, by_group: pd.DataFrame):
     import matplotlib.pyplot as plt
 
@@ -127,10 +144,12 @@ def run(quick: bool = False, repeats: int | None = None, group_length: int = 512
     gl = 32 if quick else group_length
     by_len = time_lengths(lengths, reps)
     by_group = time_groups(groups, gl, reps)
+    by_div = time_divergence(4 if quick else 64, 64 if quick else 8192, reps)
     longest = by_len.iloc[-1]
     rep = Report(name=NAME, title="Alignment throughput of diff.edit_masks",
                  setup={"repeats (median of)": reps, "vocab": 32_000, "edit rate": 0.05, "edit blocks": 3})
-    rep.tables += [("edit_masks vs trajectory length", by_len), ("edit_masks vs group size", by_group)]
+    rep.tables += [("edit_masks vs trajectory length", by_len), ("edit_masks vs group size", by_group),
+                   ("divergence_matrix of one group", by_div)]
     rep.figure = figure(by_len, by_group)
     rep.notes.append(
         f"a local repair of a {int(longest['tokens'])}-token trajectory aligns in {longest['ms / pair (repair)']:.2f} ms "

@@ -91,11 +91,31 @@ def test_load_tiny_missing_checkpoint_says_how_to_rebuild(tmp_path, monkeypatch)
         load_policy("tiny")
 
 
-def test_unknown_model_offline_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+def test_unknown_model_offline_is_one_clear_error(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, when it is imported, so setting the variable
+    # here is not enough: offline mode is switched on in the constant its is_offline_mode() reads.
+    # And whatever the environment says, the test must never touch the network: name lookups and
+    # connections are refused and recorded.
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access blocked by the test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     with pytest.raises(ValueError, match="not available offline") as e:
         load_policy("ibpo-lab-test/no-such-model-xyz")
-    assert "local" in str(e.value) and "load_policy(" in str(e.value)
+    assert "HF_HUB_OFFLINE=1 and it is not in the local HF cache" in str(e.value)
+    assert "load_policy(" in str(e.value)
+    assert attempts == []
 
 
 def test_load_policy_rejects_bad_arguments(tmp_path):

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -255,15 +254,33 @@ def test_offsets_reject_non_tokenizer():
         token_char_offsets([1, 2], object())
 
 
-def test_offsets_are_linear_time():
+class _CountingTokenizer:
+    """Wraps a tokenizer and records the length of every ``decode`` call."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def decode(self, ids, **kw):
+        self.lengths.append(len(ids))
+        return self.tok.decode(ids, **kw)
+
+
+def test_offsets_do_linear_work():
+    # operation count, not wall clock: the streamed path decodes at most two short windows per
+    # token (a window spans back to the previous complete boundary, at most _MAX_PENDING tokens
+    # of an unfinished character each side), where the O(n²) prefix fallback would decode n
+    # prefixes of average length n/2 (33M token decodes here). Timing: benchmarks.speed/alignment.
     tok = TOKENIZERS["gpt2"]
     ids = _ids(tok, "\n".join(CORPUS) * 80)[:8192]
     assert len(ids) == 8192
-    t0 = time.perf_counter()
-    offsets = token_char_offsets(ids, tok)
-    elapsed = time.perf_counter() - t0
+    counting = _CountingTokenizer(tok)
+    offsets = token_char_offsets(ids, counting)
     assert offsets[-1][1] == len(tok.decode(ids))
-    assert elapsed < 5.0  # ~0.15 s here; the O(n²) prefix decode would take far longer
+    calls = counting.lengths[1:]  # the first call is the one full decode
+    assert counting.lengths[0] == len(ids)
+    assert len(calls) <= 2 * len(ids)
+    assert max(calls) <= 2 * (steps_module._MAX_PENDING + 1)
+    assert sum(calls) <= 4 * (steps_module._MAX_PENDING + 1) * len(ids)
 
 
 # --------------------------------------------------------------------------- text steps
@@ -483,3 +500,115 @@ def test_step_boundaries_require_an_exact_tiling():
         step_boundaries([(0, 2)], 5)
     with pytest.raises(ValueError, match="does not continue"):
         step_boundaries([(0, 3), (3, 1)], 3)  # a span running backwards
+
+
+# --------------------------------------------------------------------------- token boundaries anywhere
+# (written against the survivors of `scripts/mutation.sh steps`: each states a documented rule)
+class _ByteTokenizer:
+    """decode-only tokenizer whose tokens are arbitrary byte strings, so a token can end inside a
+    UTF-8 character or run across a step separator (byte-level BPE merges can do both).
+    ``special`` ids are dropped by ``skip_special_tokens=True``."""
+
+    def __init__(self, pieces: list[bytes], special: tuple[int, ...] = ()):
+        self.pieces, self.special = pieces, special
+
+    def decode(self, ids, skip_special_tokens: bool = False):
+        keep = [i for i in ids if not (skip_special_tokens and i in self.special)]
+        return b"".join(self.pieces[i] for i in keep).decode("utf-8", errors="replace")
+
+
+def test_split_steps_token_joins_the_step_of_its_first_non_space_character():
+    # "a" | "\nb" | "c": the second token starts with the separator but its text is "b"
+    tok = _ByteTokenizer([b"a", b"\nb", b"c"])
+    assert split_text_steps("a\nbc") == [(0, 2), (2, 4)]
+    assert split_steps([0, 1, 2], tok) == [(0, 1), (1, 3)]
+
+
+def test_split_steps_token_holding_a_whole_step_keeps_it():
+    # the first token is the whole first step ("a\n"); it is not merged into the next one
+    tok = _ByteTokenizer([b"a\n", b"b"])
+    assert split_steps([0, 1], tok) == [(0, 1), (1, 2)]
+
+
+def test_split_steps_empty_token_goes_with_the_next_token():
+    # U+3000 (ideographic space, bytes e3 80 80) split over two tokens; the completing token also
+    # carries the separator and "b": token 1 has an empty span and joins token 2's step (step 2)
+    tok = _ByteTokenizer([b"a", b"\xe3\x80", b"\x80\nb"])
+    text, offsets = decode_with_offsets([0, 1, 2], tok)
+    assert text == "a\u3000\nb" and offsets == [(0, 1), (1, 1), (1, 4)]
+    assert split_steps([0, 1, 2], tok) == [(0, 1), (1, 3)]
+
+
+def test_special_tokens_are_kept_unless_skipped():
+    # a special token whose text holds a separator is a step end only when it is decoded
+    tok = _ByteTokenizer([b"a", b"<END>\n", b"b"], special=(1,))
+    assert token_char_offsets([0, 1, 2], tok) == [(0, 1), (1, 7), (7, 8)]
+    assert token_char_offsets([0, 1, 2], tok, skip_special_tokens=True) == [(0, 1), (1, 1), (1, 2)]
+    assert split_steps([0, 1, 2], tok) == [(0, 2), (2, 3)]
+    assert split_steps([0, 1, 2], tok, skip_special_tokens=True) == [(0, 3)]
+
+
+def test_unfinished_trailing_character_stays_on_the_linear_path(monkeypatch):
+    def quadratic(*a, **k):
+        raise AssertionError("the O(n²) prefix fallback ran")
+
+    monkeypatch.setattr(steps_module, "_prefix_ends", quadratic)
+    tok = _ByteTokenizer([b"a", b"b", b"\xf0\x9f"])  # the emoji's last two bytes never come
+    text, offsets = decode_with_offsets([0, 1, 2], tok)
+    assert text == "ab\ufffd" and offsets == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_invalid_bytes_wait_at_most_max_pending_tokens():
+    # stray continuation bytes never complete a character: each run of tokens waiting for one is
+    # released after _MAX_PENDING tokens, so no span swallows an unbounded run
+    tok = _ByteTokenizer([b"\xa9", b"x"])
+    ids = [0] * 40 + [1]
+    text, offsets = decode_with_offsets(ids, tok)
+    assert text == "\ufffd" * 40 + "x"
+    run = longest = 0
+    for s, e in offsets:
+        run = run + 1 if s == e else 0
+        longest = max(longest, run)
+    assert 3 <= longest <= steps_module._MAX_PENDING  # a 4-byte character split in 4 tokens waits 3
+
+
+def test_fallback_gives_an_empty_span_to_a_token_rewritten_away():
+    # "a" alone decodes to "a", but "ab" decodes to "Y": the text never starts with "a", so
+    # token 0 ends at 0 and "Y" belongs to token 1
+    tok = _RewritingTokenizer()
+    assert decode_with_offsets([0, 1, 2], tok) == ("Yc", [(0, 0), (0, 1), (1, 2)])
+
+
+def test_steps_error_messages():
+    class BytesDecoder:
+        def decode(self, ids):
+            return b"x"
+
+    with pytest.raises(ValueError, match=r"^tokenizer.decode returned bytes, expected str$"):
+        token_char_offsets([1], BytesDecoder())
+    with pytest.raises(ValueError, match=r"^tokenizer must have a decode\(ids\) method, got object$"):
+        token_char_offsets([1], object())
+    with pytest.raises(ValueError, match=r"^token_ids must hold integer token ids"):
+        split_steps([1.5], TOKENIZERS["char"])
+    with pytest.raises(ValueError, match=r"^delimiter: a compiled pattern must be a str pattern, not bytes$"):
+        split_text_steps("a", re.compile(b"\n"))
+    with pytest.raises(ValueError, match=r"^delimiter 'regex:' has an empty pattern; write e.g. 'regex:\\n\(\?=Step\)'$"):
+        split_text_steps("a", "regex:")
+    with pytest.raises(ValueError, match=r"^unknown delimiter 'para'; use 'newline', 'blank_line', 'regex:<pattern>', "
+                                         r"a compiled re.Pattern or an int \(fixed chunks of n tokens, split_steps only\)$"):
+        split_text_steps("a", "para")
+    with pytest.raises(ValueError, match=r"matches the empty string"):
+        split_text_steps("a", "regex:^$")  # matches only the empty string
+    with pytest.raises(ValueError, match=r"^text must be a str, got int$"):
+        split_text_steps(3)
+    with pytest.raises(ValueError, match=r"^delimiter: fixed chunks of n tokens need token ids; use split_steps\(token_ids, tokenizer, n\)$"):
+        split_text_steps("a", 2)
+    with pytest.raises(ValueError, match=r"^tokenizer is required unless delimiter is an int \(fixed token chunks\)$"):
+        split_steps([1, 2], None, "newline")
+    with pytest.raises(ValueError, match=r"^step_spans end at token 1 but the response has 2 tokens$"):
+        step_boundaries([(0, 1)], 2)
+
+
+def test_regex_separator_at_the_very_start_ends_a_step():
+    # "X" is a separator; the one at position 0 ends a one-character first step
+    assert split_text_steps("XabXc", "regex:X") == [(0, 1), (1, 4), (4, 5)]
