@@ -53,7 +53,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 CORRECTING_ESTIMATORS = ("ibpo",)
 BACKENDS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
-LR_SCHEDULES = ("constant", "linear", "cosine")
+#: transformers.get_scheduler names that need no extra arguments (train.make_scheduler)
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
 #: the model name that builds a randomly initialised tiny policy over the task's vocabulary
 RANDOM_TINY = "tiny-random"
 #: fields whose mapping value is merged key by key (YAML ``base:``, ``replace``), not replaced whole
@@ -177,7 +178,8 @@ class TrainConfig:
     adam_betas: list = _f([0.9, 0.999], "AdamW betas")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    lr_schedule: str = _f("constant", "learning-rate schedule over steps: " + ", ".join(LR_SCHEDULES))
+    lr_schedule: str = _f("constant", "learning-rate schedule over steps (transformers.get_scheduler; 'constant' with "
+                                        "warmup_steps > 0 is constant_with_warmup): " + ", ".join(LR_SCHEDULES))
     warmup_steps: int = _f(0, "linear warm-up steps")
     ppo_epochs: int = _f(1, "passes over each batch")
     micro_batch_size: int = _f(0, "trajectories per forward/backward pass; gradients accumulate over the micro-batches "

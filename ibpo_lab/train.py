@@ -53,6 +53,7 @@ __all__ = [
     "evaluate",
     "pick_examples",
     "policy_update",
+    "make_scheduler",
     "offpolicy_repairs",
     "repaired_advantages",
     "main",
@@ -63,17 +64,18 @@ MAX_CONSECUTIVE_SKIPS = 3
 
 
 # ======================================================================================== optimiser
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def f(i: int) -> float:  # i = training steps done so far
-        warm = min(1.0, (i + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-        frac = min(1.0, i / max(1, cfg.steps))
-        if cfg.lr_schedule == "linear":
-            return warm * (1.0 - frac)
-        if cfg.lr_schedule == "cosine":
-            return warm * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return warm
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule over training steps: ``transformers.get_scheduler(cfg.lr_schedule,
+    num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)`` — the schedules and warm-up of
+    HF ``Trainer``/TRL, so a run here and a TRL run with the same settings step through the same
+    learning rates. ``constant`` with ``warmup_steps > 0`` is the library's ``constant_with_warmup``
+    (``constant`` alone ignores warm-up there). The scheduler steps once per training step (also when
+    every optimiser step of it was skipped); the warm-up starts from 0, so with warm-up the first
+    step's learning rate is 0, as in HF Trainer."""
+    from transformers import get_scheduler
 
-    return f
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps > 0 else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
 
 
 def pick_examples(examples: Sequence, cfg: TrainConfig, step: int) -> list:
@@ -280,7 +282,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     ref_model = policy.reference().model.to(device) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = make_scheduler(optimizer, cfg)
     start, skipped_total, consecutive = 1, 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
