@@ -33,6 +33,7 @@ import torch
 
 from ibpo_lab.advantages import ibpo_repair_advantages
 from ibpo_lab.config import PROFILES, TrainConfig, estimator_kwargs, load_config
+from ibpo_lab.loggers import RunLogger, check_report_to
 from ibpo_lab.losses import get_loss, truncated_is_weights
 from ibpo_lab.models import load_policy, response_logprobs
 from ibpo_lab.rollout import PaddedBatch, RolloutBatch, concat_batches
@@ -256,6 +257,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
+    check_report_to(cfg.report_to)  # a requested tracker that is not installed fails here, before any model loads
     device = resolve_device(cfg.device)  # before anything heavy: 'cuda' without a GPU fails here
     run_dir = prepare_run_dir(out_dir, cfg)
     state = load_checkpoint_state(run_dir) if resume else None
@@ -304,6 +306,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
             "consecutive_skips": consecutive, "config": cfg.to_dict(),
         })
 
+    tracker = RunLogger(cfg.report_to, run_dir, cfg.to_dict())  # report_to: tensorboard/wandb/trackio besides the JSONL
     bar = _progress(range(start, cfg.steps + 1), cfg, progress)
     for step in bar:
         times: dict[str, float] = {}
@@ -341,6 +344,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
                "n_repaired": 0 if repaired is None else len(repaired),
                **{f"correct_{k}": v for k, v in st.stats.items() if isinstance(v, (int, float))}, **times}
         append_jsonl(run_dir / METRICS_FILE, row)
+        tracker.log(row, step)
         if cfg.save_trajectories:
             write_trajectories(run_dir, step, batch, adv, st.repairs if st.correction is not None else None,
                                repaired, rep_adv, rep_w, examples, task)
@@ -356,12 +360,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
                           temperature=cfg.eval_temperature, seed=step_seed(cfg.seed, step, 2),
                           max_new_tokens=cfg.max_new_tokens, sampler=sampler)
             append_jsonl(run_dir / EVAL_FILE, {"step": step, **ev})
+            tracker.log(ev, step, prefix="eval")
             row["eval_avg@k"] = ev["avg@k"]
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
             checkpoint(step)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("reward_mean", "approx_kl", "repair_success", "eval_avg@k")
                              if k in row and not (isinstance(row[k], float) and math.isnan(row[k]))})
+    tracker.close()
     return load_run(run_dir)
 
 
