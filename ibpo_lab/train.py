@@ -6,6 +6,7 @@ checkpoints and resume, held-out evaluation, ``train_many`` and the CLI. The con
 ``config.TrainConfig``, the step ``step.take_step``, the run folder ``runs`` (schema, writers,
 ``load_run``)::
 
+    ibpo-train ibpo --lr 1e-6 --correct.num_references 3 --report_to tensorboard   # HF-style --FIELD VALUE
     python -m ibpo_lab.train ibpo_lab/configs/ibpo.yaml --set seed=1 correct.num_references=3 --out runs/ibpo-k3
     python -m ibpo_lab.train ibpo --set estimator_kwargs.lam=0.3      # a committed config by name
     python -m ibpo_lab.train smoke --set estimator=grpo                # a preset instead of a file
@@ -58,6 +59,7 @@ __all__ = [
     "offpolicy_repairs",
     "repaired_advantages",
     "main",
+    "field_overrides",
 ]
 
 #: consecutive skipped (non-finite) optimiser steps after which the run stops
@@ -476,10 +478,67 @@ def _preserve_rng():
 
 
 # ======================================================================================== CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ibpo_lab.train", description="Train one IBPO-lab config.")
-    ap.add_argument("config", help="YAML config, a committed config name (ibpo, grpo... in ibpo_lab/configs/), "
-                                   "or a preset: " + ", ".join(PROFILES))
+def field_overrides(args: Sequence[str]) -> list[str]:
+    """HF-style ``--field value`` arguments as ``field=value`` assignments for
+    :meth:`TrainConfig.with_overrides` (values parsed as YAML there, as ``--set``'s).
+
+    ``--lr 1e-6``, ``--lr=1e-6``, ``--max-new-tokens 64`` (hyphens read as underscores),
+    ``--correct.num_references 3`` / ``--estimator_kwargs.lam 0.3`` (one key of a mapping field),
+    ``--report_to tensorboard wandb`` and ``--stop A B`` (several values: a list; one value of a list
+    field: a one-item list), ``--bilateral`` (a bool field without a value: true) and
+    ``--no_save_trajectories`` (false, as HfArgumentParser)."""
+    import json
+    import typing
+
+    import yaml
+
+    from ibpo_lab.config import _HINTS
+
+    hints = _HINTS()
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ValueError(f"expected --FIELD VALUE, got {tok!r}")
+        key, eq, inline = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        vals = [inline] if eq else []
+        i += 1
+        while not eq and i < len(args) and not args[i].startswith("--"):
+            vals.append(args[i])
+            i += 1
+        head = key.split(".", 1)[0]
+        tp = hints.get(head)
+        if tp is None and head.startswith("no_") and hints.get(head[3:]) is bool and not vals and "." not in key:
+            out.append(f"{head[3:]}=false")
+            continue
+        is_list = typing.get_origin(tp) is list or tp is list
+        if not vals:
+            if tp is bool:
+                out.append(f"{key}=true")
+                continue
+            raise ValueError(f"--{key} needs a value")
+        if len(vals) == 1 and not (is_list and "." not in key):
+            out.append(f"{key}={vals[0]}")
+            continue
+        if len(vals) > 1 and not is_list:
+            raise ValueError(f"--{key} takes one value, got {vals}")
+        parsed = [yaml.safe_load(v) for v in vals]
+        if len(parsed) == 1 and isinstance(parsed[0], list):
+            parsed = parsed[0]  # --stop '[a, b]' as well as --stop a b
+        out.append(f"{key}={json.dumps(parsed)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="ibpo-train", description="Train one IBPO-lab config (also: python -m ibpo_lab.train).", allow_abbrev=False,
+        epilog="Any TrainConfig field is also an option, HF style: --lr 1e-6 --estimator grpo "
+               "--correct.num_references 3 --report_to tensorboard (see --help-config for every field). "
+               "Order of application: the config, then --set, then --FIELD options.")
+    ap.add_argument("config", nargs="?", help="YAML config, a committed config name (ibpo, grpo... in ibpo_lab/configs/), "
+                                              "or a preset: " + ", ".join(PROFILES) + "; comes before the --FIELD options")
     ap.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="override config fields (values parsed as YAML; correct.num_references=3 or "
                          "estimator_kwargs.lam=0.3 sets one key of a mapping field)")
@@ -487,11 +546,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    a = ap.parse_args(argv)
+    ap.add_argument("--help-config", action="store_true", help="list every config field with its default and help")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ibpo-train CONFIG [--set k=v ...] [--FIELD VALUE ...] [--out DIR] [--resume]``."""
+    ap = build_parser()
+    a, rest = ap.parse_known_args(argv)
+    if a.help_config:
+        print(TrainConfig.help())
+        return 0
+    if a.config is None:
+        ap.error("a config is required (a YAML path, a committed config name or a preset)")
     try:
         cfg = load_config(a.config)
-        cfg = cfg.with_overrides(a.overrides)
+        cfg = cfg.with_overrides(list(a.overrides) + field_overrides(rest))
         resolve_device(cfg.device)
+        check_report_to(cfg.report_to)
     except ValueError as e:
         ap.error(str(e))
     if a.print_config:
