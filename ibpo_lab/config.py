@@ -7,6 +7,13 @@ Names are the method's: compare-and-correct settings are the fields of
 num_references: 2}``, CLI ``--set correct.num_references=3``); estimator settings (λ, ρ, the
 edit mask, ...) are the estimator function's own keyword arguments, in ``estimator_kwargs``
 and nowhere else, checked against its signature.
+
+Fields are typed (``list[str]``, ``dict[str, Any]``), so ``transformers.HfArgumentParser(TrainConfig)``
+reads them: every flat field parses from the command line (``--lr 1e-6 --stop A B
+--no_save_trajectories``); the nested ``correct`` and the ``*_kwargs`` mappings do not (argparse
+cannot turn one string into a dict) but come in through ``parse_dict``/``parse_yaml_file``.
+``ibpo-train`` (``train.main``) takes all of them: ``--correct.num_references 3``,
+``--estimator_kwargs.lam 0.3``.
 """
 
 from __future__ import annotations
