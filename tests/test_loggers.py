@@ -11,11 +11,9 @@ import sys
 import types
 
 import pytest
-import torch
 
 import ibpo_lab.train as T
 from ibpo_lab import loggers as L
-from ibpo_lab import runs as R
 from ibpo_lab.config import TrainConfig
 
 
