@@ -7,6 +7,13 @@ Names are the method's: compare-and-correct settings are the fields of
 num_references: 2}``, CLI ``--set correct.num_references=3``); estimator settings (λ, ρ, the
 edit mask, ...) are the estimator function's own keyword arguments, in ``estimator_kwargs``
 and nowhere else, checked against its signature.
+
+Fields are typed (``list[str]``, ``dict[str, Any]``), so ``transformers.HfArgumentParser(TrainConfig)``
+reads them: every flat field parses from the command line (``--lr 1e-6 --stop A B
+--no_save_trajectories``); the nested ``correct`` and the ``*_kwargs`` mappings do not (argparse
+cannot turn one string into a dict) but come in through ``parse_dict``/``parse_yaml_file``.
+``ibpo-train`` (``train.main``) takes all of them: ``--correct.num_references 3``,
+``--estimator_kwargs.lam 0.3``.
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 CORRECTING_ESTIMATORS = ("ibpo",)
 BACKENDS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
-LR_SCHEDULES = ("constant", "linear", "cosine")
+#: transformers.get_scheduler names that need no extra arguments (train.make_scheduler)
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
 #: the model name that builds a randomly initialised tiny policy over the task's vocabulary
 RANDOM_TINY = "tiny-random"
 #: fields whose mapping value is merged key by key (YAML ``base:``, ``replace``), not replaced whole
@@ -125,7 +133,7 @@ class TrainConfig:
 
     # -- task -----------------------------------------------------------------------------
     task: str = _f("synthetic", "task name for ibpo_lab.tasks.get_task (synthetic, gsm8k, math, humaneval, rg:<name>)")
-    task_kwargs: dict = _f({}, "keyword arguments for the task constructor")
+    task_kwargs: dict[str, Any] = _f({}, "keyword arguments for the task constructor")
     train_split: str = _f("train", "split the training prompts are drawn from")
     step_delimiter: str = _f("", "how responses split into steps (ibpo_lab.steps.split_steps); empty: the task's own")
 
@@ -137,8 +145,8 @@ class TrainConfig:
     max_new_tokens: int = _f(48, "response length limit when sampling")
     temperature: float = _f(1.0, "sampling temperature; the trainer's log-probs use the same temperature")
     top_p: float = _f(1.0, "nucleus sampling threshold in (0, 1]")
-    stop: list = _f([], "stop strings for the sampler (empty: only EOS)")
-    sampler_kwargs: dict = _f({}, "extra keyword arguments for ibpo_lab.sampling.get_sampler (e.g. vllm "
+    stop: list[str] = _f([], "stop strings for the sampler (empty: only EOS)")
+    sampler_kwargs: dict[str, Any] = _f({}, "extra keyword arguments for ibpo_lab.sampling.get_sampler (e.g. vllm "
                                   "gpu_memory_utilization)")
     recompute_logprobs: bool = _f(False, "recompute behaviour log-probs with the trainer's forward pass instead "
                                          "of trusting the sampler's (use with vllm)")
@@ -150,7 +158,7 @@ class TrainConfig:
 
     # -- estimator ------------------------------------------------------------------------
     estimator: str = _f("ibpo", "advantage estimator: " + ", ".join(list_estimators()))
-    estimator_kwargs: dict = _f({}, "keyword arguments of the estimator function, checked against its signature "
+    estimator_kwargs: dict[str, Any] = _f({}, "keyword arguments of the estimator function, checked against its signature "
                                     "(ibpo: lam, rho, token_mask, shaping...; grpo: eps, scale...); the only place "
                                     "for estimator settings")
     mc_rollouts: int = _f(4, "VinePPO: fresh continuations per step prefix for Monte-Carlo step values (K)")
@@ -174,10 +182,11 @@ class TrainConfig:
     # -- optimiser ------------------------------------------------------------------------
     lr: float = _f(1e-5, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    adam_betas: list = _f([0.9, 0.999], "AdamW betas")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    lr_schedule: str = _f("constant", "learning-rate schedule over steps: " + ", ".join(LR_SCHEDULES))
+    lr_schedule: str = _f("constant", "learning-rate schedule over steps (transformers.get_scheduler; 'constant' with "
+                                        "warmup_steps > 0 is constant_with_warmup): " + ", ".join(LR_SCHEDULES))
     warmup_steps: int = _f(0, "linear warm-up steps")
     ppo_epochs: int = _f(1, "passes over each batch")
     micro_batch_size: int = _f(0, "trajectories per forward/backward pass; gradients accumulate over the micro-batches "
@@ -196,6 +205,10 @@ class TrainConfig:
                                       "every other record but no weights (a 135M policy + AdamW is 1.6 GB); "
                                       "checkpoint_every must then be 0")
     save_trajectories: bool = _f(True, "write trajectories/step_*.parquet")
+    report_to: list[str] = _f(["none"], "trackers that get the metrics/eval scalars besides metrics.jsonl "
+                                        "(ibpo_lab.loggers): tensorboard (<run>/tensorboard/), wandb, trackio, "
+                                        "'all' (every installed one) or 'none'; HF TrainingArguments' names. "
+                                        "A single name is a one-item list")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -256,6 +269,12 @@ class TrainConfig:
              "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         need(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        try:  # names here; whether the package is installed: train() and the CLI, before any model loads
+            from ibpo_lab.loggers import check_report_to
+
+            check_report_to(self.report_to, installed=False)
+        except ValueError as e:
+            p.append(str(e))
         for name in ("steps", "prompts_per_step", "max_new_tokens", "ppo_epochs", "eval_k", "mc_rollouts"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare trajectories within a group)")
@@ -419,6 +438,11 @@ def _HINTS() -> dict[str, Any]:
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Bring YAML/CLI values to the field's type (YAML reads ``1e-5`` as a string, for one)."""
+    origin = typing.get_origin(tp)
+    if origin in (list, dict):  # list[str], dict[str, Any]: the container is checked (items as YAML gave them)
+        if name == "report_to" and isinstance(value, str):
+            value = [value]  # as HF TrainingArguments: report_to="tensorboard"
+        tp = origin
     try:
         if tp is CorrectConfig:
             if isinstance(value, CorrectConfig):

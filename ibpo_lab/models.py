@@ -115,9 +115,17 @@ class Policy:
 
 # ---------------------------------------------------------------------------- loading
 def tiny_policy_dir() -> Path:
-    """Folder of the committed tiny policy: ``$IBPO_TINY_POLICY`` or ``<repo>/data/tiny-policy``."""
+    """Folder of the committed tiny policy: ``$IBPO_TINY_POLICY``, else the checkout's
+    ``data/tiny-policy`` (a clone or an editable install), else the copy an installed wheel carries
+    (``ibpo_lab/tiny_policy``, pyproject's package-dir); the checkout's path when neither exists."""
     env = os.environ.get("IBPO_TINY_POLICY")
-    return Path(env) if env else _REPO_ROOT / "data" / "tiny-policy"
+    if env:
+        return Path(env)
+    repo = _REPO_ROOT / "data" / "tiny-policy"
+    for d in (repo, Path(__file__).resolve().parent / "tiny_policy"):
+        if (d / "config.json").is_file():
+            return d
+    return repo
 
 
 def smollm2_gguf_path() -> Path:

@@ -40,6 +40,7 @@ __all__ = [
     "PROFILES",
     "NotebookResult",
     "find_notebooks",
+    "notebooks_dir",
     "select_notebooks",
     "notebook_parameters",
     "kernel_manager_class",
@@ -57,7 +58,20 @@ PROFILES = ("smoke", "full")
 RESERVED = ("profile", "out_dir", "runs_dir")
 KERNEL = "python3"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_NOTEBOOKS = REPO_ROOT / "notebooks"
+
+
+def notebooks_dir() -> Path:
+    """Where the ``NN_name.ipynb`` notebooks are: the checkout's ``notebooks/`` (a clone or an editable
+    install), else the copies an installed wheel carries (``ibpo_lab/notebooks``, pyproject's
+    package-dir); the checkout's path when neither has notebooks."""
+    repo = REPO_ROOT / "notebooks"
+    for d in (repo, Path(__file__).resolve().parent / "notebooks"):
+        if any(d.glob("[0-9][0-9]_*.ipynb")):
+            return d
+    return repo
+
+
+DEFAULT_NOTEBOOKS = notebooks_dir()
 #: the figures a newcomer should see first: shown at the top of the report when their notebook ran
 KEY_FIGURES = (
     "figures/01_quickstart/advantages_by_estimator.png",

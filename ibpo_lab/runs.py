@@ -62,6 +62,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "mean_ci",
+    "proportion_ci",
     "summarise_runs",
     "final_table",
     "stability_table",
@@ -459,23 +460,42 @@ def truncate_records(run_dir: Path, step: int) -> None:
 
 
 # ======================================================================================== tables
-# two-sided 95% Student-t quantiles for df = 1..30 (written out so the package needs no scipy)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
-
-
-def mean_ci(x: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): a 95% Student-t interval for the mean (NaN bounds with fewer than 2 values)."""
+def mean_ci(x: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the Student-t interval for the mean of ``x`` (``scipy.stats.t``; NaN values
+    dropped; NaN bounds with fewer than 2 values). THE interval of the lab's tables
+    (:func:`summarise_runs`, :func:`final_table`, ...) and of the figures' ``band="ci"``
+    (``viz.learning_curves``), so a table and a figure of the same runs agree. For a share of
+    successes (an accuracy over independent 0/1 outcomes) use :func:`proportion_ci`, which stays in [0, 1]."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     a = np.asarray([v for v in x if not (isinstance(v, float) and math.isnan(v))], dtype=float)
     if len(a) == 0:
         return math.nan, math.nan, math.nan
     m = float(a.mean())
     if len(a) < 2:
         return m, math.nan, math.nan
-    t = _T975[len(a) - 2] if len(a) - 1 <= len(_T975) else 1.96
-    h = t * float(a.std(ddof=1)) / math.sqrt(len(a))
+    from scipy import stats
+
+    h = float(stats.t.ppf(0.5 + confidence / 2, df=len(a) - 1)) * float(a.std(ddof=1)) / math.sqrt(len(a))
     return m, m - h, m + h
+
+
+def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(share, low, high): the Wilson score interval for a binomial proportion ``successes / n``
+    (``scipy.stats.binomtest(...).proportion_ci(method="wilson")``). Unlike a t or normal interval it
+    stays inside [0, 1] and is not zero-width at 0/n or n/n — use it for accuracies over independent
+    0/1 outcomes (pass@k over prompts, one sample per prompt). NaNs when ``n == 0``."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    k, n = int(successes), int(n)
+    if n < 0 or not 0 <= k <= max(n, 0):
+        raise ValueError(f"proportion_ci needs 0 <= successes <= n, got successes={successes!r}, n={n!r}")
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    from scipy import stats
+
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return k / n, float(ci.low), float(ci.high)
 
 
 

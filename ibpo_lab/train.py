@@ -6,6 +6,7 @@ checkpoints and resume, held-out evaluation, ``train_many`` and the CLI. The con
 ``config.TrainConfig``, the step ``step.take_step``, the run folder ``runs`` (schema, writers,
 ``load_run``)::
 
+    ibpo-train ibpo --lr 1e-6 --correct.num_references 3 --report_to tensorboard   # HF-style --FIELD VALUE
     python -m ibpo_lab.train ibpo_lab/configs/ibpo.yaml --set seed=1 correct.num_references=3 --out runs/ibpo-k3
     python -m ibpo_lab.train ibpo --set estimator_kwargs.lam=0.3      # a committed config by name
     python -m ibpo_lab.train smoke --set estimator=grpo                # a preset instead of a file
@@ -26,13 +27,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ibpo_lab.advantages import ibpo_repair_advantages
 from ibpo_lab.config import PROFILES, TrainConfig, estimator_kwargs, load_config
+from ibpo_lab.loggers import RunLogger, check_report_to
 from ibpo_lab.losses import get_loss, truncated_is_weights
 from ibpo_lab.models import load_policy, response_logprobs
 from ibpo_lab.rollout import PaddedBatch, RolloutBatch, concat_batches
@@ -53,9 +55,11 @@ __all__ = [
     "evaluate",
     "pick_examples",
     "policy_update",
+    "make_scheduler",
     "offpolicy_repairs",
     "repaired_advantages",
     "main",
+    "field_overrides",
 ]
 
 #: consecutive skipped (non-finite) optimiser steps after which the run stops
@@ -63,17 +67,18 @@ MAX_CONSECUTIVE_SKIPS = 3
 
 
 # ======================================================================================== optimiser
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def f(i: int) -> float:  # i = training steps done so far
-        warm = min(1.0, (i + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-        frac = min(1.0, i / max(1, cfg.steps))
-        if cfg.lr_schedule == "linear":
-            return warm * (1.0 - frac)
-        if cfg.lr_schedule == "cosine":
-            return warm * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return warm
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule over training steps: ``transformers.get_scheduler(cfg.lr_schedule,
+    num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)`` — the schedules and warm-up of
+    HF ``Trainer``/TRL, so a run here and a TRL run with the same settings step through the same
+    learning rates. ``constant`` with ``warmup_steps > 0`` is the library's ``constant_with_warmup``
+    (``constant`` alone ignores warm-up there). The scheduler steps once per training step (also when
+    every optimiser step of it was skipped); the warm-up starts from 0, so with warm-up the first
+    step's learning rate is 0, as in HF Trainer."""
+    from transformers import get_scheduler
 
-    return f
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps > 0 else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
 
 
 def pick_examples(examples: Sequence, cfg: TrainConfig, step: int) -> list:
@@ -254,6 +259,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
+    check_report_to(cfg.report_to)  # a requested tracker that is not installed fails here, before any model loads
     device = resolve_device(cfg.device)  # before anything heavy: 'cuda' without a GPU fails here
     run_dir = prepare_run_dir(out_dir, cfg)
     state = load_checkpoint_state(run_dir) if resume else None
@@ -280,7 +286,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     ref_model = policy.reference().model.to(device) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = make_scheduler(optimizer, cfg)
     start, skipped_total, consecutive = 1, 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -302,6 +308,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
             "consecutive_skips": consecutive, "config": cfg.to_dict(),
         })
 
+    tracker = RunLogger(cfg.report_to, run_dir, cfg.to_dict())  # report_to: tensorboard/wandb/trackio besides the JSONL
     bar = _progress(range(start, cfg.steps + 1), cfg, progress)
     for step in bar:
         times: dict[str, float] = {}
@@ -339,6 +346,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
                "n_repaired": 0 if repaired is None else len(repaired),
                **{f"correct_{k}": v for k, v in st.stats.items() if isinstance(v, (int, float))}, **times}
         append_jsonl(run_dir / METRICS_FILE, row)
+        tracker.log(row, step)
         if cfg.save_trajectories:
             write_trajectories(run_dir, step, batch, adv, st.repairs if st.correction is not None else None,
                                repaired, rep_adv, rep_w, examples, task)
@@ -354,12 +362,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
                           temperature=cfg.eval_temperature, seed=step_seed(cfg.seed, step, 2),
                           max_new_tokens=cfg.max_new_tokens, sampler=sampler)
             append_jsonl(run_dir / EVAL_FILE, {"step": step, **ev})
+            tracker.log(ev, step, prefix="eval")
             row["eval_avg@k"] = ev["avg@k"]
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
             checkpoint(step)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("reward_mean", "approx_kl", "repair_success", "eval_avg@k")
                              if k in row and not (isinstance(row[k], float) and math.isnan(row[k]))})
+    tracker.close()
     return load_run(run_dir)
 
 
@@ -468,10 +478,67 @@ def _preserve_rng():
 
 
 # ======================================================================================== CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ibpo_lab.train", description="Train one IBPO-lab config.")
-    ap.add_argument("config", help="YAML config, a committed config name (ibpo, grpo... in ibpo_lab/configs/), "
-                                   "or a preset: " + ", ".join(PROFILES))
+def field_overrides(args: Sequence[str]) -> list[str]:
+    """HF-style ``--field value`` arguments as ``field=value`` assignments for
+    :meth:`TrainConfig.with_overrides` (values parsed as YAML there, as ``--set``'s).
+
+    ``--lr 1e-6``, ``--lr=1e-6``, ``--max-new-tokens 64`` (hyphens read as underscores),
+    ``--correct.num_references 3`` / ``--estimator_kwargs.lam 0.3`` (one key of a mapping field),
+    ``--report_to tensorboard wandb`` and ``--stop A B`` (several values: a list; one value of a list
+    field: a one-item list), ``--bilateral`` (a bool field without a value: true) and
+    ``--no_save_trajectories`` (false, as HfArgumentParser)."""
+    import json
+    import typing
+
+    import yaml
+
+    from ibpo_lab.config import _HINTS
+
+    hints = _HINTS()
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ValueError(f"expected --FIELD VALUE, got {tok!r}")
+        key, eq, inline = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        vals = [inline] if eq else []
+        i += 1
+        while not eq and i < len(args) and not args[i].startswith("--"):
+            vals.append(args[i])
+            i += 1
+        head = key.split(".", 1)[0]
+        tp = hints.get(head)
+        if tp is None and head.startswith("no_") and hints.get(head[3:]) is bool and not vals and "." not in key:
+            out.append(f"{head[3:]}=false")
+            continue
+        is_list = typing.get_origin(tp) is list or tp is list
+        if not vals:
+            if tp is bool:
+                out.append(f"{key}=true")
+                continue
+            raise ValueError(f"--{key} needs a value")
+        if len(vals) == 1 and not (is_list and "." not in key):
+            out.append(f"{key}={vals[0]}")
+            continue
+        if len(vals) > 1 and not is_list:
+            raise ValueError(f"--{key} takes one value, got {vals}")
+        parsed = [yaml.safe_load(v) for v in vals]
+        if len(parsed) == 1 and isinstance(parsed[0], list):
+            parsed = parsed[0]  # --stop '[a, b]' as well as --stop a b
+        out.append(f"{key}={json.dumps(parsed)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="ibpo-train", description="Train one IBPO-lab config (also: python -m ibpo_lab.train).", allow_abbrev=False,
+        epilog="Any TrainConfig field is also an option, HF style: --lr 1e-6 --estimator grpo "
+               "--correct.num_references 3 --report_to tensorboard (see --help-config for every field). "
+               "Order of application: the config, then --set, then --FIELD options.")
+    ap.add_argument("config", nargs="?", help="YAML config, a committed config name (ibpo, grpo... in ibpo_lab/configs/), "
+                                              "or a preset: " + ", ".join(PROFILES) + "; comes before the --FIELD options")
     ap.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="override config fields (values parsed as YAML; correct.num_references=3 or "
                          "estimator_kwargs.lam=0.3 sets one key of a mapping field)")
@@ -479,11 +546,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    a = ap.parse_args(argv)
+    ap.add_argument("--help-config", action="store_true", help="list every config field with its default and help")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ibpo-train CONFIG [--set k=v ...] [--FIELD VALUE ...] [--out DIR] [--resume]``."""
+    ap = build_parser()
+    a, rest = ap.parse_known_args(argv)
+    if a.help_config:
+        print(TrainConfig.help())
+        return 0
+    if a.config is None:
+        ap.error("a config is required (a YAML path, a committed config name or a preset)")
     try:
         cfg = load_config(a.config)
-        cfg = cfg.with_overrides(a.overrides)
+        cfg = cfg.with_overrides(list(a.overrides) + field_overrides(rest))
         resolve_device(cfg.device)
+        check_report_to(cfg.report_to)
     except ValueError as e:
         ap.error(str(e))
     if a.print_config:

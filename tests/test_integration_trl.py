@@ -4,6 +4,7 @@ advantages TRL trains on are exactly ibpo_lab's ``get_estimator("ibpo")`` on the
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import numpy as np
@@ -340,11 +341,15 @@ def test_cli_runs_the_tiny_recipe(tmp_path):
         "--config", str(RECIPES_DIR / "trl_ibpo_tiny.yaml"),
         "--set", f"model={tmp_path / 'policy'}",
         "--set", "n_examples=4",
-        "--set", "max_steps=1",
-        "--set", "max_completion_length=16",
-        "--set", f"output_dir={out}",
+        "--max_steps", "1",                          # TRL's own flags pass through (HfArgumentParser types)
+        "--max_completion_length=16",
+        "--learning_rate", "1e-6",
+        "--output_dir", str(out),
     ])
     assert trainer.state.global_step == 1
+    assert trainer.args.learning_rate == 1e-6 and trainer.args.max_completion_length == 16
+    if importlib.util.find_spec("tensorboard") is not None:  # the recipe reports to TensorBoard
+        assert trainer.args.report_to == ["tensorboard"] and any(out.rglob("events.out.tfevents*"))
     assert trainer.last_ibpo is not None and trainer.last_ibpo.advantages.shape[0] == 16
     assert (out / "config.json").is_file() and any(out.glob("model*.safetensors"))
     with pytest.raises(ValueError, match="unknown keys"):
@@ -462,3 +467,17 @@ def test_two_processes_split_repairs_and_slice_advantages(tmp_path):
             assert not got[:, w:].any() and not exp[:, w:].any()
         n_repaired += sum(r < 0.5 and p > 0 for r, p in zip(s0["rewards"], s0["repair_success"]))
     assert n_repaired > 0
+
+
+def test_trl_flags_parse_with_trl_types_and_recipe_keys_stay_recipe_keys():
+    from ibpo_lab.integrations.trl import trl_flag_overrides
+
+    got = trl_flag_overrides(["--learning_rate", "1e-6", "--lr_scheduler_type", "cosine", "--gradient_checkpointing",
+                              "--ibpo_lam", "0.3", "--correct_num_references=3", "--model", "tiny", "--n_examples", "4",
+                              "--no_correct_insertion_credit"])
+    assert got == {"learning_rate": 1e-6, "lr_scheduler_type": "cosine", "gradient_checkpointing": True, "ibpo_lam": 0.3,
+                   "correct_num_references": 3, "model": "tiny", "n_examples": 4, "correct_insertion_credit": False}
+    with pytest.raises(ValueError, match=r"unknown arguments \['--nope', '1'\]"):
+        trl_flag_overrides(["--nope", "1"])
+    with pytest.raises(SystemExit):  # TRL's choices: argparse's usage error
+        trl_flag_overrides(["--lr_scheduler_type", "weird"])

@@ -72,3 +72,46 @@ def test_ci_runs_the_readme_test_command_offline():
     run = (ROOT / "scripts" / "run.sh").read_text()
     # torch pinned before the package is installed
     assert run.index('"torch==2.13.0"') < run.index('-e ".[dev,notebooks]"')
+
+
+def test_core_dependencies_cover_the_imports_and_nothing_unused():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    core = {_name(r): r for r in data["project"]["dependencies"]}
+    extras = data["project"]["optional-dependencies"]
+    # the code passes from_pretrained(dtype=...), new in transformers 4.56
+    assert core["transformers"].replace(" ", "") == "transformers>=4.56"
+    assert "scipy" in core  # runs.mean_ci / runs.proportion_ci
+    # accelerate is imported only by the TRL adapter: an extra, not core
+    src = {p: p.read_text() for p in (ROOT / "ibpo_lab").rglob("*.py")}
+    users = {p.relative_to(ROOT).as_posix() for p, t in src.items() if re.search(r"^\s*(from|import) accelerate", t, re.M)}
+    assert users <= {"ibpo_lab/integrations/trl.py"}, users
+    assert "accelerate" not in core and any(_name(r) == "accelerate" for r in extras["trl"])
+    # report.md uses DataFrame.to_markdown, which needs tabulate; nbmake is not used
+    assert any("to_markdown" in t for t in src.values()) and any(_name(r) == "tabulate" for r in extras["notebooks"])
+    everything = [r for rs in extras.values() for r in rs] + list(core)
+    assert not any(_name(r) == "nbmake" for r in everything)
+    assert any(_name(r) == "tensorboard" for r in extras["dev"])
+
+
+def test_trl_range_is_the_adapters():
+    pytest.importorskip("trl")
+    from ibpo_lab.integrations.trl import TRL_REQUIREMENT
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for extra in ("trl", "dev"):
+        reqs = [r.replace(" ", "") for r in data["project"]["optional-dependencies"][extra] if _name(r) == "trl"]
+        assert reqs == [TRL_REQUIREMENT], (extra, reqs)
+    assert "<" in TRL_REQUIREMENT  # bounded above: the adapter overrides private GRPOTrainer hooks
+
+
+def test_package_data_patterns_match_files_and_every_subpackage_is_listed():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {pkg: ROOT / data.get("package-dir", {}).get(pkg, pkg.replace(".", "/")) for pkg in data["package-data"]}
+    for pkg, patterns in data["package-data"].items():
+        for pat in patterns:
+            assert list(dirs[pkg].glob(pat)), f"package-data {pkg}: {pat!r} matches nothing"
+    code_pkgs = {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in (ROOT / "ibpo_lab").rglob("__init__.py")}
+    assert code_pkgs <= set(data["packages"]), code_pkgs - set(data["packages"])
+    # the packaged copies of the fixed top-level folders
+    assert ROOT / data["package-dir"]["ibpo_lab.tiny_policy"] == ROOT / "data" / "tiny-policy"
+    assert ROOT / data["package-dir"]["ibpo_lab.notebooks"] == ROOT / "notebooks"

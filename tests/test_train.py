@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -56,16 +58,29 @@ def test_existing_run_needs_resume(tmp_path):
         T.train(small(), tmp_path, progress=False)
 
 
-def test_lr_schedules():
-    def lrs(**kw):
-        f = T._lr_lambda(TrainConfig(steps=10, **kw))
-        return [f(i) for i in range(10)]
+def _lrs(**kw):
+    """The learning rate each of 10 training steps uses (scheduler read before its step, as the loop does)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sch = T.make_scheduler(opt, TrainConfig(steps=10, **kw))
+    out = []
+    for _ in range(10):
+        out.append(sch.get_last_lr()[0])
+        opt.step()
+        sch.step()
+    return out
 
-    assert lrs() == [1.0] * 10
-    assert lrs(warmup_steps=4)[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    lin, cos = lrs(lr_schedule="linear"), lrs(lr_schedule="cosine")
-    assert lin[0] == 1.0 and lin[5] == pytest.approx(0.5) and all(a > b for a, b in zip(lin, lin[1:]))
-    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5) and all(a > b for a, b in zip(cos, cos[1:]))
+
+def test_lr_schedules_are_transformers_get_scheduler():
+    # hand-derived from the HF definitions: warm-up i/W from 0; linear (T-i)/(T-W); cosine ½(1+cos(π(i-W)/(T-W)))
+    assert _lrs() == [1.0] * 10
+    assert _lrs(warmup_steps=4) == pytest.approx([0.0, 0.25, 0.5, 0.75] + [1.0] * 6)  # constant -> with warm-up
+    assert _lrs(lr_schedule="linear") == pytest.approx([(10 - i) / 10 for i in range(10)])
+    assert _lrs(lr_schedule="linear", warmup_steps=2) == pytest.approx([0, 0.5] + [(10 - i) / 8 for i in range(2, 10)])
+    cos = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * (i - 2) / 8)) for i in range(2, 10)]
+    assert _lrs(lr_schedule="cosine", warmup_steps=2) == pytest.approx(cos)
+    assert _lrs(lr_schedule="cosine")[5] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine_with_min_lr")  # needs arguments the config does not carry
 
 
 # ------------------------------------------------------------------------------------------ training runs

@@ -17,12 +17,18 @@ Scope: text prompts (``task_dataset`` builds them), training mode only (evaluati
 advantages), no tool calling or environments, and IOP bilateral training of the repaired
 trajectories is not wired in (they are kept in :attr:`IBPOTrainer.last_ibpo` for inspection).
 
-CLI (one process or ``accelerate launch --num_processes N``)::
+CLI (one process or ``accelerate launch --num_processes N``); TRL's own flags pass through::
 
     python -m ibpo_lab.integrations.trl --config ibpo_lab/integrations/recipes/trl_ibpo_tiny.yaml
+    ibpo-trl --config trl_ibpo_tiny.yaml --learning_rate 1e-6 --max_steps 5 --report_to tensorboard
 """
 
 from __future__ import annotations
+
+#: the TRL versions this adapter is tested with (the [trl] extra of pyproject.toml says the same; a test
+#: checks). Upper bound: IBPOTrainer overrides private GRPOTrainer hooks (_generate,
+#: _calculate_rewards, _generate_and_score_completions), which TRL may change in any minor release.
+TRL_REQUIREMENT = "trl>=1.16,<1.17"
 
 try:
     import trl as _trl  # noqa: F401  (the absolute import: this module is ibpo_lab.integrations.trl)
@@ -30,16 +36,30 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by a test that hides trl
     raise ImportError(
         "ibpo_lab.integrations.trl needs TRL, an optional extra: pip install 'ibpo_lab[trl]' "
-        "(or pip install 'trl>=0.19')"
+        f"(or pip install '{TRL_REQUIREMENT}')"
     ) from e
 
 # the two hooks IBPOTrainer captures the rollout through, and TRL's per-token advantage support
 # (``_compute_loss`` unsqueezes only [B] advantages), exist in recent TRL; tested with trl 1.16
 if not all(hasattr(GRPOTrainer, name) for name in ("_generate", "_calculate_rewards", "_generate_and_score_completions")):
     raise ImportError(
-        f"ibpo_lab.integrations.trl needs a newer TRL than {_trl.__version__} (GRPOTrainer._generate and "
-        "_calculate_rewards; tested with trl 1.16): pip install -U 'trl>=1.16'"
+        f"ibpo_lab.integrations.trl needs {TRL_REQUIREMENT}, found trl {_trl.__version__} (GRPOTrainer._generate and "
+        f"_calculate_rewards are missing): pip install '{TRL_REQUIREMENT}'"
     )
+
+
+def _check_trl_version() -> None:
+    """Warn (not fail) outside the tested range: the private hooks may still match."""
+    import warnings
+
+    from packaging.specifiers import SpecifierSet
+
+    if _trl.__version__ not in SpecifierSet(TRL_REQUIREMENT[len("trl"):]):
+        warnings.warn(f"ibpo_lab.integrations.trl is tested with {TRL_REQUIREMENT}, found trl {_trl.__version__}; "
+                      "IBPOTrainer overrides private GRPOTrainer hooks that may have changed", stacklevel=2)
+
+
+_check_trl_version()
 
 import argparse
 import hashlib
@@ -575,14 +595,56 @@ def build_trainer(cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None = 
     )
 
 
+def trl_flag_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """TRL's own command-line flags (``--learning_rate 1e-6 --bf16 --lr_scheduler_type cosine
+    --ibpo_lam 0.3 --correct_num_references 3``) as typed IBPOConfig overrides: parsed by
+    ``transformers.HfArgumentParser(IBPOConfig)`` (the parser of ``trl`` scripts), so types, choices,
+    bool flags (``--bf16``, ``--no_bf16``...) and errors are TRL's. Only the flags given are returned;
+    recipe keys (``--model``, ``--task``, ``--n_examples``...) are returned as is, YAML-parsed."""
+    from transformers import HfArgumentParser
+
+    args = list(args)
+    recipe: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):  # recipe keys first: they are not IBPOConfig fields
+        key, eq, inline = args[i][2:].partition("=") if args[i].startswith("--") else ("", "", "")
+        if key.replace("-", "_") in RECIPE_KEYS and key != "trainer":
+            if eq:
+                recipe[key.replace("-", "_")] = _parse_value(inline)
+                i += 1
+            elif i + 1 < len(args):
+                recipe[key.replace("-", "_")] = _parse_value(args[i + 1])
+                i += 2
+            else:
+                raise ValueError(f"--{key} needs a value")
+            continue
+        rest.append(args[i])
+        i += 1
+    parser = HfArgumentParser(IBPOConfig, allow_abbrev=False)
+    for action in parser._actions:  # only the flags given come back (no defaults)
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+            action.required = False
+    ns, unknown = parser.parse_known_args(rest)
+    if unknown:
+        raise ValueError(f"unknown arguments {unknown}: neither a recipe key ({', '.join(RECIPE_KEYS[:-1])}) "
+                         "nor an IBPOConfig field (TRL's GRPOConfig + ibpo_* + correct_*)")
+    return {**recipe, **vars(ns)}
+
+
 def main(argv: Sequence[str] | None = None) -> IBPOTrainer:
-    """``python -m ibpo_lab.integrations.trl --config RECIPE.yaml [--set key=value ...]``
-    (also under ``accelerate launch``). ``--set`` overrides a recipe key (model, task, split,
-    n_examples, dtype) or else a ``trainer:`` field (an IBPOConfig field); values are YAML."""
-    parser = argparse.ArgumentParser(prog="python -m ibpo_lab.integrations.trl", description=main.__doc__)
+    """``ibpo-trl --config RECIPE.yaml [--set key=value ...] [--learning_rate 1e-6 ...]`` (also
+    ``python -m ibpo_lab.integrations.trl``, and under ``accelerate launch``). ``--set`` overrides a
+    recipe key (model, task, split, n_examples, dtype) or else a ``trainer:`` field (values are YAML);
+    any TRL/IBPOConfig flag (``--learning_rate 1e-6 --max_steps 10 --report_to tensorboard``) and
+    ``--model``/``--task``... override the recipe too, after ``--set``."""
+    parser = argparse.ArgumentParser(prog="ibpo-trl", description=main.__doc__, allow_abbrev=False,
+                                     epilog="Every TRL GRPOConfig flag and IBPOConfig's ibpo_*/correct_* fields are "
+                                            "accepted (see TRL's GRPOConfig documentation).")
     parser.add_argument("--config", required=True, help="recipe YAML (see ibpo_lab/integrations/recipes/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key or trainer field")
-    ns = parser.parse_args(argv)
+    ns, rest = parser.parse_known_args(argv)
     cfg = _load_yaml(ns.config)
     overrides: dict[str, Any] = {}
     for item in ns.set:
@@ -593,6 +655,11 @@ def main(argv: Sequence[str] | None = None) -> IBPOTrainer:
             cfg[k] = _parse_value(v)
         else:
             overrides[k] = _parse_value(v)
+    for k, v in trl_flag_overrides(rest).items():
+        if k in RECIPE_KEYS:
+            cfg[k] = v
+        else:
+            overrides[k] = v
     trainer = build_trainer(cfg, overrides)
     trainer.train()
     trainer.save_model()
