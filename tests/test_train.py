@@ -74,7 +74,9 @@ def test_lr_schedules():
 def test_two_step_run_writes_every_record(tmp_path, estimator):
     rec = T.train(small(estimator=estimator, correct={"num_references": 2}), tmp_path / estimator, progress=False)
     p = rec.path
-    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoint/state.pt",
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoint/model/model.safetensors",
+                 "checkpoint/model/config.json", "checkpoint/model/README.md", "checkpoint/trainer_state.pt",
+                 "checkpoint/trainer_state.json", "checkpoint/COMPLETE",
                  "trajectories/step_000001.parquet", "trajectories/step_000002.parquet"):
         assert (p / name).is_file(), name
     assert TrainConfig.from_yaml(p / "config.yaml") == rec.config
@@ -121,10 +123,15 @@ def test_run_without_checkpoints_writes_other_records_and_refuses_resume(tmp_pat
         assert (p / name).is_file(), name
     assert not (p / "checkpoint").exists() and not list(p.glob(".checkpoint*"))
     assert rec.metrics["step"].tolist() == [1] and len(rec.trajectories(1)) >= 8
-    with pytest.raises(ValueError, match="save_checkpoints=False"):
-        T.train(small(steps=2, save_checkpoints=False), p, progress=False, resume=True)
     with pytest.raises(ValueError, match="no checkpoint.*save_checkpoints=False"):
         rec.load_policy()
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        T.train(small(steps=2, save_checkpoints=False), p, progress=False)
+    # without a checkpoint a resumed run starts again from step 1, its old records dropped
+    with pytest.warns(UserWarning, match="no checkpoint.*save_checkpoints=False.*step 1"):
+        again = T.train(small(steps=2, save_checkpoints=False), p, progress=False, resume=True)
+    assert again.metrics["step"].tolist() == [1, 2] and again.eval["step"].tolist() == [2]
+    pd.testing.assert_frame_equal(_strip_times(rec.metrics), _strip_times(again.metrics.iloc[:1]))
 
 
 def _strip_times(df: pd.DataFrame) -> pd.DataFrame:
@@ -166,8 +173,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(_strip_times(straight.metrics), _strip_times(resumed.metrics))
     pd.testing.assert_frame_equal(straight.eval, resumed.eval)
     pd.testing.assert_frame_equal(straight.trajectories(4), resumed.trajectories(4))
-    a = R.load_checkpoint_state(straight.path)["model"]
-    b = R.load_checkpoint_state(resumed.path)["model"]
+    a, b = straight.load_policy().model.state_dict(), resumed.load_policy().model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -202,7 +208,8 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_after_three(tmp_path):
     assert state["step"] == 3
     # nothing was applied: the checkpointed weights are the initial ones
     init = S.build_policy(cfg, None, torch.device("cpu")).model.state_dict()
-    assert all(torch.equal(init[k], state["model"][k]) for k in init)
+    saved = rec.load_policy().model.state_dict()
+    assert all(torch.equal(init[k], saved[k]) for k in init)
 
 
 @pytest.mark.slow
