@@ -520,7 +520,9 @@ def model_card(cfg: TrainConfig, step: int, license: str = "mit") -> str:
     from huggingface_hub import ModelCardData
 
     base = cfg.model
-    data = ModelCardData(library_name="transformers", license=license, base_model=base,
+    # base_model names a Hub model; local aliases ('tiny', a folder) are named in the text only
+    hub_id = "/" in base and not Path(base).exists() and not base.endswith(".gguf")
+    data = ModelCardData(library_name="transformers", license=license, base_model=base if hub_id else None,
                          tags=["ibpo_lab", "reinforcement-learning", cfg.estimator, cfg.task.split(":")[0]])
     return (f"---\n{data.to_yaml()}\n---\n\n# {cfg.name} (seed {cfg.seed}), step {step}\n\n"
             f"Policy trained by ibpo_lab (`python -m ibpo_lab.train`) from `{base}` with the `{cfg.estimator}` "
@@ -993,3 +995,35 @@ def final_table(records: Sequence, metric: str = "avg@k") -> pd.DataFrame:
         t.insert(0, "experiment", exp)
         frames.append(t)
     return pd.concat(frames, ignore_index=True)
+
+
+# ======================================================================================== CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ibpo_lab.runs export RUN_DIR OUT_DIR`` (the trained policy as a from_pretrained
+    folder) and ``python -m ibpo_lab.runs push RUN_DIR REPO_ID [--public]`` (upload it to the Hub)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ibpo_lab.runs", description="Export or upload a run's trained policy.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="copy RUN_DIR/checkpoint/model (HF layout + model card) to OUT_DIR")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    h = sub.add_parser("push", help="upload RUN_DIR/checkpoint/model to the Hugging Face Hub as REPO_ID")
+    h.add_argument("run_dir")
+    h.add_argument("repo_id")
+    h.add_argument("--public", action="store_true", help="create a public repo (default private)")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "export":
+            print(export(a.run_dir, a.out_dir))
+        else:
+            print(push_to_hub(a.run_dir, a.repo_id, private=not a.public))
+    except ValueError as err:
+        ap.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
