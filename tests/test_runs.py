@@ -264,6 +264,11 @@ def test_every_trajectory_column_written_is_documented(tmp_path):
         rec = train(cfg, tmp_path / est, progress=False)
         cols = set(rec.trajectories(1).columns)
         assert cols <= set(R.TRAJECTORY_HELP), cols - set(R.TRAJECTORY_HELP)
+        # issue 18.5: the run's trajectories load with `datasets`, every documented column present
+        import datasets
+
+        ds = datasets.load_dataset("parquet", data_files=str(rec.path / "trajectories" / "*.parquet"), split="train")
+        assert ds.column_names == list(R.TRAJECTORY_HELP) and len(ds) == len(rec.trajectories())
         assert set(rec.metrics.columns) - {c for c in rec.metrics.columns if c.startswith(("loss_", "correct_"))} \
             <= set(R.METRIC_HELP)
 

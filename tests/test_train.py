@@ -434,3 +434,30 @@ def test_checkpoint_is_a_from_pretrained_folder_export_and_push(tmp_path, monkey
     assert R.push_to_hub(rec.path, "me/policy") == "commit"
     assert calls[0] == ("create", "me/policy", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls[1][1]["folder_path"] == str(mdir) and calls[1][1]["repo_id"] == "me/policy"
+
+
+@pytest.mark.slow
+def test_resume_refuses_corrupt_records(tmp_path):
+    """issue 14.5 through train(): a garbage line in the middle of metrics.jsonl, a deleted row or a
+    deleted parquet is an error naming the file on resume (at 5c7e153 resume continued with gaps)."""
+    import shutil
+
+    cfg = small(steps=2, checkpoint_every=1, eval_n=0, model="tiny-random", max_new_tokens=8)
+    run = T.train(cfg, tmp_path / "run", progress=False).path
+    more = cfg.replace(steps=3)
+    good = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cases = [("metrics.jsonl", good[0] + "{garbage\n" + good[1], r"metrics.jsonl: line 2 is not a JSON object"),
+             ("metrics.jsonl", good[1], r"metrics.jsonl: row 1 is step 2, expected step 1"),
+             ("trajectories/step_000001.parquet", None, r"trajectories: no trajectory file for step\(s\) \[1\]")]
+    for name, text, match in cases:
+        backup = tmp_path / "backup"
+        shutil.copytree(run, backup)
+        if text is None:
+            (run / name).unlink()
+        else:
+            (run / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            T.train(more, run, progress=False, resume=True)
+        shutil.rmtree(run)
+        backup.rename(run)
+    assert T.train(more, run, progress=False, resume=True).metrics["step"].tolist() == [1, 2, 3]
