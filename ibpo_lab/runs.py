@@ -24,6 +24,12 @@ complete one (``COMPLETE`` marker) is put back in place and stale temporaries ar
 (:func:`recover_checkpoint`). Readers: :func:`load_run`, :func:`load_runs`,
 :class:`RunRecord`; tables over runs: :func:`summarise_runs`, :func:`final_table`,
 :func:`stability_table`, all with one interval, :func:`mean_ci`.
+
+The trained policy leaves a run as a plain Hugging Face folder::
+
+    python -m ibpo_lab.runs export RUN_DIR OUT_DIR          # runs.export: checkpoint/model -> OUT_DIR
+    python -m ibpo_lab.runs push RUN_DIR me/my-policy       # runs.push_to_hub (private repo by default)
+    AutoModelForCausalLM.from_pretrained("RUN_DIR/checkpoint/model")   # or RunRecord.load_policy()
 """
 
 from __future__ import annotations
@@ -533,6 +539,16 @@ def model_card(cfg: TrainConfig, step: int, license: str = "mit") -> str:
             "next to this folder inside the run's checkpoint.\n")
 
 
+def _drop_gguf_quantizer(model) -> None:
+    """A policy loaded from a GGUF file keeps transformers' (dequantising) GGUF quantizer attached,
+    which blocks ``save_pretrained``; its weights are plain tensors by then (as in ``models.cached_model``)."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and "gguf" in type(q).__name__.lower():
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+
+
 def save_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, Any], meta: dict[str, Any],
                     model=None, tokenizer=None, card: str | None = None) -> Path:
     """Write ``run_dir/checkpoint/``: ``model/`` (``model.save_pretrained`` as safetensors, the
@@ -548,6 +564,7 @@ def save_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, Any], meta: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         if model is not None:
+            _drop_gguf_quantizer(model)
             model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / MODEL_DIR)

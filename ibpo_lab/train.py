@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     A folder that already holds records needs ``resume=True``; without it that is an error (pass
     ``--resume`` or choose another ``--out``). ``resume=True`` always continues a killed run: from its
     newest complete checkpoint (bit-exact: same metrics as an uninterrupted run), or, when it has none
-    (killed before its first checkpoint, or ``save_checkpoints=False``), from step 0 with its records
+    (killed before its first checkpoint, or ``save_checkpoints=False``), from step 1 with its old records
     dropped. Every config value (``eval_split`` and the task/sampler/estimator/correct keys included)
     is checked before any model loads."""
     if not isinstance(cfg, TrainConfig):
