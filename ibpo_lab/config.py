@@ -50,6 +50,7 @@ __all__ = [
     "check_estimator_kwargs",
     "load_config",
     "read_yaml",
+    "build_checked_task",
     "gsm8k_task_kwargs",
     "RANDOM_TINY",
 ]
@@ -113,6 +114,59 @@ def check_estimator_kwargs(estimator: str, kwargs: Mapping[str, Any] | None) -> 
             get_estimator(estimator)(_probe_batch(), **kw)
         except (ValueError, TypeError) as e:
             raise ValueError(f"estimator_kwargs: {e}") from None
+
+
+def _keyword_names(fn, skip: int) -> list[str] | None:
+    """Keyword names ``fn`` accepts after its first ``skip`` parameters; None if it takes ``**kwargs``."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _sampler_params(backend: str) -> list[str] | None:
+    from ibpo_lab.sampling import SAMPLERS
+
+    return _keyword_names(SAMPLERS[backend].__init__, 2) if backend in SAMPLERS else None  # self, policy
+
+
+def _task_params(task: str) -> list[str] | None:
+    """Keyword names of a registered task's factory (None: it takes **kwargs, checked when built)."""
+    from ibpo_lab.tasks import base
+
+    base._ensure_builtin_tasks()
+    if ":" in task and task.split(":", 1)[0] in base._PREFIX_TASKS:
+        return _keyword_names(base._PREFIX_TASKS[task.split(":", 1)[0]], 1)
+    fn = base._TASKS.get(task)
+    return None if fn is None else _keyword_names(fn.__init__ if isinstance(fn, type) else fn, 1 if isinstance(fn, type) else 0)
+
+
+def _unknown_kwargs(field_name: str, kwargs: Mapping[str, Any], names: list[str] | None, what: str) -> list[str]:
+    if names is None or not isinstance(kwargs, Mapping):
+        return []
+    unknown = sorted(set(map(str, kwargs)) - set(names))
+    return [f"{field_name}: {unknown} are not arguments of {what} (accepted: {', '.join(names) or 'none'})"] if unknown else []
+
+
+def build_checked_task(cfg: "TrainConfig"):
+    """The config's task, built and checked before any model loads: ``task_kwargs`` by the task's own
+    constructor, ``train_split`` and (with ``eval_n > 0``) ``eval_split`` against the task's splits.
+    Returns the task; raises one ValueError naming the field."""
+    from ibpo_lab.tasks import get_task
+
+    try:
+        task = get_task(cfg.task, **cfg.task_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid TrainConfig: task_kwargs: task {cfg.task!r} rejects {cfg.task_kwargs!r}: {e}") from None
+    for name in ("train_split",) + (("eval_split",) if cfg.eval_n > 0 else ()):
+        split = getattr(cfg, name)
+        try:
+            ok = len(task.examples(split, None)) > 0
+        except (TypeError, ValueError, KeyError, FileNotFoundError) as e:
+            raise ValueError(f"invalid TrainConfig: {name}: task {cfg.task!r} has no split {split!r} ({e})") from None
+        if not ok:
+            raise ValueError(f"invalid TrainConfig: {name}: task {cfg.task!r} has no examples in split {split!r}")
+    return task
 
 
 def _estimator_default(estimator: str, name: str, default: Any = None) -> Any:
@@ -307,6 +361,12 @@ class TrainConfig:
                  f"must divide the batch of prompts_per_step * group_size = {self.batch_size} trajectories")
         for name in ("task_kwargs", "estimator_kwargs", "sampler_kwargs"):
             need(all(isinstance(k, str) for k in getattr(self, name)), name, "keys must be strings")
+        need(self.seed < 2**63, "seed", "must be < 2**63 (torch.manual_seed's range)")
+        if self.backend in BACKENDS:
+            p += _unknown_kwargs("sampler_kwargs", self.sampler_kwargs, _sampler_params(self.backend),
+                                 f"the {self.backend!r} sampler")
+        if isinstance(self.task, str) and self.task.strip():
+            p += _unknown_kwargs("task_kwargs", self.task_kwargs, _task_params(self.task), f"task {self.task!r}")
         return p
 
     def validate(self) -> "TrainConfig":
@@ -347,7 +407,10 @@ class TrainConfig:
         s = str(path_or_text)
         if isinstance(path_or_text, os.PathLike) or "\n" not in s:
             return cls.from_dict(read_yaml(Path(s)))
-        return cls.from_dict(yaml.safe_load(s) or {})
+        d = _load_yaml_text(s, "config text")
+        if not isinstance(d, dict):
+            raise ValueError(f"config text: expected a mapping of fields, got {type(d).__name__}")
+        return cls.from_dict(d)
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (validated again). Mapping fields (``correct``,
@@ -503,6 +566,34 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 
 
 # ======================================================================================== YAML files
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a repeated key (PyYAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r} (first at line "
+                f"{seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _load_yaml_text(text: str, where: str) -> Any:
+    """YAML text as Python objects (safe loader, duplicate keys refused); a syntax error or a duplicate
+    key is one ValueError naming ``where`` and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
+
+
 def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict[str, Any]:
     """The fields of a config file, with ``base: other.yaml`` (relative to the file) followed: the
     base's fields, then this file's (mapping fields merged key by key)."""
@@ -511,7 +602,10 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} does not exist")
     if p.resolve() in _seen:
         raise ValueError(f"config file {p}: 'base:' loops back to itself")
-    d = yaml.safe_load(p.read_text()) or {}
+    try:
+        d = _load_yaml_text(p.read_bytes().decode("utf-8"), str(p))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p}: not UTF-8 text ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"config file {p}: expected a mapping of fields, got {type(d).__name__}")
     base = d.pop("base", None)

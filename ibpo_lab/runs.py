@@ -5,19 +5,38 @@
       metrics.jsonl                one row per step, columns :data:`METRIC_HELP`
       eval.jsonl                   one row per held-out evaluation, columns :data:`EVAL_HELP`
       trajectories/step_000001.parquet   one row per trajectory of a step, columns :data:`TRAJECTORY_HELP`
-      checkpoint/state.pt          model, optimiser, scheduler, RNG states, step counter (resume);
-                                   absent with ``save_checkpoints=False``
+      checkpoint/                  the last checkpoint (absent with ``save_checkpoints=False``):
+        model/                     the policy in Hugging Face layout (``save_pretrained``: config.json,
+                                   model.safetensors, generation_config.json, the tokenizer, a model
+                                   card README.md with YAML metadata): ``from_pretrained(run/checkpoint/model)``
+        trainer_state.pt           optimiser and scheduler state, torch/CUDA RNG states: tensors and plain
+                                   values only, read with ``torch.load(..., weights_only=True)``
+        trainer_state.json         step, skipped-step counters, python/numpy RNG states, the config
+        COMPLETE                   written last: the checkpoint's step (a folder without it is partial)
+      .lock                        held (``fcntl.flock``) by the one process writing the folder; holds
+                                   its pid, host and start time
 
-Writers are atomic (write then rename; a JSONL row is one appended line, a truncated last line is
-tolerated on read and dropped on resume). Readers: :func:`load_run`, :func:`load_runs`,
+Writers are atomic (write then rename; a JSONL row is one appended line; NaN/inf are written as
+null, strict JSON). Only a truncated LAST line is tolerated (dropped with a warning); any other bad
+line, a missing step row or a missing trajectory file is an error naming the file and line/step.
+A checkpoint is written into ``.checkpoint.tmp-PID`` and renamed into place; on start the newest
+complete one (``COMPLETE`` marker) is put back in place and stale temporaries are removed
+(:func:`recover_checkpoint`). Readers: :func:`load_run`, :func:`load_runs`,
 :class:`RunRecord`; tables over runs: :func:`summarise_runs`, :func:`final_table`,
 :func:`stability_table`, all with one interval, :func:`mean_ci`.
+
+The trained policy leaves a run as a plain Hugging Face folder::
+
+    python -m ibpo_lab.runs export RUN_DIR OUT_DIR          # runs.export: checkpoint/model -> OUT_DIR
+    python -m ibpo_lab.runs push RUN_DIR me/my-policy       # runs.push_to_hub (private repo by default)
+    AutoModelForCausalLM.from_pretrained("RUN_DIR/checkpoint/model")   # or RunRecord.load_policy()
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import io
 import json
 import math
@@ -59,6 +78,17 @@ __all__ = [
     "truncate_records",
     "save_checkpoint",
     "load_checkpoint_state",
+    "load_checkpoint_model",
+    "recover_checkpoint",
+    "find_checkpoint",
+    "check_records",
+    "RunLock",
+    "RunLockedError",
+    "CheckpointWriteError",
+    "TRAJECTORY_SCHEMA",
+    "model_card",
+    "export",
+    "push_to_hub",
     "rng_state",
     "set_rng_state",
     "mean_ci",
@@ -113,7 +143,9 @@ EVAL_HELP: dict[str, str] = {
 }
 
 #: the columns of trajectories/step_*.parquet (one row per trajectory; lists are per response token
-#: unless said otherwise). Optional columns are absent when the run had nothing to put there.
+#: unless said otherwise). Every file has every column with the types of :data:`TRAJECTORY_SCHEMA`, in
+#: this order; "(optional)" columns are null where the run had nothing to put there (so
+#: ``datasets.load_dataset("parquet", data_files=run/"trajectories/*.parquet")`` reads a whole run).
 TRAJECTORY_HELP: dict[str, str] = {
     "step": "training step", "kind": "'policy' (sampled, trained) or 'repaired' (a verified repair)",
     "example_id": "id of the task example the group was sampled from",
@@ -136,6 +168,27 @@ TRAJECTORY_HELP: dict[str, str] = {
     "repair": "policy rows: text of the selected verified repair, None if none (optional)",
     "trained": "whether the row was part of the policy update",
 }
+
+def _trajectory_schema():
+    import pyarrow as pa
+
+    i64, f64, s, b = pa.int64(), pa.float64(), pa.string(), pa.bool_()
+    types = {
+        "step": i64, "kind": s, "example_id": s, "traj": i64, "group": i64, "reward": f64, "prompt_len": i64,
+        "response_len": i64, "prompt_ids": pa.list_(i64), "response_ids": pa.list_(i64), "prompt": s, "response": s,
+        "logprob_sum": f64, "n_steps": i64, "step_spans": pa.list_(pa.list_(i64)), "repair_success": f64,
+        "n_edited": i64, "source_traj": i64, "reference_traj": i64, "finish_reason": s,
+        "engine_logprobs": pa.list_(f64), "step_labels": pa.list_(b), "advantages": pa.list_(f64),
+        "response_mask": pa.list_(b), "edit_mask": pa.list_(b), "step_values": pa.list_(f64),
+        "is_weights": pa.list_(f64), "repair": s, "trained": b,
+    }
+    assert list(types) == list(TRAJECTORY_HELP), "TRAJECTORY_HELP and the schema name the same columns in order"
+    return pa.schema([pa.field(k, t, nullable=True) for k, t in types.items()])
+
+
+#: the pyarrow schema of every trajectories/step_*.parquet file (columns and order of :data:`TRAJECTORY_HELP`)
+TRAJECTORY_SCHEMA = _trajectory_schema()
+
 
 @dataclass
 class RunRecord:
@@ -174,17 +227,15 @@ class RunRecord:
         return self.path / CHECKPOINT_DIR
 
     def load_policy(self, device: str = "cpu"):
-        """The trained policy from the run's checkpoint."""
-        state = load_checkpoint_state(self.path, map_location="cpu")
-        if state is None:
+        """The trained policy from the run's checkpoint: ``checkpoint/model``, a Hugging Face folder
+        (``models.load_policy`` reads it with ``from_pretrained``; no pickle, no base model needed)."""
+        ckpt = find_checkpoint(self.path)
+        if ckpt is None:
             raise ValueError(f"run {self.path} has no checkpoint"
                              + (" (trained with save_checkpoints=False)" if not self.config.save_checkpoints else ""))
-        from ibpo_lab.step import build_policy, build_task
+        from ibpo_lab.models import load_policy
 
-        task = build_task(self.config)
-        policy = build_policy(self.config, task, torch.device(device))
-        policy.model.load_state_dict(state["model"])
-        return policy
+        return load_policy(ckpt / MODEL_DIR, dtype=self.config.dtype, device=device)
 
     def tokenizer(self):
         """The tokenizer of the run's policy (``models.tokenizer_for``), None when unavailable offline."""
@@ -230,37 +281,109 @@ def trajectory_files(run_dir: str | os.PathLike) -> dict[int, Path]:
     return files
 
 
+def _jsonl_rows(path: Path) -> tuple[list[dict], list[str], bool]:
+    """(rows, their lines, whether a truncated last line was dropped). Only the LAST line may be
+    partial (a run killed mid-write); any other bad line is a ValueError naming the file and line."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    rows, kept, torn = [], [], False
+    for i, bline in enumerate(lines):
+        last = i == len(lines) - 1
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError:
+            if last and not raw.endswith(b"\n"):
+                torn = True
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not UTF-8 text (the file is corrupt)") from None
+        if not line.strip():
+            if last:
+                continue
+            raise ValueError(f"{path}: line {i + 1} is empty (the file is corrupt)")
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError
+        except ValueError:
+            # a run killed mid-write leaves a partial last line (no newline after it); anything else is corruption
+            if last and not raw.endswith(b"\n"):
+                torn = True
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not a JSON object (the file is corrupt): {line[:80]!r}") from None
+        rows.append(row)
+        kept.append(line)
+    return rows, kept, torn
+
+
 def read_jsonl(path: Path) -> pd.DataFrame:
+    """A JSONL file as a DataFrame; null becomes NaN in numeric columns (``append_jsonl`` writes NaN/inf
+    as null). A truncated last line is dropped with a warning; any other bad line raises ValueError."""
     if not path.is_file():
         return pd.DataFrame()
-    rows = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # a run killed mid-write leaves a partial last line; anything else is real corruption
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}: ignoring a truncated last line (run interrupted while writing)")
-                continue
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
-    return pd.DataFrame(rows)
+    rows, _, torn = _jsonl_rows(path)
+    if torn:
+        warnings.warn(f"{path}: ignoring a truncated last line (run interrupted while writing)")
+    df = pd.DataFrame(rows)
+    for c in df.columns:
+        if df[c].dtype == object and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                         for v in df[c]):
+            df[c] = df[c].astype(float)
+    return df
 
 
 def load_run(path: str | os.PathLike, experiment: str = "") -> RunRecord:
-    """Read a run folder written by ``train.train``."""
+    """Read a run folder written by ``train.train``. The metrics must hold one row per step 1..n
+    (a gap, a duplicate or a bad line is a ValueError naming the file)."""
     p = Path(path)
     if not (p / CONFIG_FILE).is_file():
         raise ValueError(f"path: {p} is not a run folder (no config.yaml)")
+    metrics = read_jsonl(p / METRICS_FILE)
+    _check_steps(p / METRICS_FILE, metrics["step"].tolist() if "step" in metrics.columns else [] if metrics.empty
+                 else None)
     return RunRecord(
         path=p,
         config=TrainConfig.from_yaml(p / CONFIG_FILE),
-        metrics=read_jsonl(p / METRICS_FILE),
+        metrics=metrics,
         eval=read_jsonl(p / EVAL_FILE),
         experiment=experiment,
     )
+
+
+def _check_steps(path: Path, steps: list | None) -> None:
+    """The metrics rows are steps 1, 2, ..., n in order, one each."""
+    if steps is None:
+        raise ValueError(f"{path}: rows have no 'step' column (the file is corrupt)")
+    for i, st in enumerate(steps):
+        if st != i + 1:
+            raise ValueError(f"{path}: row {i + 1} is step {st}, expected step {i + 1} "
+                             f"({'a step row is missing' if isinstance(st, (int, float)) and st > i + 1 else 'a duplicate or out-of-order row'}; "
+                             f"the records are corrupt)")
+
+
+def check_records(run_dir: Path, step: int, trajectories: bool) -> None:
+    """Before resuming at ``step``: metrics.jsonl holds exactly steps 1..``step`` (rows after it are
+    allowed; ``truncate_records`` drops them) and, with ``trajectories``, every step 1..``step`` has its
+    parquet file. Raises ValueError naming the file and step otherwise (records are never dropped silently)."""
+    mpath = run_dir / METRICS_FILE
+    steps = []
+    if mpath.is_file():
+        rows, _, _ = _jsonl_rows(mpath)
+        steps = [r.get("step") for r in rows]
+        if any(not isinstance(x, int) for x in steps):
+            bad = next(i for i, x in enumerate(steps) if not isinstance(x, int))
+            raise ValueError(f"{mpath}: row {bad + 1} has no integer 'step' (the file is corrupt)")
+    _check_steps(mpath, [x for x in steps if x <= step])
+    if len([x for x in steps if x <= step]) < step:
+        raise ValueError(f"{mpath}: the checkpoint is at step {step} but the metrics stop at step "
+                         f"{len([x for x in steps if x <= step])} (rows are missing; the records are corrupt)")
+    if trajectories:
+        have = trajectory_files(run_dir)
+        missing = [s for s in range(1, step + 1) if s not in have]
+        if missing:
+            raise ValueError(f"{run_dir / TRAJECTORY_DIR}: no trajectory file for step(s) {missing[:10]} although "
+                             f"metrics.jsonl has their rows (the records are corrupt)")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -282,8 +405,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _finite_or_null(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return _finite_or_null(x.item())
+    return x
+
+
 def append_jsonl(path: Path, row: dict) -> None:
-    line = json.dumps(row, default=_json_default) + "\n"
+    """Append one row as a line of strict JSON (NaN and ±inf become null; ``read_jsonl`` reads them as NaN)."""
+    line = json.dumps(_finite_or_null(row), default=_json_default, allow_nan=False) + "\n"
     try:
         with open(path, "a") as fh:
             fh.write(line)
@@ -316,6 +452,16 @@ def prepare_run_dir(out_dir: str | os.PathLike | None, cfg: TrainConfig) -> Path
 
 
 # ======================================================================================== checkpoints
+#: the parts of a checkpoint folder
+MODEL_DIR, TRAINER_STATE_PT, TRAINER_STATE_JSON, COMPLETE_FILE = (
+    "model", "trainer_state.pt", "trainer_state.json", "COMPLETE")
+_TMP_PREFIX, _OLD = ".checkpoint.tmp-", ".checkpoint.old"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, I/O error); the previous checkpoint is kept."""
+
+
 def rng_state() -> dict[str, Any]:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -331,42 +477,311 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Write ``run_dir/checkpoint/state.pt`` via a temporary folder and renames, so the previous
-    checkpoint survives a crash or a full disk. Raises OSError with a clear message on failure."""
-    final = run_dir / CHECKPOINT_DIR
-    tmp = run_dir / f".checkpoint.tmp-{os.getpid()}"
-    old = run_dir / ".checkpoint.old"
+def _rng_split(st: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An ``rng_state()`` as (JSON-able python/numpy part, tensors-only torch/CUDA part)."""
+    ver, internal, gauss = st["python"]
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    js = {"python": [ver, list(internal), gauss],
+          "numpy": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
+    tens = {"torch": st["torch"]}
+    if "cuda" in st:
+        tens["cuda"] = list(st["cuda"])
+    return js, tens
+
+
+def _rng_join(js: dict[str, Any], tens: dict[str, Any]) -> dict[str, Any]:
+    ver, internal, gauss = js["python"]
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    st = {"python": (ver, tuple(internal), gauss),
+          "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached), "torch": tens["torch"]}
+    if "cuda" in tens:
+        st["cuda"] = tens["cuda"]
+    return st
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    """Whether a failed write looks like a full disk: ENOSPC, torch's RuntimeError from its zip writer
+    (``file write failed`` / ``unexpected pos``), safetensors' StorageFull, or no free space left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    msg = str(e)
+    if any(t in msg for t in ("No space left", "file write failed", "unexpected pos", "StorageFull", "os error 28")):
+        return True
+    with contextlib.suppress(OSError):
+        st = os.statvfs(where)
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    return False
+
+
+def model_card(cfg: TrainConfig, step: int, license: str = "mit") -> str:
+    """A model card (README.md) for a policy trained by ``train``: YAML metadata (library_name,
+    license, base_model, tags, via ``huggingface_hub.ModelCardData``) and a short description.
+    ``license`` defaults to the project's (MIT); the base model's own licence still applies to its weights."""
+    from huggingface_hub import ModelCardData
+
+    base = cfg.model
+    # base_model names a Hub model; local aliases ('tiny', a folder) are named in the text only
+    hub_id = "/" in base and not Path(base).exists() and not base.endswith(".gguf")
+    data = ModelCardData(library_name="transformers", license=license, base_model=base if hub_id else None,
+                         tags=["ibpo_lab", "reinforcement-learning", cfg.estimator, cfg.task.split(":")[0]])
+    return (f"---\n{data.to_yaml()}\n---\n\n# {cfg.name} (seed {cfg.seed}), step {step}\n\n"
+            f"Policy trained by ibpo_lab (`python -m ibpo_lab.train`) from `{base}` with the `{cfg.estimator}` "
+            f"estimator and the `{cfg.loss}` loss on the `{cfg.task}` task, {step} of {cfg.steps} steps "
+            f"({cfg.prompts_per_step} prompts x {cfg.group_size} samples per step, lr {cfg.lr:g}).\n\n"
+            "Load it with `transformers.AutoModelForCausalLM.from_pretrained(<this folder>)` or "
+            "`ibpo_lab.models.load_policy(<this folder>)`. The run's config is in `trainer_state.json` "
+            "next to this folder inside the run's checkpoint.\n")
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A policy loaded from a GGUF file keeps transformers' (dequantising) GGUF quantizer attached,
+    which blocks ``save_pretrained``; its weights are plain tensors by then (as in ``models.cached_model``)."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and "gguf" in type(q).__name__.lower():
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+
+
+def save_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, Any], meta: dict[str, Any],
+                    model=None, tokenizer=None, card: str | None = None) -> Path:
+    """Write ``run_dir/checkpoint/``: ``model/`` (``model.save_pretrained`` as safetensors, the
+    tokenizer, ``card`` as README.md), ``trainer_state.pt`` (``tensors``: tensors and plain values,
+    loadable with ``weights_only=True``), ``trainer_state.json`` (``meta`` and the step) and, last,
+    ``COMPLETE``. Written into ``.checkpoint.tmp-PID`` and renamed into place, so the previous
+    checkpoint survives a crash or a full disk. Any failure (torch.save raises RuntimeError on a full
+    disk, not OSError) removes the temporary folder and raises :class:`CheckpointWriteError`."""
+    run_dir = Path(run_dir)
+    final, old = run_dir / CHECKPOINT_DIR, run_dir / _OLD
+    tmp = run_dir / f"{_TMP_PREFIX}{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        with open(tmp / "state.pt", "wb") as fh:
-            torch.save(state, fh)
+        if model is not None:
+            _drop_gguf_quantizer(model)
+            model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / MODEL_DIR)
+            if card is not None:
+                _fsync_write(tmp / MODEL_DIR / "README.md", card.encode())
+        with open(tmp / TRAINER_STATE_PT, "wb") as fh:
+            torch.save(tensors, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        atomic_write_text(tmp / "step.txt", str(state["step"]))
-        # a directory cannot be renamed onto a non-empty one: move the old one aside first
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+        _fsync_write(tmp / TRAINER_STATE_JSON,
+                     json.dumps(_finite_or_null({"step": int(step), **meta}), allow_nan=False, indent=1).encode())
+        _fsync_write(tmp / COMPLETE_FILE, str(int(step)).encode())  # last: marks the folder complete
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not final.exists() and old.exists():
-            os.replace(old, final)
-        raise OSError(e.errno, f"could not write the checkpoint in {run_dir} ({e.strerror or e}); "
-                               f"the previous checkpoint, if any, is kept") from e
+        if not isinstance(e, Exception):
+            raise
+        why = "disk full" if _disk_full(e, run_dir) else f"{type(e).__name__}: {e}"
+        raise CheckpointWriteError(errno.ENOSPC if why == "disk full" else errno.EIO,
+                                   f"could not write the checkpoint of step {step} in {run_dir}: {why}; "
+                                   f"the previous checkpoint is kept") from e
+    # a directory cannot be renamed onto a non-empty one: move the old one aside first. A kill between
+    # the renames leaves complete checkpoints in .checkpoint.old / the temp folder: recover_checkpoint finds them
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _complete_step(d: Path) -> int | None:
+    try:
+        return int((d / COMPLETE_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    return [run_dir / CHECKPOINT_DIR, run_dir / _OLD] + sorted(run_dir.glob(f"{_TMP_PREFIX}*"))
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of a run (``checkpoint/``, or one a kill left as
+    ``.checkpoint.old`` / ``.checkpoint.tmp-*``), None if there is none. Read-only."""
+    best, best_step = None, -1
+    for d in _candidates(Path(run_dir)):
+        s = _complete_step(d)
+        if s is not None and s > best_step:
+            best, best_step = d, s
+    return best
+
+
+def recover_checkpoint(run_dir: Path) -> Path | None:
+    """On start (holding the run's lock): put the newest complete checkpoint in place as
+    ``checkpoint/`` and remove every other checkpoint folder (stale ``.checkpoint.tmp-*`` of killed
+    runs, ``.checkpoint.old``, partial ones). Returns ``checkpoint/`` or None when none is complete.
+    A checkpoint of the old pickle format (``state.pt``) is refused: loading it could run code."""
+    run_dir = Path(run_dir)
+    final = run_dir / CHECKPOINT_DIR
+    if (final / "state.pt").is_file() and _complete_step(final) is None:
+        raise ValueError(f"{final}: a checkpoint in the old pickle format (state.pt), which is not loaded because "
+                         f"unpickling can run code; train again in a new folder")
+    best = find_checkpoint(run_dir)
+    for d in _candidates(run_dir):
+        if d != best and d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+    if best is None:
+        return None
+    if best != final:
+        os.replace(best, final)
     return final
 
 
 def load_checkpoint_state(run_dir: Path, map_location="cpu") -> dict[str, Any] | None:
-    for d in (run_dir / CHECKPOINT_DIR, run_dir / ".checkpoint.old"):
-        f = d / "state.pt"
-        if f.is_file():
-            return torch.load(f, map_location=map_location, weights_only=False)
-    return None
+    """The trainer state of the run's newest complete checkpoint: ``step``, the ``meta`` given to
+    :func:`save_checkpoint` (config, counters, ``rng`` joined back into an ``rng_state()``), the
+    tensors (``optimizer``, ``scheduler``...) read with ``weights_only=True``, and ``path``. None
+    without a checkpoint; a truncated or garbage file is a ValueError naming it."""
+    d = find_checkpoint(run_dir)
+    if d is None:
+        return None
+    fj, fp = d / TRAINER_STATE_JSON, d / TRAINER_STATE_PT
+    try:
+        meta = json.loads(fj.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+            raise ValueError("not a trainer state object with an integer step")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{fj}: unreadable checkpoint state ({e}); the checkpoint is corrupt") from None
+    try:
+        tens = torch.load(fp, map_location=map_location, weights_only=True)
+        if not isinstance(tens, dict):
+            raise ValueError("not a dict of tensors")
+    except Exception as e:  # noqa: BLE001 — truncated zip, garbage, or a pickle weights_only refuses
+        raise ValueError(f"{fp}: unreadable checkpoint state ({type(e).__name__}: {str(e)[:200]}); "
+                         f"the checkpoint is corrupt") from None
+    out = {**meta, **{k: v for k, v in tens.items() if k != "rng"}, "path": d}
+    if "rng" in meta and "rng" in tens:
+        out["rng"] = _rng_join(meta["rng"], tens["rng"])
+    return out
 
+
+def load_checkpoint_model(ckpt: Path, model) -> None:
+    """Load ``ckpt/model``'s safetensors weights into ``model`` in place (exact values; tied weights
+    are re-tied). Missing or unexpected weights are a ValueError naming the folder."""
+    from safetensors.torch import load_file
+
+    mdir = Path(ckpt) / MODEL_DIR
+    index = mdir / "model.safetensors.index.json"
+    try:
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else ["model.safetensors"])
+        sd = {}
+        for f in files:
+            sd.update(load_file(str(mdir / f)))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{mdir}: unreadable model weights ({type(e).__name__}: {str(e)[:200]}); "
+                         f"the checkpoint is corrupt") from None
+    res = model.load_state_dict(sd, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in res.missing_keys if k not in tied and not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or res.unexpected_keys:
+        raise ValueError(f"{mdir}: weights do not match the model (missing {missing[:5]}, "
+                         f"unexpected {res.unexpected_keys[:5]})")
+    model.tie_weights()
+
+
+def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Copy a run's trained policy (``checkpoint/model``: weights, tokenizer, model card) to ``out_dir``,
+    a folder ``from_pretrained`` and ``models.load_policy`` read. ``out_dir`` must not exist or be empty.
+    CLI: ``python -m ibpo_lab.runs export RUN_DIR OUT_DIR``."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"run_dir: {run_dir} has no checkpoint with a model to export")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"out_dir: {out} exists and is not empty")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(ckpt / MODEL_DIR, tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"could not export to {out} ({e.strerror or e}); nothing partial was left") from e
+    return out
+
+
+def push_to_hub(run_dir: str | os.PathLike, repo_id: str, *, private: bool = True, token: str | None = None,
+                commit_message: str | None = None):
+    """Upload a run's trained policy (``checkpoint/model``, with its model card) to the Hugging Face Hub
+    as ``repo_id`` (created if missing, private by default) with ``huggingface_hub.HfApi``. Returns the
+    commit info. Refused with ``HF_HUB_OFFLINE=1``."""
+    from huggingface_hub import HfApi
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ValueError("push_to_hub: HF_HUB_OFFLINE is set; unset it on a machine with internet to upload")
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"run_dir: {run_dir} has no checkpoint with a model to push")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    step = _complete_step(ckpt)
+    return api.upload_folder(folder_path=str(ckpt / MODEL_DIR), repo_id=repo_id, repo_type="model",
+                             commit_message=commit_message or f"ibpo_lab run {Path(run_dir).name}, step {step}")
+
+
+# ======================================================================================== the run lock
+class RunLockedError(ValueError):
+    """Another live process is writing the run folder."""
+
+
+class RunLock:
+    """One writer per run folder: an exclusive ``fcntl.flock`` on ``run_dir/.lock``, which holds the
+    holder's pid, host and start time. The kernel drops the lock when its process dies, so a lock
+    left by a killed run never blocks. Use as a context manager or ``acquire()``/``release()``."""
+
+    FILE = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise RunLockedError(f"out_dir: {self.path.parent} is being written by another process "
+                                 f"({holder or 'holder unknown'}); wait for it to finish or choose another --out") from None
+        info = (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire() if self._fd is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # ======================================================================================== trajectories
@@ -437,24 +852,43 @@ def write_trajectories(run_dir, step, batch, adv, table, repaired, rep_adv, rep_
 
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    """The frame as parquet with :data:`TRAJECTORY_SCHEMA`: every column present (null where the step
+    had nothing for it), in one order, with one type. An undocumented column is a ValueError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    extra = [c for c in df.columns if c not in TRAJECTORY_HELP]
+    if extra:
+        raise ValueError(f"trajectory columns {extra} are not in runs.TRAJECTORY_HELP / TRAJECTORY_SCHEMA: "
+                         f"document them there (the record has one fixed schema)")
+    cols = {}
+    for f in TRAJECTORY_SCHEMA:
+        v = df[f.name] if f.name in df.columns else pd.Series([None] * len(df), dtype=object)
+        cols[f.name] = pa.array(v.tolist() if v.dtype == object else v, type=f.type, from_pandas=True)
+    table = pa.Table.from_pydict(cols, schema=TRAJECTORY_SCHEMA)
     b = io.BytesIO()
-    df.to_parquet(b, index=False)
+    pq.write_table(table, b)
     return b.getvalue()
 
 
 def truncate_records(run_dir: Path, step: int) -> None:
-    """Drop metric/eval rows written after the checkpoint (a killed run got further than it saved)."""
+    """Drop metric/eval rows and trajectory files written after ``step`` (the checkpoint's, or 0 when
+    a killed run has none: it starts over). A half-written LAST line is dropped with a warning; any
+    other bad line is a ValueError naming the file and line (nothing is dropped silently)."""
     for name in (METRICS_FILE, EVAL_FILE):
         p = run_dir / name
         if p.is_file():
-            keep = []
-            for line in p.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):  # a half-written last line goes too
-                    if json.loads(line)["step"] <= step:
-                        keep.append(line + "\n")
-            atomic_write_text(p, "".join(keep))
-    for f in (run_dir / TRAJECTORY_DIR).glob("step_*.parquet"):
-        if int(f.stem.split("_")[1]) > step:
+            rows, lines, torn = _jsonl_rows(p)
+            if torn:
+                warnings.warn(f"{p}: dropping a truncated last line (run interrupted while writing)")
+            for i, r in enumerate(rows):
+                if not isinstance(r.get("step"), int):
+                    raise ValueError(f"{p}: row {i + 1} has no integer 'step' (the file is corrupt)")
+            keep = [ln + "\n" for r, ln in zip(rows, lines) if r["step"] <= step]
+            if len(keep) != len(rows) or torn:
+                atomic_write_text(p, "".join(keep))
+    for s_, f in trajectory_files(run_dir).items():
+        if s_ > step:
             f.unlink()
 
 
@@ -598,3 +1032,35 @@ def final_table(records: Sequence, metric: str = "avg@k") -> pd.DataFrame:
         t.insert(0, "experiment", exp)
         frames.append(t)
     return pd.concat(frames, ignore_index=True)
+
+
+# ======================================================================================== CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ibpo_lab.runs export RUN_DIR OUT_DIR`` (the trained policy as a from_pretrained
+    folder) and ``python -m ibpo_lab.runs push RUN_DIR REPO_ID [--public]`` (upload it to the Hub)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ibpo_lab.runs", description="Export or upload a run's trained policy.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="copy RUN_DIR/checkpoint/model (HF layout + model card) to OUT_DIR")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    h = sub.add_parser("push", help="upload RUN_DIR/checkpoint/model to the Hugging Face Hub as REPO_ID")
+    h.add_argument("run_dir")
+    h.add_argument("repo_id")
+    h.add_argument("--public", action="store_true", help="create a public repo (default private)")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "export":
+            print(export(a.run_dir, a.out_dir))
+        else:
+            print(push_to_hub(a.run_dir, a.repo_id, private=not a.public))
+    except ValueError as err:
+        ap.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

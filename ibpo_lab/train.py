@@ -33,18 +33,20 @@ import numpy as np
 import torch
 
 from ibpo_lab.advantages import ibpo_repair_advantages
-from ibpo_lab.config import PROFILES, TrainConfig, estimator_kwargs, load_config
+from ibpo_lab.config import PROFILES, TrainConfig, build_checked_task, estimator_kwargs, load_config
 from ibpo_lab.loggers import RunLogger, check_report_to
 from ibpo_lab.losses import get_loss, truncated_is_weights
 from ibpo_lab.models import load_policy, response_logprobs
 from ibpo_lab.rollout import PaddedBatch, RolloutBatch, concat_batches
 from ibpo_lab.runs import (
-    CONFIG_FILE, EVAL_FILE, METRICS_FILE, RunRecord, append_jsonl, has_records, load_checkpoint_state, load_run, mean_ci, prepare_run_dir, rng_state,
-    save_checkpoint, set_rng_state, truncate_records, write_trajectories,
+    CONFIG_FILE, EVAL_FILE, METRICS_FILE, RunLock, RunRecord, append_jsonl, check_records, has_records,
+    load_checkpoint_model, load_checkpoint_state, load_run, mean_ci, model_card, prepare_run_dir, recover_checkpoint,
+    rng_state, save_checkpoint, set_rng_state, truncate_records, write_trajectories,
 )
+from ibpo_lab.runs import _rng_split
 from ibpo_lab.sampling import get_sampler
 from ibpo_lab.step import (
-    _timed, build_lab, build_policy, build_task, resolve_device, seed_everything, step_seed, take_step,
+    _timed, build_lab, build_policy, resolve_device, seed_everything, step_seed, take_step,
 )
 from ibpo_lab.tasks import get_task
 
@@ -255,31 +257,57 @@ class NonFiniteLossError(RuntimeError):
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: bool = True,
           resume: bool = False) -> RunRecord:
     """Run ``cfg`` and write its run folder (``out_dir``; default ``runs/<stamp>-<label>-seed<seed>``).
-    ``resume=True`` continues from the folder's checkpoint (same metrics as an uninterrupted run)."""
+
+    One process writes a folder at a time (``runs.RunLock``; a second is refused naming the holder).
+    A folder that already holds records needs ``resume=True``; without it that is an error (pass
+    ``--resume`` or choose another ``--out``). ``resume=True`` always continues a killed run: from its
+    newest complete checkpoint (bit-exact: same metrics as an uninterrupted run), or, when it has none
+    (killed before its first checkpoint, or ``save_checkpoints=False``), from step 1 with its old records
+    dropped. Every config value (``eval_split`` and the task/sampler/estimator/correct keys included)
+    is checked before any model loads."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
     check_report_to(cfg.report_to)  # a requested tracker that is not installed fails here, before any model loads
     device = resolve_device(cfg.device)  # before anything heavy: 'cuda' without a GPU fails here
+    task = build_checked_task(cfg)  # task_kwargs, train_split, eval_split: before any folder or model
     run_dir = prepare_run_dir(out_dir, cfg)
-    state = load_checkpoint_state(run_dir) if resume else None
-    if state is not None:
-        _check_resumable(cfg, TrainConfig.from_dict(state["config"]))
-    elif has_records(run_dir):
-        if resume:
-            saved = run_dir / CONFIG_FILE
-            if saved.is_file() and not TrainConfig.from_yaml(saved).save_checkpoints:
-                raise ValueError(f"out_dir: cannot resume {run_dir}: it was trained with save_checkpoints=False, "
-                                 f"so it has no checkpoint; train it again in a new folder")
-            raise ValueError(f"out_dir: {run_dir} has records but no checkpoint to resume from")
-        raise ValueError(f"out_dir: {run_dir} already holds a run; pass resume=True (--resume) or pick a new folder")
+    with RunLock(run_dir):
+        return _train(cfg, run_dir, device, task, progress, resume)
+
+
+def _open_run(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict | None:
+    """Holding the run's lock: recover the newest complete checkpoint (stale temporaries removed),
+    refuse a folder with records unless ``resume``, check the records against the checkpoint and drop
+    what was written after it. -> the checkpoint's state, or None to start at step 1."""
+    ckpt = recover_checkpoint(run_dir)
+    if not has_records(run_dir):
+        return None
+    if not resume:
+        raise ValueError(f"out_dir: {run_dir} already holds a run; pass resume=True (--resume) to continue it "
+                         f"or choose another --out")
+    saved = run_dir / CONFIG_FILE
+    if saved.is_file():
+        _check_resumable(cfg, TrainConfig.from_yaml(saved))
+    state = load_checkpoint_state(run_dir) if ckpt is not None else None
+    if state is None:
+        warnings.warn(f"{run_dir} has no checkpoint"
+                      + (" (save_checkpoints=False)" if saved.is_file() and not TrainConfig.from_yaml(saved).save_checkpoints
+                         else " (killed before its first one)") + ": starting again from step 1; its records are dropped")
+        truncate_records(run_dir, 0)
+        return None
+    _check_resumable(cfg, TrainConfig.from_dict(state["config"]))
+    check_records(run_dir, state["step"], trajectories=cfg.save_trajectories)
+    truncate_records(run_dir, state["step"])
+    return state
+
+
+def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, task, progress: bool, resume: bool) -> RunRecord:
+    state = _open_run(cfg, run_dir, resume)
     cfg.to_yaml(run_dir / CONFIG_FILE)
 
     seed_everything(cfg.seed)
-    task = build_task(cfg)
     train_examples = task.examples(cfg.train_split)
-    if not train_examples:
-        raise ValueError(f"train_split: task {cfg.task!r} has no examples in split {cfg.train_split!r}")
     policy = build_policy(cfg, task, device)
     model = policy.model
     model.eval()  # no dropout: the trainer's log-probs must match the sampler's behaviour log-probs
@@ -289,12 +317,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     scheduler = make_scheduler(optimizer, cfg)
     start, skipped_total, consecutive = 1, 0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        load_checkpoint_model(state["path"], model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start, skipped_total, consecutive = state["step"] + 1, state["skipped_total"], state["consecutive_skips"]
-        truncate_records(run_dir, state["step"])
     lab = build_lab(cfg, policy=policy, task=task)
     sampler = lab.sampler
     sampler.sync_weights(model)
@@ -302,11 +329,12 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, progress: 
     def checkpoint(step: int) -> None:
         if not cfg.save_checkpoints:
             return
-        save_checkpoint(run_dir, {
-            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(), "skipped_total": skipped_total,
-            "consecutive_skips": consecutive, "config": cfg.to_dict(),
-        })
+        rng_json, rng_tensors = _rng_split(rng_state())
+        save_checkpoint(run_dir, step, model=model, tokenizer=policy.tokenizer, card=model_card(cfg, step),
+                        tensors={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "rng": rng_tensors},
+                        meta={"skipped_total": skipped_total, "consecutive_skips": consecutive, "rng": rng_json,
+                              "config": cfg.to_dict()})
 
     tracker = RunLogger(cfg.report_to, run_dir, cfg.to_dict())  # report_to: tensorboard/wandb/trackio besides the JSONL
     bar = _progress(range(start, cfg.steps + 1), cfg, progress)

@@ -235,13 +235,29 @@ def _finish(policy: Policy, task, cfg: WarmupConfig, curve: list[dict], losses: 
     return record
 
 
+#: the model card's YAML metadata (Hub format). No base_model: the policy is trained from a random
+#: initialisation, not fine-tuned from another model.
+CARD_METADATA = """---
+library_name: transformers
+license: mit
+pipeline_tag: text-generation
+tags:
+- ibpo_lab
+- llama
+- synthetic-arithmetic
+- character-level
+---
+
+"""
+
+
 def model_card(record: dict[str, Any]) -> str:
     cfg, fin = record["config"], record["final"]
     rows = "\n".join(
         f"| {c['step']} | {c['loss']:.3f} | {c['solve_pass@1']:.2f} | {c['repair_success']:.2f} |" for c in record["curve"]
     )
     args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k != "out")
-    return f"""# tiny-policy: warm-started character-level policy for the synthetic task
+    return CARD_METADATA + f"""# tiny-policy: warm-started character-level policy for the synthetic task
 
 A {record['params'] / 1e6:.2f}M-parameter Llama-style causal LM (RoPE, {cfg['num_layers']} layers, width
 {cfg['hidden_size']}, {cfg['num_heads']} heads, MLP {cfg['intermediate_size']}, context {cfg['context_length']},

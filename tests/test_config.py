@@ -55,6 +55,9 @@ def test_every_field_has_help_including_every_correct_field():
         (dict(agg="mean"), "agg"),
         (dict(save_checkpoints=False, checkpoint_every=2), "checkpoint_every"),
         (dict(save_checkpoints="maybe"), "save_checkpoints"),
+        (dict(seed=1e23), "seed"),  # an integer float, but beyond torch.manual_seed's range
+        (dict(sampler_kwargs={"max_batchsize": 2}), "sampler_kwargs"),
+        (dict(task="gsm8k", task_kwargs={"pth": "x.jsonl"}), "task_kwargs"),
     ],
 )
 def test_invalid_config_raises_one_error_naming_the_field(kw, field):
@@ -192,3 +195,34 @@ def test_gsm8k_kwargs(monkeypatch, tmp_path):
     monkeypatch.setenv("IBPO_DATA_DIR", str(tmp_path))
     assert config.gsm8k_task_kwargs() == {}
     assert config.gsm8k_task_kwargs("x.jsonl") == {"path": "x.jsonl"}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("steps: 2\nlr: 1e-4\nsteps: 3\n", r"c.yaml: invalid YAML: .*duplicate key 'steps' \(first at line 1\)"),
+    ("estimator_kwargs: {lam: 0.1, lam: 0.2}\n", r"c.yaml: invalid YAML: .*duplicate key 'lam'"),
+    ("steps: [2\nlr: 3\n", r"c.yaml: invalid YAML: .*line 1"),
+    ("seed: 1.0e+23\n", r"invalid TrainConfig: seed: must be < 2\*\*63"),
+])
+def test_bad_yaml_files_are_one_error_naming_the_file(tmp_path, text, match):
+    """issue 14.5: YAML syntax errors, duplicate keys (PyYAML would keep the last silently), seed=1e23."""
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_non_utf8_config_file_is_a_clear_error(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"label: caf\xe9\n")
+    with pytest.raises(ValueError, match=r"c.yaml: not UTF-8"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_task_kwargs_and_splits_are_checked_by_building_the_task():
+    """issue 14.1: eval_split, train_split and task_kwargs of a **kwargs task factory (synthetic) are
+    checked by building the task (cheap, before any model)."""
+    assert config.build_checked_task(TrainConfig(eval_split="test")).name == "synthetic"
+    for kw, field in ((dict(eval_split="bogus"), "eval_split"), (dict(train_split="bogus"), "train_split"),
+                      (dict(task_kwargs={"n_stepz": 3}), "task_kwargs")):
+        with pytest.raises(ValueError, match=rf"invalid TrainConfig: {field}: ") as e:
+            config.build_checked_task(TrainConfig(**kw))
+        assert list(kw.values())[0].__repr__().strip("{}").split(":")[0].strip("'") in str(e.value)
+    config.build_checked_task(TrainConfig(eval_split="bogus", eval_n=0))  # no evaluation: the split is unused

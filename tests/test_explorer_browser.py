@@ -96,7 +96,7 @@ def runs(tmp_path_factory, tools):
     root = tmp_path_factory.mktemp("runs")
     for est in ("grpo", "ibpo"):
         cfg = ibpo_lab.presets("smoke", steps=2, eval_n=0, estimator=est, seed=0, prompts_per_step=2,
-                               group_size=4, max_new_tokens=32, repair_max_new_tokens=32, save_checkpoints=False)
+                               group_size=4, max_new_tokens=32, correct={"max_new_tokens": 32}, save_checkpoints=False)
         train(cfg, root / f"{est}-seed0", progress=False)
     return root
 

@@ -89,7 +89,9 @@ def test_lr_schedules_are_transformers_get_scheduler():
 def test_two_step_run_writes_every_record(tmp_path, estimator):
     rec = T.train(small(estimator=estimator, correct={"num_references": 2}), tmp_path / estimator, progress=False)
     p = rec.path
-    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoint/state.pt",
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoint/model/model.safetensors",
+                 "checkpoint/model/config.json", "checkpoint/model/README.md", "checkpoint/trainer_state.pt",
+                 "checkpoint/trainer_state.json", "checkpoint/COMPLETE",
                  "trajectories/step_000001.parquet", "trajectories/step_000002.parquet"):
         assert (p / name).is_file(), name
     assert TrainConfig.from_yaml(p / "config.yaml") == rec.config
@@ -136,10 +138,15 @@ def test_run_without_checkpoints_writes_other_records_and_refuses_resume(tmp_pat
         assert (p / name).is_file(), name
     assert not (p / "checkpoint").exists() and not list(p.glob(".checkpoint*"))
     assert rec.metrics["step"].tolist() == [1] and len(rec.trajectories(1)) >= 8
-    with pytest.raises(ValueError, match="save_checkpoints=False"):
-        T.train(small(steps=2, save_checkpoints=False), p, progress=False, resume=True)
     with pytest.raises(ValueError, match="no checkpoint.*save_checkpoints=False"):
         rec.load_policy()
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        T.train(small(steps=2, save_checkpoints=False), p, progress=False)
+    # without a checkpoint a resumed run starts again from step 1, its old records dropped
+    with pytest.warns(UserWarning, match="no checkpoint.*save_checkpoints=False.*step 1"):
+        again = T.train(small(steps=2, save_checkpoints=False), p, progress=False, resume=True)
+    assert again.metrics["step"].tolist() == [1, 2] and again.eval["step"].tolist() == [2]
+    pd.testing.assert_frame_equal(_strip_times(rec.metrics), _strip_times(again.metrics.iloc[:1]))
 
 
 def _strip_times(df: pd.DataFrame) -> pd.DataFrame:
@@ -181,8 +188,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(_strip_times(straight.metrics), _strip_times(resumed.metrics))
     pd.testing.assert_frame_equal(straight.eval, resumed.eval)
     pd.testing.assert_frame_equal(straight.trajectories(4), resumed.trajectories(4))
-    a = R.load_checkpoint_state(straight.path)["model"]
-    b = R.load_checkpoint_state(resumed.path)["model"]
+    a, b = straight.load_policy().model.state_dict(), resumed.load_policy().model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -217,7 +223,8 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_after_three(tmp_path):
     assert state["step"] == 3
     # nothing was applied: the checkpointed weights are the initial ones
     init = S.build_policy(cfg, None, torch.device("cpu")).model.state_dict()
-    assert all(torch.equal(init[k], state["model"][k]) for k in init)
+    saved = rec.load_policy().model.state_dict()
+    assert all(torch.equal(init[k], saved[k]) for k in init)
 
 
 @pytest.mark.slow
@@ -304,3 +311,168 @@ def test_cli_resolves_names_and_nested_overrides(capsys):
     assert (cfg.label, cfg.correct.num_references, cfg.estimator_kwargs["lam"]) == ("ibpo", 3, 0.2)
     with pytest.raises(SystemExit):
         T.main(["ibpo", "--set", "repair_k=3", "--print-config"])
+
+
+# ------------------------------------------------------------------------------------------ runs that always continue
+def _kill_in_step(monkeypatch, n):
+    """Make the run die (KeyboardInterrupt, as a kill) in step ``n``, after its metrics row."""
+    real, calls = T.write_trajectories, []
+
+    def killed(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "write_trajectories", killed)
+    return real
+
+
+@pytest.mark.slow
+def test_run_killed_before_its_first_checkpoint_continues_from_step_1(tmp_path, monkeypatch):
+    """issue 14.1: checkpoint only at the end, killed in step 2: --resume continues (from step 1, the
+    records dropped); without --resume the error says to pass it or choose another folder."""
+    cfg = small(steps=3, eval_n=0, model="tiny-random", max_new_tokens=8)
+    real = _kill_in_step(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, tmp_path / "run", progress=False)
+    first = R.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert first["step"].tolist() == [1, 2] and R.find_checkpoint(tmp_path / "run") is None
+    monkeypatch.setattr(T, "write_trajectories", real)
+    with pytest.raises(ValueError, match=r"already holds a run; pass resume=True \(--resume\) .* another --out"):
+        T.train(cfg, tmp_path / "run", progress=False)
+    with pytest.warns(UserWarning, match="no checkpoint .killed before its first one.: starting again from step 1"):
+        rec = T.train(cfg, tmp_path / "run", progress=False, resume=True)
+    assert rec.metrics["step"].tolist() == [1, 2, 3] and rec.steps_with_trajectories() == [1, 2, 3]
+    pd.testing.assert_frame_equal(_strip_times(first), _strip_times(rec.metrics.iloc[:2]))  # same steps again
+    assert R.load_checkpoint_state(rec.path)["step"] == 3
+
+
+def test_bad_values_fail_before_any_model_loads(tmp_path, monkeypatch):
+    """issue 14.1: eval_split and the keys of task_kwargs fail before a model (or a folder) is made;
+    at 5c7e153 eval_split=bogus trained every step, then failed in the final evaluation."""
+    def boom(*a, **k):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr(T, "build_policy", boom)
+    for kw, field in ((dict(eval_split="bogus"), "eval_split"), (dict(task_kwargs={"n_stepz": 3}), "task_kwargs")):
+        with pytest.raises(ValueError, match=f"invalid TrainConfig: {field}"):
+            T.train(small(**kw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="sampler_kwargs"):
+        small(sampler_kwargs={"max_batchsize": 4})
+
+
+def test_second_writer_is_refused_before_loading(tmp_path, monkeypatch):
+    """issue 14.4 through train(): another live process holds the folder."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(T, "build_policy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    hold = ("import sys; from ibpo_lab.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); sys.stdin.read()")
+    (tmp_path / "run").mkdir()
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(T.__file__).parent.parent)}  # this checkout's ibpo_lab
+    p = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(R.RunLockedError, match=rf"run is being written by another process \(pid {p.pid} "):
+            T.train(small(), tmp_path / "run", progress=False, resume=True)
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.slow
+def test_disk_full_checkpoint_then_resume_once_space_is_freed(tmp_path, monkeypatch):
+    """issue 14.2 through train(): the step-2 checkpoint hits a full disk (torch.save raises
+    RuntimeError); the step-1 checkpoint is kept, nothing partial is left, --resume redoes step 2."""
+    cfg = small(steps=2, checkpoint_every=1, eval_n=0, model="tiny-random", max_new_tokens=8)
+    real_save, calls = torch.save, []
+
+    def full_on_second(obj, f, *a, **k):
+        calls.append(1)
+        real_save(obj, f, *a, **k)
+        if len(calls) == 2:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_on_second)
+    with pytest.raises(R.CheckpointWriteError, match="step 2 .*: disk full; the previous checkpoint is kept"):
+        T.train(cfg, tmp_path / "run", progress=False)
+    assert not list((tmp_path / "run").glob(".checkpoint.*"))
+    assert R.load_checkpoint_state(tmp_path / "run")["step"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    rec = T.train(cfg, tmp_path / "run", progress=False, resume=True)
+    assert rec.metrics["step"].tolist() == [1, 2] and R.load_checkpoint_state(rec.path)["step"] == 2
+
+
+@pytest.mark.slow
+def test_checkpoint_is_a_from_pretrained_folder_export_and_push(tmp_path, monkeypatch):
+    """issue 18.2 / 14.6: checkpoint/model loads with from_pretrained (safetensors, tokenizer, card),
+    the trainer state with weights_only=True; export copies it; push_to_hub uploads it (hub mocked)."""
+    from huggingface_hub import HfApi, ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rec = T.train(small(steps=1, eval_n=0), tmp_path / "run", progress=False)
+    mdir = rec.path / "checkpoint" / "model"
+    assert (mdir / "model.safetensors").is_file() and not list(rec.path.rglob("*.bin"))
+    hf = AutoModelForCausalLM.from_pretrained(mdir)
+    tok = AutoTokenizer.from_pretrained(mdir)
+    ours = rec.load_policy()
+    trained = {k: v for k, v in ours.model.state_dict().items()}
+    init = S.build_policy(rec.config, None, torch.device("cpu")).model.state_dict()
+    assert any(not torch.equal(trained[k], init[k]) for k in init)  # the trained weights, not the base model's
+    assert all(torch.equal(hf.state_dict()[k], trained[k]) for k in trained)
+    assert tok.decode(tok("1+2=3", add_special_tokens=False)["input_ids"]) == "1+2=3"
+    card = ModelCard.load(mdir / "README.md").data.to_dict()
+    assert card["library_name"] == "transformers" and card["license"] == "mit" and "grpo" in card["tags"]
+    torch.load(rec.path / "checkpoint" / "trainer_state.pt", weights_only=True)  # no pickle needed
+
+    out = R.export(rec.path, tmp_path / "exported")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in mdir.iterdir())
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out).lm_head.weight, hf.lm_head.weight)
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        R.export(rec.path, out)
+    assert R.main(["export", str(rec.path), str(tmp_path / "cli-export")]) == 0
+    assert (tmp_path / "cli-export" / "model.safetensors").is_file()
+
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        R.push_to_hub(rec.path, "me/policy")
+    calls = []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: calls.append(("create", repo_id, k)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **k: calls.append(("upload", k)) or "commit")
+    assert R.push_to_hub(rec.path, "me/policy") == "commit"
+    assert calls[0] == ("create", "me/policy", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert calls[1][1]["folder_path"] == str(mdir) and calls[1][1]["repo_id"] == "me/policy"
+
+
+@pytest.mark.slow
+def test_resume_refuses_corrupt_records(tmp_path):
+    """issue 14.5 through train(): a garbage line in the middle of metrics.jsonl, a deleted row or a
+    deleted parquet is an error naming the file on resume (at 5c7e153 resume continued with gaps)."""
+    import shutil
+
+    cfg = small(steps=2, checkpoint_every=1, eval_n=0, model="tiny-random", max_new_tokens=8)
+    run = T.train(cfg, tmp_path / "run", progress=False).path
+    more = cfg.replace(steps=3)
+    good = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    cases = [("metrics.jsonl", good[0] + "{garbage\n" + good[1], r"metrics.jsonl: line 2 is not a JSON object"),
+             ("metrics.jsonl", good[1], r"metrics.jsonl: row 1 is step 2, expected step 1"),
+             ("trajectories/step_000001.parquet", None, r"trajectories: no trajectory file for step\(s\) \[1\]")]
+    for name, text, match in cases:
+        backup = tmp_path / "backup"
+        shutil.copytree(run, backup)
+        if text is None:
+            (run / name).unlink()
+        else:
+            (run / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            T.train(more, run, progress=False, resume=True)
+        shutil.rmtree(run)
+        backup.rename(run)
+    assert T.train(more, run, progress=False, resume=True).metrics["step"].tolist() == [1, 2, 3]
