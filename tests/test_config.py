@@ -140,6 +140,9 @@ def test_presets():
     assert presets("smoke", minibatch_size=8).minibatch_size == 8
     f = presets("full")
     assert f.backend == "vllm" and f.task == "gsm8k" and f.minibatch_size * 4 == f.batch_size
+    # never a silent CPU fallback; bf16 mixed precision; old log-probs from the trainer's own autocast pass
+    assert (f.device, f.dtype, f.recompute_logprobs) == ("cuda", "bfloat16", True)
+    assert f.sampler_kwargs["recompute_logprobs"] is False
     assert f.correct.max_new_tokens == 640 and presets("smoke", correct={"truncate_k": 2}).correct.max_new_tokens == 48
     with pytest.raises(ValueError, match="profile"):
         presets("huge")
@@ -177,7 +180,7 @@ def test_grid_configs_and_profiles(monkeypatch):
     # fixed wins over the variant, the variant over common; the rest of common's correct stays
     assert (won[0].correct.num_references, won[0].correct.operator) == (1, "splice")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="CUDA GPU"):
+    with pytest.raises(RuntimeError, match="CUDA GPU.*Why: torch .* sees no CUDA device: "):
         config.profile_value("full", 1, 2)
     assert config.profile_value("smoke", 1, 2) == 1
     with pytest.raises(ValueError, match="profile"):

@@ -38,9 +38,21 @@ def test_cuda_without_gpu_fails_before_loading(tmp_path, monkeypatch):
         raise AssertionError("a model was built before the device check")
 
     monkeypatch.setattr(T, "build_policy", boom)
-    with pytest.raises(ValueError, match="device.*'cuda'.*no CUDA"):
+    with pytest.raises(ValueError, match="device.*'cuda'.*no CUDA.*Why: torch .* sees no CUDA device: "):
         T.train(small(device="cuda"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_full_without_gpu_says_why(monkeypatch, capsys):
+    # presets("full") asks for device 'cuda' (vLLM cannot run on a CPU), so the CLI refuses before any model
+    # loads, with gpu_check.cuda_diagnosis()'s reason, instead of silently falling back to the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("train() ran without a GPU"))
+    with pytest.raises(SystemExit) as e:
+        T.main(["full"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "device: 'cuda' was requested but torch sees no CUDA GPU" in err and "sees no CUDA device: " in err
 
 
 def test_unwritable_out_dir_is_a_clear_error(tmp_path):
