@@ -137,7 +137,11 @@ class AutocastSampler:
             return self.sampler.sample(*args, **kwargs)
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__["sampler"], name)
+        try:
+            inner = self.__dict__["sampler"]
+        except KeyError:  # not initialised yet (copy, pickle)
+            raise AttributeError(name) from None
+        return getattr(inner, name)
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
