@@ -329,9 +329,12 @@ def _update_delta(dtype: str, lr: float = 1e-6, steps: int = 2):
              for m in model.modules() if isinstance(m, torch.nn.Linear)]
     opt = T.make_optimizer(model, cfg)
     batch, adv = _precision_batch()
-    for _ in range(steps):
+    for i in range(steps):
         out = T.policy_update(model, None, opt, batch, adv, cfg, torch.device("cpu"))
         assert out["updates"] == 1 and out["skipped"] == 0
+        # one minibatch: the recomputed old log-probs come from the same (autocast) forward as the update's,
+        # so the ratio is exactly 1 (a float32 old pass against a bf16 update would not be)
+        assert out["loss_ratio_min"] == out["loss_ratio_max"] == 1.0, (dtype, i, out)
     for h in hooks:
         h.remove()
     delta = torch.cat([(v.detach().float() - w0[k]).flatten() for k, v in model.named_parameters()])
