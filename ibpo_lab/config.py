@@ -46,6 +46,12 @@ __all__ = [
     "require_gpu_for_full",
     "method_variants",
     "grid_configs",
+    "uses_real_model",
+    "experiment_tasks",
+    "experiment_preset",
+    "experiment_grid",
+    "GPU_COST",
+    "gpu_hours",
     "estimator_kwargs",
     "check_estimator_kwargs",
     "load_config",
@@ -60,7 +66,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 #: estimators that need compare-and-correct before the advantage (they read repair_success/edit_masks)
 CORRECTING_ESTIMATORS = ("ibpo",)
 BACKENDS = ("hf", "vllm")
-DTYPES = ("float32", "bfloat16", "float16")
+#: training precisions (TrainConfig.dtype): float32; bfloat16 = mixed precision (fp32 master weights and AdamW
+#: state, forward passes under bf16 autocast); bfloat16-pure = bf16 weights and AdamW state (explicit, warned)
+DTYPES = ("float32", "bfloat16", "bfloat16-pure")
 #: transformers.get_scheduler names that need no extra arguments (train.make_scheduler)
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
 #: the model name that builds a randomly initialised tiny policy over the task's vocabulary
@@ -194,7 +202,12 @@ class TrainConfig:
     # -- model and sampler ----------------------------------------------------------------
     model: str = _f("tiny", "policy for ibpo_lab.models.load_policy (alias, hub id or local path); "
                             f"'{RANDOM_TINY}' builds a randomly initialised tiny policy (tests)")
-    dtype: str = _f("float32", "parameter dtype: " + ", ".join(DTYPES))
+    dtype: str = _f("float32", "training precision. float32: float32 weights and matmuls (TF32 tensor cores on "
+                               "CUDA). bfloat16: mixed precision, float32 master weights and AdamW state, every "
+                               "forward pass (update, old/reference log-probs, the hf sampler's decode) under "
+                               "torch.autocast(bfloat16), log-softmax in float32. bfloat16-pure: bfloat16 weights "
+                               "and AdamW state (warned: an AdamW step below a weight's bf16 resolution, 2^-8 of "
+                               "its magnitude, e.g. lr 1e-6 on weights of 0.01 or more, is rounded away)")
     backend: str = _f("hf", "sampler backend: " + ", ".join(BACKENDS))
     max_new_tokens: int = _f(48, "response length limit when sampling")
     temperature: float = _f(1.0, "sampling temperature; the trainer's log-probs use the same temperature")
@@ -322,7 +335,9 @@ class TrainConfig:
         need(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda", "device",
              "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         need(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}")
-        need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"
+             + (" (float16 training needs loss scaling, which the trainer does not do; bfloat16 is mixed precision "
+                "with float32 master weights)" if self.dtype == "float16" else ""))
         try:  # names here; whether the package is installed: train() and the CLI, before any model loads
             from ibpo_lab.loggers import check_report_to
 
@@ -630,8 +645,10 @@ def load_config(name_or_path: str | os.PathLike) -> TrainConfig:
 # ======================================================================================== presets and profiles
 #: one row per profile: ``preset`` (the general TrainConfig of :func:`presets`), ``minibatches`` (split of
 #: the batch unless minibatch_size is given), ``synthetic`` (sizes of the tiny-policy synthetic experiments,
-#: :func:`synthetic_preset`), ``gpu`` (refused without CUDA) and ``knobs`` (which column of the notebooks'
-#: ``profile_value(profile, smoke, full)`` it takes). Adding a profile is adding a row.
+#: :func:`synthetic_preset`), ``gpu`` (refused without CUDA), ``knobs`` (which column of the notebooks'
+#: ``profile_value(profile, smoke, full)`` it takes) and, optionally, ``experiments``: the real-model sizes
+#: of the controlled experiments (notebooks 04, 06, 08; :func:`experiment_preset`); a profile without it runs
+#: them on the synthetic task (the CPU testbed). Adding a profile is adding a row.
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         gpu=False, knobs="smoke", minibatches=2,
@@ -643,14 +660,21 @@ PROFILES: dict[str, dict[str, Any]] = {
     ),
     "full": dict(
         gpu=True, knobs="full", minibatches=4,
-        preset=dict(task="gsm8k", model="Qwen/Qwen2.5-1.5B-Instruct", device="auto", backend="vllm", dtype="float32",
-                    sampler_kwargs={"gpu_memory_utilization": 0.35}, steps=200, prompts_per_step=32, group_size=8,
+        # device cuda: never a silent CPU fallback (vLLM needs a GPU); dtype bfloat16: mixed precision (fp32
+        # master weights + AdamW state, bf16 autocast); the old log-probs are the trainer's own autocast pass
+        # (recompute_logprobs), so vLLM's are not recomputed a second time in the sampler
+        preset=dict(task="gsm8k", model="Qwen/Qwen2.5-1.5B-Instruct", device="cuda", backend="vllm", dtype="bfloat16",
+                    recompute_logprobs=True,
+                    sampler_kwargs={"gpu_memory_utilization": 0.35, "recompute_logprobs": False}, steps=200, prompts_per_step=32, group_size=8,
                     max_new_tokens=512, correct={"num_references": 2, "max_new_tokens": 640}, lr=1e-6,
                     lr_schedule="constant", warmup_steps=10, max_grad_norm=1.0, ppo_epochs=1, micro_batch_size=4,
                     clip_high=0.28, kl_coef=0.0, eval_every=25, eval_n=256, eval_k=4, eval_temperature=0.6,
                     checkpoint_every=25),
         synthetic=dict(steps=100, prompts_per_step=8, group_size=8, minibatch_size=32, eval_every=20, eval_n=64,
                        eval_k=4, lr=1e-4),
+        # the controlled experiments (notebooks 04, 06, 08) on the real model: the preset with half the prompts
+        # per step and half the steps (GPU-hours per notebook: gpu_hours(), stated in each notebook)
+        experiments=dict(tasks=("gsm8k", "math"), steps=100, prompts_per_step=16, eval_every=25),
     ),
 }
 
@@ -668,8 +692,10 @@ def require_gpu_for_full(profile: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
+            from ibpo_lab.gpu_check import cuda_diagnosis
+
             raise RuntimeError(f"profile={profile!r} needs a CUDA GPU (torch.cuda.is_available() is False). "
-                               "Run with profile='smoke' on a CPU.")
+                               f"Run with profile='smoke' on a CPU. Why: {cuda_diagnosis()}")
 
 
 def profile_value(profile: str, smoke: Any, full: Any) -> Any:
@@ -732,6 +758,10 @@ def grid_configs(profile: str, variants: Mapping[str, Mapping[str, Any]], seeds:
     ``variants``: label -> TrainConfig overrides (e.g. ``{"k1": {"correct": {"num_references": 1}}}``).
     """
     make = (lambda **kw: synthetic_preset(profile, **kw)) if synthetic else (lambda **kw: presets(profile, **kw))
+    return _grid(make, variants, seeds, fixed, common)
+
+
+def _grid(make, variants, seeds, fixed, common) -> list[TrainConfig]:
     if not variants:
         raise ValueError("variants is empty")
     if not seeds:
@@ -743,6 +773,108 @@ def grid_configs(profile: str, variants: Mapping[str, Mapping[str, Any]], seeds:
             d["estimator_kwargs"] = {}
         out += [make(**{**d, "label": name, "seed": int(s)}) for s in seeds]
     return out
+
+
+# ======================================================================================== controlled experiments
+def uses_real_model(profile: str) -> bool:
+    """Whether the controlled experiments (notebooks 04, 06, 08) of ``profile`` train the real model on a
+    real benchmark (a row with ``experiments``: ``full``) or the tiny policy on the synthetic task (the
+    CPU testbed: ``smoke`` and any row without it)."""
+    return "experiments" in _profile(profile)
+
+
+def experiment_tasks(profile: str) -> tuple[str, ...]:
+    """The benchmarks the controlled experiments of ``profile`` may run on (the first is the default):
+    ``("synthetic",)`` in a CPU profile, the ``experiments`` row's tasks (gsm8k, math) otherwise."""
+    return tuple(_profile(profile)["experiments"]["tasks"]) if uses_real_model(profile) else ("synthetic",)
+
+
+def experiment_task_kwargs(task: str) -> dict[str, Any]:
+    """Task arguments of a real benchmark: GSM8K through :func:`gsm8k_task_kwargs`; MATH-format problems
+    from ``$IBPO_DATA_DIR/math/<split>.jsonl`` (``tasks.mathtask``), checked when the task loads."""
+    return gsm8k_task_kwargs() if task == "gsm8k" else {}
+
+
+def experiment_preset(profile: str, task: str | None = None, **overrides) -> TrainConfig:
+    """The base config of the controlled experiments (notebooks 04 estimators/ablations, 06 K and
+    local repair vs rewrite, 08 λ/ρ): in a CPU profile the tiny policy on the synthetic task
+    (:func:`synthetic_preset`); in ``full`` the profile's real-model preset (Qwen2.5-1.5B-Instruct,
+    vLLM, bf16 mixed precision) on ``task`` (``experiment_tasks(profile)``, default the first: gsm8k)
+    with the ``experiments`` row's sizes. ``overrides`` win (``model=`` picks another policy)."""
+    tasks = experiment_tasks(profile)
+    task = task or tasks[0]
+    if task not in tasks:
+        raise ValueError(f"task: profile {profile!r} runs the controlled experiments on {', '.join(tasks)}, "
+                         f"got {task!r}")
+    if not uses_real_model(profile):
+        return synthetic_preset(profile, **overrides)
+    require_gpu_for_full(profile)
+    sizes = {k: v for k, v in _profile(profile)["experiments"].items() if k != "tasks"}
+    base = {**sizes, "task": task, "task_kwargs": experiment_task_kwargs(task)}
+    return presets(profile, **_merge(base, overrides))
+
+
+def experiment_grid(profile: str, variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], *,
+                    task: str | None = None, fixed: Mapping[str, Any] | None = None, **common) -> list[TrainConfig]:
+    """:func:`grid_configs` over :func:`experiment_preset` (the controlled experiments' model and task
+    for ``profile``): one config per (variant, seed)."""
+    return _grid(lambda **kw: experiment_preset(profile, task, **kw), variants, seeds, fixed, common)
+
+
+#: the cost model of :func:`gpu_hours` on one H100/H200-class GPU for a 1.5B model in bf16 mixed precision.
+#: ESTIMATES, not measurements (no GPU was available when they were written): replace them with
+#: ``python -m ibpo_lab.gpu_check``'s numbers (``mem_1p5b.*.seconds``, ``hf_sampler_1p5b``) once measured.
+GPU_COST = dict(
+    # vLLM decode, 1.5B, bf16, >= 128 sequences at once: ~20k generated tokens/s
+    sample_tokens_per_s=20_000.0,
+    # trainer forward + backward: 6 N FLOPs per token, N = 1.54e9 -> 9.3 GFLOP; 30k tokens/s = 280 TFLOP/s,
+    # ~28% of the GPU's ~990 dense bf16 TFLOP/s
+    train_tokens_per_s=30_000.0,
+    # no-grad log-prob pass (old log-probs): 2 N FLOPs per token, 3x the training rate
+    logprob_tokens_per_s=90_000.0,
+    # vLLM wake/sleep, weight sync and scheduling per step
+    overhead_s_per_step=2.0,
+    # prompt tokens (GSM8K/MATH chat prompts ~150-250)
+    prompt_tokens=200.0,
+    # share of trajectories that fail and get K repairs (IBPO); 0.5 is the worst case for a 1.5B model
+    failed_share=0.5,
+    # step boundaries per response (VinePPO values each one with mc_rollouts continuations)
+    steps_per_response=8.0,
+)
+
+
+def gpu_hours(cfgs: Sequence[TrainConfig], cost: Mapping[str, float] | None = None) -> float:
+    """Estimated GPU-hours of training ``cfgs`` (upper bound: every response at full length), by the
+    cost model :data:`GPU_COST`. Per step, with B = prompts_per_step · group_size, T = max_new_tokens:
+
+        sample   B·T / sample_tokens_per_s
+        repairs  failed_share · B · K · T_repair / sample_tokens_per_s       (correcting estimators)
+        MC       B · steps_per_response · mc_rollouts · T/2 / sample_tokens_per_s  (vineppo: continuations
+                 from every step boundary, half a response long on average)
+        update   B·(prompt + T) · ppo_epochs / train_tokens_per_s  (+ the repairs' tokens when bilateral)
+        old lp   B·(prompt + T) / logprob_tokens_per_s                        (recompute_logprobs)
+        + overhead_s_per_step;  evaluation: (steps / eval_every + 1) · eval_n · eval_k · T / sample rate.
+    """
+    c = {**GPU_COST, **(cost or {})}
+    total = 0.0
+    for cfg in cfgs:
+        B, T, P = cfg.batch_size, cfg.max_new_tokens, c["prompt_tokens"]
+        t_rep = cfg.correct.max_new_tokens or T
+        gen = B * T
+        train_tok = B * (P + T) * cfg.ppo_epochs
+        if cfg.uses_correction:
+            rep = c["failed_share"] * B * cfg.correct.num_references * t_rep
+            gen += rep
+            if cfg.bilateral:
+                train_tok += c["failed_share"] * B * (P + t_rep) * cfg.ppo_epochs
+        if cfg.uses_step_values:
+            gen += B * c["steps_per_response"] * cfg.mc_rollouts * T / 2
+        per_step = (gen / c["sample_tokens_per_s"] + train_tok / c["train_tokens_per_s"]
+                    + (B * (P + T) / c["logprob_tokens_per_s"] if cfg.recompute_logprobs else 0.0)
+                    + c["overhead_s_per_step"])
+        n_eval = (cfg.steps // cfg.eval_every if cfg.eval_every else 0) + 1 if cfg.eval_n else 0
+        total += cfg.steps * per_step + n_eval * cfg.eval_n * cfg.eval_k * T / c["sample_tokens_per_s"]
+    return total / 3600.0
 
 
 def gsm8k_task_kwargs(path: str | None = None) -> dict[str, Any]:

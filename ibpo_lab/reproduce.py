@@ -218,17 +218,21 @@ def parse_overrides(pairs: Sequence[Sequence[str]] | None, notebooks: Sequence[P
 
 
 def check_profile(profile: str) -> None:
-    """``full`` needs a CUDA GPU: say so here, before any notebook loads a model."""
+    """``full`` needs a CUDA GPU: say so here, before any notebook loads a model, and why torch sees none
+    (``gpu_check.cuda_diagnosis``)."""
     if profile not in PROFILES:
         raise UsageError(f"--profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     if profile == "full":
         import torch
 
         if not torch.cuda.is_available():
+            from ibpo_lab.gpu_check import cuda_diagnosis
+
             raise UsageError(
                 "--profile full needs a CUDA GPU (it trains 1.5B-parameter models with vLLM sampling) "
                 "and torch.cuda.is_available() is False on this machine. "
-                "Use --profile smoke on a CPU, or run on a machine with one 80 GB GPU."
+                "Use --profile smoke on a CPU, or run on a machine with one 80 GB GPU. "
+                f"Why: {cuda_diagnosis()}"
             )
 
 

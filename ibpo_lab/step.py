@@ -46,6 +46,11 @@ __all__ = [
     "build_task",
     "build_policy",
     "resolve_device",
+    "precision_context",
+    "autocast_dtype",
+    "param_dtype",
+    "enable_tf32",
+    "AutocastSampler",
     "step_seed",
     "seed_everything",
     "sample",
@@ -63,12 +68,80 @@ __all__ = [
 
 # ======================================================================================== building blocks
 def resolve_device(device: str) -> torch.device:
-    """'auto' → cuda if available else cpu; 'cuda' without a GPU → ValueError (before any model loads)."""
+    """'auto' → cuda if available else cpu; 'cuda' without a GPU → ValueError (before any model loads)
+    that says why torch sees none (``gpu_check.cuda_diagnosis``: CPU-only torch, no driver, a driver
+    too old for torch's CUDA, ``CUDA_VISIBLE_DEVICES``)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} was requested but torch sees no CUDA GPU; use 'cpu' or 'auto'")
+        from ibpo_lab.gpu_check import cuda_diagnosis
+
+        raise ValueError(f"device: {device!r} was requested but torch sees no CUDA GPU; use 'cpu' or 'auto'. "
+                         f"Why: {cuda_diagnosis()}")
     return torch.device(device)
+
+
+# ---------------------------------------------------------------------------- precision
+def param_dtype(dtype: str) -> str:
+    """The dtype the policy's parameters (and so AdamW's state) are kept in for ``TrainConfig.dtype``:
+    float32 for ``"float32"`` and for ``"bfloat16"`` (mixed precision: fp32 master weights),
+    bfloat16 only for the explicit ``"bfloat16-pure"``."""
+    return "bfloat16" if dtype == "bfloat16-pure" else "float32"
+
+
+def autocast_dtype(dtype: str) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of a ``TrainConfig.dtype``: bfloat16 for ``"bfloat16"`` (mixed
+    precision), None (no autocast) for ``"float32"`` and ``"bfloat16-pure"``."""
+    return torch.bfloat16 if dtype == "bfloat16" else None
+
+
+def precision_context(dtype: str, device: torch.device | str):
+    """The context every forward pass of a run enters: ``torch.autocast(device.type, bfloat16)`` for
+    ``dtype="bfloat16"`` (the update, the fixed old/reference log-prob passes, the hf sampler's
+    decode), else a no-op. Matmuls then run in bfloat16 while the weights, their gradients and
+    AdamW's state stay float32; ``models.response_logprobs`` upcasts the logits to float32 before
+    the log-softmax, so log-probs and entropies are float32 either way. Works on CPU too (tests)."""
+    ac = autocast_dtype(dtype)
+    if ac is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=ac)
+
+
+def enable_tf32() -> None:
+    """TF32 tensor cores for float32 CUDA matmuls and cuDNN convolutions (10-bit mantissa inputs,
+    float32 accumulation): the float32 parts of a run (the ``float32`` dtype; the optimiser and
+    the float32 log-softmax of mixed precision) run on tensor cores instead of ~8x slower float32
+    CUDA cores. Set by :func:`build_policy` whenever the policy goes to a CUDA device."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+class AutocastSampler:
+    """A sampler whose ``sample`` runs under :func:`precision_context` (``build_lab`` wraps the hf
+    sampler in it for ``dtype="bfloat16"``); every other attribute is the wrapped sampler's.
+
+    Why the decode runs under the same autocast: the behaviour log-probs the hf sampler records
+    are then those of the same bf16-autocast model the trainer differentiates (they still differ
+    from the trainer's full-sequence pass by bf16 rounding of the incremental KV-cache decode;
+    ``recompute_logprobs=True`` makes the old log-probs the trainer's own, so the first PPO ratio
+    is exactly 1), and the decode's matmuls run at bf16 speed. The vllm sampler is not wrapped:
+    its engine runs in its own dtype (bf16 for Qwen2.5), and an autocast context around its
+    (torch.compile'd) forward would only change its graphs; the ``full`` preset recomputes the old
+    log-probs in the trainer instead (``recompute_logprobs=True``)."""
+
+    def __init__(self, sampler, dtype: str, device: torch.device | str):
+        self.sampler, self.dtype, self.device = sampler, dtype, torch.device(device)
+
+    def sample(self, *args, **kwargs):
+        with precision_context(self.dtype, self.device):
+            return self.sampler.sample(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            inner = self.__dict__["sampler"]
+        except KeyError:  # not initialised yet (copy, pickle)
+            raise AttributeError(name) from None
+        return getattr(inner, name)
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -90,13 +163,19 @@ def build_task(cfg: TrainConfig):
 
 
 def build_policy(cfg: TrainConfig, task, device: torch.device):
-    """The initial policy of a config, on ``device`` (``task`` is accepted for tasks that shape the model)."""
+    """The initial policy of a config, on ``device`` (``task`` is accepted for tasks that shape the model),
+    its parameters in :func:`param_dtype` (float32 master weights unless ``dtype="bfloat16-pure"``);
+    TF32 on for a CUDA device (:func:`enable_tf32`)."""
+    if device.type == "cuda":
+        enable_tf32()
+    dtype = param_dtype(cfg.dtype)
     if cfg.model == RANDOM_TINY:
         from ibpo_lab.tasks.synthetic import VOCAB
 
         policy = build_tiny_policy(VOCAB, seed=cfg.seed)
+        policy.model.to(getattr(torch, dtype))
     else:
-        policy = load_policy(cfg.model, dtype=cfg.dtype, device=str(device))
+        policy = load_policy(cfg.model, dtype=dtype, device=str(device))
     policy.model.to(device)
     return policy
 
@@ -119,7 +198,10 @@ def build_lab(cfg: TrainConfig, policy=None, task=None) -> Lab:
     if policy is None:
         policy = build_policy(cfg, task, device)
         policy.model.eval()  # no dropout: the trainer's log-probs must match the sampler's
-    return Lab(cfg=cfg, task=task, policy=policy, sampler=get_sampler(cfg.backend, policy, **cfg.sampler_kwargs))
+    sampler = get_sampler(cfg.backend, policy, **cfg.sampler_kwargs)
+    if cfg.backend == "hf" and autocast_dtype(cfg.dtype) is not None:
+        sampler = AutocastSampler(sampler, cfg.dtype, device)  # decode under the trainer's autocast
+    return Lab(cfg=cfg, task=task, policy=policy, sampler=sampler)
 
 
 # ======================================================================================== the phases

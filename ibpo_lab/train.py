@@ -46,7 +46,8 @@ from ibpo_lab.runs import (
 from ibpo_lab.runs import _rng_split
 from ibpo_lab.sampling import get_sampler
 from ibpo_lab.step import (
-    _timed, build_lab, build_policy, resolve_device, seed_everything, step_seed, take_step,
+    _timed, build_lab, build_policy, precision_context, resolve_device, seed_everything, step_seed,
+    take_step,
 )
 from ibpo_lab.tasks import get_task
 
@@ -58,6 +59,7 @@ __all__ = [
     "pick_examples",
     "policy_update",
     "make_scheduler",
+    "make_optimizer",
     "offpolicy_repairs",
     "repaired_advantages",
     "main",
@@ -81,6 +83,32 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
     name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps > 0 else cfg.lr_schedule
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+
+
+#: bfloat16 keeps 8 significant bits: its spacing is 2^-8..2^-7 of a weight, so a step below |w|·2^-9 rounds back to w
+BF16_EPS = 2.0**-8
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; its state (m, v) takes the parameters' dtype.
+
+    Precision: with ``dtype="float32"`` or ``"bfloat16"`` (mixed) the parameters are float32 master
+    weights (``step.build_policy``), checked here: a float32 run handed a low-precision model would
+    otherwise silently train pure bf16. ``"bfloat16-pure"`` (bf16 weights and state) is allowed
+    only explicitly and warns: AdamW's step is about lr per weight, and bf16 keeps 8 significant
+    bits, so a step below |w|·2^-9 rounds back to w (lr 1e-6 leaves every weight above 5e-4 as it was)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    low = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    if cfg.dtype == "bfloat16-pure":
+        warnings.warn(f"dtype='bfloat16-pure': bfloat16 weights and AdamW state; an update smaller than "
+                      f"{BF16_EPS / 2:.1e} of a weight's magnitude is rounded away (lr={cfg.lr:g}), so training may "
+                      f"silently not learn. dtype='bfloat16' (float32 master weights, bf16 autocast) does not lose "
+                      f"them.", UserWarning, stacklevel=2)
+    elif low:
+        raise ValueError(f"dtype: {cfg.dtype!r} trains float32 master weights, but the model has {', '.join(low)} "
+                         f"parameters; load it in float32 (step.build_policy does) or set dtype='bfloat16-pure'")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)
 
 
 def pick_examples(examples: Sequence, cfg: TrainConfig, step: int) -> list:
@@ -115,6 +143,10 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
     evenly over the minibatches.
 
     batch: B trajectories; advantages [B, T'] (T' <= T); is_weights [B, T'] or None.
+
+    Precision (``cfg.dtype``): every forward runs under ``step.precision_context`` (bf16 autocast for
+    ``"bfloat16"``: the weights, their gradients and AdamW's state stay float32, so an update of
+    lr 1e-6 is not rounded away); the loss and the log-softmax are float32 in every mode.
     """
     loss_fn = get_loss(cfg.loss)
     # Dr. GRPO's length-unbiased sum needs one constant length for every minibatch: the generation budget
@@ -142,7 +174,8 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
             finite = True
             for mic, share in _micro_batches(idx, mask, cfg):
                 sub = _select_padded(padded, mic).to(device)
-                lp, ent = response_logprobs(model, sub, temperature=cfg.temperature)
+                with precision_context(cfg.dtype, device):  # bf16 autocast forward; lp, ent float32
+                    lp, ent = response_logprobs(model, sub, temperature=cfg.temperature)
                 m = mask[mic].to(device)
                 loss, lm = loss_fn(lp, old[mic].to(device), adv[mic].to(device), m, clip_low=cfg.clip_low,
                                    clip_high=cfg.clip_high, agg=cfg.agg, kl_coef=cfg.kl_coef,
@@ -181,7 +214,9 @@ def _pad_cols(x: torch.Tensor, T: int, value: float) -> torch.Tensor:
 def _fixed_logprobs(model, ref_model, padded: PaddedBatch, cfg: TrainConfig, device, recompute: bool | None = None):
     """Log-probs that stay fixed during the update: behaviour (the sampler's, or recomputed with
     ``model``) and the KL reference's, in no-grad chunks of the micro-batch size (a whole-batch
-    forward may not fit). -> (old [B, T], ref [B, T] or None), on the CPU."""
+    forward may not fit), under the run's precision context (``step.precision_context``: bf16 autocast
+    for ``dtype="bfloat16"``), so a recomputed old log-prob is exactly what the update's forward gives
+    before its first step. -> (old [B, T], ref [B, T] or None), float32, on the CPU."""
     recompute = cfg.recompute_logprobs if recompute is None else recompute
     old = padded.old_logprobs.float()
     if not recompute and ref_model is None:
@@ -189,7 +224,7 @@ def _fixed_logprobs(model, ref_model, padded: PaddedBatch, cfg: TrainConfig, dev
     B = padded.response_ids.shape[0]
     step = cfg.micro_batch_size or cfg.minibatch_size or B
     olds, refs = [], []
-    with torch.no_grad():
+    with torch.no_grad(), precision_context(cfg.dtype, device):  # the same autocast as the update's forward
         for i in range(0, B, step):
             sub = _select_padded(padded, torch.arange(i, min(i + step, B))).to(device)
             if recompute:
@@ -312,8 +347,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, task, progress
     model = policy.model
     model.eval()  # no dropout: the trainer's log-probs must match the sampler's behaviour log-probs
     ref_model = policy.reference().model.to(device) if cfg.kl_coef > 0 else None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     start, skipped_total, consecutive = 1, 0, 0
     if state is not None:

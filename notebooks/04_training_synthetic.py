@@ -14,9 +14,9 @@
 # ---
 
 # %% [markdown]
-# # 04 · Training on the synthetic task: estimators, IBPO ablations, stability
+# # 04 · Training: estimators, IBPO ablations, stability (synthetic task on CPU, GSM8K/MATH in `full`)
 #
-# The tiny policy is trained on modular-arithmetic chains with every estimator — GRPO, Dr. GRPO, RLOO,
+# The policy (the tiny one on modular-arithmetic chains in CPU profiles) is trained with every estimator — GRPO, Dr. GRPO, RLOO,
 # prefix-tree, IBPO — and with the IBPO ablations (no shaping λ=0, no edit mask, K=1 reference, IOP
 # bilateral training of the repairs, splice instead of policy corrector), over several seeds.
 # Learning curves show the mean over seeds with a 95% band; the stability table reports run-to-run
@@ -24,13 +24,24 @@
 #
 # Each method's definition is the committed config `ibpo_lab/configs/<name>.yaml`; run sizes come from
 # the profile. Wall time: `smoke` (3 steps; 5 methods x 2 seeds, 5 ablations x 1 seed; CPU) ≈ 1-1.5 min — curves that short
-# show the machinery, not the result; `full` (100 steps, 5 seeds, VinePPO included, one GPU) ≈ 2-3 h.
+# show the machinery, not the result.
+#
+# `full` runs the same comparison on the real model, as the paper's ablations are: Qwen2.5-1.5B-Instruct on
+# GSM8K (`task="math"`: MATH-format problems from `$IBPO_DATA_DIR/math`) with vLLM sampling and bf16 mixed
+# precision, 100 steps of 16 prompts x 8 samples (`config.experiment_preset`). GPU budget: ≤ 30 GPU-hours
+# on one H100-class GPU (`config.gpu_hours` of the 55 runs: cost model `config.GPU_COST`, e.g. an IBPO step
+# = 128·512 sampled + 0.5·128·2·640 repair tokens at 20k tokens/s, 128·712 trained tokens at 30k/s, the
+# old log-probs at 90k/s, 2 s overhead ≈ 13.4 s, so ≈ 0.4 h per IBPO run and 0.3 h per GRPO run;
+# VinePPO's Monte-Carlo values, 4 continuations from each of ~8 step boundaries, make its runs ≈ 1.75 h). The
+# rates are estimates until `python -m ibpo_lab.gpu_check` measures them on the GPU. The synthetic task stays
+# the CPU testbed (`smoke`).
 
 # %% tags=["parameters"]
 profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
 out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
 runs_dir = None  # where run records go (reproduce sets it); None: runs/notebooks under the working folder
-model = None  # policy; None: the committed tiny policy ("tiny")
+model = None  # policy; None: the committed tiny policy ("tiny") / Qwen/Qwen2.5-1.5B-Instruct (full)
+task = None  # benchmark; None: synthetic (CPU profiles) / gsm8k (full; or "math")
 seeds = None  # seeds per baseline and IBPO; None: [0, 1] (smoke) / [0, 1, 2, 3, 4] (full)
 ablation_seeds = None  # seeds per ablation; None: [0] (smoke) / the same as seeds (full)
 steps = None  # training steps per run; None: the profile's size (3 / 100)
@@ -49,10 +60,11 @@ estimators = estimators or config.profile_value(profile, ["grpo", "dr_grpo", "rl
                                             ["grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo"])
 knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not None}
 ablation_seeds = ablation_seeds or config.profile_value(profile, [0], seeds)
-cfgs = config.grid_configs(profile, config.method_variants(estimators), seeds, **knobs)
-cfgs += config.grid_configs(profile, config.method_variants(ablations), ablation_seeds, **knobs)
-print(f"{len(cfgs)} runs of {cfgs[0].steps} steps: {len(estimators)} methods x {len(seeds)} seeds, "
-      f"{len(ablations)} ablations x {len(ablation_seeds)} seeds")
+cfgs = config.experiment_grid(profile, config.method_variants(estimators), seeds, task=task, **knobs)
+cfgs += config.experiment_grid(profile, config.method_variants(ablations), ablation_seeds, task=task, **knobs)
+print(f"{len(cfgs)} runs of {cfgs[0].steps} steps ({cfgs[0].model} on {cfgs[0].task}): {len(estimators)} methods x "
+      f"{len(seeds)} seeds, {len(ablations)} ablations x {len(ablation_seeds)} seeds"
+      + (f"; estimated {config.gpu_hours(cfgs):.1f} GPU-hours" if config.uses_real_model(profile) else ""))
 records = train_many(cfgs, runs_dir, progress=False, experiment="04_training_synthetic", keep_checkpoints=False)
 
 # %% [markdown]

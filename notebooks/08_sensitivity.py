@@ -21,14 +21,20 @@
 # ceiling of φ, so both are swept. First on one fixed, corrected batch (variance of the shaped
 # reward, share of groups with a signal, credit quality over the λ × ρ grid), then in training.
 #
-# Wall time: `smoke` ≈ 1 min on a 2-core CPU; `full` (tiny policy, 100 steps, 3 seeds, 5 λ x 3 ρ, one GPU) ≈ 3 h.
+# Wall time: `smoke` ≈ 1 min on a 2-core CPU (the tiny policy on the synthetic task, the CPU testbed).
+#
+# `full` runs it on the real model: Qwen2.5-1.5B-Instruct on GSM8K (`task="math"`: MATH-format problems)
+# with vLLM and bf16 mixed precision (`config.experiment_preset`), 100 steps of 16 prompts x 8 per
+# (λ or ρ, seed). GPU budget: ≤ 10 GPU-hours on one H100-class GPU (`config.gpu_hours` of the 21 training
+# runs, ≈ 0.4 h per IBPO run: 13.4 s per step as in notebook 04, plus evaluation).
 
 # %% tags=["parameters"]
 profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
 out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
 runs_dir = None  # where run records go (reproduce sets it); None: runs/notebooks under the working folder
 seed = 0  # sampling seed of the fixed batch
-model = None  # policy; None: the committed tiny policy
+model = None  # policy; None: the committed tiny policy / Qwen/Qwen2.5-1.5B-Instruct (full)
+task = None  # benchmark; None: synthetic (CPU profiles) / gsm8k (full; or "math")
 n_prompts = None  # groups in the fixed batch; None: 6 (smoke) / 64 (full)
 group_size = None  # trajectories per group; None: 4 (smoke) / 8 (full)
 lams = [0.0, 0.3, 0.6, 1.0, 2.0]  # λ grid of the batch study
@@ -53,8 +59,8 @@ train_lams = train_lams or config.profile_value(profile, [0.0, 0.6, 1.2], [0.0, 
 train_rhos = train_rhos or config.profile_value(profile, [0.25, 1.0], [0.25, 0.5, 1.0])
 seeds = seeds or config.profile_value(profile, [0], [0, 1, 2])
 knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not None}
-cfg = config.synthetic_preset(profile, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
-                              estimator="ibpo", **knobs)
+cfg = config.experiment_preset(profile, task, prompts_per_step=n_prompts, group_size=group_size, minibatch_size=0,
+                               estimator="ibpo", **knobs)
 sample = sample_step(cfg, seed=seed)
 sample.batch
 
@@ -77,7 +83,9 @@ viz.save_fig(fig, out_dir, "lambda_rho_grid")
 # %%
 variants = {f"lam{lam:g}_rho0.5": {"estimator": "ibpo", "estimator_kwargs": {"lam": lam, "rho": 0.5}} for lam in train_lams}
 variants.update({f"lam0.6_rho{rho:g}": {"estimator": "ibpo", "estimator_kwargs": {"lam": 0.6, "rho": rho}} for rho in train_rhos})
-cfgs = config.grid_configs(profile, variants, seeds, group_size=group_size, **knobs)
+cfgs = config.experiment_grid(profile, variants, seeds, task=task, group_size=group_size, **knobs)
+if config.uses_real_model(profile):
+    print(f"{len(cfgs)} runs of {cfgs[0].model} on {cfgs[0].task}: estimated {config.gpu_hours(cfgs):.1f} GPU-hours")
 records = train_many(cfgs, runs_dir, progress=False, experiment="08_sensitivity", keep_checkpoints=False)
 final = runs.final_table(records)
 viz.save_table(final, out_dir, "training_final")

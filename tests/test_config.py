@@ -4,6 +4,7 @@ checked against the estimator's signature, presets/profiles, method variants and
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,9 @@ def test_presets():
     assert presets("smoke", minibatch_size=8).minibatch_size == 8
     f = presets("full")
     assert f.backend == "vllm" and f.task == "gsm8k" and f.minibatch_size * 4 == f.batch_size
+    # never a silent CPU fallback; bf16 mixed precision; old log-probs from the trainer's own autocast pass
+    assert (f.device, f.dtype, f.recompute_logprobs) == ("cuda", "bfloat16", True)
+    assert f.sampler_kwargs["recompute_logprobs"] is False
     assert f.correct.max_new_tokens == 640 and presets("smoke", correct={"truncate_k": 2}).correct.max_new_tokens == 48
     with pytest.raises(ValueError, match="profile"):
         presets("huge")
@@ -180,7 +184,7 @@ def test_grid_configs_and_profiles(monkeypatch):
     # fixed wins over the variant, the variant over common; the rest of common's correct stays
     assert (won[0].correct.num_references, won[0].correct.operator) == (1, "splice")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="CUDA GPU"):
+    with pytest.raises(RuntimeError, match="CUDA GPU.*Why: torch .* sees no CUDA device: "):
         config.profile_value("full", 1, 2)
     assert config.profile_value("smoke", 1, 2) == 1
     with pytest.raises(ValueError, match="profile"):
@@ -226,3 +230,84 @@ def test_task_kwargs_and_splits_are_checked_by_building_the_task():
             config.build_checked_task(TrainConfig(**kw))
         assert list(kw.values())[0].__repr__().strip("{}").split(":")[0].strip("'") in str(e.value)
     config.build_checked_task(TrainConfig(eval_split="bogus", eval_n=0))  # no evaluation: the split is unused
+
+
+# ======================================================================================== controlled experiments
+class _Stop(Exception):
+    """Raised by the stand-ins for sampling and training: the notebook's configs are resolved, nothing runs."""
+
+
+def notebook_configs(name: str, profile: str, monkeypatch) -> list:
+    """Every TrainConfig notebook ``name`` builds under ``profile``, read by running its code cells that
+    build configs (those calling ``config.``) after its parameters cell, with ``step.sample`` and
+    ``train.train_many`` replaced by stand-ins that record their configs and stop the cell."""
+    import re
+
+    import ibpo_lab.step
+    import ibpo_lab.train
+
+    seen: list = []
+
+    def record_sample(cfg, *a, **k):
+        seen.append(cfg)
+        raise _Stop
+
+    def record_train(cfgs, *a, **k):
+        seen.extend([cfgs] if isinstance(cfgs, TrainConfig) else cfgs)
+        raise _Stop
+
+    monkeypatch.setattr(ibpo_lab.step, "sample", record_sample)
+    monkeypatch.setattr(ibpo_lab.train, "train_many", record_train)
+    src = (Path(__file__).resolve().parent.parent / "notebooks" / f"{name}.py").read_text()
+    cells = re.split(r"^# %%.*$", src, flags=re.M)[1:]
+    ns: dict = {}
+    params = next(c for c in cells if "profile = " in c)
+    exec(compile(params, name, "exec"), ns)
+    ns["profile"] = profile
+    for c in cells:
+        if c is params or "config." not in c:
+            continue
+        try:
+            exec(compile(c, name, "exec"), ns)
+        except _Stop:
+            pass
+    return seen
+
+
+@pytest.mark.parametrize("name, n_runs", [("04_training_synthetic", 55), ("06_siblings_and_repair", 25),
+                                                 ("08_sensitivity", 21)])
+def test_full_profile_runs_the_controlled_experiments_on_the_real_model(name, n_runs, monkeypatch):
+    import re
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    full = notebook_configs(name, "full", monkeypatch)
+    assert full, f"{name} built no config under profile=full"
+    for cfg in full:  # the real model on a real benchmark, on the GPU path
+        assert (cfg.model, cfg.task, cfg.backend, cfg.dtype, cfg.device) == (
+            "Qwen/Qwen2.5-1.5B-Instruct", "gsm8k", "vllm", "bfloat16", "cuda"), (name, cfg.label)
+    trained = [c for c in full if c.label]  # the fixed-batch study's config has no label
+    assert len(trained) == n_runs
+    # the notebook states its GPU budget; the cost model's estimate of the runs it trains must fit in it
+    stated = float(re.search(r"GPU budget: ≤ (\d+) GPU-hours",
+                             (Path(__file__).resolve().parent.parent / "notebooks" / f"{name}.py").read_text()).group(1))
+    assert config.gpu_hours(trained) <= stated
+    # MATH-format data is the other real benchmark
+    assert config.experiment_preset("full", "math").task == "math"
+    # the synthetic task stays the CPU testbed
+    smoke = notebook_configs(name, "smoke", monkeypatch)
+    assert smoke and all((c.model, c.task) == ("tiny", "synthetic") for c in smoke)
+
+
+def test_experiment_presets_and_the_gpu_hour_arithmetic(monkeypatch):
+    with pytest.raises(ValueError, match="task: profile 'smoke' runs the controlled experiments on synthetic"):
+        config.experiment_preset("smoke", "gsm8k")
+    assert not config.uses_real_model("smoke") and config.uses_real_model("full")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = config.experiment_preset("full", estimator="grpo", eval_n=0)
+    # hand-derived: B = 16·8 = 128, T = 512, prompt 200; per step 128·512/20000 + 128·712/30000 + 128·712/90000 + 2
+    per_step = 128 * 512 / 20000 + 128 * 712 / 30000 + 128 * 712 / 90000 + 2.0
+    assert cfg.steps == 100 and cfg.batch_size == 128
+    assert config.gpu_hours([cfg]) == pytest.approx(100 * per_step / 3600)
+    # IBPO adds the K = 2 repairs of the failed half, 640 tokens each
+    ibpo = cfg.replace(estimator="ibpo")
+    assert config.gpu_hours([ibpo]) == pytest.approx(100 * (per_step + 0.5 * 128 * 2 * 640 / 20000) / 3600)

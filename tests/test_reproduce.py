@@ -111,7 +111,9 @@ def test_full_without_gpu_is_refused_up_front(nbdir, tmp_path, capsys, monkeypat
     out = tmp_path / "runs"
     code = rp.main(["--profile", "full", "--notebooks-dir", str(nbdir), "--out", str(out)])
     assert code == 2
-    assert "CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "CUDA GPU" in err
+    assert "Why: torch " in err and "sees no CUDA device: " in err  # gpu_check.cuda_diagnosis() says why
     assert not out.exists()
     with pytest.raises(rp.UsageError, match="unknown profile"):
         rp.check_profile("medium")

@@ -40,9 +40,21 @@ def test_cuda_without_gpu_fails_before_loading(tmp_path, monkeypatch):
         raise AssertionError("a model was built before the device check")
 
     monkeypatch.setattr(T, "build_policy", boom)
-    with pytest.raises(ValueError, match="device.*'cuda'.*no CUDA"):
+    with pytest.raises(ValueError, match="device.*'cuda'.*no CUDA.*Why: torch .* sees no CUDA device: "):
         T.train(small(device="cuda"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_full_without_gpu_says_why(monkeypatch, capsys):
+    # presets("full") asks for device 'cuda' (vLLM cannot run on a CPU), so the CLI refuses before any model
+    # loads, with gpu_check.cuda_diagnosis()'s reason, instead of silently falling back to the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("train() ran without a GPU"))
+    with pytest.raises(SystemExit) as e:
+        T.main(["full"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "device: 'cuda' was requested but torch sees no CUDA GPU" in err and "sees no CUDA device: " in err
 
 
 def test_unwritable_out_dir_is_a_clear_error(tmp_path):
@@ -476,3 +488,122 @@ def test_resume_refuses_corrupt_records(tmp_path):
         shutil.rmtree(run)
         backup.rename(run)
     assert T.train(more, run, progress=False, resume=True).metrics["step"].tolist() == [1, 2, 3]
+
+
+# ======================================================================================== precision (issue 15 item 4)
+def _precision_batch():
+    """8 trajectories of 2 groups with random prompt/response ids of different lengths (left padding),
+    and +-1 sequence advantages."""
+    g = torch.Generator().manual_seed(0)
+    lens = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    prompts = [torch.randint(4, 30, (lens(3, 7),), generator=g).tolist() for _ in range(8)]
+    resp = [torch.randint(4, 30, (lens(5, 12),), generator=g).tolist() for _ in range(8)]
+    batch = RolloutBatch(prompt_ids=prompts, response_ids=resp, rewards=torch.tensor([1.0, 0, 1, 0, 0, 1, 1, 0]),
+                         group_ids=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), logprobs=[[0.0] * len(r) for r in resp])
+    adv = torch.tensor([1.0, -1, 1, -1, -1, 1, 1, -1])[:, None].expand(8, max(map(len, resp))).clone()
+    return batch, adv
+
+
+def _update_delta(dtype: str, lr: float = 1e-6, steps: int = 2):
+    """Flattened weight change (as float32) of ``steps`` policy updates of the random tiny policy in ``dtype``;
+    the dtypes of the parameters and of AdamW's state; the dtypes the Linear layers computed in."""
+    cfg = TrainConfig(task="synthetic", model="tiny-random", device="cpu", dtype=dtype, lr=lr, estimator="grpo",
+                      prompts_per_step=2, group_size=4, recompute_logprobs=True, max_grad_norm=1e9)
+    model = S.build_policy(cfg, None, torch.device("cpu")).model
+    w0 = {k: v.detach().float().clone() for k, v in model.named_parameters()}
+    computed: set = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o: computed.add(o.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    opt = T.make_optimizer(model, cfg)
+    batch, adv = _precision_batch()
+    for i in range(steps):
+        out = T.policy_update(model, None, opt, batch, adv, cfg, torch.device("cpu"))
+        assert out["updates"] == 1 and out["skipped"] == 0
+        # one minibatch: the recomputed old log-probs come from the same (autocast) forward as the update's,
+        # so the ratio is exactly 1 (a float32 old pass against a bf16 update would not be)
+        assert out["loss_ratio_min"] == out["loss_ratio_max"] == 1.0, (dtype, i, out)
+    for h in hooks:
+        h.remove()
+    delta = torch.cat([(v.detach().float() - w0[k]).flatten() for k, v in model.named_parameters()])
+    state = {t.dtype for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0}
+    return delta, {p.dtype for p in model.parameters()}, state, computed
+
+
+def test_bf16_mixed_precision_learns_like_float32_and_pure_bf16_does_not():
+    # AdamW's first steps move every weight by about lr (m / sqrt(v) ~ +-1). At lr 1e-6 that is far below
+    # bfloat16's spacing (2^-8..2^-7 of the weight: 8e-5 for a weight of 0.02, 0.0078 for a norm weight of 1),
+    # so pure bf16 rounds almost every update away, while fp32 master weights keep them.
+    d32, p32, s32, c32 = _update_delta("float32")
+    dmx, pmx, smx, cmx = _update_delta("bfloat16")
+    with pytest.warns(UserWarning, match="bfloat16-pure.*rounded away"):
+        dpu, ppu, spu, cpu_ = _update_delta("bfloat16-pure")
+    # what runs in which precision
+    assert p32 == s32 == {torch.float32} and c32 == {torch.float32}
+    assert pmx == smx == {torch.float32}, "mixed precision keeps float32 master weights and AdamW state"
+    assert cmx == {torch.bfloat16}, "mixed precision runs the forward matmuls under bf16 autocast"
+    assert ppu == spu == {torch.bfloat16}
+    # fp32 and mixed move (nearly) every weight, by the same updates
+    assert (d32 != 0).float().mean() > 0.99 and (dmx != 0).float().mean() > 0.99
+    moved = d32 != 0
+    assert (dmx.sign() == d32.sign())[moved].float().mean() > 0.95
+    assert (dmx - d32).norm() / d32.norm() < 0.3
+    # pure bf16 at lr 1e-6: most weights never change, and the change is nothing like fp32's
+    assert (dpu != 0).float().mean() < 0.1
+    assert (dpu - d32).norm() / d32.norm() > 0.8
+
+
+def test_pure_bf16_at_a_large_lr_does_learn():
+    # the contrast above is about the step size, not a broken code path: at lr 1e-2 the steps exceed
+    # bf16's spacing and pure bf16 moves most weights too
+    with pytest.warns(UserWarning, match="bfloat16-pure"):
+        dpu, *_ = _update_delta("bfloat16-pure", lr=1e-2, steps=1)
+    assert (dpu != 0).float().mean() > 0.9
+
+
+def test_float32_dtype_refuses_low_precision_parameters():
+    cfg = small(dtype="float32")
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype: 'float32' trains float32 master weights.*bfloat16"):
+        T.make_optimizer(model, cfg)
+    with pytest.raises(ValueError, match="dtype.*float16 training needs loss scaling"):
+        small(dtype="float16")
+
+
+def test_hf_sampler_decodes_under_the_same_autocast(monkeypatch):
+    # dtype=bfloat16: build_lab wraps the hf sampler so its decode runs under bf16 autocast, and the
+    # behaviour log-probs it records agree with the trainer's autocast pass up to bf16 rounding;
+    # float32 keeps the plain sampler, whose log-probs equal the trainer's to float32 rounding
+    from ibpo_lab.models import response_logprobs
+
+    diffs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = small(model="tiny-random", dtype=dtype, max_new_tokens=12)
+        lab = S.build_lab(cfg)
+        assert isinstance(lab.sampler, S.AutocastSampler) == (dtype == "bfloat16")
+        computed: set = set()
+        hooks = [m.register_forward_hook(lambda mod, i, o: computed.add(o.dtype))
+                 for m in lab.policy.model.modules() if isinstance(m, torch.nn.Linear)]
+        b = lab.sampler.sample(["1+2=", "a longer prompt 3+4="], n=2, max_new_tokens=12, temperature=1.0, seed=0)
+        for h in hooks:
+            h.remove()
+        assert computed == ({torch.bfloat16} if dtype == "bfloat16" else {torch.float32})
+        pad = b.padded()
+        with torch.no_grad(), S.precision_context(dtype, "cpu"):
+            lp, _ = response_logprobs(lab.policy.model, pad, 1.0)
+        m = pad.response_mask.bool()
+        diffs[dtype] = float((lp - pad.old_logprobs)[m].abs().max())
+        lab.sampler.sync_weights(lab.policy.model)  # delegated to the wrapped sampler
+    assert diffs["float32"] < 1e-4
+    assert diffs["bfloat16"] < 0.1  # KV-cache decode vs full-sequence pass round differently in bf16
+
+
+def test_tf32_is_switched_on_for_cuda_only(monkeypatch):
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        S.build_policy(small(model="tiny-random"), None, torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        S.enable_tf32()  # what build_policy calls for a CUDA device
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
