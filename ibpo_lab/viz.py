@@ -523,6 +523,9 @@ def prefix_trie_plot(trie, ax=None, *, title: str = "step prefix trie", annotate
     return fig
 
 
+_MASKED = "#bdbdbd"  # advantage_panel: cells that are not trained response tokens (0 is near-white)
+
+
 def advantage_panel(
     advantages: Mapping[str, Any],
     mask: Any = None,
@@ -534,7 +537,7 @@ def advantage_panel(
     scale: str = "shared",
 ):
     """Token advantages of several estimators side by side: one heatmap per estimator, one row
-    per trajectory, one column per response token, red < 0 < blue (masked-out tokens blank).
+    per trajectory, one column per response token, red < 0 < blue (masked-out tokens grey).
 
     advantages: name -> [B, T]; mask [B, T] (response mask); rewards [B], group_ids [B] label
     the rows (``#i g<group> R=<reward>``, on the left column only); step_spans (B lists of token
@@ -578,9 +581,10 @@ def advantage_panel(
     fig, axes = plt.subplots(nrow, ncol, figsize=(1.0 + 4.2 * ncol, 1.2 + row_h * nrow), squeeze=False,
                              sharey=True, layout="constrained")
     label_size = 9 if B <= 24 else 7
+    cmap = plt.get_cmap("RdBu").with_extremes(bad=_MASKED)
     for idx, (ax, (name, a)) in enumerate(zip(axes.flat, shown.items())):
         vmax = shared if scale == "shared" else _vmax(a)
-        im = ax.imshow(a, aspect="auto", cmap="RdBu", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        im = ax.imshow(a, aspect="auto", cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
         if step_spans is not None:
             for i, spans in enumerate(step_spans):
                 for _, end in spans[:-1]:
@@ -596,7 +600,7 @@ def advantage_panel(
     if scale == "shared":
         fig.colorbar(im, ax=list(axes.flat)[:k], fraction=0.03, pad=0.01,
                      label=f"token advantage (one scale, ±{shared:.2g})")
-    handles = [Patch(facecolor="white", edgecolor="#999999", label="blank: not a trained response token")]
+    handles = [Patch(facecolor=_MASKED, edgecolor="#999999", label="grey: not a trained response token")]
     if step_spans is not None:
         handles.insert(0, Line2D([], [], color="black", lw=1.0, label="step boundary"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
@@ -683,6 +687,24 @@ def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True))
 
 
+def _copies(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """Which lines repeat an earlier one: (copy index -> first index, first index -> [first, copies...])."""
+    copy_of: dict[int, int] = {}
+    for i in range(len(xs)):
+        for j in range(i):
+            if j not in copy_of and _same_values(xs[j], xs[i]) and _same_values(ys[j], ys[i]):
+                copy_of[i] = j
+                break
+    cluster = {j: [j] + [i for i, b in copy_of.items() if b == j] for j in range(len(xs)) if j not in copy_of}
+    return copy_of, cluster
+
+
+def _dashed(pos: int, m: int, dash: float = 4.0) -> tuple[float, tuple[float, float]]:
+    """Line style of the ``pos``-th of ``m`` identical lines: dashes offset so that every colour shows
+    in its own slot (slot 0 is the first, solid line underneath)."""
+    return (pos * dash, (dash, dash * (m - 1)))
+
+
 def _seeds(n: int) -> str:
     return f"n={n} seed" + ("" if n == 1 else "s")
 
@@ -737,13 +759,7 @@ def learning_curves(
         n = int(sub[seed_col].nunique()) if seed_col else 1
         curves.append({"name": str(name), "xs": xs, "mu": mu, "lo": lo, "hi": hi, "n": n})
     # identical lines: a later curve with the same points as an earlier one is its copy
-    copy_of: dict[int, int] = {}
-    for i, c in enumerate(curves):
-        for j in range(i):
-            if j not in copy_of and _same_values(curves[j]["xs"], c["xs"]) and _same_values(curves[j]["mu"], c["mu"]):
-                copy_of[i] = j
-                break
-    cluster = {j: [j] + [i for i, b in copy_of.items() if b == j] for j in range(len(curves)) if j not in copy_of}
+    copy_of, cluster = _copies([c["xs"] for c in curves], [c["mu"] for c in curves])
     banded = []
     for i, c in enumerate(curves):
         single = len(c["xs"]) == 1
@@ -753,8 +769,7 @@ def learning_curves(
             base = copy_of[i]
             members = cluster[base]
             pos, m = members.index(i), len(members)
-            dash = 4.0
-            style = dict(ls=(pos * dash, (dash, dash * (m - 1))), lw=2.2,
+            style = dict(ls=_dashed(pos, m), lw=2.2,
                          marker=marker, markersize=5 + 2.5 * pos, fillstyle="none", markeredgewidth=1.2)
             lab = f"{c['name']} = {curves[base]['name']} (identical; {_seeds(c['n'])}{extra})"
         else:
@@ -956,14 +971,22 @@ def roc_plot(df: pd.DataFrame, *, score: str = "advantage", label: str = "correc
         if c not in df.columns:
             raise ValueError(f"column {c!r} not in the table; available: {sorted(df.columns)}")
     fig, ax = _new_ax(ax, (6.4, 4))
-    skipped = []
+    skipped, rocs = [], []
     for name, g in df.groupby(by, sort=False):
         y = g[label].astype(bool)
         if y.all() or not y.any():
             skipped.append(str(name))
             continue
         fpr, tpr, auc = roc_curve(g[score], y)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.2f}, n={len(g)} steps)")
+        rocs.append((str(name), np.asarray(fpr, float), np.asarray(tpr, float), auc, len(g)))
+    copy_of, cluster = _copies([r[1] for r in rocs], [r[2] for r in rocs])  # e.g. grpo = dr_grpo = rloo
+    for i, (name, fpr, tpr, auc, n) in enumerate(rocs):
+        if i in copy_of:
+            members = cluster[copy_of[i]]
+            ax.plot(fpr, tpr, ls=_dashed(members.index(i), len(members)), lw=2.0,
+                    label=f"{name} = {rocs[copy_of[i]][0]} (identical; AUC {auc:.2f}, n={n} steps)")
+        else:
+            ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUC {auc:.2f}, n={n} steps)")
     ax.plot([0, 1], [0, 1], color="#aaaaaa", ls="--", lw=1, label="no information (AUC 0.5)")
     for name in skipped:
         ax.add_line(Line2D([], [], color="none", label=f"{name}: no ROC (one label only)"))
@@ -996,7 +1019,7 @@ def step_credit_plot(df: pd.DataFrame, *, value: str = "advantage", label: str =
             data.append(v if len(v) else np.array([np.nan]))
             pos.append(i + (j - 0.5) * 0.35)
             colours.append(col)
-        ticks.append(f"{n}\n(n={counts[0]} / {counts[1]})")
+        ticks.append(f"{n}\n({counts[0]} correct / {counts[1]} wrong)")
     bp = ax.boxplot(data, positions=pos, widths=0.3, patch_artist=True, showfliers=False)
     for patch, c in zip(bp["boxes"], colours):
         patch.set_facecolor(c)

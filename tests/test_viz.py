@@ -615,3 +615,17 @@ def test_advantage_panel_one_symmetric_scale_and_explained_step_lines():
     assert all("own scale" in ax.get_title() for ax in fig.axes if ax.images)
     with pytest.raises(ValueError, match="scale"):
         viz.advantage_panel(adv, scale="log")
+
+
+def test_roc_plot_flags_identical_curves():
+    rng = np.random.default_rng(4)
+    adv = rng.normal(size=40)
+    lab = adv + rng.normal(size=40) > 0
+    df = pd.concat([pd.DataFrame({"estimator": e, "advantage": a, "correct": lab})
+                    for e, a in (("grpo", adv), ("rloo", 2 * adv), ("ibpo", -adv))])  # rloo: same ranking
+    fig = viz.roc_plot(df)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[1].startswith("rloo = grpo (identical") and "identical" not in texts[2]
+    assert ax.lines[1].get_linestyle() != "-" and ax.lines[0].get_linestyle() == "-"
+    assert not _overlaps(fig, ax.get_legend(), ax)
