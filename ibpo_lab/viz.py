@@ -42,6 +42,7 @@ __all__ = [
     "step_labels_html",
     "AXIS_LABELS",
     "axis_label",
+    "SHARE_METRICS",
     "load_trajectories",
     "run_tokenizer",
     "run_step_labeler",
@@ -106,6 +107,14 @@ AXIS_LABELS: dict[str, str] = {
     "estimator": "estimator",
     "experiment": "experiment",
 }
+
+
+#: metrics that are shares in [0, 1]: bands and error bars are clipped to this range (a mean of
+#: shares cannot leave it, while a Student-t interval over 2 seeds easily does)
+SHARE_METRICS = frozenset({
+    "accuracy", "zero_var_groups", "active_tokens", "repair_success", "clip_frac", "avg@k", "pass@1", "pass@k",
+    "repaired_share", "live_group_share", "edited_fraction", "first_error_localisation", "auc_within_failed",
+})
 
 
 def axis_label(name: Any) -> str:
@@ -777,6 +786,8 @@ def learning_curves(
                          markersize=6 if single else 3.5)
             lab = f"{c['name']} ({_seeds(c['n'])}{extra})"
         (line,) = ax.plot(c["xs"], c["mu"], label=lab, **style)
+        if metric in SHARE_METRICS:  # the mean of shares stays in [0, 1]; so does its band
+            c["lo"], c["hi"] = np.clip(c["lo"], 0, 1), np.clip(c["hi"], 0, 1)
         if band is not None and c["n"] >= 2 and i not in copy_of and not single:
             ax.fill_between(c["xs"], c["lo"], c["hi"], color=line.get_color(), alpha=0.2, lw=0)
             banded.append(c["n"])
@@ -843,7 +854,8 @@ def metric_grid(runs: Any, metrics: Sequence[str], *, by: str = "label", band: s
 
 def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
                  err: str | tuple[str, str] | None = None, err_label: str | None = None, n: str | None = None,
-                 ax=None, title: str | None = None, ylabel: str | None = None):
+                 ax=None, title: str | None = None, ylabel: str | None = None,
+                 bounds: tuple[float, float] | None = None):
     """Grouped bar chart of a summary table: bars of ``y`` per ``x`` (one colour per ``hue``).
 
     Error bars: ``err`` a column of half-widths, or a pair of columns ``(lo, hi)`` with the
@@ -852,6 +864,8 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
     (``runs.mean_ci``) when there are ≥ 2 of them. Each bar is labelled with its value (and
     ``n=``: column ``n`` if given, else the number of rows averaged when > 1); NaN bars read
     "n/a"; a chart whose bars are all zero says "all zero" on a 0–1 axis instead of a ±0.05 one.
+    ``bounds``: the range the values live in (default (0, 1) for :data:`SHARE_METRICS`): error bars
+    are clipped to it.
     Axis labels are words (:func:`axis_label`), the legend sits outside the axes."""
     pair = isinstance(err, (tuple, list))
     if pair and len(err) != 2:
@@ -877,6 +891,10 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
         count = int(g[n].sum()) if n else len(g)
         rows.append((*k, mu, lo, hi, count))
     agg = pd.DataFrame(rows, columns=keys + ["_mu", "_lo", "_hi", "_n"])
+    if bounds is None and y in SHARE_METRICS:
+        bounds = (0.0, 1.0)
+    if bounds is not None:
+        agg["_lo"], agg["_hi"] = agg["_lo"].clip(*bounds), agg["_hi"].clip(*bounds)
     xs = list(dict.fromkeys(agg[x]))
     hues = list(dict.fromkeys(agg[hue])) if hue else [None]
     if ax is None:

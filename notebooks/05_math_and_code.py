@@ -84,7 +84,7 @@ print(f"{len(records)} runs")
 final = runs.final_table(records)
 viz.save_table(final, out_dir, "main_comparison")
 fig = viz.summary_bars(final, "experiment", "mean", hue="label", err=("ci_lo", "ci_hi"), n="n_seeds",
-                       err_label="error bars: 95% CI over seeds", ylabel=viz.axis_label("avg@k"),
+                       err_label="error bars: 95% CI over seeds", bounds=(0, 1), ylabel=viz.axis_label("avg@k"),
                        title="held-out accuracy by task and method")
 viz.save_fig(fig, out_dir, "main_comparison")
 final

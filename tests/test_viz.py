@@ -629,3 +629,14 @@ def test_roc_plot_flags_identical_curves():
     assert texts[1].startswith("rloo = grpo (identical") and "identical" not in texts[2]
     assert ax.lines[1].get_linestyle() != "-" and ax.lines[0].get_linestyle() == "-"
     assert not _overlaps(fig, ax.get_legend(), ax)
+
+
+def test_bands_and_error_bars_of_shares_stay_in_0_1():
+    df = pd.DataFrame({"step": [1, 1, 2, 2], "seed": [0, 1, 0, 1], "label": "ibpo", "accuracy": [0.0, 1.0, 0.5, 1.0]})
+    ax = viz.learning_curves(df, "accuracy").axes[0]
+    ys = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == 0.0 and ys.max() == 1.0  # the t-interval over 2 seeds (±6.4 at step 1) is cut at 0 and 1
+    final = pd.DataFrame({"label": ["a", "a"], "avg@k": [0.0, 1.0]})
+    segs = [c for c in viz.summary_bars(final, "label", "avg@k").axes[0].collections
+            if hasattr(c, "get_segments")][0].get_segments()
+    np.testing.assert_allclose(segs[0][:, 1], [0.0, 1.0])
