@@ -77,8 +77,8 @@ viz.save_fig(fig, out_dir, "curves_ablations")
 # %%
 final = runs.final_table(records)
 viz.save_table(final, out_dir, "final_accuracy")
-fig = viz.summary_bars(final, "label", "mean", err=("ci_lo", "ci_hi"), err_label="error bars: 95% CI over seeds", bounds=(0, 1),
-                       n="n_seeds", ylabel=viz.axis_label("avg@k"), title="held-out accuracy at the end")
+fig = viz.summary_bars(final, "label", "mean", err=("ci_lo", "ci_hi"), err_label="error bars: 95% CI over seeds",
+                       bounds=(0, 1), n="n_seeds", ylabel=viz.axis_label("avg@k"), title="held-out accuracy at the end")
 viz.save_fig(fig, out_dir, "final_accuracy")
 final
 
