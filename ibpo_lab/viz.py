@@ -877,7 +877,6 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
         raise ValueError(f"columns {missing} not in the table; available: {sorted(df.columns)}")
     keys = [x] + ([hue] if hue else [])
     rows = []
-    auto_ci = False
     for k, g in df.groupby(keys, sort=False):
         k = k if isinstance(k, tuple) else (k,)
         mu, lo, hi = _band(g[y], "ci")
@@ -886,8 +885,6 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
         elif err:
             e = float(g[err].mean())
             lo, hi = mu - e, mu + e
-        else:
-            auto_ci = auto_ci or len(g[y].dropna()) > 1
         count = int(g[n].sum()) if n else len(g)
         rows.append((*k, mu, lo, hi, count))
     agg = pd.DataFrame(rows, columns=keys + ["_mu", "_lo", "_hi", "_n"])
@@ -907,6 +904,7 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
     mus = agg["_mu"].to_numpy(dtype=float)
     finite = np.isfinite(mus)
     all_zero = bool(finite.any()) and bool(np.all(mus[finite] == 0))
+    drawn_err = False
     for h_i, h in enumerate(hues):
         sub = agg if h is None else agg[agg[hue] == h]
         pos = [xs.index(v) + (h_i - (len(hues) - 1) / 2) * w for v in sub[x]]
@@ -914,6 +912,7 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
         lo_e = np.nan_to_num(mu - sub["_lo"].to_numpy(dtype=float))
         hi_e = np.nan_to_num(sub["_hi"].to_numpy(dtype=float) - mu)
         yerr = np.vstack([lo_e, hi_e]) if (lo_e.any() or hi_e.any()) else None  # no caps on single values
+        drawn_err = drawn_err or yerr is not None
         bars = ax.bar(pos, np.nan_to_num(mu), w, yerr=yerr, capsize=3, label=None if h is None else str(h))
         show_n = n is not None or (sub["_n"] > 1).any()
         texts = []
@@ -932,12 +931,13 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
     ax.set_ylabel(ylabel or axis_label(y))
     if hue:
         _legend_outside(ax, title=axis_label(hue))
-    if pair or err:
+    if not drawn_err:  # never name an interval that is not drawn
+        bars_note = "no error bars: one value per bar" if (pair or err) and (agg["_n"] <= 1).all() else (
+            "no error bars: zero-width or unknown intervals" if (pair or err) else "")
+    elif pair or err:
         bars_note = err_label or ("error bars: " + (f"{err_cols[0]} to {err_cols[1]}" if pair else f"± {err}"))
-    elif auto_ci:
-        bars_note = "error bars: 95% CI of the mean over the n rows"
     else:
-        bars_note = ""
+        bars_note = "error bars: 95% CI of the mean over the n rows"
     ax.set_title((title or axis_label(y)) + (f"\n({bars_note})" if bars_note else ""), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return fig

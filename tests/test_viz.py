@@ -586,6 +586,10 @@ def test_summary_bars_all_zero_is_said_and_bars_carry_values_and_n():
     ax = fig.axes[0]
     assert ax.get_ylim() == (0.0, 1.0)
     assert any(t.get_text() == "all zero" for t in ax.texts)
+    fig = viz.summary_bars(final.assign(ci_lo=np.nan, ci_hi=np.nan), "experiment", "mean", hue="label",
+                           err=("ci_lo", "ci_hi"), err_label="error bars: 95% CI over seeds", n="n_seeds")
+    title = fig.axes[0].get_title()
+    assert "95%" not in title and "no error bars" in title  # one seed: no interval, none promised
     assert [t.get_text() for t in ax.texts if t.get_text().startswith("0")] == ["0\nn=1", "0\nn=1"]
     assert not _overlaps(fig, ax.get_legend(), ax)
 
