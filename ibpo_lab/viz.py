@@ -737,7 +737,8 @@ def learning_curves(
     drawn only for lines with n ≥ 2 seeds and the title names it (or says there is none); lines
     with few points carry markers and a one-step line says "1 step"; a line identical to an
     earlier one is drawn dashed, offset so both colours show, with the legend entry
-    ``name = other (identical)``; the legend sits outside the axes."""
+    ``name = other (identical)``; all-zero data says "all zero"; the legend sits outside the axes;
+    bands of :data:`SHARE_METRICS` are clipped to [0, 1]."""
     df = runs_frame(runs)
     for col in (metric, by, x):
         if col not in df.columns:
@@ -797,6 +798,11 @@ def learning_curves(
             banded.append(c["n"])
     if not curves:
         ax.text(0.5, 0.5, f"no {axis_label(metric)} logged", transform=ax.transAxes, ha="center", va="center")
+    values = np.concatenate([c["mu"] for c in curves]) if curves else np.array([])
+    values = values[np.isfinite(values)]
+    if len(values) and np.all(values == 0):
+        ax.text(0.5, 0.62, "all zero", transform=ax.transAxes, ha="center", va="center", fontsize=12,
+                color="#666666")
     one_step = bool(curves) and all(len(c["xs"]) == 1 for c in curves)
     if one_step:
         xv = sorted({float(c["xs"][0]) for c in curves})

@@ -531,6 +531,9 @@ def test_one_step_one_seed_curves_have_markers_say_1_step_and_promise_no_band():
     assert not ax.collections  # no band drawn ...
     assert "95%" not in ax.get_title() and "no band" in ax.get_title()  # ... and none promised
     assert any("1 step" in t.get_text() for t in ax.texts)
+    assert not any(t.get_text() == "all zero" for t in ax.texts)  # 0.25 is not zero
+    ax = viz.learning_curves(df.assign(reward_mean=0.0), "reward_mean").axes[0]
+    assert any(t.get_text() == "all zero" for t in ax.texts)
 
 
 def test_band_is_named_in_the_title_only_when_drawn():
