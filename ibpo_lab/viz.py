@@ -96,10 +96,10 @@ AXIS_LABELS: dict[str, str] = {
     "lam": "λ (shaping weight)",
     "rho": "ρ (repair bonus)",
     "auc_within_failed": "AUC of step credit within failed trajectories",
-    "first_error_localisation": "share of failures whose most-blamed step is the first wrong one",
+    "first_error_localisation": "share of failures: first wrong\nstep is the most blamed",
     "repaired_share": "share of failures with a verified repair",
     "live_group_share": "share of groups with a non-zero signal",
-    "edited_fraction": "share of response tokens edited",
+    "edited_fraction": "share of response tokens\ncredited (edited)",
     "var_shaped": "pooled Var(R + λφ)",
     "advantage": "step advantage",
     "K": "K (references per failure)",
@@ -932,7 +932,9 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
         ax.text(0.5, 0.6, "all zero", transform=ax.transAxes, ha="center", va="center", fontsize=12, color="#666666")
     else:
         ax.margins(y=0.15)
-    ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right", fontsize=8)
+    names = [str(v) for v in xs]
+    slanted = max(map(len, names), default=0) > 4  # short names (K = 1, 2, 3) stay upright
+    ax.set_xticks(range(len(xs)), names, rotation=30 if slanted else 0, ha="right" if slanted else "center", fontsize=8)
     ax.set_xlabel(axis_label(x), fontsize=8)
     ax.set_ylabel(ylabel or axis_label(y))
     if hue:
