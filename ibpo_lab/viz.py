@@ -684,9 +684,25 @@ def _band(values: pd.Series, band: str | None) -> tuple[float, float, float]:
     raise ValueError(f"band must be 'ci', 'std', 'minmax' or None, got {band!r}")
 
 
+def _handles(ax) -> tuple[list, list[str]]:
+    """The axes' legend handles, a copy line's own proxy (plain short dashes: its offset dash pattern
+    can start with a gap longer than a legend handle) in place of the line."""
+    handles, labels = ax.get_legend_handles_labels()
+    return [getattr(h, "_legend_proxy", h) for h in handles], labels
+
+
+def _mark_copy(line) -> None:
+    """Give a dashed copy line a legend proxy that shows its colour (see :func:`_handles`)."""
+    from matplotlib.lines import Line2D
+
+    line._legend_proxy = Line2D([], [], color=line.get_color(), ls=(0, (2.0, 1.0)), lw=line.get_linewidth(),
+                                marker=line.get_marker(), markersize=min(line.get_markersize(), 7),
+                                fillstyle=line.get_fillstyle(), markeredgewidth=line.get_markeredgewidth())
+
+
 def _legend_outside(ax, **kw) -> None:
     """A legend to the right of the axes (never over the data); nothing when no artist is labelled."""
-    handles, labels = ax.get_legend_handles_labels()
+    handles, labels = _handles(ax)
     if handles:
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
                   fontsize=7, frameon=False, **kw)
@@ -787,6 +803,8 @@ def learning_curves(
                          markersize=6 if single else 3.5)
             lab = f"{c['name']} ({_seeds(c['n'])}{extra})"
         (line,) = ax.plot(c["xs"], c["mu"], label=lab, **style)
+        if i in copy_of:
+            _mark_copy(line)
         if metric in SHARE_METRICS:  # the mean of shares stays in [0, 1]; so does its band
             c["lo"], c["hi"] = np.clip(c["lo"], 0, 1), np.clip(c["hi"], 0, 1)
         if band is not None and c["n"] >= 2 and i not in copy_of and not single:
@@ -849,7 +867,7 @@ def metric_grid(runs: Any, metrics: Sequence[str], *, by: str = "label", band: s
         ax.set_visible(False)
     legends = [tuple(t.get_text() for t in ax.get_legend().get_texts()) if ax.get_legend() else () for ax in used]
     if len(set(legends)) == 1 and legends[0]:
-        handles, labels = used[0].get_legend_handles_labels()
+        handles, labels = _handles(used[0])
         for ax in used:
             ax.get_legend().remove()
         fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
@@ -1009,8 +1027,9 @@ def roc_plot(df: pd.DataFrame, *, score: str = "advantage", label: str = "correc
     for i, (name, fpr, tpr, auc, n) in enumerate(rocs):
         if i in copy_of:
             members = cluster[copy_of[i]]
-            ax.plot(fpr, tpr, ls=_dashed(members.index(i), len(members)), lw=2.0,
-                    label=f"{name} = {rocs[copy_of[i]][0]} (identical; AUC {auc:.2f}, n={n} steps)")
+            (line,) = ax.plot(fpr, tpr, ls=_dashed(members.index(i), len(members)), lw=2.0,
+                              label=f"{name} = {rocs[copy_of[i]][0]} (identical; AUC {auc:.2f}, n={n} steps)")
+            _mark_copy(line)
         else:
             ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUC {auc:.2f}, n={n} steps)")
     ax.plot([0, 1], [0, 1], color="#aaaaaa", ls="--", lw=1, label="no information (AUC 0.5)")

@@ -647,3 +647,13 @@ def test_bands_and_error_bars_of_shares_stay_in_0_1():
     segs = [c for c in viz.summary_bars(final, "label", "avg@k").axes[0].collections
             if hasattr(c, "get_segments")][0].get_segments()
     np.testing.assert_allclose(segs[0][:, 1], [0.0, 1.0])
+
+
+def test_a_copy_lines_legend_handle_shows_its_colour():
+    df = _curves_df(seeds=1)
+    df = pd.concat([df] + [df[df.label == "grpo"].assign(label=f"copy{k}") for k in range(4)], ignore_index=True)
+    ax = viz.learning_curves(df, "reward_mean").axes[0]
+    handles = ax.get_legend().legend_handles
+    for line, h in zip(ax.lines[2:], handles[2:]):  # the four copies of grpo
+        assert line._unscaled_dash_pattern[0] > 0  # the line's dashes are offset (so the copies interleave) ...
+        assert h.get_color() == line.get_color() and h._unscaled_dash_pattern[0] == 0  # ... its handle starts with a dash
