@@ -809,11 +809,11 @@ def learning_curves(
             c["lo"], c["hi"] = np.clip(c["lo"], 0, 1), np.clip(c["hi"], 0, 1)
         if band is not None and c["n"] >= 2 and i not in copy_of and not single:
             ax.fill_between(c["xs"], c["lo"], c["hi"], color=line.get_color(), alpha=0.2, lw=0)
-            banded.append(c["n"])
-        elif band is not None and c["n"] >= 2 and single and np.isfinite(c["lo"]).all():
+            banded.append("band")
+        elif band is not None and c["n"] >= 2 and single and i not in copy_of and np.isfinite(c["lo"]).all():
             ax.errorbar(c["xs"], c["mu"], yerr=[c["mu"] - c["lo"], c["hi"] - c["mu"]], fmt="none",
                         ecolor=line.get_color(), capsize=3)
-            banded.append(c["n"])
+            banded.append("error bar")
     if not curves:
         ax.text(0.5, 0.5, f"no {axis_label(metric)} logged", transform=ax.transAxes, ha="center", va="center")
     values = np.concatenate([c["mu"] for c in curves]) if curves else np.array([])
@@ -835,7 +835,8 @@ def learning_curves(
     if band is None:
         note = "mean over seeds, no band"
     elif banded:
-        note = f"band: {_BAND_WORDS[band]} over seeds; n in the legend"
+        kinds = " and ".join(sorted(set(banded)))  # a one-step line gets an error bar, not a band
+        note = f"{kinds}: {_BAND_WORDS[band]} over seeds; n in the legend"
     else:
         note = "1 seed per line: no band"
     ax.set_title(f"{title or axis_label(metric)}\n({note})", fontsize=9)

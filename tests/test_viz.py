@@ -540,6 +540,9 @@ def test_band_is_named_in_the_title_only_when_drawn():
     fig = viz.learning_curves(_curves_df(seeds=3), "reward_mean", band="ci")
     ax = fig.axes[0]
     assert len(ax.collections) == 2 and "95% CI" in ax.get_title()
+    one = pd.DataFrame({"step": [1, 1], "seed": [0, 1], "label": "grpo", "reward_mean": [0.2, 0.4]})
+    ax = viz.learning_curves(one, "reward_mean").axes[0]
+    assert "error bar: 95% CI" in ax.get_title() and "band" not in ax.get_title()
 
 
 def test_identical_curves_are_flagged_dashed_and_legend_is_outside_the_axes():
