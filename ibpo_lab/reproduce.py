@@ -5,13 +5,13 @@
 Every notebook in ``notebooks/`` named ``NN_name.ipynb`` runs in reading order into a
 timestamped folder::
 
-    runs/<stamp>-<profile>/
+    runs/<stamp>-<profile>[-<overrides>]/   e.g. 20261130-0500-smoke-steps=3_seeds=0,1
         notebooks/NN_name.ipynb      executed copies (outputs included)
         figures/NN_name/*.png        what each notebook saved with ``viz.save_fig``
         figures/NN_name/*.csv        tables saved with ``viz.save_table``
         figures/NN_name/*.html       HTML views saved with ``viz.save_html`` (token colouring, diffs)
         records/                     training run records (``runs_dir`` of the notebooks)
-        status.json                  per notebook: ok/failed, wall time, error
+        status.json                  the -p overrides; per notebook: ok/failed, wall time, error
         report.md, report.html       key figures, results tables, failures with their error
 
 Every notebook receives ``profile`` and ``out_dir`` (its figures folder) and, when it declares
@@ -50,6 +50,8 @@ __all__ = [
     "run_notebook",
     "reproduce",
     "write_report",
+    "overrides_text",
+    "overrides_slug",
     "main",
 ]
 
@@ -381,14 +383,16 @@ def reproduce(
     params = parse_overrides(overrides, notebooks)
     check_kernel(log)
     stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(out) / f"{stamp}-{profile}"
+    base = f"{stamp}-{profile}" + (f"-{overrides_slug(params)}" if params else "")
+    run_dir = Path(out) / base
     n = 1
     while run_dir.exists():  # two runs started in the same second: never mix their records
         n += 1
-        run_dir = Path(out) / f"{stamp}-{profile}-{n}"
+        run_dir = Path(out) / f"{base}-{n}"
     run_dir.mkdir(parents=True)
     _kernel_env(profile)
-    log(f"[reproduce] profile={profile}: {len(notebooks)} notebooks -> {run_dir}")
+    log(f"[reproduce] profile={profile}{' ' + overrides_text(params) if params else ''}: "
+        f"{len(notebooks)} notebooks -> {run_dir}")
     results: list[NotebookResult] = []
     t_start = time.perf_counter()
     for i, nb in enumerate(notebooks, 1):
@@ -403,9 +407,9 @@ def reproduce(
             msg += f"\n      {res.error.splitlines()[0][:300]}"
         log(msg)
         # status after each notebook, so an interrupted run still says how far it got
-        _write_status(run_dir, profile, results, time.perf_counter() - t_start)
+        _write_status(run_dir, profile, results, time.perf_counter() - t_start, params)
     total = time.perf_counter() - t_start
-    write_report(run_dir, profile, results, total)
+    write_report(run_dir, profile, results, total, overrides=params)
     n_bad = sum(r.status != "ok" for r in results)
     log(
         f"[reproduce] {len(results) - n_bad}/{len(results)} notebooks ok in {total:.0f} s; "
@@ -415,8 +419,36 @@ def reproduce(
 
 
 # ---------------------------------------------------------------------------------------- report
-def _write_status(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float) -> None:
-    data = {"profile": profile, "seconds": round(seconds, 1), "notebooks": [asdict(r) for r in results]}
+def _value_text(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(_value_text(x) for x in v)
+    return str(v)
+
+
+def overrides_text(overrides: dict[str, Any] | None) -> str:
+    """The ``-p`` overrides as people read them: ``steps=3, seeds=0,1`` (``none`` without any)."""
+    if not overrides:
+        return "none"
+    return ", ".join(f"{k}={_value_text(v)}" for k, v in overrides.items())
+
+
+def overrides_slug(overrides: dict[str, Any], max_len: int = 60) -> str:
+    """The overrides as a folder-name part: ``steps=3_seeds=0,1`` (characters other than letters,
+    digits and ``=,.-`` become ``-``); longer than ``max_len``: cut, plus 8 hex digits of a hash of
+    the full text, so two different override sets never share a folder name."""
+    import hashlib
+
+    full = "_".join(f"{k}={_value_text(v)}" for k, v in overrides.items())
+    slug = re.sub(r"[^A-Za-z0-9=,._-]+", "-", full).strip("-.")
+    if len(slug) > max_len:
+        slug = slug[: max_len - 9].rstrip("-_.,=") + "-" + hashlib.sha1(full.encode()).hexdigest()[:8]
+    return slug
+
+
+def _write_status(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float,
+                  overrides: dict[str, Any] | None = None) -> None:
+    data = {"profile": profile, "overrides": dict(overrides or {}), "seconds": round(seconds, 1),
+            "notebooks": [asdict(r) for r in results]}
     (run_dir / "status.json").write_text(json.dumps(data, indent=1, default=str))
 
 
@@ -456,6 +488,40 @@ def _read_table(run_dir: Path, rel: str, max_rows: int = 40):
     return df.head(max_rows), note
 
 
+#: most columns one Markdown table shows; wider tables are split into column blocks (the key columns
+#: repeated in each) so that no table runs off a 1400 px page
+MD_MAX_COLUMNS = 8
+
+
+def _key_columns(df) -> list[str]:
+    """The leading text columns that name a row (experiment, label, ...), repeated in every block."""
+    import pandas as pd
+
+    keys = []
+    for c in df.columns:
+        if pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]) or len(keys) >= 3:
+            break
+        keys.append(c)
+    return keys
+
+
+def _md_table(df, max_cols: int = MD_MAX_COLUMNS) -> str:
+    """``df`` as Markdown, split into blocks of at most ``max_cols`` columns (key columns repeated)."""
+    if len(df.columns) <= max_cols:
+        return df.to_markdown(index=False, floatfmt=".4g")
+    keys = _key_columns(df)
+    rest = [c for c in df.columns if c not in keys]
+    width = max(max_cols - len(keys), 1)
+    blocks = [df[keys + rest[i:i + width]].to_markdown(index=False, floatfmt=".4g")
+              for i in range(0, len(rest), width)]
+    return f"({len(df.columns)} columns, in {len(blocks)} blocks; {', '.join(keys) or 'no key column'} repeated)\n\n" + "\n\n".join(blocks)
+
+
+def _html_table(df) -> str:
+    """``df`` as HTML in a box that scrolls sideways when the table is wider than the page."""
+    return f"<div class='table-wrap'>{df.to_html(index=False, float_format='%.4g')}</div>"
+
+
 def _results_tables(run_dir: Path, results: list[NotebookResult]) -> list[tuple[str, str]]:
     # the results notebook's summary tables go to the top of the report
     out = []
@@ -465,17 +531,22 @@ def _results_tables(run_dir: Path, results: list[NotebookResult]) -> list[tuple[
     return out
 
 
-def write_report(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float) -> Path:
-    """Write ``status.json``, ``report.md`` and ``report.html`` into ``run_dir``; returns report.md."""
+def write_report(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float,
+                 overrides: dict[str, Any] | None = None) -> Path:
+    """Write ``status.json``, ``report.md`` and ``report.html`` into ``run_dir``; returns report.md.
+
+    The ``-p`` overrides are stated under the title; statuses are words ("ok", "failed"), not
+    emoji (which render as empty boxes without an emoji font); wide tables are split into column
+    blocks in Markdown and scroll sideways in HTML."""
     import pandas as pd
 
-    _write_status(run_dir, profile, results, seconds)
+    _write_status(run_dir, profile, results, seconds, overrides)
     n_ok = sum(r.status == "ok" for r in results)
     overview = pd.DataFrame(
         [
             {
                 "notebook": r.name,
-                "status": "✅ ok" if r.status == "ok" else f"❌ {r.status}",
+                "status": r.status,
                 "wall time (s)": round(r.seconds, 1),
                 "figures": len(r.figures),
                 "tables": len(r.tables),
@@ -487,16 +558,20 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
         f"profile **{profile}** · {n_ok}/{len(results)} notebooks ok · total {seconds:.0f} s · "
         f"{datetime.now():%Y-%m-%d %H:%M} · commit {_commit()} · {_machine()}"
     )
-    md = [f"# ibpo_lab reproduction report ({profile})", "", head, "", overview.to_markdown(index=False), ""]
+    given = f"overrides (-p): {overrides_text(overrides)}"
+    md = [f"# ibpo_lab reproduction report ({profile})", "", head, "", given, "",
+          overview.to_markdown(index=False), ""]
     hl = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>ibpo_lab report ({html.escape(profile)})</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
-        "pre{background:#fee;padding:6px;overflow-x:auto}</style></head><body>",
+        "pre{background:#fee;padding:6px;overflow-x:auto}"
+        ".table-wrap{max-width:100%;overflow-x:auto;font-size:90%}</style></head><body>",
         f"<h1>ibpo_lab reproduction report ({html.escape(profile)})</h1>",
         f"<p>{html.escape(head.replace('**', ''))}</p>",
-        overview.to_html(index=False),
+        f"<p>{html.escape(given)}</p>",
+        _html_table(overview),
     ]
     key = [f for f in KEY_FIGURES if any(f in r.figures for r in results)]
     if key:
@@ -510,8 +585,8 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
         for _, rel in summary:
             df, note = _read_table(run_dir, rel)
             title = Path(rel).stem.replace("_", " ")
-            md += [f"### {title}{note}", "", df.to_markdown(index=False, floatfmt=".4g"), ""]
-            hl += [f"<h3>{html.escape(title + note)}</h3>", df.to_html(index=False, float_format="%.4g")]
+            md += [f"### {title}{note}", "", _md_table(df), ""]
+            hl += [f"<h3>{html.escape(title + note)}</h3>", _html_table(df)]
     for r in results:
         md += [f"## {r.name} — {r.status} ({r.seconds:.1f} s)", "", f"executed notebook: `notebooks/{r.name}.ipynb`", ""]
         hl += [f"<h2>{html.escape(r.name)} — {r.status} ({r.seconds:.1f} s)</h2>"]
@@ -536,8 +611,8 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
                 continue
             df, note = _read_table(run_dir, tab)
             title = Path(tab).stem.replace("_", " ")
-            md += [f"**{title}**{note}", "", df.to_markdown(index=False, floatfmt=".4g"), ""]
-            hl += [f"<h4>{html.escape(title + note)}</h4>", df.to_html(index=False, float_format="%.4g")]
+            md += [f"**{title}**{note}", "", _md_table(df), ""]
+            hl += [f"<h4>{html.escape(title + note)}</h4>", _html_table(df)]
     hl += ["</body></html>"]
     (run_dir / "report.html").write_text("\n".join(hl))
     path = run_dir / "report.md"

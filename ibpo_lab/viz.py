@@ -40,6 +40,9 @@ __all__ = [
     "roc_plot",
     "step_credit_plot",
     "step_labels_html",
+    "AXIS_LABELS",
+    "axis_label",
+    "SHARE_METRICS",
     "load_trajectories",
     "run_tokenizer",
     "run_step_labeler",
@@ -53,6 +56,72 @@ class HTML(str):
 
     def _repr_html_(self) -> str:
         return str(self)
+
+
+# ------------------------------------------------------------------------------------------ labels
+#: Words (and units) for the column names figures plot: axis labels, colour-bar labels and default
+#: titles read these, never the raw column name. Short forms of ``runs.METRIC_HELP`` /
+#: ``runs.EVAL_HELP`` (whose long texts stay the definition) plus the notebooks' summary columns.
+AXIS_LABELS: dict[str, str] = {
+    "step": "training step",
+    "reward_mean": "mean training reward",
+    "accuracy": "training accuracy (share with reward ≥ 1)",
+    "zero_var_groups": "share of groups with equal rewards",
+    "active_tokens": "share of credited tokens",
+    "response_len": "response length (tokens)",
+    "repair_success": "share of failures with a verified repair",
+    "entropy": "token entropy (nats)",
+    "approx_kl": "KL(behaviour ‖ current), k3 estimate",
+    "clip_frac": "share of clipped tokens",
+    "kl_ref": "KL to the reference policy (k3)",
+    "loss": "policy loss",
+    "grad_norm": "gradient norm (before clipping)",
+    "updates": "optimiser steps",
+    "skipped": "skipped optimiser steps",
+    "lr": "learning rate",
+    "n_repaired": "verified repairs",
+    "time_step": "time per step (s)",
+    "time_sample": "sampling time (s)",
+    "time_correct": "repair time (s)",
+    "time_update": "update time (s)",
+    "avg@k": "held-out accuracy (avg@k)",
+    "pass@1": "held-out pass@1",
+    "pass@k": "held-out pass@k",
+    "mean": "mean over seeds",
+    "final_reward": "final training reward",
+    "best_reward": "best training reward",
+    "rel_var": "relative gradient variance  tr Cov(g) / ‖E g‖²",
+    "total_var": "total gradient variance  tr Cov(g)",
+    "mean_cos": "mean cos(g, E g)",
+    "lam": "λ (shaping weight)",
+    "rho": "ρ (repair bonus)",
+    "auc_within_failed": "AUC of step credit within failed trajectories",
+    "first_error_localisation": "share of failures: first wrong\nstep is the most blamed",
+    "repaired_share": "share of failures with a verified repair",
+    "live_group_share": "share of groups with a non-zero signal",
+    "edited_fraction": "share of response tokens\ncredited (edited)",
+    "var_shaped": "pooled Var(R + λφ)",
+    "advantage": "step advantage",
+    "K": "K (references per failure)",
+    "label": "method",
+    "estimator": "estimator",
+    "experiment": "experiment",
+}
+
+
+#: metrics that are shares in [0, 1]: bands and error bars are clipped to this range (a mean of
+#: shares cannot leave it, while a Student-t interval over 2 seeds easily does)
+SHARE_METRICS = frozenset({
+    "accuracy", "zero_var_groups", "active_tokens", "repair_success", "clip_frac", "avg@k", "pass@1", "pass@k",
+    "repaired_share", "live_group_share", "edited_fraction", "first_error_localisation", "auc_within_failed",
+})
+
+
+def axis_label(name: Any) -> str:
+    """Words for a column name: :data:`AXIS_LABELS`, else the name with underscores as spaces
+    (never the raw ``snake_case`` name on an axis)."""
+    key = str(name)
+    return AXIS_LABELS.get(key, key.replace("_", " "))
 
 
 # ------------------------------------------------------------------------------------------ saving
@@ -463,6 +532,9 @@ def prefix_trie_plot(trie, ax=None, *, title: str = "step prefix trie", annotate
     return fig
 
 
+_MASKED = "#bdbdbd"  # advantage_panel: cells that are not trained response tokens (0 is near-white)
+
+
 def advantage_panel(
     advantages: Mapping[str, Any],
     mask: Any = None,
@@ -471,17 +543,26 @@ def advantage_panel(
     group_ids: Any = None,
     step_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
     title: str | None = None,
+    scale: str = "shared",
 ):
     """Token advantages of several estimators side by side: one heatmap per estimator, one row
-    per trajectory, one column per response token, red < 0 < blue (masked-out tokens blank).
+    per trajectory, one column per response token, red < 0 < blue (masked-out tokens grey).
 
     advantages: name -> [B, T]; mask [B, T] (response mask); rewards [B], group_ids [B] label
-    the rows; step_spans (B lists of token spans) draw step boundaries.
+    the rows (``#i g<group> R=<reward>``, on the left column only); step_spans (B lists of token
+    spans) draw step boundaries as short black bars between tokens, named in the figure legend.
+    scale: ``"shared"`` (default) one symmetric colour scale ±max|A| over all panels and one colour
+    bar, so a colour means the same advantage in every panel; ``"panel"`` each panel its own
+    ±max|A|, written in its title (colours then do not compare across panels).
     """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     if not advantages:
         raise ValueError("advantages is empty: pass {estimator name: [B, T] tensor}")
+    if scale not in ("shared", "panel"):
+        raise ValueError(f"scale must be 'shared' or 'panel', got {scale!r}")
     arrs = {k: _to_numpy(v, f"advantages[{k!r}]") for k, v in advantages.items()}
     shapes = {a.shape for a in arrs.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
@@ -490,33 +571,51 @@ def advantage_panel(
     m = np.ones((B, T), dtype=bool) if mask is None else _to_numpy(mask, "mask") > 0
     if m.shape != (B, T):
         raise ValueError(f"mask has shape {m.shape}, expected {(B, T)}")
-    labels = [str(i) for i in range(B)]
+    labels = [f"#{i}" for i in range(B)]
     if rewards is not None:
         r = _to_numpy(rewards, "rewards").reshape(-1)
         g = None if group_ids is None else _to_numpy(group_ids, "group_ids").reshape(-1)
-        labels = [f"{i}" + (f" g{int(g[i])}" if g is not None else "") + f" R={r[i]:g}" for i in range(B)]
+        labels = [f"#{i}" + (f" g{int(g[i])}" if g is not None else "") + f"  R={r[i]:g}" for i in range(B)]
+    shown = {name: np.where(m, a, np.nan) for name, a in arrs.items()}
+
+    def _vmax(x: np.ndarray) -> float:
+        v = float(np.nanmax(np.abs(x))) if np.isfinite(x).any() else 1.0
+        return v or 1.0
+
+    shared = _vmax(np.stack(list(shown.values())))
     k = len(arrs)
     ncol = min(k, 3)
     nrow = math.ceil(k / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 0.6 + max(1.6, 0.28 * B) * nrow), squeeze=False)
-    for ax, (name, a) in zip(axes.flat, arrs.items()):
-        shown = np.where(m, a, np.nan)
-        vmax = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 1.0
-        vmax = vmax or 1.0
-        im = ax.imshow(shown, aspect="auto", cmap="RdBu", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    row_h = max(1.8, 0.3 * B)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.0 + 4.2 * ncol, 1.2 + row_h * nrow), squeeze=False,
+                             sharey=True, layout="constrained")
+    label_size = 9 if B <= 24 else 7
+    cmap = plt.get_cmap("RdBu").with_extremes(bad=_MASKED)
+    for idx, (ax, (name, a)) in enumerate(zip(axes.flat, shown.items())):
+        vmax = shared if scale == "shared" else _vmax(a)
+        im = ax.imshow(a, aspect="auto", cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
         if step_spans is not None:
             for i, spans in enumerate(step_spans):
                 for _, end in spans[:-1]:
-                    ax.plot([end - 0.5, end - 0.5], [i - 0.5, i + 0.5], color="black", lw=0.6)
-        ax.set_title(name, fontsize=10)
-        ax.set_yticks(range(B), labels, fontsize=7)
+                    ax.plot([end - 0.5, end - 0.5], [i - 0.45, i + 0.45], color="black", lw=1.0)
+        ax.set_title(name if scale == "shared" else f"{name} (own scale ±{vmax:.2g})", fontsize=10)
+        ax.set_yticks(range(B), labels, fontsize=label_size)
+        ax.tick_params(axis="y", labelleft=idx % ncol == 0)
         ax.set_xlabel("response token")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        if scale == "panel":
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="token advantage")
     for ax in list(axes.flat)[k:]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    if scale == "shared":
+        fig.colorbar(im, ax=list(axes.flat)[:k], fraction=0.03, pad=0.01,
+                     label=f"token advantage (one scale, ±{shared:.2g})")
+    handles = [Patch(facecolor=_MASKED, edgecolor="#999999", label="grey: not a trained response token")]
+    if step_spans is not None:
+        handles.insert(0, Line2D([], [], color="black", lw=1.0, label="step boundary"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    note = "one colour scale for all panels" if scale == "shared" else "each panel has its own colour scale"
+    fig.suptitle((f"{title}\n" if title else "") + f"red < 0 < blue; {note}",
+                 fontsize=11 if title else 9)
     return fig
 
 
@@ -565,12 +664,15 @@ def runs_frame(runs: Any, *, label: str | Callable | None = None) -> pd.DataFram
     return pd.concat(frames, ignore_index=True)
 
 
+_BAND_WORDS = {"ci": "95% CI of the mean", "std": "±1 std", "minmax": "min–max"}
+
+
 def _band(values: pd.Series, band: str | None) -> tuple[float, float, float]:
     v = values.dropna().to_numpy(dtype=float)
     mu = float(v.mean()) if len(v) else math.nan
     if band is None or len(v) < 2:
         return mu, mu, mu
-    if band == "ci":  # the 95% Student-t interval of the tables (runs.mean_ci)
+    if band == "ci":  # the 95% interval of the tables (runs.mean_ci)
         from ibpo_lab.runs import mean_ci
 
         return mean_ci(v)
@@ -580,6 +682,56 @@ def _band(values: pd.Series, band: str | None) -> tuple[float, float, float]:
     if band == "minmax":
         return mu, float(v.min()), float(v.max())
     raise ValueError(f"band must be 'ci', 'std', 'minmax' or None, got {band!r}")
+
+
+def _handles(ax) -> tuple[list, list[str]]:
+    """The axes' legend handles, a copy line's own proxy (plain short dashes: its offset dash pattern
+    can start with a gap longer than a legend handle) in place of the line."""
+    handles, labels = ax.get_legend_handles_labels()
+    return [getattr(h, "_legend_proxy", h) for h in handles], labels
+
+
+def _mark_copy(line) -> None:
+    """Give a dashed copy line a legend proxy that shows its colour (see :func:`_handles`)."""
+    from matplotlib.lines import Line2D
+
+    line._legend_proxy = Line2D([], [], color=line.get_color(), ls=(0, (2.0, 1.0)), lw=line.get_linewidth(),
+                                marker=line.get_marker(), markersize=min(line.get_markersize(), 7),
+                                fillstyle=line.get_fillstyle(), markeredgewidth=line.get_markeredgewidth())
+
+
+def _legend_outside(ax, **kw) -> None:
+    """A legend to the right of the axes (never over the data); nothing when no artist is labelled."""
+    handles, labels = _handles(ax)
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  fontsize=7, frameon=False, **kw)
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True))
+
+
+def _copies(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """Which lines repeat an earlier one: (copy index -> first index, first index -> [first, copies...])."""
+    copy_of: dict[int, int] = {}
+    for i in range(len(xs)):
+        for j in range(i):
+            if j not in copy_of and _same_values(xs[j], xs[i]) and _same_values(ys[j], ys[i]):
+                copy_of[i] = j
+                break
+    cluster = {j: [j] + [i for i, b in copy_of.items() if b == j] for j in range(len(xs)) if j not in copy_of}
+    return copy_of, cluster
+
+
+def _dashed(pos: int, m: int, dash: float = 4.0) -> tuple[float, tuple[float, float]]:
+    """Line style of the ``pos``-th of ``m`` identical lines: dashes offset so that every colour shows
+    in its own slot (slot 0 is the first, solid line underneath)."""
+    return (pos * dash, (dash, dash * (m - 1)))
+
+
+def _seeds(n: int) -> str:
+    return f"n={n} seed" + ("" if n == 1 else "s")
 
 
 def learning_curves(
@@ -595,7 +747,14 @@ def learning_curves(
 ):
     """Mean curve of ``metric`` against ``x`` for each value of ``by`` with a band across seeds
     (``"ci"`` 95% CI of the mean, ``"std"``, ``"minmax"`` or None). ``smooth``: rolling-mean window
-    applied per run before averaging. ``runs``: see :func:`runs_frame`. -> Figure."""
+    applied per run before averaging. ``runs``: see :func:`runs_frame`. -> Figure.
+
+    What the figure promises is what it draws: the legend gives n (seeds) per line; a band is
+    drawn only for lines with n ≥ 2 seeds and the title names it (or says there is none); lines
+    with few points carry markers and a one-step line says "1 step"; a line identical to an
+    earlier one is drawn dashed, offset so both colours show, with the legend entry
+    ``name = other (identical)``; all-zero data says "all zero"; the legend sits outside the axes;
+    bands of :data:`SHARE_METRICS` are clipped to [0, 1]."""
     df = runs_frame(runs)
     for col in (metric, by, x):
         if col not in df.columns:
@@ -603,31 +762,85 @@ def learning_curves(
     if smooth < 1:
         raise ValueError(f"smooth must be >= 1, got {smooth}")
     _band(pd.Series([0.0, 1.0]), band)  # validate band before drawing
-    fig, ax = _new_ax(ax, (6, 3.6))
+    own = ax is None
+    if own:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
+    fig = ax.figure
     seed_col = "seed" if "seed" in df.columns else None
+    curves = []
     for name, sub in df.groupby(by, sort=False):
         sub = sub.dropna(subset=[metric]).sort_values(x)
         if sub.empty:
             continue
         if smooth > 1:
-            keys = [seed_col] if seed_col else []
-            if keys:
-                sub = sub.assign(**{metric: sub.groupby(keys)[metric].transform(
+            if seed_col:
+                sub = sub.assign(**{metric: sub.groupby(seed_col)[metric].transform(
                     lambda s: s.rolling(smooth, min_periods=1).mean())})
             else:
                 sub = sub.assign(**{metric: sub[metric].rolling(smooth, min_periods=1).mean()})
         stats = [(xv, *_band(g[metric], band)) for xv, g in sub.groupby(x)]
         xs, mu, lo, hi = (np.array(c, dtype=float) for c in zip(*stats))
-        n_seeds = sub[seed_col].nunique() if seed_col else 1
-        (line,) = ax.plot(xs, mu, label=f"{name} (n={n_seeds})", lw=1.6)
-        if band is not None and n_seeds > 1:
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-    if pd.api.types.is_integer_dtype(df[x]):
+        n = int(sub[seed_col].nunique()) if seed_col else 1
+        curves.append({"name": str(name), "xs": xs, "mu": mu, "lo": lo, "hi": hi, "n": n})
+    # identical lines: a later curve with the same points as an earlier one is its copy
+    copy_of, cluster = _copies([c["xs"] for c in curves], [c["mu"] for c in curves])
+    banded = []
+    for i, c in enumerate(curves):
+        single = len(c["xs"]) == 1
+        marker = "o" if len(c["xs"]) <= 30 else None
+        extra = ", 1 step" if single else ""
+        if i in copy_of:
+            base = copy_of[i]
+            members = cluster[base]
+            pos, m = members.index(i), len(members)
+            style = dict(ls=_dashed(pos, m), lw=2.2,
+                         marker=marker, markersize=5 + 2.5 * pos, fillstyle="none", markeredgewidth=1.2)
+            lab = f"{c['name']} = {curves[base]['name']} (identical; {_seeds(c['n'])}{extra})"
+        else:
+            style = dict(ls="-", lw=1.8 if i in cluster and len(cluster[i]) > 1 else 1.6, marker=marker,
+                         markersize=6 if single else 3.5)
+            lab = f"{c['name']} ({_seeds(c['n'])}{extra})"
+        (line,) = ax.plot(c["xs"], c["mu"], label=lab, **style)
+        if i in copy_of:
+            _mark_copy(line)
+        if metric in SHARE_METRICS:  # the mean of shares stays in [0, 1]; so does its band
+            c["lo"], c["hi"] = np.clip(c["lo"], 0, 1), np.clip(c["hi"], 0, 1)
+        if band is not None and c["n"] >= 2 and i not in copy_of and not single:
+            ax.fill_between(c["xs"], c["lo"], c["hi"], color=line.get_color(), alpha=0.2, lw=0)
+            banded.append("band")
+        elif band is not None and c["n"] >= 2 and single and i not in copy_of and np.isfinite(c["lo"]).all():
+            ax.errorbar(c["xs"], c["mu"], yerr=[c["mu"] - c["lo"], c["hi"] - c["mu"]], fmt="none",
+                        ecolor=line.get_color(), capsize=3)
+            banded.append("error bar")
+    if not curves:
+        ax.text(0.5, 0.5, f"no {axis_label(metric)} logged", transform=ax.transAxes, ha="center", va="center")
+    values = np.concatenate([c["mu"] for c in curves]) if curves else np.array([])
+    values = values[np.isfinite(values)]
+    if len(values) and np.all(values == 0):
+        ax.text(0.5, 0.62, "all zero", transform=ax.transAxes, ha="center", va="center", fontsize=12,
+                color="#666666")
+    one_step = bool(curves) and all(len(c["xs"]) == 1 for c in curves)
+    if one_step:
+        xv = sorted({float(c["xs"][0]) for c in curves})
+        ax.set_xticks(xv)
+        ax.set_xlim(xv[0] - 1, xv[-1] + 1)
+        ax.text(0.5, 0.02, "only 1 step logged: points, not curves", transform=ax.transAxes, ha="center",
+                va="bottom", fontsize=8, color="#444444", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8))
+    if pd.api.types.is_integer_dtype(df[x]) and not one_step:
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric}" + (f" (band: {band} over seeds)" if band else ""), fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(axis_label(metric))
+    if band is None:
+        note = "mean over seeds, no band"
+    elif banded:
+        kinds = " and ".join(sorted(set(banded)))  # a one-step line gets an error bar, not a band
+        note = f"{kinds}: {_BAND_WORDS[band]} over seeds; n in the legend"
+    else:
+        note = "1 seed per line: no band"
+    ax.set_title(f"{title or axis_label(metric)}\n({note})", fontsize=9)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
     return fig
 
@@ -635,7 +848,8 @@ def learning_curves(
 def metric_grid(runs: Any, metrics: Sequence[str], *, by: str = "label", band: str | None = "ci",
                 x: str = "step", smooth: int = 1, ncol: int = 2, title: str | None = None):
     """:func:`learning_curves` of several metrics in one figure (missing metrics are listed in an
-    error, not skipped)."""
+    error, not skipped). When every panel has the same legend it is drawn once, right of the grid;
+    otherwise (e.g. lines identical in one metric only) each panel keeps its own, outside it."""
     import matplotlib.pyplot as plt
 
     df = runs_frame(runs)
@@ -646,23 +860,43 @@ def metric_grid(runs: Any, metrics: Sequence[str], *, by: str = "label", band: s
         raise ValueError("metrics is empty")
     ncol = min(ncol, len(metrics))
     nrow = math.ceil(len(metrics) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.3 * nrow), squeeze=False)
-    for ax, m in zip(axes.flat, metrics):
-        learning_curves(df, m, by=by, band=band, x=x, smooth=smooth, ax=ax, title=m)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol + 2.2, 3.4 * nrow), squeeze=False, layout="constrained")
+    used = list(axes.flat)[: len(metrics)]
+    for ax, m in zip(used, metrics):
+        learning_curves(df, m, by=by, band=band, x=x, smooth=smooth, ax=ax, title=axis_label(m))
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
+    legends = [tuple(t.get_text() for t in ax.get_legend().get_texts()) if ax.get_legend() else () for ax in used]
+    if len(set(legends)) == 1 and legends[0]:
+        handles, labels = _handles(used[0])
+        for ax in used:
+            ax.get_legend().remove()
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
-def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, err: str | None = None,
-                 ax=None, title: str | None = None):
-    """Grouped bar chart of a summary table: bars of ``y`` per ``x`` (one colour per ``hue``),
-    error bars from column ``err``. If ``df`` has several rows per (x, hue), they are averaged
-    and the error bar is their 95% CI."""
-    cols = [c for c in (x, y, hue, err) if c is not None]
+def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None,
+                 err: str | tuple[str, str] | None = None, err_label: str | None = None, n: str | None = None,
+                 ax=None, title: str | None = None, ylabel: str | None = None,
+                 bounds: tuple[float, float] | None = None):
+    """Grouped bar chart of a summary table: bars of ``y`` per ``x`` (one colour per ``hue``).
+
+    Error bars: ``err`` a column of half-widths, or a pair of columns ``(lo, hi)`` with the
+    interval's bounds (``err_label`` says what the interval is; it goes in the title). Without
+    ``err``, rows sharing an (x, hue) are averaged and the error bar is the 95% CI of their mean
+    (``runs.mean_ci``) when there are ≥ 2 of them. Each bar is labelled with its value (and
+    ``n=``: column ``n`` if given, else the number of rows averaged when > 1); NaN bars read
+    "n/a"; a chart whose bars are all zero says "all zero" on a 0–1 axis instead of a ±0.05 one.
+    ``bounds``: the range the values live in (default (0, 1) for :data:`SHARE_METRICS`): error bars
+    are clipped to it.
+    Axis labels are words (:func:`axis_label`), the legend sits outside the axes."""
+    pair = isinstance(err, (tuple, list))
+    if pair and len(err) != 2:
+        raise ValueError(f"err must be a column or a (lo, hi) pair of columns, got {err!r}")
+    err_cols = list(err) if pair else ([err] if err else [])
+    cols = [c for c in (x, y, hue, n) if c is not None] + err_cols
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise ValueError(f"columns {missing} not in the table; available: {sorted(df.columns)}")
@@ -671,24 +905,67 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, er
     for k, g in df.groupby(keys, sort=False):
         k = k if isinstance(k, tuple) else (k,)
         mu, lo, hi = _band(g[y], "ci")
-        e = float(g[err].mean()) if err else (hi - mu)
-        rows.append((*k, mu, e))
-    agg = pd.DataFrame(rows, columns=keys + ["_mu", "_err"])
+        if pair:
+            lo, hi = float(g[err_cols[0]].mean()), float(g[err_cols[1]].mean())
+        elif err:
+            e = float(g[err].mean())
+            lo, hi = mu - e, mu + e
+        count = int(g[n].sum()) if n else len(g)
+        rows.append((*k, mu, lo, hi, count))
+    agg = pd.DataFrame(rows, columns=keys + ["_mu", "_lo", "_hi", "_n"])
+    if bounds is None and y in SHARE_METRICS:
+        bounds = (0.0, 1.0)
+    if bounds is not None:
+        agg["_lo"], agg["_hi"] = agg["_lo"].clip(*bounds), agg["_hi"].clip(*bounds)
     xs = list(dict.fromkeys(agg[x]))
     hues = list(dict.fromkeys(agg[hue])) if hue else [None]
-    fig, ax = _new_ax(ax, (1.5 + 0.8 * len(xs) * max(1, len(hues)) ** 0.5, 3.4))
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(2.2 + 0.8 * len(xs) * max(1, len(hues)) ** 0.5 + (1.8 if hue else 0), 3.6),
+                               layout="constrained")
+    fig = ax.figure
     w = 0.8 / len(hues)
+    mus = agg["_mu"].to_numpy(dtype=float)
+    finite = np.isfinite(mus)
+    all_zero = bool(finite.any()) and bool(np.all(mus[finite] == 0))
+    drawn_err = False
     for h_i, h in enumerate(hues):
         sub = agg if h is None else agg[agg[hue] == h]
         pos = [xs.index(v) + (h_i - (len(hues) - 1) / 2) * w for v in sub[x]]
-        errs = np.nan_to_num(sub["_err"].to_numpy(dtype=float))
-        ax.bar(pos, sub["_mu"], w, yerr=errs if errs.any() else None, capsize=3,  # no caps on single values
-               label=None if h is None else str(h))
-    ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(y)
+        mu = sub["_mu"].to_numpy(dtype=float)
+        lo_e = np.nan_to_num(mu - sub["_lo"].to_numpy(dtype=float))
+        hi_e = np.nan_to_num(sub["_hi"].to_numpy(dtype=float) - mu)
+        yerr = np.vstack([lo_e, hi_e]) if (lo_e.any() or hi_e.any()) else None  # no caps on single values
+        drawn_err = drawn_err or yerr is not None
+        bars = ax.bar(pos, np.nan_to_num(mu), w, yerr=yerr, capsize=3, label=None if h is None else str(h))
+        show_n = n is not None or (sub["_n"] > 1).any()
+        texts = []
+        for v, c in zip(mu, sub["_n"]):
+            t = "n/a" if not np.isfinite(v) else format(v, ".3g")
+            texts.append(t + (f"\nn={c}" if show_n else ""))
+        if len(agg) <= 30:
+            ax.bar_label(bars, labels=texts, fontsize=7, padding=2)
+    if all_zero:
+        ax.set_ylim(0, 1)
+        ax.text(0.5, 0.6, "all zero", transform=ax.transAxes, ha="center", va="center", fontsize=12, color="#666666")
+    else:
+        ax.margins(y=0.15)
+    names = [str(v) for v in xs]
+    slanted = max(map(len, names), default=0) > 4  # short names (K = 1, 2, 3) stay upright
+    ax.set_xticks(range(len(xs)), names, rotation=30 if slanted else 0, ha="right" if slanted else "center", fontsize=8)
+    ax.set_xlabel(axis_label(x), fontsize=8)
+    ax.set_ylabel(ylabel or axis_label(y))
     if hue:
-        ax.legend(fontsize=7, title=hue)
-    ax.set_title(title or y, fontsize=10)
+        _legend_outside(ax, title=axis_label(hue))
+    if not drawn_err:  # never name an interval that is not drawn
+        bars_note = "no error bars: one value per bar" if (pair or err) and (agg["_n"] <= 1).all() else (
+            "no error bars: zero-width or unknown intervals" if (pair or err) else "")
+    elif pair or err:
+        bars_note = err_label or ("error bars: " + (f"{err_cols[0]} to {err_cols[1]}" if pair else f"± {err}"))
+    else:
+        bars_note = "error bars: 95% CI of the mean over the n rows"
+    ax.set_title((title or axis_label(y)) + (f"\n({bars_note})" if bars_note else ""), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -696,25 +973,26 @@ def summary_bars(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, er
 def grid_heatmap(df: pd.DataFrame, x: str, y: str, value: str, *, ax=None, title: str | None = None,
                  cmap: str = "viridis", fmt: str = ".3g"):
     """Heatmap of ``value`` over a two-parameter grid (e.g. λ × ρ), one cell per (x, y) row of ``df``
-    (several rows per cell are averaged), the value written in each cell."""
+    (several rows per cell are averaged), the value written in each cell; axes and colour bar
+    labelled in words (:func:`axis_label`)."""
     missing = [c for c in (x, y, value) if c not in df.columns]
     if missing:
         raise ValueError(f"columns {missing} not in the table; available: {sorted(df.columns)}")
-    piv = df.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
+    piv = df.pivot_table(index=y, columns=x, values=value, aggfunc="mean", dropna=False)
     fig, ax = _new_ax(ax, (1.5 + 0.9 * piv.shape[1], 1.2 + 0.6 * piv.shape[0]))
     im = ax.imshow(piv.to_numpy(dtype=float), cmap=cmap, aspect="auto", origin="lower")
     ax.set_xticks(range(piv.shape[1]), [f"{v:g}" if isinstance(v, float) else str(v) for v in piv.columns])
     ax.set_yticks(range(piv.shape[0]), [f"{v:g}" if isinstance(v, float) else str(v) for v in piv.index])
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(axis_label(y))
     for i in range(piv.shape[0]):
         for j in range(piv.shape[1]):
             v = piv.iat[i, j]
             bright = not pd.isna(v) and im.norm(v) > 0.6  # dark text on the bright end of the colour map
-            ax.text(j, i, "nan" if pd.isna(v) else format(v, fmt), ha="center", va="center", fontsize=8,
+            ax.text(j, i, "n/a" if pd.isna(v) else format(v, fmt), ha="center", va="center", fontsize=8,
                     color="black" if bright else "white")
-    ax.set_title(title or value, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title or axis_label(value), fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=axis_label(value))
     return fig
 
 
@@ -730,50 +1008,75 @@ def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, float]:
 def roc_plot(df: pd.DataFrame, *, score: str = "advantage", label: str = "correct", by: str = "estimator",
              ax=None, title: str = "step credit vs ground-truth step labels"):
     """ROC curves, one per ``by`` group, of how well ``score`` ranks steps with ``label`` True above
-    the rest (AUC in the legend; 0.5 = no information)."""
+    the rest (AUC and n steps in the legend, outside the axes; 0.5 = no information). Groups
+    whose steps are all of one label have no ROC and are listed in the legend as such."""
+    from matplotlib.lines import Line2D
+
     for c in (score, label, by):
         if c not in df.columns:
             raise ValueError(f"column {c!r} not in the table; available: {sorted(df.columns)}")
-    fig, ax = _new_ax(ax, (4.4, 4))
+    fig, ax = _new_ax(ax, (6.4, 4))
+    skipped, rocs = [], []
     for name, g in df.groupby(by, sort=False):
         y = g[label].astype(bool)
         if y.all() or not y.any():
+            skipped.append(str(name))
             continue
         fpr, tpr, auc = roc_curve(g[score], y)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.2f})")
-    ax.plot([0, 1], [0, 1], color="#aaaaaa", ls="--", lw=1)
-    ax.set_xlabel("false positive rate")
+        rocs.append((str(name), np.asarray(fpr, float), np.asarray(tpr, float), auc, len(g)))
+    copy_of, cluster = _copies([r[1] for r in rocs], [r[2] for r in rocs])  # e.g. grpo = dr_grpo = rloo
+    for i, (name, fpr, tpr, auc, n) in enumerate(rocs):
+        if i in copy_of:
+            members = cluster[copy_of[i]]
+            (line,) = ax.plot(fpr, tpr, ls=_dashed(members.index(i), len(members)), lw=2.0,
+                              label=f"{name} = {rocs[copy_of[i]][0]} (identical; AUC {auc:.2f}, n={n} steps)")
+            _mark_copy(line)
+        else:
+            ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUC {auc:.2f}, n={n} steps)")
+    ax.plot([0, 1], [0, 1], color="#aaaaaa", ls="--", lw=1, label="no information (AUC 0.5)")
+    for name in skipped:
+        ax.add_line(Line2D([], [], color="none", label=f"{name}: no ROC (one label only)"))
+    ax.set_xlabel("false positive rate (wrong steps ranked as correct)")
     ax.set_ylabel("true positive rate")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    _legend_outside(ax)
     return fig
 
 
 def step_credit_plot(df: pd.DataFrame, *, value: str = "advantage", label: str = "correct", by: str = "estimator",
                      ax=None, title: str = "per-step advantage by ground-truth step label"):
     """Per ``by`` group, the distribution of step advantages on correct vs wrong steps (box plots
-    side by side): good credit puts wrong steps clearly below correct ones."""
+    side by side, n steps of each kind under the group's name): good credit puts wrong steps
+    clearly below correct ones."""
+    from matplotlib.patches import Patch
+
     for c in (value, label, by):
         if c not in df.columns:
             raise ValueError(f"column {c!r} not in the table; available: {sorted(df.columns)}")
     names = list(dict.fromkeys(df[by]))
-    fig, ax = _new_ax(ax, (1.5 + 1.2 * len(names), 3.6))
-    data, pos, colours = [], [], []
+    fig, ax = _new_ax(ax, (3.2 + 1.2 * len(names), 3.6))
+    data, pos, colours, ticks = [], [], [], []
     for i, n in enumerate(names):
         g = df[df[by] == n]
+        counts = []
         for j, (lab, col) in enumerate(((True, "#4c9a4c"), (False, "#c04040"))):
             v = g.loc[g[label].astype(bool) == lab, value].dropna().to_numpy(dtype=float)
+            counts.append(len(v))
             data.append(v if len(v) else np.array([np.nan]))
             pos.append(i + (j - 0.5) * 0.35)
             colours.append(col)
+        ticks.append(f"{n}\n({counts[0]} correct / {counts[1]} wrong)")
     bp = ax.boxplot(data, positions=pos, widths=0.3, patch_artist=True, showfliers=False)
     for patch, c in zip(bp["boxes"], colours):
         patch.set_facecolor(c)
         patch.set_alpha(0.6)
     ax.axhline(0, color="#999999", lw=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(value)
-    ax.set_title(title + " (green = correct, red = wrong)", fontsize=10)
+    ax.set_xticks(range(len(names)), ticks, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(axis_label(value))
+    ax.set_title(title, fontsize=10)
+    ax.legend(handles=[Patch(facecolor="#4c9a4c", alpha=0.6, label="correct steps"),
+                       Patch(facecolor="#c04040", alpha=0.6, label="wrong steps")],
+              loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7, frameon=False)
     return fig
 
 

@@ -89,12 +89,11 @@ else:
 # %%
 import matplotlib.pyplot as plt
 
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-viz.summary_bars(quality.fillna(0.5), "estimator", "auc_within_failed", ax=axes[0],
-                 title="AUC within failed trajectories (0.5 = none)")
-viz.summary_bars(quality.fillna(0), "estimator", "first_error_localisation", ax=axes[1],
-                 title="first-error localisation")
-fig.tight_layout()
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+viz.summary_bars(quality, "estimator", "auc_within_failed", ax=axes[0],  # n/a: no failure with both kinds of step
+                 title="AUC within failed trajectories (0.5 = no information)", ylabel="AUC")
+viz.summary_bars(quality, "estimator", "first_error_localisation", ax=axes[1],
+                 title="first-error localisation", ylabel="share of failures")
 viz.save_fig(fig, out_dir, "credit_quality_bars")
 
 # %% [markdown]
@@ -116,6 +115,8 @@ examples = lab.task.examples("train", variance_prompts)
 var = diagnostics.gradient_variance(lab, examples, estimators=variance_estimators, resamples=variance_resamples,
                                     seed=seed + 100, progress=False)
 viz.save_table(var, out_dir, "gradient_variance")
-fig = viz.summary_bars(var, "estimator", "rel_var", title="relative gradient variance (lower is better)")
+fig = viz.summary_bars(var, "estimator", "rel_var", err=("rel_var_lo", "rel_var_hi"),
+                       err_label=f"error bars: 95% bootstrap interval over the {variance_resamples} resamples",
+                       title=f"relative gradient variance (lower is better), {len(examples)} fixed prompts")
 viz.save_fig(fig, out_dir, "gradient_variance")
 var

@@ -72,7 +72,7 @@ records = train_many(cfgs, runs_dir, progress=False, experiment="04_training_syn
 
 # %%
 main = [r for r in records if r.label in estimators]
-fig = viz.metric_grid(main, metrics, title="baselines vs IBPO (mean over seeds, 95% band)")
+fig = viz.metric_grid(main, metrics, title="baselines vs IBPO")
 viz.save_fig(fig, out_dir, "curves_estimators")
 
 # %% [markdown]
@@ -89,7 +89,8 @@ viz.save_fig(fig, out_dir, "curves_ablations")
 # %%
 final = runs.final_table(records)
 viz.save_table(final, out_dir, "final_accuracy")
-fig = viz.summary_bars(final, "label", "mean", title="held-out accuracy at the end (mean over seeds)")
+fig = viz.summary_bars(final, "label", "mean", err=("ci_lo", "ci_hi"), err_label="error bars: 95% CI over seeds",
+                       bounds=(0, 1), n="n_seeds", ylabel=viz.axis_label("avg@k"), title="held-out accuracy at the end")
 viz.save_fig(fig, out_dir, "final_accuracy")
 final
 

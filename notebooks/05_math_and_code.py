@@ -83,7 +83,9 @@ print(f"{len(records)} runs")
 # %%
 final = runs.final_table(records)
 viz.save_table(final, out_dir, "main_comparison")
-fig = viz.summary_bars(final, "experiment", "mean", hue="label", title="held-out accuracy (avg@k) by task and method")
+fig = viz.summary_bars(final, "experiment", "mean", hue="label", err=("ci_lo", "ci_hi"), n="n_seeds",
+                       err_label="error bars: 95% CI over seeds", bounds=(0, 1), ylabel=viz.axis_label("avg@k"),
+                       title="held-out accuracy by task and method")
 viz.save_fig(fig, out_dir, "main_comparison")
 final
 
@@ -93,7 +95,7 @@ final
 # %%
 for task in tasks:
     recs = [r for r in records if r.experiment == f"05_{task}"]
-    fig = viz.metric_grid(recs, metrics, title=f"{task}: training curves (mean over seeds, 95% band)")
+    fig = viz.metric_grid(recs, metrics, title=f"{task}: training curves")
     viz.save_fig(fig, out_dir, f"stability_{task}")
 
 # %%

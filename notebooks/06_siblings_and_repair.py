@@ -74,10 +74,9 @@ sample.batch
 # %%
 ksweep = diagnostics.k_sweep(sample, ks, seed=seed + 1)
 viz.save_table(ksweep, out_dir, "k_sweep")
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
 viz.summary_bars(ksweep, "K", "repaired_share", ax=axes[0], title="failed trajectories with a verified repair")
-viz.summary_bars(ksweep.fillna(0), "K", "live_group_share", ax=axes[1], title="groups with a non-zero IBPO signal")
-fig.tight_layout()
+viz.summary_bars(ksweep, "K", "live_group_share", ax=axes[1], title="groups with a non-zero IBPO signal")
 viz.save_fig(fig, out_dir, "k_sweep")
 ksweep
 
@@ -88,11 +87,10 @@ ksweep
 corrected = sample.recorrect(correct={"num_references": max(k for k in ks if k < group_size)}, seed=seed + 1)
 rewrite = diagnostics.rewrite_comparison(corrected)
 viz.save_table(rewrite, out_dir, "local_vs_rewrite")
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-viz.summary_bars(rewrite.fillna(0), "credit", "edited_fraction", ax=axes[0], title="share of tokens credited")
-viz.summary_bars(rewrite.fillna(0), "credit", "first_error_localisation", ax=axes[1],
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+viz.summary_bars(rewrite, "credit", "edited_fraction", ax=axes[0], title="share of tokens credited (repaired failures)")
+viz.summary_bars(rewrite, "credit", "first_error_localisation", ax=axes[1],
                  title="first-error localisation")
-fig.tight_layout()
 viz.save_fig(fig, out_dir, "local_vs_rewrite")
 rewrite
 

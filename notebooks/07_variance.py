@@ -69,15 +69,15 @@ terms = pd.DataFrame({"term": ["Var(R)", "λ²·Var(φ)", "2λ·Cov(R,φ)", "Var
                                     pooled.var_shaped]})
 curve = diagnostics.shaping_variance_curve(sample, lams, rho)
 viz.save_table(curve, out_dir, "variance_vs_lambda")
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-viz.summary_bars(terms, "term", "value", ax=axes[0], title=f"pooled within-group terms (λ={lam}, ρ={rho})")
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
+viz.summary_bars(terms, "term", "value", ax=axes[0], title=f"pooled within-group terms (λ={lam}, ρ={rho})",
+                 ylabel="pooled within-group variance")
 axes[1].plot(curve.lam, curve.var_shaped, "o-", label="measured Var(R + λφ)")
 axes[1].plot(curve.lam, curve.var_decomposed, "--", label="Var(R) + λ²Var(φ) + 2λCov(R,φ)")
 axes[1].axhline(pooled.var_R, color="grey", lw=0.8, label="Var(R) (no shaping)")
-axes[1].set_xlabel("λ")
+axes[1].set_xlabel(viz.axis_label("lam"))
 axes[1].set_ylabel("pooled within-group variance")
-axes[1].legend(fontsize=7)
-fig.tight_layout()
+axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
 viz.save_fig(fig, out_dir, "variance_decomposition")
 
 # %% [markdown]

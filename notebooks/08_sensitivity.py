@@ -70,11 +70,10 @@ sample.batch
 # %%
 grid = diagnostics.shaping_grid(sample, lams, rhos)
 viz.save_table(grid, out_dir, "lambda_rho_grid")
-fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
 viz.grid_heatmap(grid, "lam", "rho", "var_shaped", ax=axes[0], title="pooled Var(R + λφ)")
 viz.grid_heatmap(grid, "lam", "rho", "live_group_share", ax=axes[1], title="groups with a non-zero signal")
-viz.grid_heatmap(grid.fillna(0.5), "lam", "rho", "auc_within_failed", ax=axes[2], title="AUC within failures")
-fig.tight_layout()
+viz.grid_heatmap(grid, "lam", "rho", "auc_within_failed", ax=axes[2], title="AUC within failures (n/a: none)")
 viz.save_fig(fig, out_dir, "lambda_rho_grid")
 
 # %% [markdown]
@@ -89,9 +88,8 @@ if config.uses_real_model(profile):
 records = train_many(cfgs, runs_dir, progress=False, experiment="08_sensitivity", keep_checkpoints=False)
 final = runs.final_table(records)
 viz.save_table(final, out_dir, "training_final")
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-viz.summary_bars(final, "label", "final_reward", ax=axes[0], title="final training reward")
+fig, axes = plt.subplots(1, 2, figsize=(14, 3.8), layout="constrained")
+viz.summary_bars(final, "label", "final_reward", n="n_seeds", ax=axes[0], title="final training reward")
 viz.learning_curves(records, "reward_mean", ax=axes[1], title="training reward")
-fig.tight_layout()
 viz.save_fig(fig, out_dir, "training_sensitivity")
 final

@@ -50,7 +50,7 @@ stability
 # %%
 for exp in sorted(set(r.experiment for r in records)):
     recs = [r for r in records if r.experiment == exp]
-    fig = viz.learning_curves(recs, metric, title=f"{exp}: {metric}")
+    fig = viz.learning_curves(recs, metric, title=f"{exp}: {viz.axis_label(metric)}")
     viz.save_fig(fig, out_dir, f"curves_{exp}")
 
 # %% [markdown]

@@ -15,6 +15,7 @@ from ibpo_lab.diagnostics import (
     credit_quality,
     effective_updates,
     gradient_stats,
+    rel_var_interval,
     step_advantages,
 )
 from ibpo_lab.rollout import RolloutBatch
@@ -106,6 +107,23 @@ def test_gradient_stats_against_numpy():
     assert s["rel_var"] == pytest.approx(tv / (mean @ mean))
     cos = [(x @ mean) / (np.linalg.norm(x) * np.linalg.norm(mean)) for x in g]
     assert s["mean_cos"] == pytest.approx(np.mean(cos))
+
+
+def test_rel_var_interval_is_the_percentile_bootstrap_of_gradient_stats():
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(5, 7)) + 0.3
+    lo, hi = rel_var_interval(torch.tensor(g), n_boot=300, seed=11)
+    draws = np.random.default_rng(11)  # the same draws, each re-stacked and scored directly
+    rel = []
+    for _ in range(300):
+        idx = draws.integers(0, 5, 5)
+        b = g[idx]
+        m = b.mean(0)
+        rel.append(np.var(b, axis=0, ddof=1).sum() / (m @ m))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(rel, [0.025, 0.975])))
+    assert lo <= gradient_stats(torch.tensor(g))["rel_var"] <= hi
+    assert rel_var_interval(torch.tensor([[1.0, 2.0]] * 3)) == (0.0, 0.0)  # no spread in any draw
+    assert all(math.isnan(v) for v in rel_var_interval(torch.ones(1, 3)))
 
 
 def test_gradient_stats_identical_and_degenerate():

@@ -113,4 +113,4 @@ def test_smoke_reproduction_runs_every_notebook_green(tmp_path):
                  if "image/png" in o.get("data", {})]
         assert shown, f"{nb['name']}: no figure is shown in the executed notebook"
     report = (run / "report.md").read_text()
-    assert "❌" not in report and report.count("![") >= len(IPYNBS)
+    assert "— failed (" not in report and report.count("![") >= len(IPYNBS)  # statuses are words now

@@ -130,7 +130,7 @@ def test_run_continues_past_failure_and_reports_it(nbdir, tmp_path, capsys):
     code = rp.main(["--profile", "smoke", "--notebooks-dir", str(nbdir), "--out", str(out), "-p", "n", "4"])
     assert code == 1
     (run,) = list(out.iterdir())
-    assert run.name.endswith("-smoke")
+    assert run.name.endswith("-smoke-n=4")  # the -p override is in the folder name ...
     status = json.loads((run / "status.json").read_text())
     by = {nb["name"]: nb for nb in status["notebooks"]}
     assert [nb["name"] for nb in status["notebooks"]] == ["01_first", "02_broken", "03_results"]
@@ -143,7 +143,9 @@ def test_run_continues_past_failure_and_reports_it(nbdir, tmp_path, capsys):
     assert "n" not in by["03_results"]["parameters"]
     assert (run / "notebooks" / "02_broken.ipynb").exists()  # the failed notebook is kept with its traceback
     report = (run / "report.md").read_text()
-    assert "❌ failed" in report and "broken on purpose" in report
+    assert "broken on purpose" in report
+    assert "overrides (-p): n=4" in report  # ... and in the report
+    assert status["overrides"] == {"n": 4}
     assert "![line](figures/01_first/line.png)" in report
     assert "## Results" in report and "runs_dir_exists" in report and "True" in report
     assert "| smoke     |   4 |" in report.split("**numbers**")[1]
@@ -152,6 +154,7 @@ def test_run_continues_past_failure_and_reports_it(nbdir, tmp_path, capsys):
     html = (run / "report.html").read_text()
     assert 'class="ibpo-tokens"' in html
     assert "<img src='figures/01_first/line.png'>" in html
+    assert "overrides (-p): n=4" in html
     log = capsys.readouterr().out
     assert "[1/3] 01_first: ok" in log and "[2/3] 02_broken: failed" in log and "2/3 notebooks ok" in log
 
@@ -246,3 +249,50 @@ def test_kernel_is_not_interrupted_when_shut_down(quiet):
     assert (signal.SIGINT in sent) is (not quiet)
     if quiet:
         assert km.transport == ("ipc" if __import__("os").name == "posix" else "tcp")
+
+
+# ------------------------------------------------------------------------------------ item 9 of issue 17
+def _emoji(text: str) -> list[str]:
+    # pictographs, dingbats (✅ ❌ ✔ ✖ ⚠) and variation selectors: all need an emoji font
+    return [c for c in text if ord(c) >= 0x1F000 or 0x2600 <= ord(c) <= 0x27BF or c in "\ufe0f\ufe0e"]
+
+
+def test_report_states_overrides_and_uses_words_not_emoji_for_status(tmp_path):
+    ok = rp.NotebookResult(name="01_a", status="ok", seconds=1.0)
+    bad = rp.NotebookResult(name="02_b", status="failed", seconds=0.5, error="ValueError: boom")
+    md = rp.write_report(tmp_path, "smoke", [ok, bad], 1.5, overrides={"steps": 3, "seeds": [0, 1]}).read_text()
+    html = (tmp_path / "report.html").read_text()
+    for text in (md, html):
+        assert "overrides (-p): steps=3, seeds=0,1" in text
+        assert not _emoji(text)
+    rows = [line for line in md.splitlines() if line.startswith("| 01_a") or line.startswith("| 02_b")]
+    assert [r.split("|")[2].strip() for r in rows] == ["ok", "failed"]
+    assert "overrides (-p): none" in rp.write_report(tmp_path, "smoke", [ok], 1.0).read_text()
+
+
+def test_overrides_slug_is_a_safe_bounded_folder_name():
+    assert rp.overrides_slug({"steps": 3, "seeds": [0, 1]}) == "steps=3_seeds=0,1"
+    assert rp.overrides_slug({"model": "Qwen/Qwen2.5 1.5B"}) == "model=Qwen-Qwen2.5-1.5B"
+    long_a = rp.overrides_slug({"estimators": ["grpo", "rloo", "prefix_tree", "ibpo", "vineppo", "dr_grpo", "a"]})
+    long_b = rp.overrides_slug({"estimators": ["grpo", "rloo", "prefix_tree", "ibpo", "vineppo", "dr_grpo", "b"]})
+    assert len(long_a) <= 60 and long_a != long_b  # cut, but two override sets never share a name
+
+
+def test_wide_tables_are_split_in_markdown_and_scroll_in_html(tmp_path):
+    import pandas as pd
+
+    cols = {f"metric_{i}": [float(i), float(i) + 0.5] for i in range(13)}
+    wide = pd.DataFrame({"experiment": ["04_synthetic"] * 2, "label": ["grpo", "ibpo"], **cols})
+    fig_dir = tmp_path / "figures" / "04_x"
+    fig_dir.mkdir(parents=True)
+    wide.to_csv(fig_dir / "stability.csv", index=False)
+    res = rp.NotebookResult(name="04_x", status="ok", seconds=1.0, tables=["figures/04_x/stability.csv"])
+    md = rp.write_report(tmp_path, "smoke", [res], 1.0).read_text()
+    headers = [line for line in md.splitlines() if line.lstrip("| ").startswith("experiment")]
+    assert len(headers) == 3  # 2 key columns + 13 metrics in blocks of <= 8 columns
+    for h in headers:
+        assert h.count("|") - 1 <= rp.MD_MAX_COLUMNS and "label" in h
+    shown = {c for h in headers for c in (x.strip() for x in h.split("|")) if c}
+    assert shown == set(wide.columns)  # nothing dropped
+    html = (tmp_path / "report.html").read_text()
+    assert "<div class='table-wrap'><table" in html and ".table-wrap{max-width:100%;overflow-x:auto" in html

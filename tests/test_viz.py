@@ -192,7 +192,7 @@ def test_learning_curves_mean_and_ci_band():
     fig = viz.learning_curves(df, "reward_mean", band="ci")
     ax = fig.axes[0]
     assert len(ax.lines) == 2
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["grpo (n=4)", "ibpo (n=4)"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["grpo (n=4 seeds)", "ibpo (n=4 seeds)"]
     sub = df[(df.label == "ibpo") & (df.step == 3)]["reward_mean"]
     assert np.isclose(ax.lines[1].get_ydata()[3], sub.mean())
     band = ax.collections[1].get_paths()[0].vertices
@@ -513,3 +513,151 @@ def test_trajectory_view_shows_whole_characters_of_a_byte_level_bpe(tmp_path):
                           "response": [text], "advantages": [[0.1] * len(ids)]})
     shown = [s.group(4) for s in _spans(viz.trajectory_view(frame, 0, tokenizer=tok)["tokens"])]
     assert "".join(shown) == text and "\ufffd" not in "".join(shown) and shown[-3:] == ["", "", "中"]
+
+
+# ----------------------------------------------------------------- figures that say what they show (issue 17, 5-8)
+def _overlaps(fig, a, b) -> bool:
+    fig.canvas.draw()
+    ra, rb = a.get_window_extent(), b.get_window_extent()
+    return ra.x0 < rb.x1 and rb.x0 < ra.x1 and ra.y0 < rb.y1 and rb.y0 < ra.y1
+
+
+def test_one_step_one_seed_curves_have_markers_say_1_step_and_promise_no_band():
+    df = pd.DataFrame({"step": [1, 1], "seed": [0, 0], "label": ["grpo", "ibpo"], "reward_mean": [0.0, 0.25]})
+    fig = viz.learning_curves(df, "reward_mean", band="ci")
+    ax = fig.axes[0]
+    assert all(line.get_marker() == "o" for line in ax.lines[:2])
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == ["grpo (n=1 seed, 1 step)", "ibpo (n=1 seed, 1 step)"]
+    assert not ax.collections  # no band drawn ...
+    assert "95%" not in ax.get_title() and "no band" in ax.get_title()  # ... and none promised
+    assert any("1 step" in t.get_text() for t in ax.texts)
+    assert not any(t.get_text() == "all zero" for t in ax.texts)  # 0.25 is not zero
+    ax = viz.learning_curves(df.assign(reward_mean=0.0), "reward_mean").axes[0]
+    assert any(t.get_text() == "all zero" for t in ax.texts)
+
+
+def test_band_is_named_in_the_title_only_when_drawn():
+    fig = viz.learning_curves(_curves_df(seeds=3), "reward_mean", band="ci")
+    ax = fig.axes[0]
+    assert len(ax.collections) == 2 and "95% CI" in ax.get_title()
+    one = pd.DataFrame({"step": [1, 1], "seed": [0, 1], "label": "grpo", "reward_mean": [0.2, 0.4]})
+    ax = viz.learning_curves(one, "reward_mean").axes[0]
+    assert "error bar: 95% CI" in ax.get_title() and "band" not in ax.get_title()
+
+
+def test_identical_curves_are_flagged_dashed_and_legend_is_outside_the_axes():
+    df = _curves_df(seeds=2)
+    copy = df[df.label == "ibpo"].assign(label="ibpo_no_gate")
+    df = pd.concat([df, copy, df[df.label == "ibpo"].assign(label="ibpo_k1")], ignore_index=True)
+    fig = viz.learning_curves(df, "reward_mean")
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[0] == "grpo (n=2 seeds)" and texts[1] == "ibpo (n=2 seeds)"
+    assert texts[2].startswith("ibpo_no_gate = ibpo (identical") and texts[3].startswith("ibpo_k1 = ibpo (identical")
+    solid, dup1, dup2 = ax.lines[1], ax.lines[2], ax.lines[3]
+    assert solid.get_linestyle() == "-" and dup1.get_linestyle() != "-" and dup2.get_linestyle() != "-"
+    assert dup1._unscaled_dash_pattern[0] != dup2._unscaled_dash_pattern[0]  # offset: both colours show
+    assert len(ax.collections) == 2  # copies draw no second band over the first
+    assert not _overlaps(fig, ax.get_legend(), ax)
+
+
+def test_metric_grid_one_legend_outside_the_panels():
+    df = _curves_df(seeds=2)
+    fig = viz.metric_grid(df.assign(entropy=2 * df.reward_mean), ["reward_mean", "entropy"])
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+    assert not any(_overlaps(fig, fig.legends[0], ax) for ax in fig.axes)
+    # equal entropy for both methods: that panel's legend differs (flags the copy), so each keeps its own
+    fig = viz.metric_grid(df.assign(entropy=1.0), ["reward_mean", "entropy"])
+    assert not fig.legends and "identical" in fig.axes[1].get_legend().get_texts()[1].get_text()
+
+
+def test_axis_labels_are_words_not_column_names():
+    fig = viz.learning_curves(_curves_df(seeds=2), "reward_mean")
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == viz.AXIS_LABELS["reward_mean"] and ax.get_xlabel() == "training step"
+    grid = pd.DataFrame({"lam": [0.1, 0.1, 0.5, 0.5], "rho": [0.5, 1.0, 0.5, 1.0], "var_shaped": [1.0, 2, 3, 4]})
+    ax = viz.grid_heatmap(grid, "lam", "rho", "var_shaped").axes[0]
+    for text in (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()):
+        assert "_" not in text and text not in ("lam", "rho", "var_shaped")
+    assert ax.get_xlabel().startswith("λ") and ax.get_ylabel().startswith("ρ")
+    final = pd.DataFrame({"label": ["a", "b"], "mean": [0.2, 0.3]})
+    assert viz.summary_bars(final, "label", "mean").axes[0].get_ylabel() != "mean"
+    assert viz.axis_label("some_new_col") == "some new col"
+
+
+def test_summary_bars_all_zero_is_said_and_bars_carry_values_and_n():
+    final = pd.DataFrame({"experiment": ["05_gsm8k"] * 2, "label": ["grpo", "ibpo"], "mean": [0.0, 0.0],
+                          "n_seeds": [1, 1]})
+    fig = viz.summary_bars(final, "experiment", "mean", hue="label", n="n_seeds")
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 1.0)
+    assert any(t.get_text() == "all zero" for t in ax.texts)
+    fig = viz.summary_bars(final.assign(ci_lo=np.nan, ci_hi=np.nan), "experiment", "mean", hue="label",
+                           err=("ci_lo", "ci_hi"), err_label="error bars: 95% CI over seeds", n="n_seeds")
+    title = fig.axes[0].get_title()
+    assert "95%" not in title and "no error bars" in title  # one seed: no interval, none promised
+    assert [t.get_text() for t in ax.texts if t.get_text().startswith("0")] == ["0\nn=1", "0\nn=1"]
+    assert not _overlaps(fig, ax.get_legend(), ax)
+
+
+def test_summary_bars_interval_columns_give_asymmetric_error_bars():
+    var = pd.DataFrame({"estimator": ["grpo", "ibpo"], "rel_var": [2.0, 1.0], "lo": [1.5, 0.2], "hi": [3.0, 1.1]})
+    fig = viz.summary_bars(var, "estimator", "rel_var", err=("lo", "hi"), err_label="95% bootstrap interval")
+    ax = fig.axes[0]
+    segs = [c for c in ax.collections if hasattr(c, "get_segments")][0].get_segments()
+    np.testing.assert_allclose([s[:, 1] for s in segs], [[1.5, 3.0], [0.2, 1.1]])
+    assert "95% bootstrap interval" in ax.get_title()
+    with pytest.raises(ValueError, match="pair"):
+        viz.summary_bars(var, "estimator", "rel_var", err=("lo", "hi", "x"))
+
+
+def test_advantage_panel_one_symmetric_scale_and_explained_step_lines():
+    adv = {"grpo": torch.full((2, 4), 0.5), "ibpo": torch.tensor([[2.0, -1, 0, 0], [0, 0, 0, 0]])}
+    fig = viz.advantage_panel(adv, rewards=[1, 0], step_spans=[[(0, 2), (2, 4)]] * 2)
+    ims = [ax.images[0] for ax in fig.axes if ax.images]
+    assert [im.get_clim() for im in ims] == [(-2.0, 2.0), (-2.0, 2.0)]  # one scale, the max |A| of all panels
+    assert sum(1 for ax in fig.axes if ax.get_label() == "<colorbar>") == 1
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("step boundary" in t for t in legend)
+    fig = viz.advantage_panel(adv, scale="panel")
+    ims = [ax.images[0] for ax in fig.axes if ax.images]
+    assert [im.get_clim() for im in ims] == [(-0.5, 0.5), (-2.0, 2.0)]
+    assert all("own scale" in ax.get_title() for ax in fig.axes if ax.images)
+    with pytest.raises(ValueError, match="scale"):
+        viz.advantage_panel(adv, scale="log")
+
+
+def test_roc_plot_flags_identical_curves():
+    rng = np.random.default_rng(4)
+    adv = rng.normal(size=40)
+    lab = adv + rng.normal(size=40) > 0
+    df = pd.concat([pd.DataFrame({"estimator": e, "advantage": a, "correct": lab})
+                    for e, a in (("grpo", adv), ("rloo", 2 * adv), ("ibpo", -adv))])  # rloo: same ranking
+    fig = viz.roc_plot(df)
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[1].startswith("rloo = grpo (identical") and "identical" not in texts[2]
+    assert ax.lines[1].get_linestyle() != "-" and ax.lines[0].get_linestyle() == "-"
+    assert not _overlaps(fig, ax.get_legend(), ax)
+
+
+def test_bands_and_error_bars_of_shares_stay_in_0_1():
+    df = pd.DataFrame({"step": [1, 1, 2, 2], "seed": [0, 1, 0, 1], "label": "ibpo", "accuracy": [0.0, 1.0, 0.5, 1.0]})
+    ax = viz.learning_curves(df, "accuracy").axes[0]
+    ys = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == 0.0 and ys.max() == 1.0  # the t-interval over 2 seeds (±6.4 at step 1) is cut at 0 and 1
+    final = pd.DataFrame({"label": ["a", "a"], "avg@k": [0.0, 1.0]})
+    segs = [c for c in viz.summary_bars(final, "label", "avg@k").axes[0].collections
+            if hasattr(c, "get_segments")][0].get_segments()
+    np.testing.assert_allclose(segs[0][:, 1], [0.0, 1.0])
+
+
+def test_a_copy_lines_legend_handle_shows_its_colour():
+    df = _curves_df(seeds=1)
+    df = pd.concat([df] + [df[df.label == "grpo"].assign(label=f"copy{k}") for k in range(4)], ignore_index=True)
+    ax = viz.learning_curves(df, "reward_mean").axes[0]
+    handles = ax.get_legend().legend_handles
+    for line, h in zip(ax.lines[2:], handles[2:]):  # the four copies of grpo
+        assert line._unscaled_dash_pattern[0] > 0  # the line's dashes are offset (so the copies interleave) ...
+        assert h.get_color() == line.get_color() and h._unscaled_dash_pattern[0] == 0  # ... its handle starts with a dash
