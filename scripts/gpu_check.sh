@@ -26,7 +26,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 shopt -s nullglob
 wheels=(.whl/*.whl)
 if ((${#wheels[@]})); then
-    if python3 -m pip install -q --no-index --no-deps --target /tmp/site "${wheels[@]}"; then
+    if PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site "${wheels[@]}"; then
         :
     else  # no pip: a wheel is a zip of its installed files
         echo "pip install failed; unpacking the wheels into /tmp/site" >&2
