@@ -4,18 +4,28 @@ memory do the `full` profile's heavy calls need? Also why torch sees no CUDA dev
 ``python -m ibpo_lab.gpu_check [--out DIR] [--small]`` writes ``DIR/gpu_check.json`` (atomically,
 after every section) with:
 
-- ``env``: python/torch/transformers versions, GPU, TF32 flags, or :func:`cuda_diagnosis` without one;
+- ``env``: python/torch/transformers/accelerate versions, GPU and driver, the TF32 flags after
+  ``step.enable_tf32()`` (what every CUDA run sets), or :func:`cuda_diagnosis` without a GPU;
 - ``cli_<estimator>_<dtype>``: ``python -m ibpo_lab.train smoke --set estimator=... device=cuda
   dtype=...`` for grpo and ibpo in float32 and bfloat16 (tiny policy, hf sampler, 3 steps, 2 with ``--small``);
 - ``resume_exact``: the grpo float32 run stopped one step early and resumed, against the uninterrupted one;
 - ``sampler_vs_trainer_logprobs``: the hf sampler's behaviour log-probs against
-  :func:`models.response_logprobs` on left-padded batches, float32 and bfloat16;
+  :func:`models.response_logprobs` on left-padded batches, float32 and bfloat16 weights, and
+  ``bfloat16_mixed``: a ``step.build_lab(dtype=bfloat16)`` lab's sampler against the trainer's pass
+  under ``step.precision_context``;
 - ``mem_1p5b``: peak memory of the policy update (micro-batch 4) and of the no-grad log-prob pass
   (64 trajectories, the vllm sampler's recompute chunk) with a randomly initialised
-  Qwen2.5-1.5B-shaped model built from a config in code (nothing downloaded), AdamW state resident;
+  Qwen2.5-1.5B-shaped model built from a config in code (nothing downloaded), AdamW state resident,
+  in float32, ``bfloat16_mixed`` (float32 weights, passes under ``step.precision_context("bfloat16")``:
+  the full preset, README's ~41.8 GiB update peak) and pure bfloat16; fails above 60 GiB; with the
+  seconds and tokens/s of each pass;
   and the bytes one such decoder layer keeps for backward per token (float32, bfloat16);
 - ``hf_sampler_1p5b``: the hf sampler's tokens/s at that shape (256 trajectories);
+- ``rates``: the measured train / log-prob / sample token rates next to ``config.GPU_COST``'s assumed
+  ones (update GPU_COST from a GPU run's JSON);
 - ``ok``: every section ran without an exception and every check in it passed.
+
+On a borrowed GPU machine run ``bash scripts/gpu_check.sh`` (its header has the exact call).
 
 ``--small`` runs the same sections on the CPU with toy sizes (CI runs it: tests/test_gpu_check.py);
 on the CPU, peaks are the live tensor bytes counted by :class:`TensorMemoryMeter`.
