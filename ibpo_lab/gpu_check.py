@@ -4,18 +4,28 @@ memory do the `full` profile's heavy calls need? Also why torch sees no CUDA dev
 ``python -m ibpo_lab.gpu_check [--out DIR] [--small]`` writes ``DIR/gpu_check.json`` (atomically,
 after every section) with:
 
-- ``env``: python/torch/transformers versions, GPU, TF32 flags, or :func:`cuda_diagnosis` without one;
+- ``env``: python/torch/transformers/accelerate versions, GPU and driver, the TF32 flags after
+  ``step.enable_tf32()`` (what every CUDA run sets), or :func:`cuda_diagnosis` without a GPU;
 - ``cli_<estimator>_<dtype>``: ``python -m ibpo_lab.train smoke --set estimator=... device=cuda
   dtype=...`` for grpo and ibpo in float32 and bfloat16 (tiny policy, hf sampler, 3 steps, 2 with ``--small``);
 - ``resume_exact``: the grpo float32 run stopped one step early and resumed, against the uninterrupted one;
 - ``sampler_vs_trainer_logprobs``: the hf sampler's behaviour log-probs against
-  :func:`models.response_logprobs` on left-padded batches, float32 and bfloat16;
+  :func:`models.response_logprobs` on left-padded batches, float32 and bfloat16 weights, and
+  ``bfloat16_mixed``: a ``step.build_lab(dtype=bfloat16)`` lab's sampler against the trainer's pass
+  under ``step.precision_context``;
 - ``mem_1p5b``: peak memory of the policy update (micro-batch 4) and of the no-grad log-prob pass
   (64 trajectories, the vllm sampler's recompute chunk) with a randomly initialised
-  Qwen2.5-1.5B-shaped model built from a config in code (nothing downloaded), AdamW state resident;
+  Qwen2.5-1.5B-shaped model built from a config in code (nothing downloaded), AdamW state resident,
+  in float32, ``bfloat16_mixed`` (float32 weights, passes under ``step.precision_context("bfloat16")``:
+  the full preset, README's ~41.8 GiB update peak) and pure bfloat16; fails above 60 GiB; with the
+  seconds and tokens/s of each pass;
   and the bytes one such decoder layer keeps for backward per token (float32, bfloat16);
 - ``hf_sampler_1p5b``: the hf sampler's tokens/s at that shape (256 trajectories);
+- ``rates``: the measured train / log-prob / sample token rates next to ``config.GPU_COST``'s assumed
+  ones (update GPU_COST from a GPU run's JSON);
 - ``ok``: every section ran without an exception and every check in it passed.
+
+On a borrowed GPU machine run ``bash scripts/gpu_check.sh`` (its header has the exact call).
 
 ``--small`` runs the same sections on the CPU with toy sizes (CI runs it: tests/test_gpu_check.py);
 on the CPU, peaks are the live tensor bytes counted by :class:`TensorMemoryMeter`.
@@ -323,15 +333,30 @@ class _Check:
     def env(self) -> dict:
         import transformers
 
+        from ibpo_lab.step import enable_tf32
+
         d: dict[str, Any] = {"transformers": transformers.__version__, "cuda_available": torch.cuda.is_available()}
+        try:
+            import accelerate
+
+            d["accelerate"] = accelerate.__version__
+        except ImportError:
+            d["accelerate"] = None
+        before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        enable_tf32()  # what step.build_policy does for every CUDA policy; the flags below are after it
+        d.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                 float32_matmul_precision=torch.get_float32_matmul_precision())
+        if not torch.cuda.is_available():  # CPU dry run: leave the process's float32 matmuls as they were
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(0)
             d.update(gpu=torch.cuda.get_device_name(0), mem_gib=round(p.total_memory / GiB, 1),
-                     capability=f"{p.major}.{p.minor}", tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                     tf32_cudnn=torch.backends.cudnn.allow_tf32, bf16_supported=torch.cuda.is_bf16_supported())
+                     capability=f"{p.major}.{p.minor}", bf16_supported=torch.cuda.is_bf16_supported())
+            driver, driver_cuda = _nvidia_driver()
+            d.update(driver=driver, driver_cuda=driver_cuda)
         else:
             d["diagnosis"] = cuda_diagnosis()
-        d["ok"] = self.small or d["cuda_available"]
+        d["ok"] = (self.small or d["cuda_available"]) and d["tf32_matmul"] and d["tf32_cudnn"]
         return d
 
     def _cli_args(self, estimator: str, dtype: str, steps: int) -> list[str]:
@@ -432,8 +457,34 @@ class _Check:
             out[dt] = {"B": len(b), "left_padded_rows": left, "max_abs": float(d.max()), "mean_abs": float(d.mean()),
                        "finite": bool(torch.isfinite(lp).all() and torch.isfinite(ent).all())}
             out[dt]["ok"] = out[dt]["finite"] and left > 0 and out[dt]["max_abs"] <= tol[dt]
+        out["bfloat16_mixed"] = self._mixed_sampler_vs_trainer(prompts)
         out["ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
         return out
+
+    def _mixed_sampler_vs_trainer(self, prompts: list[str]) -> dict:
+        """bf16 mixed precision as a run has it: ``step.build_lab`` with ``dtype=bfloat16`` (float32
+        weights, the hf decode under autocast) against ``response_logprobs`` under
+        ``step.precision_context("bfloat16", device)`` (the trainer's pass)."""
+        from ibpo_lab.config import load_config
+        from ibpo_lab.models import response_logprobs
+        from ibpo_lab.step import build_lab, precision_context
+
+        cfg = load_config("smoke").with_overrides([f"device={self.dev.type}", "dtype=bfloat16"])
+        lab = build_lab(cfg)
+        b = lab.sampler.sample(prompts, n=4, max_new_tokens=24 if self.small else 48, temperature=1.0, seed=0)
+        pad = b.padded()
+        with torch.no_grad(), precision_context("bfloat16", self.dev):
+            lp, ent = response_logprobs(lab.policy.model, pad.to(self.dev), 1.0)
+        m = pad.response_mask.bool()
+        d = (lp.float().cpu() - pad.old_logprobs.float())[m].abs()
+        left = int((pad.attention_mask[:, : pad.prompt_len] == 0).any(-1).sum())
+        r = {"B": len(b), "left_padded_rows": left, "max_abs": float(d.max()), "mean_abs": float(d.mean()),
+             "weights_dtype": str(next(lab.policy.model.parameters()).dtype).split(".")[-1],
+             "logprobs_dtype": str(lp.dtype).split(".")[-1],
+             "finite": bool(torch.isfinite(lp).all() and torch.isfinite(ent).all())}
+        # the decode and the full forward both run bf16 matmuls, rounding differently (README: <= 0.1 nats)
+        r["ok"] = r["finite"] and left > 0 and r["max_abs"] <= 0.1 and r["weights_dtype"] == "float32"
+        return r
 
     def memory(self) -> dict:
         from ibpo_lab.models import response_logprobs
@@ -443,34 +494,51 @@ class _Check:
         update_shapes = [(2, 16, 32)] if self.small else [(4, 200, 512), (4, 200, 640)]  # micro_batch_size 4
         recompute_shapes = [(8, 16, 32)] if self.small else [(64, 200, 512), (64, 200, 640)]  # logprob_batch_size 64
         out: dict[str, Any] = {"vocab": V, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers}
-        for dtype in (torch.float32, torch.bfloat16):
-            name = str(dtype).split(".")[-1]
+        from ibpo_lab.step import precision_context
+
+        # (name, weight dtype, TrainConfig.dtype whose precision_context the passes run under):
+        # float32; bf16 mixed precision (float32 weights + AdamW state, bf16 autocast: the full preset,
+        # README's ~41.8 GiB update peak); pure bf16 weights
+        variants = [("float32", torch.float32, "float32"), ("bfloat16_mixed", torch.float32, "bfloat16"),
+                    ("bfloat16", torch.bfloat16, "float32")]
+        for name, dtype, run_dtype in variants:
             model = _random_model(cfg, dtype, self.dev)
             out[f"{name}_params"] = sum(p.numel() for p in model.parameters())
             opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
             for B, P, T in update_shapes:
-                def step(B=B, P=P, T=T):
-                    lp, _ = response_logprobs(model, _padded_batch(B, P, T, V, self.dev), 1.0)
+                def step(B=B, P=P, T=T, run_dtype=run_dtype):
+                    with precision_context(run_dtype, self.dev):
+                        lp, _ = response_logprobs(model, _padded_batch(B, P, T, V, self.dev), 1.0)
                     lp.sum().backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
 
-                step()  # the first step creates AdamW's state; the second is the steady state
-                t0 = time.perf_counter()
-                _, peak = self.measure(step)
-                out[f"{name}_update_B{B}_P{P}_T{T}"] = {"peak_gib": round(peak, 3), "seconds": round(time.perf_counter() - t0, 2)}
+                try:
+                    step()  # the first step creates AdamW's state; the second is the steady state
+                    t0 = time.perf_counter()
+                    _, peak = self.measure(step)
+                    sec = time.perf_counter() - t0
+                    out[f"{name}_update_B{B}_P{P}_T{T}"] = {
+                        "peak_gib": round(peak, 3), "seconds": round(sec, 3), "tokens": B * (P + T),
+                        "tokens_per_s": round(B * (P + T) / sec, 1),
+                    }
+                except torch.OutOfMemoryError as e:
+                    out[f"{name}_update_B{B}_P{P}_T{T}"] = {"oom": str(e)[:300], "finite": False}
+                    opt.zero_grad(set_to_none=True)
             for B, P, T in recompute_shapes:
-                def recompute(B=B, P=P, T=T):
-                    with torch.no_grad():
+                def recompute(B=B, P=P, T=T, run_dtype=run_dtype):
+                    with torch.no_grad(), precision_context(run_dtype, self.dev):
                         return response_logprobs(model, _padded_batch(B, P, T, V, self.dev), 1.0)[0]
 
                 t0 = time.perf_counter()
                 try:
                     lp, peak = self.measure(recompute)
+                    sec = time.perf_counter() - t0
                     out[f"{name}_logprobs_B{B}_P{P}_T{T}"] = {
-                        "peak_gib": round(peak, 3), "seconds": round(time.perf_counter() - t0, 2),
-                        "finite": bool(torch.isfinite(lp).all()),
+                        "peak_gib": round(peak, 3), "seconds": round(sec, 3), "tokens": B * (P + T),
+                        "tokens_per_s": round(B * (P + T) / sec, 1), "finite": bool(torch.isfinite(lp).all()),
                     }
+                    del lp
                 except torch.OutOfMemoryError as e:
                     out[f"{name}_logprobs_B{B}_P{P}_T{T}"] = {"oom": str(e)[:300], "finite": False}
             del model, opt
@@ -512,6 +580,40 @@ class _Check:
         out["ok"] = all(out[k]["new_tokens"] > 0 for k in ("float32", "bfloat16"))
         return out
 
+    def rates(self) -> dict:
+        """The throughputs measured above next to the ones ``config.GPU_COST`` assumes (its GPU-hour
+        budgets): ``{GPU_COST key: {"measured", "assumed", "ratio", "source"}}``; ``measured`` is None
+        where the section did not run. Token counts are padded positions B·(P+T), as ``gpu_hours``
+        counts them. The train and log-prob rates are bf16 mixed precision at the full preset's
+        largest shapes (update micro-batch 4, log-prob chunk 64); the sample rate is the *hf*
+        sampler's in bfloat16 (GPU_COST assumes vLLM, absent here, so it is a lower bound)."""
+        from ibpo_lab.config import GPU_COST
+
+        mem = self.result.get("mem_1p5b") or {}
+        hf = self.result.get("hf_sampler_1p5b") or {}
+
+        def largest(prefix: str) -> tuple[str | None, float | None]:
+            rows = [(v["tokens"], k, v["tokens_per_s"]) for k, v in mem.items()
+                    if k.startswith(prefix) and isinstance(v, dict) and "tokens_per_s" in v]
+            if not rows:
+                return None, None
+            _, k, r = max(rows)
+            return f"mem_1p5b.{k}", r
+
+        found = {
+            "train_tokens_per_s": largest("bfloat16_mixed_update_"),
+            "logprob_tokens_per_s": largest("bfloat16_mixed_logprobs_"),
+            "sample_tokens_per_s": ("hf_sampler_1p5b.bfloat16", (hf.get("bfloat16") or {}).get("tokens_per_s")),
+        }
+        out: dict[str, Any] = {}
+        for key, (source, measured) in found.items():
+            assumed = float(GPU_COST[key])
+            out[key] = {"measured": measured, "assumed": assumed, "source": source,
+                        "ratio": round(measured / assumed, 4) if measured else None}
+        out["note"] = ("measured on " + ("the CPU with toy sizes (not comparable)" if self.small else str(self.dev))
+                       + "; update config.GPU_COST from 'measured' when on the GPU")
+        return out
+
     def run(self) -> dict:
         self.section("env", self.env)
         if not self.small and not torch.cuda.is_available():
@@ -526,6 +628,7 @@ class _Check:
         self.section("sampler_vs_trainer_logprobs", self.sampler_vs_trainer)
         self.section("mem_1p5b", self.memory)
         self.section("hf_sampler_1p5b", self.hf_sampler_speed)
+        self.result["rates"] = self.rates()
         names = [k for k, v in self.result.items() if isinstance(v, dict) and "ok" in v]
         self.result["failed"] = [k for k in names if not self.result[k]["ok"]]
         self.result["ok"] = not self.result["failed"]

@@ -908,10 +908,47 @@ def mean_ci(x: Sequence[float], confidence: float = 0.95) -> tuple[float, float,
     m = float(a.mean())
     if len(a) < 2:
         return m, math.nan, math.nan
-    from scipy import stats
-
-    h = float(stats.t.ppf(0.5 + confidence / 2, df=len(a) - 1)) * float(a.std(ddof=1)) / math.sqrt(len(a))
+    h = _t_quantile(confidence, len(a) - 1) * float(a.std(ddof=1)) / math.sqrt(len(a))
     return m, m - h, m + h
+
+
+def _t_quantile(confidence: float, df: int) -> float:
+    """The two-sided Student-t critical value t with P(|T_df| <= t) = confidence: ``scipy.stats.t.ppf``
+    when scipy is importable; without it (the borrowed GPU machine has no scipy, and ``train.evaluate``
+    calls :func:`mean_ci` every evaluation) the exact integer-df CDF of Abramowitz & Stegun 26.7.3-4,
+    A(t|df) = P(|T| <= t) as a finite series in theta = atan(t / sqrt(df)), inverted by bisection on
+    theta (tests/test_intervals.py checks it equals scipy's to 1e-9)."""
+    try:
+        from scipy import stats
+    except ImportError:
+        pass
+    else:
+        return float(stats.t.ppf(0.5 + confidence / 2, df=df))
+    df = int(df)
+
+    def a_of(theta: float) -> float:  # A(t|df), t = sqrt(df)·tan(theta)
+        c2, sn = math.cos(theta) ** 2, math.sin(theta)
+        if df % 2:  # odd: (2/pi)(theta + sin cos (1 + 2/3 cos^2 + 2·4/(3·5) cos^4 + ... up to cos^(df-3)))
+            term, total = 1.0, 0.0
+            if df > 1:
+                total = term
+                for k in range(1, (df - 3) // 2 + 1):
+                    term *= c2 * (2 * k) / (2 * k + 1)
+                    total += term
+            return 2 / math.pi * (theta + sn * math.cos(theta) * total)
+        term = total = 1.0  # even: sin (1 + 1/2 cos^2 + 1·3/(2·4) cos^4 + ... up to cos^(df-2))
+        for k in range(1, (df - 2) // 2 + 1):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return sn * total
+
+    lo, hi = 0.0, math.pi / 2
+    for _ in range(200):  # A is increasing in theta; 200 halvings reach float resolution
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if a_of(mid) < confidence else (lo, mid)
+    return math.sqrt(df) * math.tan((lo + hi) / 2)
 
 
 def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:

@@ -737,6 +737,12 @@ class VLLMSampler(_Sampler):
     without sampling, and greedy decoding is deterministic, so each prompt is decoded once (n=1)
     and its completion repeated n times, as the hf backend's n greedy trajectories would be.
 
+    ``trainer_dtype``: the run's ``TrainConfig.dtype``. The recomputed behaviour log-probs are the
+    trainer's, so they run under the trainer's :func:`step.precision_context` (bf16 autocast for
+    ``"bfloat16"``): the old log-probs are then those of the same mixed-precision forward pass the
+    update differentiates (``step.build_lab`` passes it; the engine itself always runs in its own
+    ``dtype``).
+
     ``engine`` / ``llm_cls`` / ``sampling_params_cls``: inject a ready engine, the class to build
     (default ``vllm.LLM``) or the params class (fakes, in tests).
     """
@@ -752,6 +758,7 @@ class VLLMSampler(_Sampler):
         dtype: str = "auto",
         recompute_logprobs: bool = True,
         logprob_batch_size: int = 64,
+        trainer_dtype: str = "float32",
         model: str | None = None,
         engine: Any = None,
         llm_cls: Any = None,
@@ -764,7 +771,12 @@ class VLLMSampler(_Sampler):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         if isinstance(logprob_batch_size, bool) or not isinstance(logprob_batch_size, int) or logprob_batch_size < 1:
             raise ValueError(f"logprob_batch_size must be a positive int, got {logprob_batch_size!r}")
+        from ibpo_lab.config import DTYPES
+
+        if trainer_dtype not in DTYPES:
+            raise ValueError(f"trainer_dtype must be one of {DTYPES}, got {trainer_dtype!r}")
         self.policy = policy
+        self.trainer_dtype = trainer_dtype
         self.enable_sleep_mode = enable_sleep_mode
         self.sleep_level = sleep_level
         self.recompute_logprobs = recompute_logprobs
@@ -876,13 +888,16 @@ class VLLMSampler(_Sampler):
 
     def _trainer_logprobs(self, batch: RolloutBatch, temperature: float) -> list[list[float]]:
         """Behaviour log-probs from the trainer's forward pass, ``logprob_batch_size`` trajectories at
-        a time (``response_logprobs`` keeps its own [chunk, V] work bounded inside each)."""
+        a time (``response_logprobs`` keeps its own [chunk, V] work bounded inside each), under the
+        run's precision context (``trainer_dtype``)."""
+        from ibpo_lab.step import precision_context  # step imports this module
+
         temperature = temperature if temperature > 0 else 1.0  # greedy: log-probs at temperature 1
         out: list[list[float]] = []
         device = self.policy.device
         for s in range(0, len(batch), self.logprob_batch_size):
             sub = batch.select(range(s, min(s + self.logprob_batch_size, len(batch))))
-            with torch.no_grad():
+            with torch.no_grad(), precision_context(self.trainer_dtype, device):
                 lp, _ = response_logprobs(self.policy.model, sub.padded().to(device), temperature)
             out += [lp[i, : len(r)].tolist() for i, r in enumerate(sub.response_ids)]
         return out

@@ -198,7 +198,10 @@ def build_lab(cfg: TrainConfig, policy=None, task=None) -> Lab:
     if policy is None:
         policy = build_policy(cfg, task, device)
         policy.model.eval()  # no dropout: the trainer's log-probs must match the sampler's
-    sampler = get_sampler(cfg.backend, policy, **cfg.sampler_kwargs)
+    kw = dict(cfg.sampler_kwargs)
+    if cfg.backend == "vllm":
+        kw.setdefault("trainer_dtype", cfg.dtype)  # its recomputed old log-probs run under the run's precision
+    sampler = get_sampler(cfg.backend, policy, **kw)
     if cfg.backend == "hf" and autocast_dtype(cfg.dtype) is not None:
         sampler = AutocastSampler(sampler, cfg.dtype, device)  # decode under the trainer's autocast
     return Lab(cfg=cfg, task=task, policy=policy, sampler=sampler)

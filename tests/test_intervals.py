@@ -26,6 +26,27 @@ def test_mean_ci_uses_the_t_quantile_at_every_n():
         R.mean_ci([1.0, 2.0], confidence=95)
 
 
+def test_mean_ci_without_scipy_gives_the_same_t_quantile(monkeypatch):
+    """The GPU machine has no scipy and train.evaluate calls mean_ci: the exact integer-df series
+    (A&S 26.7.3-4) must give scipy's quantile. Printed-table values first (hand-checkable), then
+    scipy's own at many df and levels."""
+    stats = pytest.importorskip("scipy.stats")
+    import sys
+
+    want = {(0.95, 1): 12.706205, (0.95, 2): 4.302653, (0.9, 2): 2.919986, (0.95, 39): 2.022691, (0.99, 4): 4.604095}
+    grid = [(c, df) for c in (0.5, 0.9, 0.95, 0.99, 0.999) for df in [*range(1, 41), 99, 100, 1001]]
+    ref = {k: float(stats.t.ppf(0.5 + k[0] / 2, k[1])) for k in grid}
+    monkeypatch.setitem(sys.modules, "scipy", None)  # `from scipy import stats` now raises ImportError
+    with pytest.raises(ImportError):
+        from scipy import stats as _  # noqa: F401
+    for (c, df), t in want.items():
+        assert R._t_quantile(c, df) == pytest.approx(t, abs=1e-6)
+    for (c, df), t in ref.items():
+        assert R._t_quantile(c, df) == pytest.approx(t, rel=1e-9), (c, df)
+    m, lo, hi = R.mean_ci([1.0, 2.0, 3.0])
+    assert hi - m == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+
+
 def test_figure_band_is_the_table_interval():
     # the issue's example: three seeds; the band of a learning curve equals the interval of the table
     v = [0.2, 0.35, 0.5]

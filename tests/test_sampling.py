@@ -521,9 +521,47 @@ def test_vllm_engine_is_reused_by_the_next_run_and_replaced_on_a_new_config(poli
     assert third.llm_engine.engine_core.engine_core.model_executor.is_shut_down
 
 
+def test_vllm_recompute_runs_under_the_runs_precision_context(policy, fake_vllm):
+    """A bf16 (mixed precision) run: the recomputed behaviour log-probs are the trainer's autocast pass,
+    not the float32 one; a float32 run's stay float32."""
+    from ibpo_lab.step import precision_context
+
+    _, s32 = _vllm(policy)
+    _, s16 = _vllm(policy, trainer_dtype="bfloat16")
+    assert s32.trainer_dtype == "float32"
+    kw = dict(n=4, max_new_tokens=8, temperature=0.8, seed=3)
+    b32, b16 = s32.sample(PROMPTS, **kw), s16.sample(PROMPTS, **kw)
+    assert b16.response_ids == b32.response_ids  # the same fake engine draws: only the precision differs
+    pad = b16.padded()
+    with torch.no_grad():
+        lp32, _ = response_logprobs(policy.model, pad, 0.8)
+        with precision_context("bfloat16", "cpu"):
+            lp16, _ = response_logprobs(policy.model, pad, 0.8)
+    gap = 0.0
+    for i, r in enumerate(b16.response_ids):
+        assert torch.allclose(torch.tensor(b16.logprobs[i]), lp16[i, : len(r)], atol=1e-6), i
+        assert torch.allclose(torch.tensor(b32.logprobs[i]), lp32[i, : len(r)], atol=1e-6), i
+        gap = max(gap, (lp16[i, : len(r)] - lp32[i, : len(r)]).abs().max().item())
+    assert gap > 1e-4  # bf16 matmuls do change them, so the two cases above are distinguishable
+    assert next(policy.model.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+
+
+def test_build_lab_gives_the_vllm_sampler_the_runs_dtype(monkeypatch):
+    import ibpo_lab.step as step
+    from ibpo_lab.config import load_config
+
+    seen = []
+    monkeypatch.setattr(step, "get_sampler", lambda backend, policy, **kw: seen.append((backend, kw)) or object())
+    for dtype in ("bfloat16", "float32"):
+        step.build_lab(load_config("smoke").with_overrides(["backend=vllm", f"dtype={dtype}", "device=cpu"]))
+    assert [(b, kw.get("trainer_dtype")) for b, kw in seen] == [("vllm", "bfloat16"), ("vllm", "float32")]
+    step.build_lab(load_config("smoke").with_overrides(["dtype=bfloat16", "device=cpu"]))  # hf: wrapped instead
+    assert seen[-1] == ("hf", {})
+
+
 def test_vllm_bad_settings_are_value_errors(policy, fake_vllm):
     for kw, match in [(dict(gpu_memory_utilization=0), "gpu_memory_utilization"), (dict(sleep_level=3), "sleep_level"),
-                      (dict(logprob_batch_size=0), "logprob_batch_size")]:
+                      (dict(logprob_batch_size=0), "logprob_batch_size"), (dict(trainer_dtype="float16"), "trainer_dtype")]:
         with pytest.raises(ValueError, match=match):
             _vllm(policy, **kw)
 
