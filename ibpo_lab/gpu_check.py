@@ -37,6 +37,7 @@ source tree (``PYTHONPATH=.``) without ``pip install``, and imports nothing else
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -336,11 +337,9 @@ class _Check:
         from ibpo_lab.step import enable_tf32
 
         d: dict[str, Any] = {"transformers": transformers.__version__, "cuda_available": torch.cuda.is_available()}
-        try:
-            import accelerate
-
-            d["accelerate"] = accelerate.__version__
-        except ImportError:
+        try:  # the installed version only: the check itself never imports accelerate (an optional extra)
+            d["accelerate"] = importlib.metadata.version("accelerate")
+        except importlib.metadata.PackageNotFoundError:
             d["accelerate"] = None
         before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         enable_tf32()  # what step.build_policy does for every CUDA policy; the flags below are after it
