@@ -1,5 +1,5 @@
-"""Benchmark 2 — sample efficiency and stability: learning curves of GRPO, Dr. GRPO, RLOO, prefix-tree
-and IBPO at equal budget (same prompts per step, group size, length limit, learning rate and steps),
+"""Benchmark 2 — sample efficiency and stability: learning curves of GRPO, Dr. GRPO, RLOO, prefix-tree,
+IBPO (and IBPO under its earlier rules), GSPO and IBPO-on-GSPO at equal budget (same prompts per step, group size, length limit, learning rate and steps),
 several seeds each.
 
 Each run is ``ibpo_lab.train.train`` on the estimator's committed config (``ibpo_lab/configs/``) with the
@@ -35,7 +35,12 @@ from benchmarks.common import (
 )
 
 NAME = "learning"
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo")
+#: committed configs trained; besides the estimators: IBPO before issue 12's rule changes (``ibpo_legacy``:
+#: sign_rule shaped, φ share), after the sign rule only (``ibpo_phi_share``), and the published backbone
+#: (``ibpo_gspo``: IBPO on GSPO with the gated ratio) against its baseline ``gspo``
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo", "ibpo_legacy", "ibpo_phi_share", "gspo", "ibpo_gspo")
+#: (method, its baseline) pairs whose steps-to-the-baseline's-final-accuracy ratio is reported
+PAIRS = (("ibpo", "grpo"), ("ibpo_legacy", "grpo"), ("ibpo_phi_share", "grpo"), ("ibpo_gspo", "gspo"))
 #: the budget fields taken from presets("smoke"); everything else comes from the estimator's own config
 BUDGET_FIELDS = ("task", "device", "backend", "prompts_per_step", "group_size", "max_new_tokens", "lr",
                  "max_grad_norm", "ppo_epochs", "minibatch_size", "eval_every", "eval_n", "eval_k", "checkpoint_every")
@@ -140,7 +145,7 @@ def train_runs(estimators: Sequence[str], seeds: Sequence[int], steps: int, mode
             calls = [c for s in made for c in s.calls]
             toks = tokens_per_step(calls, cfg.prompts_per_step, cfg.group_size, len(rec.metrics),
                                    eval_shape=(cfg.eval_n, cfg.eval_k))
-            m = rec.metrics[["step", "accuracy", "reward_mean", "entropy", "grad_norm", "time_step"]].copy()
+            m = rec.metrics[["step", "accuracy", "reward_mean", "entropy", "grad_norm", "clip_frac", "time_step"]].copy()
             m["tokens"] = toks
             m["cum_tokens"] = np.cumsum(toks)
             m.insert(0, "seed", seed)
@@ -200,6 +205,32 @@ def summary(metrics: pd.DataFrame, finals: pd.DataFrame, window: int = SMOOTH) -
     return pd.DataFrame(rows), grpo_final
 
 
+def pair_table(metrics: pd.DataFrame, window: int = SMOOTH) -> pd.DataFrame:
+    """One row per (method, baseline) of :data:`PAIRS` present: the baseline's final accuracy (mean
+    of its last ``window`` steps over seeds), the steps each needs to reach it on the seed-averaged
+    trailing mean, and their ratio (method / baseline)."""
+    m = smoothed(metrics, window=window)
+    curve = m.groupby(["estimator", "step"])["accuracy_smooth"].mean()
+    present = set(metrics["estimator"])
+    rows = []
+    for est, base in PAIRS:
+        if not {est, base} <= present:
+            continue
+        b = m[m["estimator"] == base]
+        level = float(b.groupby("seed").apply(lambda g: g.sort_values("step")["accuracy"].tail(window).mean(),
+                                              include_groups=False).mean())
+        s_est, s_base = steps_to_reach(curve.loc[est], level), steps_to_reach(curve.loc[base], level)
+        rows.append({"method": est, "baseline": base, "baseline final acc": level, "method steps": s_est,
+                     "baseline steps": s_base,
+                     "steps ratio": s_est / s_base if s_base and not math.isnan(s_est) else math.nan})
+    return pd.DataFrame(rows)
+
+
+def _mean_of(metrics: pd.DataFrame, est: str, col: str) -> float:
+    v = metrics.loc[metrics["estimator"] == est, col]
+    return float(v.mean()) if len(v) else math.nan
+
+
 def _tokens_at(g: pd.DataFrame, step: float) -> float:
     if math.isnan(step):
         return math.nan
@@ -250,7 +281,20 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | N
                         "group size": cfg.group_size, "max new tokens": cfg.max_new_tokens, "lr": cfg.lr,
                         "held-out eval": f"{cfg.eval_n} prompts × {cfg.eval_k}"})
     rep.tables.append((f"Per estimator ({len(seeds)} seeds × {steps} steps each)", table))
+    pairs = pair_table(metrics)
+    if len(pairs):
+        rep.tables.append(("Steps to the baseline's final accuracy, method vs its baseline", pairs))
     t = table.set_index("estimator")
+    pi = pairs.set_index("method") if len(pairs) else pd.DataFrame()
+    if "ibpo_gspo" in pi.index:
+        r = float(pi.loc["ibpo_gspo", "steps ratio"])
+        rep.targets.append(Target(
+            "IBPO-on-GSPO steps to GSPO's final accuracy / GSPO's", "≤ 0.5", r, (not math.isnan(r)) and r <= 0.5,
+            f"same budget as the GRPO comparison, GSPO's published clip range 3e-4/4e-4 at lr {cfg.lr:g}: mean clip "
+            f"fraction GSPO {_mean_of(metrics, 'gspo', 'clip_frac'):.2f}, IBPO-on-GSPO "
+            f"{_mean_of(metrics, 'ibpo_gspo', 'clip_frac'):.2f}; run-to-run std of final accuracy GSPO "
+            f"{t.loc['gspo', 'run-to-run std (final acc)']:.2f}, IBPO-on-GSPO "
+            f"{t.loc['ibpo_gspo', 'run-to-run std (final acc)']:.2f}"))
     if "ibpo" in t.index and "grpo" in t.index:
         ratio = float(t.loc["ibpo", "× GRPO steps"])
         rep.targets.append(Target(
@@ -275,6 +319,8 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | N
 def main(argv: Sequence[str] | None = None) -> Report:
     def extra(ap):
         ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 25)")
+
+        ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default 0 1 2 3)")
 
     return cli_main(run, "learning", __doc__, argv, extra)
 
