@@ -267,13 +267,29 @@ def figure(metrics: pd.DataFrame, grpo_final: float, window: int = SMOOTH):
 
 
 def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | None = None,
-        estimators: Sequence[str] = ESTIMATORS) -> Report:
+        estimators: Sequence[str] = ESTIMATORS, save_runs: str | None = None,
+        merge: Sequence[str] | None = None) -> Report:
+    """Train and report. ``save_runs``: also pickle the per-step and per-run tables there, so runs of
+    different seeds made in separate processes can be reported together with ``merge`` (those files;
+    no training then, ``seeds``/``estimators`` come from the files)."""
     t0 = time.perf_counter()
     model, model_desc = tiny_policy_or_random(quick)
     steps = steps or (2 if quick else 25)
     if quick:
         seeds = tuple(seeds)[:2]
-    metrics, finals = train_runs(estimators, seeds, steps, model, quick)
+    if merge:
+        parts = [pd.read_pickle(f) for f in merge]
+        metrics = pd.concat([m for m, _ in parts], ignore_index=True)
+        finals = pd.concat([f for _, f in parts], ignore_index=True)
+        if finals.duplicated(["estimator", "seed"]).any():
+            raise ValueError(f"merge: the files {list(merge)} hold the same (estimator, seed) twice")
+        seeds = sorted(set(finals["seed"]))
+        estimators = list(dict.fromkeys(finals["estimator"]))
+        steps = int(metrics["step"].max())
+    else:
+        metrics, finals = train_runs(estimators, seeds, steps, model, quick)
+        if save_runs:
+            pd.to_pickle((metrics, finals), save_runs)
     table, grpo_final = summary(metrics, finals)
     cfg = learning_config("ibpo", model, steps, 0, quick)
     rep = Report(name=NAME, title="Sample efficiency and stability: learning curves at equal budget",
@@ -308,8 +324,9 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | N
         f"{SMOOTH}-step trailing mean reaches it (– = not within the budget)",
         "tokens count everything the sampler generated for training: attempts, plus IBPO's repairs (held-out "
         "evaluation excluded)",
-        f"budget sized to the 30-minute limit for all benchmarks on this 2-core machine: {len(estimators)} "
-        f"estimators × {len(seeds)} seeds × {steps} steps of the smoke preset took {time.perf_counter() - t0:.0f} s",
+        f"{len(estimators)} estimators × {len(seeds)} seeds × {steps} steps of the smoke preset: "
+        f"{finals['wall_s'].sum():.0f} s of training wall time in total"
+        + (f", in {len(merge)} processes run side by side and merged" if merge else ""),
     ]
     rep.figure = figure(metrics, grpo_final)
     rep.seconds = time.perf_counter() - t0
@@ -321,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
         ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 25)")
 
         ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default 0 1 2 3)")
+        ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS),
+                        help=f"committed configs to train (default: {' '.join(ESTIMATORS)})")
+        ap.add_argument("--save-runs", default=None, help="also pickle the run tables to this file (for --merge)")
+        ap.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                        help="report the runs of these --save-runs files together (no training)")
 
     return cli_main(run, "learning", __doc__, argv, extra)
 

@@ -18,7 +18,9 @@
 #
 # The tiny policy is trained on modular-arithmetic chains with every estimator — GRPO, Dr. GRPO, RLOO,
 # prefix-tree, IBPO — and with the IBPO ablations (no shaping λ=0, no edit mask, K=1 reference, IOP
-# bilateral training of the repairs, splice instead of policy corrector), over several seeds.
+# bilateral training of the repairs, splice instead of policy corrector), over several seeds. The
+# published backbone is compared too: GSPO (sequence-level ratio, clip 3e-4/4e-4) against IBPO on GSPO
+# (`ibpo_gspo`: IBPO's credit, and IOP's gated ratio, taken over the credited tokens only).
 # Learning curves show the mean over seeds with a 95% band; the stability table reports run-to-run
 # jitter, entropy, gradient norms and skipped steps.
 #
@@ -36,6 +38,7 @@ ablation_seeds = None  # seeds per ablation; None: [0] (smoke) / the same as see
 steps = None  # training steps per run; None: the profile's size (3 / 100)
 estimators = None  # baselines + IBPO; None: grpo, dr_grpo, rloo, prefix_tree, ibpo (+ vineppo in full)
 ablations = ["ibpo_no_shaping", "ibpo_no_mask", "ibpo_k1", "ibpo_bilateral", "ibpo_splice"]  # IBPO ablations
+backbone = ["gspo", "ibpo_gspo"]  # the published backbone: GSPO vs IBPO on GSPO (gated ratio), `seeds` each
 metrics = ["reward_mean", "entropy", "grad_norm", "repair_success"]  # curves drawn
 
 # %%
@@ -51,8 +54,10 @@ knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not Non
 ablation_seeds = ablation_seeds or config.profile_value(profile, [0], seeds)
 cfgs = config.grid_configs(profile, config.method_variants(estimators), seeds, **knobs)
 cfgs += config.grid_configs(profile, config.method_variants(ablations), ablation_seeds, **knobs)
+if backbone:
+    cfgs += config.grid_configs(profile, config.method_variants(backbone), seeds, **knobs)
 print(f"{len(cfgs)} runs of {cfgs[0].steps} steps: {len(estimators)} methods x {len(seeds)} seeds, "
-      f"{len(ablations)} ablations x {len(ablation_seeds)} seeds")
+      f"{len(ablations)} ablations x {len(ablation_seeds)} seeds, {len(backbone)} backbone runs x {len(seeds)} seeds")
 records = train_many(cfgs, runs_dir, progress=False, experiment="04_training_synthetic", keep_checkpoints=False)
 
 # %% [markdown]
@@ -70,6 +75,15 @@ viz.save_fig(fig, out_dir, "curves_estimators")
 abl = [r for r in records if r.label in list(ablations) + ["ibpo"]]
 fig = viz.metric_grid(abl, metrics, title="IBPO and its ablations")
 viz.save_fig(fig, out_dir, "curves_ablations")
+
+# %% [markdown]
+# ## Learning curves: the GSPO backbone, with and without IBPO
+
+# %%
+if backbone:
+    bb = [r for r in records if r.label in backbone]
+    fig = viz.metric_grid(bb, metrics, title="GSPO vs IBPO on GSPO (mean over seeds, 95% band)")
+    viz.save_fig(fig, out_dir, "curves_backbone")
 
 # %% [markdown]
 # ## Final accuracy and stability
