@@ -33,8 +33,19 @@ from benchmarks.common import (
 )
 
 NAME = "credit"
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo")
+#: IBPO's rule changes of issue 12, as committed configs: ``ibpo_legacy`` = the old rules (sign_rule
+#: shaped, φ share), ``ibpo_phi_share`` = the sign-safe rule with the old φ, ``ibpo`` = sign-safe with the
+#: published indicator φ (the default); ``ibpo_shaped_sign`` = the old sign rule with the indicator φ
+IBPO_VARIANTS = ("ibpo_legacy", "ibpo_phi_share", "ibpo_shaped_sign")
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo", *IBPO_VARIANTS)
 ORACLE = "ibpo (oracle repairs)"
+#: what each IBPO row is (estimator_kwargs that differ from the default ibpo config)
+IBPO_RULES = {
+    "ibpo_legacy": "sign_rule shaped, φ share (before issue 12)",
+    "ibpo_phi_share": "sign_rule safe, φ share (after the sign rule)",
+    "ibpo": "sign_rule safe, φ indicator (after both: the default)",
+    "ibpo_shaped_sign": "sign_rule shaped, φ indicator",
+}
 
 
 def estimator_config(name: str, base: dict[str, Any]):
@@ -65,6 +76,7 @@ def credit_rows(policy, task, examples, base: dict[str, Any], seeds: Sequence[in
                 estimators: Sequence[str] = ESTIMATORS) -> pd.DataFrame:
     """One row per (seed, estimator): the ``batch_credit_quality`` numbers and the batch accuracy. Every
     estimator's advantages come from ``Step.advantages_for`` (the code training runs) on one step."""
+    from ibpo_lab.advantages import failed_positive_share
     from ibpo_lab.diagnostics import batch_credit_quality
     from ibpo_lab.step import step_seed
 
@@ -78,6 +90,7 @@ def credit_rows(policy, task, examples, base: dict[str, Any], seeds: Sequence[in
             b = oracle.batch if name == ORACLE else st.batch
             q = batch_credit_quality(b, adv, task, exs)
             rows.append({"seed": s, "estimator": name, **q, "accuracy": float((b.rewards >= 1).float().mean()),
+                         "failed_positive_share": failed_positive_share(adv, b.rewards, b.response_mask),
                          "repair_success": float(b.repair_success[b.rewards < 1].mean())
                          if b.repair_success is not None and bool((b.rewards < 1).any()) else math.nan})
     return pd.DataFrame(rows)
@@ -115,7 +128,26 @@ def summarise(credit: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
             "grad rel. variance": fmt_spread(v["rel_var"]) if len(v) else "–",
             "cos to mean grad": fmt_spread(v["mean_cos"]) if len(v) else "–",
             "active tokens": fmt_spread(v["token_share"]) if len(v) else "–",
+            "failed tokens credited +": fmt_spread(c["failed_positive_share"].dropna()),
         })
+    return pd.DataFrame(rows)
+
+
+def rule_table(credit: pd.DataFrame, var: pd.DataFrame) -> pd.DataFrame:
+    """One row per IBPO rule variant (:data:`IBPO_RULES`): credit AUC, first-error localisation, the
+    share of failed trajectories' credited tokens with positive advantage, and the gradient relative
+    variance over GRPO's (ratio of the seed means, as the target)."""
+    g = mean_std(var.loc[var["estimator"] == "grpo", "rel_var"])[0]
+    rows = []
+    for name, rule in IBPO_RULES.items():
+        c = credit[credit["estimator"] == name]
+        v = var[var["estimator"] == name]
+        if not len(c):
+            continue
+        rows.append({"estimator": name, "rules": rule, "credit AUC": fmt_spread(c["auc"]),
+                     "first-error localisation": fmt_spread(c["first_error_localisation"]),
+                     "failed tokens credited +": fmt_spread(c["failed_positive_share"].dropna()),
+                     "grad rel. variance / GRPO": mean_std(v["rel_var"])[0] / g if len(v) else math.nan})
     return pd.DataFrame(rows)
 
 
@@ -177,6 +209,7 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int |
     acc["steps labelled"] = acc["seed"].map(ib["n_steps"])
     acc["failed with a wrong step"] = acc["seed"].map(ib["n_localisable"])
     rep.tables.append(("Batches scored (one per seed)", acc.rename(columns={"accuracy": "batch accuracy"})))
+    rep.tables.append(("IBPO rule changes (issue 12): each change alone, same batches", rule_table(credit, var)))
     ibpo_auc, _ = mean_std(credit.loc[credit["estimator"] == "ibpo", "auc"])
     g = var.pivot(index="seed", columns="estimator", values="rel_var")
     per_seed_ratio = (g["ibpo"] / g["grpo"]).tolist() if {"ibpo", "grpo"} <= set(g.columns) else []
@@ -198,6 +231,9 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int |
         "scores exactly 0.5 there)",
         "first-error localisation: share of failed trajectories whose most negative step is the first wrong "
         "one (ties split the hit)",
+        "IBPO variants: " + "; ".join(f"{k} = {v}" for k, v in IBPO_RULES.items()) + ". 'failed tokens "
+        "credited +' = share of failed trajectories' credited tokens with a positive advantage "
+        "(advantages.failed_positive_share; the sign-safe rule makes it 0 by construction)",
         "relative variance = tr Cov(g) / ‖mean g‖² over the resamples (scale-free, so estimators with different "
         "advantage scales compare); active tokens = share of response tokens with a non-zero advantage",
     ]
@@ -207,7 +243,10 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int |
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    return cli_main(run, "credit", __doc__, argv)
+    def extra(ap):
+        ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default 0 1 2 3)")
+
+    return cli_main(run, "credit", __doc__, argv, extra)
 
 
 if __name__ == "__main__":

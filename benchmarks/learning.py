@@ -1,5 +1,5 @@
-"""Benchmark 2 — sample efficiency and stability: learning curves of GRPO, Dr. GRPO, RLOO, prefix-tree
-and IBPO at equal budget (same prompts per step, group size, length limit, learning rate and steps),
+"""Benchmark 2 — sample efficiency and stability: learning curves of GRPO, Dr. GRPO, RLOO, prefix-tree,
+IBPO (and IBPO under its earlier rules), GSPO and IBPO-on-GSPO at equal budget (same prompts per step, group size, length limit, learning rate and steps),
 several seeds each.
 
 Each run is ``ibpo_lab.train.train`` on the estimator's committed config (``ibpo_lab/configs/``) with the
@@ -35,7 +35,12 @@ from benchmarks.common import (
 )
 
 NAME = "learning"
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo")
+#: committed configs trained; besides the estimators: IBPO before issue 12's rule changes (``ibpo_legacy``:
+#: sign_rule shaped, φ share), after the sign rule only (``ibpo_phi_share``), and the published backbone
+#: (``ibpo_gspo``: IBPO on GSPO with the gated ratio) against its baseline ``gspo``
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo", "ibpo_legacy", "ibpo_phi_share", "gspo", "ibpo_gspo")
+#: (method, its baseline) pairs whose steps-to-the-baseline's-final-accuracy ratio is reported
+PAIRS = (("ibpo", "grpo"), ("ibpo_legacy", "grpo"), ("ibpo_phi_share", "grpo"), ("ibpo_gspo", "gspo"))
 #: the budget fields taken from presets("smoke"); everything else comes from the estimator's own config
 BUDGET_FIELDS = ("task", "device", "backend", "prompts_per_step", "group_size", "max_new_tokens", "lr",
                  "max_grad_norm", "ppo_epochs", "minibatch_size", "eval_every", "eval_n", "eval_k", "checkpoint_every")
@@ -140,7 +145,7 @@ def train_runs(estimators: Sequence[str], seeds: Sequence[int], steps: int, mode
             calls = [c for s in made for c in s.calls]
             toks = tokens_per_step(calls, cfg.prompts_per_step, cfg.group_size, len(rec.metrics),
                                    eval_shape=(cfg.eval_n, cfg.eval_k))
-            m = rec.metrics[["step", "accuracy", "reward_mean", "entropy", "grad_norm", "time_step"]].copy()
+            m = rec.metrics[["step", "accuracy", "reward_mean", "entropy", "grad_norm", "clip_frac", "time_step"]].copy()
             m["tokens"] = toks
             m["cum_tokens"] = np.cumsum(toks)
             m.insert(0, "seed", seed)
@@ -200,6 +205,32 @@ def summary(metrics: pd.DataFrame, finals: pd.DataFrame, window: int = SMOOTH) -
     return pd.DataFrame(rows), grpo_final
 
 
+def pair_table(metrics: pd.DataFrame, window: int = SMOOTH) -> pd.DataFrame:
+    """One row per (method, baseline) of :data:`PAIRS` present: the baseline's final accuracy (mean
+    of its last ``window`` steps over seeds), the steps each needs to reach it on the seed-averaged
+    trailing mean, and their ratio (method / baseline)."""
+    m = smoothed(metrics, window=window)
+    curve = m.groupby(["estimator", "step"])["accuracy_smooth"].mean()
+    present = set(metrics["estimator"])
+    rows = []
+    for est, base in PAIRS:
+        if not {est, base} <= present:
+            continue
+        b = m[m["estimator"] == base]
+        level = float(b.groupby("seed").apply(lambda g: g.sort_values("step")["accuracy"].tail(window).mean(),
+                                              include_groups=False).mean())
+        s_est, s_base = steps_to_reach(curve.loc[est], level), steps_to_reach(curve.loc[base], level)
+        rows.append({"method": est, "baseline": base, "baseline final acc": level, "method steps": s_est,
+                     "baseline steps": s_base,
+                     "steps ratio": s_est / s_base if s_base and not math.isnan(s_est) else math.nan})
+    return pd.DataFrame(rows)
+
+
+def _mean_of(metrics: pd.DataFrame, est: str, col: str) -> float:
+    v = metrics.loc[metrics["estimator"] == est, col]
+    return float(v.mean()) if len(v) else math.nan
+
+
 def _tokens_at(g: pd.DataFrame, step: float) -> float:
     if math.isnan(step):
         return math.nan
@@ -236,13 +267,29 @@ def figure(metrics: pd.DataFrame, grpo_final: float, window: int = SMOOTH):
 
 
 def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | None = None,
-        estimators: Sequence[str] = ESTIMATORS) -> Report:
+        estimators: Sequence[str] = ESTIMATORS, save_runs: str | None = None,
+        merge: Sequence[str] | None = None) -> Report:
+    """Train and report. ``save_runs``: also pickle the per-step and per-run tables there, so runs of
+    different seeds made in separate processes can be reported together with ``merge`` (those files;
+    no training then, ``seeds``/``estimators`` come from the files)."""
     t0 = time.perf_counter()
     model, model_desc = tiny_policy_or_random(quick)
     steps = steps or (2 if quick else 25)
     if quick:
         seeds = tuple(seeds)[:2]
-    metrics, finals = train_runs(estimators, seeds, steps, model, quick)
+    if merge:
+        parts = [pd.read_pickle(f) for f in merge]
+        metrics = pd.concat([m for m, _ in parts], ignore_index=True)
+        finals = pd.concat([f for _, f in parts], ignore_index=True)
+        if finals.duplicated(["estimator", "seed"]).any():
+            raise ValueError(f"merge: the files {list(merge)} hold the same (estimator, seed) twice")
+        seeds = sorted(set(finals["seed"]))
+        estimators = list(dict.fromkeys(finals["estimator"]))
+        steps = int(metrics["step"].max())
+    else:
+        metrics, finals = train_runs(estimators, seeds, steps, model, quick)
+        if save_runs:
+            pd.to_pickle((metrics, finals), save_runs)
     table, grpo_final = summary(metrics, finals)
     cfg = learning_config("ibpo", model, steps, 0, quick)
     rep = Report(name=NAME, title="Sample efficiency and stability: learning curves at equal budget",
@@ -250,7 +297,20 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | N
                         "group size": cfg.group_size, "max new tokens": cfg.max_new_tokens, "lr": cfg.lr,
                         "held-out eval": f"{cfg.eval_n} prompts × {cfg.eval_k}"})
     rep.tables.append((f"Per estimator ({len(seeds)} seeds × {steps} steps each)", table))
+    pairs = pair_table(metrics)
+    if len(pairs):
+        rep.tables.append(("Steps to the baseline's final accuracy, method vs its baseline", pairs))
     t = table.set_index("estimator")
+    pi = pairs.set_index("method") if len(pairs) else pd.DataFrame()
+    if "ibpo_gspo" in pi.index:
+        r = float(pi.loc["ibpo_gspo", "steps ratio"])
+        rep.targets.append(Target(
+            "IBPO-on-GSPO steps to GSPO's final accuracy / GSPO's", "≤ 0.5", r, (not math.isnan(r)) and r <= 0.5,
+            f"same budget as the GRPO comparison, GSPO's published clip range 3e-4/4e-4 at lr {cfg.lr:g}: mean clip "
+            f"fraction GSPO {_mean_of(metrics, 'gspo', 'clip_frac'):.2f}, IBPO-on-GSPO "
+            f"{_mean_of(metrics, 'ibpo_gspo', 'clip_frac'):.2f}; run-to-run std of final accuracy GSPO "
+            f"{t.loc['gspo', 'run-to-run std (final acc)']:.2f}, IBPO-on-GSPO "
+            f"{t.loc['ibpo_gspo', 'run-to-run std (final acc)']:.2f}"))
     if "ibpo" in t.index and "grpo" in t.index:
         ratio = float(t.loc["ibpo", "× GRPO steps"])
         rep.targets.append(Target(
@@ -264,8 +324,9 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | N
         f"{SMOOTH}-step trailing mean reaches it (– = not within the budget)",
         "tokens count everything the sampler generated for training: attempts, plus IBPO's repairs (held-out "
         "evaluation excluded)",
-        f"budget sized to the 30-minute limit for all benchmarks on this 2-core machine: {len(estimators)} "
-        f"estimators × {len(seeds)} seeds × {steps} steps of the smoke preset took {time.perf_counter() - t0:.0f} s",
+        f"{len(estimators)} estimators × {len(seeds)} seeds × {steps} steps of the smoke preset: "
+        f"{finals['wall_s'].sum():.0f} s of training wall time in total"
+        + (f", in {len(merge)} processes run side by side and merged" if merge else ""),
     ]
     rep.figure = figure(metrics, grpo_final)
     rep.seconds = time.perf_counter() - t0
@@ -275,6 +336,13 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), steps: int | N
 def main(argv: Sequence[str] | None = None) -> Report:
     def extra(ap):
         ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 25)")
+
+        ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default 0 1 2 3)")
+        ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS),
+                        help=f"committed configs to train (default: {' '.join(ESTIMATORS)})")
+        ap.add_argument("--save-runs", default=None, help="also pickle the run tables to this file (for --merge)")
+        ap.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                        help="report the runs of these --save-runs files together (no training)")
 
     return cli_main(run, "learning", __doc__, argv, extra)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import re
 import sys
 import time
@@ -33,8 +34,10 @@ README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def run_benchmarks(names: Sequence[str], quick: bool, out: str | Path, command: str | None = None) -> list[Report]:
-    """Run ``names`` in the order of :data:`BENCHMARKS`; write each report as soon as it is done."""
+def run_benchmarks(names: Sequence[str], quick: bool, out: str | Path, command: str | None = None,
+                   seeds: int | None = None) -> list[Report]:
+    """Run ``names`` in the order of :data:`BENCHMARKS`; write each report as soon as it is done.
+    ``seeds``: the first N seeds for the benchmarks that take ``seeds`` (None: each one's default)."""
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise ValueError(f"--only: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
@@ -44,7 +47,11 @@ def run_benchmarks(names: Sequence[str], quick: bool, out: str | Path, command: 
             continue
         t0 = time.perf_counter()
         print(f"[run_all] {name} ...", flush=True)
-        rep = importlib.import_module(BENCHMARKS[name]).run(quick=quick)
+        mod = importlib.import_module(BENCHMARKS[name])
+        kw = {}
+        if seeds is not None and "seeds" in inspect.signature(mod.run).parameters:
+            kw["seeds"] = tuple(range(seeds))
+        rep = mod.run(quick=quick, **kw)
         path = write_report(rep, out, command)
         print(f"[run_all] {name} done in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
         reports.append(rep)
@@ -95,12 +102,17 @@ def main(argv: Sequence[str] | None = None) -> list[Report]:
     ap.add_argument("--quick", action="store_true", help="seconds-long sanity pass with tiny sizes (numbers mean nothing)")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"run only these: {', '.join(BENCHMARKS)}")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder (default benchmarks/results)")
+    ap.add_argument("--seeds", type=int, default=None, metavar="N",
+                    help="run the first N seeds (0..N-1) of the benchmarks that have seeds (default: their own, 4); "
+                         "the results files record the seed count")
     a = ap.parse_args(argv)
     setup_env()
     names = a.only or list(BENCHMARKS)
     t0 = time.perf_counter()
     try:
-        reports = run_benchmarks(names, a.quick, a.out, command_line())
+        if a.seeds is not None and a.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {a.seeds}")
+        reports = run_benchmarks(names, a.quick, a.out, command_line(), seeds=a.seeds)
     except ValueError as e:
         ap.error(str(e))
     out = Path(a.out).resolve()

@@ -31,7 +31,7 @@ import yaml
 
 from ibpo_lab.advantages import get_estimator, list_estimators
 from ibpo_lab.correct import CorrectConfig
-from ibpo_lab.losses import AGG_MODES, list_losses
+from ibpo_lab.losses import AGG_MODES, get_loss, list_losses
 from ibpo_lab.tasks import list_tasks
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
     "gpu_hours",
     "estimator_kwargs",
     "check_estimator_kwargs",
+    "loss_kwargs",
+    "check_loss_kwargs",
     "load_config",
     "read_yaml",
     "build_checked_task",
@@ -74,7 +76,10 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 #: the model name that builds a randomly initialised tiny policy over the task's vocabulary
 RANDOM_TINY = "tiny-random"
 #: fields whose mapping value is merged key by key (YAML ``base:``, ``replace``), not replaced whole
-_MERGED = ("correct", "estimator_kwargs", "task_kwargs", "sampler_kwargs")
+_MERGED = ("correct", "estimator_kwargs", "loss_kwargs", "task_kwargs", "sampler_kwargs")
+#: loss arguments that other TrainConfig fields (or the trainer) set, so not accepted in ``loss_kwargs``
+_LOSS_ARGS_ELSEWHERE = ("clip_low", "clip_high", "agg", "kl_coef", "ref_logprobs", "is_weights", "norm_len",
+                        "gate_mask")
 
 
 def _f(default, help: str, **kw):
@@ -177,6 +182,39 @@ def build_checked_task(cfg: "TrainConfig"):
     return task
 
 
+def loss_kwargs(loss: str, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments ``kwargs`` checked against loss ``loss``'s signature: the keyword-only
+    arguments that no other field sets (``gspo``: ``gate``; ``ppo``: none). Arguments with a home of
+    their own (clip_low, clip_high, agg, kl_coef: TrainConfig fields; ref_logprobs, is_weights,
+    norm_len, gate_mask: the trainer's tensors) and unknown names raise ValueError naming the loss."""
+    kw = dict(kwargs or {})
+    params = inspect.signature(get_loss(loss)).parameters.values()
+    names = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _LOSS_ARGS_ELSEWHERE]
+    elsewhere = sorted(set(kw) & set(_LOSS_ARGS_ELSEWHERE))
+    if elsewhere:
+        raise ValueError(f"loss_kwargs: {elsewhere} are set by their own TrainConfig fields or by the trainer, "
+                         "not by loss_kwargs")
+    unknown = sorted(set(kw) - set(names))
+    if unknown:
+        raise ValueError(f"loss_kwargs: {unknown} are not arguments of loss {loss!r} "
+                         f"(accepted: {', '.join(names) or 'none'})")
+    return kw
+
+
+def check_loss_kwargs(loss: str, kwargs: Mapping[str, Any] | None) -> None:
+    """Names against the signature (:func:`loss_kwargs`), then values by the loss's own checks on a
+    one-sequence probe (before any model loads)."""
+    import torch
+
+    kw = loss_kwargs(loss, kwargs)
+    if kw:
+        z = torch.zeros(1, 2)
+        try:
+            get_loss(loss)(z, z, torch.tensor([[1.0, 0.0]]), torch.ones(1, 2), **kw)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"loss_kwargs: {e}") from None
+
+
 def _estimator_default(estimator: str, name: str, default: Any = None) -> Any:
     p = inspect.signature(get_estimator(estimator)).parameters.get(name)
     return default if p is None or p.default is inspect.Parameter.empty else p.default
@@ -244,6 +282,9 @@ class TrainConfig:
     clip_low: float = _f(0.2, "lower clip range ε_low of the ratio")
     clip_high: float = _f(0.2, "upper clip range ε_high of the ratio (DAPO clip-higher uses 0.28)")
     agg: str = _f("token-mean", "loss aggregation over tokens (ibpo_lab.losses.aggregate mode)")
+    loss_kwargs: dict = _f({}, "keyword arguments of the loss function that no other field sets, checked against "
+                               "its signature (gspo: gate = 'mask' (plain GSPO, ratio over every trained token) or "
+                               "'credited' (IOP's gated ratio over the tokens with a non-zero advantage))")
     kl_coef: float = _f(0.0, "weight of the k3 KL penalty to a frozen copy of the initial policy (0: no reference)")
 
     # -- optimiser ------------------------------------------------------------------------
@@ -331,6 +372,11 @@ class TrainConfig:
                 p.append(str(e))
         losses = list_losses()
         need(self.loss in losses, "loss", f"unknown loss (allowed: {', '.join(losses)})")
+        if self.loss in losses:
+            try:
+                check_loss_kwargs(self.loss, self.loss_kwargs)
+            except ValueError as e:
+                p.append(str(e))
         need(self.agg in AGG_MODES, "agg", f"must be one of {', '.join(AGG_MODES)}")
         need(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda", "device",
              "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -374,7 +420,7 @@ class TrainConfig:
         if self.minibatch_size > 0 and self.prompts_per_step >= 1 and self.group_size >= 1:
             need(self.batch_size % self.minibatch_size == 0, "minibatch_size",
                  f"must divide the batch of prompts_per_step * group_size = {self.batch_size} trajectories")
-        for name in ("task_kwargs", "estimator_kwargs", "sampler_kwargs"):
+        for name in ("task_kwargs", "estimator_kwargs", "loss_kwargs", "sampler_kwargs"):
             need(all(isinstance(k, str) for k in getattr(self, name)), name, "keys must be strings")
         need(self.seed < 2**63, "seed", "must be < 2**63 (torch.manual_seed's range)")
         if self.backend in BACKENDS:
@@ -430,10 +476,13 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (validated again). Mapping fields (``correct``,
         ``estimator_kwargs``, ...) given as dicts are merged key by key; changing ``estimator``
-        starts the new estimator from its defaults plus the ``estimator_kwargs`` given."""
+        starts the new estimator from its defaults plus the ``estimator_kwargs`` given (``loss``
+        and ``loss_kwargs`` likewise)."""
         d = self.to_dict()
         if "estimator" in changes and changes["estimator"] != self.estimator:
             d["estimator_kwargs"] = {}  # another estimator's settings do not carry over
+        if "loss" in changes and changes["loss"] != self.loss:
+            d["loss_kwargs"] = {}  # nor another loss's
         return self.from_dict(_merge(d, changes))
 
     def with_overrides(self, assignments: Sequence[str]) -> "TrainConfig":
@@ -729,7 +778,7 @@ def synthetic_preset(profile: str, **overrides) -> TrainConfig:
 # ======================================================================================== method variants
 #: the TrainConfig fields that define a method (estimator, loss, IBPO knobs); sizes and schedules come
 #: from the profile's preset instead
-METHOD_FIELDS = ("estimator", "estimator_kwargs", "loss", "agg", "correct", "bilateral", "is_cap", "clip_low",
+METHOD_FIELDS = ("estimator", "estimator_kwargs", "loss", "loss_kwargs", "agg", "correct", "bilateral", "is_cap", "clip_low",
                  "clip_high", "mc_rollouts", "kl_coef")
 
 
@@ -745,6 +794,7 @@ def method_variants(names: Sequence[str]) -> dict[str, dict[str, Any]]:
         d = read_yaml(f)
         out[n] = {k: v for k, v in d.items() if k in METHOD_FIELDS}
         out[n].setdefault("estimator_kwargs", {})
+        out[n].setdefault("loss_kwargs", {})
     return out
 
 
@@ -771,6 +821,8 @@ def _grid(make, variants, seeds, fixed, common) -> list[TrainConfig]:
         d = _merge(_merge(dict(common), dict(v)), dict(fixed or {}))
         if "estimator" in v and "estimator_kwargs" not in v:
             d["estimator_kwargs"] = {}
+        if "loss" in v and "loss_kwargs" not in v:
+            d["loss_kwargs"] = {}
         out += [make(**{**d, "label": name, "seed": int(s)}) for s in seeds]
     return out
 

@@ -109,7 +109,20 @@ METRIC_HELP: dict[str, str] = {
     "reward_mean": "mean terminal reward of the sampled trajectories",
     "accuracy": "share of sampled trajectories with reward >= 1",
     "zero_var_groups": "share of groups whose rewards are all equal (no group-relative signal)",
-    "active_tokens": "share of response tokens with a non-zero advantage (credited tokens)",
+    "active_tokens": "share of response tokens with a non-zero advantage (credited tokens; IOP's active-token "
+                     "ratio, advantages.active_token_ratio; NaN without a trained token)",
+    "failed_positive_share": "share of failed trajectories' credited tokens with a positive advantage "
+                             "(advantages.failed_positive_share): 0 under IBPO's default sign_rule 'safe', "
+                             "> 0 means the step reinforces tokens of failed attempts; NaN when no failed "
+                             "trajectory has a credited token",
+    "correct_phi_mean": "mean over failed trajectories of φ = ρ·1[a revision verified] (the published rule, the "
+                        "estimator's default phi); correct_phi_share_mean: the same with φ = ρ·share",
+    "correct_phi_share_mean": "see correct_phi_mean",
+    "correct_audit_rejection_share": "share of verified revisions the IOP audit rejected (copy of a reference or "
+                                     "over the edit budget); NaN without a verified revision",
+    "loss_gate_frac": "GSPO: share of trained tokens the sequence ratio is taken over (1 with gate 'mask'; "
+                      "with gate 'credited', the tokens with a non-zero advantage)",
+    "loss_seq_ratio_mean": "GSPO: mean sequence ratio w_i over sequences with a gated token",
     "response_len": "mean response length in tokens",
     "repair_success": "mean share of verified repairs over failed trajectories (NaN without a corrector)",
     "entropy": "mean token entropy of the policy on the sampled responses",

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ibpo_lab.advantages import get_estimator, list_estimators
+from ibpo_lab.advantages import active_token_ratio, failed_positive_share, get_estimator, list_estimators
 from ibpo_lab.config import CONFIG_DIR, RANDOM_TINY, TrainConfig, estimator_kwargs, method_variants
 from ibpo_lab.correct import CorrectConfig, CorrectionResult, compare_and_correct
 from ibpo_lab.mc_values import mc_step_values
@@ -322,8 +322,15 @@ class Step:
         return [self.lab.task.step_labels(self.examples[int(g)], r) for g, r in zip(b.group_ids.tolist(), b.responses)]
 
     def metrics(self) -> dict[str, float]:
-        """:func:`batch_metrics` of the batch and the config's advantages."""
-        return batch_metrics(self.batch, self.advantage)
+        """:func:`batch_metrics` of the batch and the config's advantages, plus the corrector's
+        numeric stats as ``correct_<name>`` (``correct_phi_mean``, ``correct_audit_rejection_share``,
+        ...; none without a correction) — the per-step columns of ``runs.METRIC_HELP``. The loss's
+        own metrics (``loss_gate_frac``...) come from the update, not the step."""
+        thr = self.cfg.estimator_kwargs.get("success_threshold", self.cfg.correct.success_threshold)
+        out = batch_metrics(self.batch, self.advantage, success_threshold=thr)
+        out.update({f"correct_{k}": float(v) for k, v in self.stats.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return out
 
     # -------------------------------------------------------------------- other methods on this batch
     def variant(self, name: str, spec: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -467,21 +474,26 @@ def sample(cfg: TrainConfig, n_prompts: int | None = None, *, seed: int = 0, spl
 
 
 # ======================================================================================== metrics
-def batch_metrics(batch: RolloutBatch, advantages: Tensor) -> dict[str, float]:
-    """Reward mean, accuracy, zero-variance groups, active (credited) tokens, response length,
-    repair success (columns of ``runs.METRIC_HELP``)."""
+def batch_metrics(batch: RolloutBatch, advantages: Tensor, success_threshold: float = 0.5) -> dict[str, float]:
+    """Reward mean, accuracy, zero-variance groups, active (credited) tokens
+    (``advantages.active_token_ratio``, IOP's active-token ratio), the share of failed trajectories'
+    credited tokens with positive advantage (``advantages.failed_positive_share``; failed = reward
+    below ``success_threshold``), response length, repair success (columns of ``runs.METRIC_HELP``).
+    advantages [B, T'] with T' <= the batch's longest response (padded with 0)."""
     import math
 
     r = batch.rewards
     groups = batch.groups()
     zero_var = [float(r[idx].max() - r[idx].min()) == 0.0 for idx in groups.values()]
-    mask = batch.response_mask.bool()
-    active = (advantages.abs() > 0) & mask
+    mask = batch.response_mask
+    adv = torch.zeros(mask.shape, dtype=torch.float32)
+    adv[:, : advantages.shape[1]] = advantages.detach().float().cpu()
     out = {
         "reward_mean": float(r.mean()),
         "accuracy": float((r >= 1.0).float().mean()),
         "zero_var_groups": float(np.mean(zero_var)),
-        "active_tokens": float(active.sum() / mask.sum().clamp(min=1)),
+        "active_tokens": active_token_ratio(adv, mask),
+        "failed_positive_share": failed_positive_share(adv, r, mask, success_threshold=success_threshold),
         "response_len": float(batch.response_lengths.float().mean()),
     }
     if batch.repair_success is not None:

@@ -32,8 +32,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ibpo_lab.advantages import ibpo_repair_advantages
-from ibpo_lab.config import PROFILES, TrainConfig, build_checked_task, estimator_kwargs, load_config
+from ibpo_lab.advantages import ibpo_repair_advantages, train_mask
+from ibpo_lab.config import PROFILES, TrainConfig, build_checked_task, estimator_kwargs, load_config, loss_kwargs
 from ibpo_lab.loggers import RunLogger, check_report_to
 from ibpo_lab.losses import get_loss, truncated_is_weights
 from ibpo_lab.models import load_policy, response_logprobs
@@ -140,7 +140,9 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
     """PPO/GSPO epochs over minibatches, one clipped optimiser step per minibatch (gradients accumulated
     over micro-batches). A non-finite loss or gradient norm skips that optimiser step (counted in
     ``skipped``). Rows of ``batch`` past ``n_onpolicy`` are off-policy repairs (IOP bilateral), spread
-    evenly over the minibatches.
+    evenly over the minibatches. The loss gets ``cfg.loss_kwargs`` (e.g. GSPO's ``gate``); with
+    ``estimator_kwargs.anchors_only`` the on-policy correct trajectories leave the loss mask
+    (``advantages.train_mask``).
 
     batch: B trajectories; advantages [B, T'] (T' <= T); is_weights [B, T'] or None.
 
@@ -158,6 +160,11 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
     adv = _pad_cols(advantages, T, 0.0)
     isw = None if is_weights is None else _pad_cols(is_weights, T, 1.0)
     mask = padded.response_mask.float()
+    if cfg.estimator_kwargs.get("anchors_only"):
+        # IOP anchors: correct on-policy trajectories leave the loss mask (normaliser and KL too); repairs stay
+        mask[:n_on] = train_mask(batch.rewards[:n_on], mask[:n_on], anchors_only=True,
+                                 success_threshold=cfg.estimator_kwargs.get("success_threshold", 0.5))
+    loss_kw = loss_kwargs(cfg.loss, cfg.loss_kwargs)
     old, ref = _fixed_logprobs(model, ref_model, padded, cfg, device)
 
     mb = cfg.minibatch_size or n_on
@@ -180,7 +187,7 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
                 loss, lm = loss_fn(lp, old[mic].to(device), adv[mic].to(device), m, clip_low=cfg.clip_low,
                                    clip_high=cfg.clip_high, agg=cfg.agg, kl_coef=cfg.kl_coef,
                                    ref_logprobs=None if ref is None else ref[mic].to(device),
-                                   is_weights=None if isw is None else isw[mic].to(device), **norm)
+                                   is_weights=None if isw is None else isw[mic].to(device), **norm, **loss_kw)
                 _acc(sums, "entropy", float((ent.detach() * m).sum() / m.sum().clamp(min=1)))
                 for k, v in (lm or {}).items():
                     _acc(sums, k if k in ("approx_kl", "clip_frac", "kl_ref") else f"loss_{k}", float(v))

@@ -20,8 +20,13 @@
 # its failed members are **repaired** by the policy itself with a sibling as reference
 # (compare-and-correct), and the token **advantages of every estimator** are put side by side.
 #
-# IBPO shapes the reward before group centring, R' = R + λ·φ with φ = ρ·(share of successful repairs)
-# on failed trajectories, and gives token credit only where the repair edited the failed attempt.
+# IBPO shapes the reward before group centring, R' = R + λ·φ with the published φ = ρ·1[a repair
+# verified] on failed trajectories (0 on correct ones). A failed trajectory's advantage is sign-safe:
+# the group-centred R', but never less penalty than (1 − λφ) times its GRPO penalty, so it is never
+# positive — a verified repair softens the penalty of a near miss, it cannot turn it into a reward.
+# Token credit: a failed trajectory with a verified repair gets its (negative) advantage only on the
+# tokens the repair edited, 0 on the others; correct trajectories and unrepaired failures get their
+# sequence advantage on every token.
 #
 # Wall time: `smoke` (tiny policy, synthetic task, CPU) ≈ 20 s; `full` (Qwen2.5-1.5B-Instruct on GSM8K,
 # vLLM) ≈ 3 min, mostly model loading.
@@ -59,8 +64,9 @@ sample.batch
 
 # %% [markdown]
 # ## The group: rewards and repairs
-# `repair_success` is the share of a failed trajectory's repairs that verify (φ = ρ·share);
-# `n_edited` is how many of its tokens the best repair changed — the only tokens IBPO credits.
+# `repair_success` is the share of a failed trajectory's revisions that verify; φ = ρ·1[repair_success > 0]
+# (the estimator's `phi="share"` ablation uses ρ·repair_success instead). `n_edited` is how many of its
+# tokens the best repair changed — for a repaired failure, the only tokens IBPO credits.
 
 # %%
 group = sample.batch.to_dataframe()[["traj", "reward", "repair_success", "n_edited", "response_len", "response"]]
@@ -78,7 +84,9 @@ else:
 # ## Advantages of every estimator, side by side
 # One row per trajectory, one column per response token; red = negative credit, blue = positive,
 # black ticks = step boundaries. GRPO/RLOO/Dr. GRPO give every token of a trajectory the same value;
-# prefix-tree and VinePPO vary by step; IBPO concentrates a failed trajectory's blame on its edited tokens.
+# prefix-tree and VinePPO vary by step; IBPO puts a repaired failure's blame on its edited tokens only
+# (never positive credit on a failed trajectory), and gives correct and unrepaired trajectories their
+# sequence advantage on every token, as GRPO does.
 
 # %%
 advantages = sample.advantages_for(estimators)

@@ -24,6 +24,12 @@
 #   (GRPO, RLOO, Dr. GRPO) gives all steps of a trajectory one value and scores exactly 0.5;
 # * **first-error localisation**: share of failed trajectories whose most-blamed step is the first wrong one.
 #
+# IBPO's credit, as implemented (`advantages.ibpo_estimator` defaults): R' = R + λ·φ with
+# φ = ρ·1[a repair verified] on failed trajectories; a failed trajectory's advantage is sign-safe,
+# min(A', (1 − λφ)·min(0, A_GRPO)) with A' the group-centred R', so it is never positive; a repaired
+# failure carries it only on the tokens its repair edited (0 elsewhere), while correct trajectories and
+# unrepaired failures carry their sequence advantage on every token.
+#
 # Then the **gradient variance** of each estimator: the policy gradient is recomputed on independent
 # resamples of the same prompts; lower relative variance = fewer samples for the same signal.
 #
@@ -95,6 +101,26 @@ viz.summary_bars(quality, "estimator", "auc_within_failed", ax=axes[0],  # n/a: 
 viz.summary_bars(quality, "estimator", "first_error_localisation", ax=axes[1],
                  title="first-error localisation", ylabel="share of failures")
 viz.save_fig(fig, out_dir, "credit_quality_bars")
+
+# %% [markdown]
+# ## IBPO's sign rule and φ on this batch
+# The same batch under IBPO's default (`sign_rule="safe"`, indicator φ) and its two ablations:
+# `ibpo_shaped_sign` (GRPO on R' for failures too) and `ibpo_legacy` (that, plus φ = ρ·share).
+# `failed_positive_share` is the share of failed trajectories' credited tokens with positive
+# advantage: with the shaped rule, a repaired failure in a group where most trajectories failed lies
+# above the group mean of R', and its positive credit lands exactly on the tokens its repair replaced.
+
+# %%
+from ibpo_lab.advantages import failed_positive_share
+
+rules = sample.advantages_for(["ibpo", "ibpo_shaped_sign", "ibpo_legacy"])
+sign_table = diagnostics.credit_summary(sample, rules)[["estimator", "auc", "auc_within_failed",
+                                                        "first_error_localisation"]]
+b = sample.batch
+sign_table["failed_positive_share"] = [failed_positive_share(rules[n], b.rewards, b.response_mask)
+                                       for n in sign_table["estimator"]]
+viz.save_table(sign_table, out_dir, "ibpo_sign_rule")
+sign_table
 
 # %% [markdown]
 # ## One failed trajectory, coloured by each estimator's credit

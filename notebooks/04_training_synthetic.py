@@ -18,7 +18,9 @@
 #
 # The policy (the tiny one on modular-arithmetic chains in CPU profiles) is trained with every estimator — GRPO, Dr. GRPO, RLOO,
 # prefix-tree, IBPO — and with the IBPO ablations (no shaping λ=0, no edit mask, K=1 reference, IOP
-# bilateral training of the repairs, splice instead of policy corrector), over several seeds.
+# bilateral training of the repairs, splice instead of policy corrector), over several seeds. The
+# published backbone is compared too: GSPO (sequence-level ratio, clip 3e-4/4e-4) against IBPO on GSPO
+# (`ibpo_gspo`: IBPO's credit, and IOP's gated ratio, taken over the credited tokens only).
 # Learning curves show the mean over seeds with a 95% band; the stability table reports run-to-run
 # jitter, entropy, gradient norms and skipped steps.
 #
@@ -28,8 +30,8 @@
 #
 # `full` runs the same comparison on the real model, as the paper's ablations are: Qwen2.5-1.5B-Instruct on
 # GSM8K (`task="math"`: MATH-format problems from `$IBPO_DATA_DIR/math`) with vLLM sampling and bf16 mixed
-# precision, 100 steps of 16 prompts x 8 samples (`config.experiment_preset`). GPU budget: ≤ 30 GPU-hours
-# on one H100-class GPU (`config.gpu_hours` of the 55 runs: cost model `config.GPU_COST`, e.g. an IBPO step
+# precision, 100 steps of 16 prompts x 8 samples (`config.experiment_preset`). GPU budget: ≤ 35 GPU-hours
+# on one H100-class GPU (`config.gpu_hours` of the 65 runs, GSPO and IBPO-on-GSPO included: cost model `config.GPU_COST`, e.g. an IBPO step
 # = 128·512 sampled + 0.5·128·2·640 repair tokens at 20k tokens/s, 128·712 trained tokens at 30k/s, the
 # old log-probs at 90k/s, 2 s overhead ≈ 13.4 s, so ≈ 0.4 h per IBPO run and 0.3 h per GRPO run;
 # VinePPO's Monte-Carlo values, 4 continuations from each of ~8 step boundaries, make its runs ≈ 1.75 h). The
@@ -47,6 +49,7 @@ ablation_seeds = None  # seeds per ablation; None: [0] (smoke) / the same as see
 steps = None  # training steps per run; None: the profile's size (3 / 100)
 estimators = None  # baselines + IBPO; None: grpo, dr_grpo, rloo, prefix_tree, ibpo (+ vineppo in full)
 ablations = ["ibpo_no_shaping", "ibpo_no_mask", "ibpo_k1", "ibpo_bilateral", "ibpo_splice"]  # IBPO ablations
+backbone = ["gspo", "ibpo_gspo"]  # the published backbone: GSPO vs IBPO on GSPO (gated ratio), `seeds` each
 metrics = ["reward_mean", "entropy", "grad_norm", "repair_success"]  # curves drawn
 
 # %%
@@ -62,9 +65,11 @@ knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not Non
 ablation_seeds = ablation_seeds or config.profile_value(profile, [0], seeds)
 cfgs = config.experiment_grid(profile, config.method_variants(estimators), seeds, task=task, **knobs)
 cfgs += config.experiment_grid(profile, config.method_variants(ablations), ablation_seeds, task=task, **knobs)
+if backbone:
+    cfgs += config.experiment_grid(profile, config.method_variants(backbone), seeds, task=task, **knobs)
 print(f"{len(cfgs)} runs of {cfgs[0].steps} steps ({cfgs[0].model} on {cfgs[0].task}): {len(estimators)} methods x "
-      f"{len(seeds)} seeds, {len(ablations)} ablations x {len(ablation_seeds)} seeds"
-      + (f"; estimated {config.gpu_hours(cfgs):.1f} GPU-hours" if config.uses_real_model(profile) else ""))
+      f"{len(seeds)} seeds, {len(ablations)} ablations x {len(ablation_seeds)} seeds, {len(backbone)} backbone runs x "
+      f"{len(seeds)} seeds" + (f"; estimated {config.gpu_hours(cfgs):.1f} GPU-hours" if config.uses_real_model(profile) else ""))
 records = train_many(cfgs, runs_dir, progress=False, experiment="04_training_synthetic", keep_checkpoints=False)
 
 # %% [markdown]
@@ -82,6 +87,15 @@ viz.save_fig(fig, out_dir, "curves_estimators")
 abl = [r for r in records if r.label in list(ablations) + ["ibpo"]]
 fig = viz.metric_grid(abl, metrics, title="IBPO and its ablations")
 viz.save_fig(fig, out_dir, "curves_ablations")
+
+# %% [markdown]
+# ## Learning curves: the GSPO backbone, with and without IBPO
+
+# %%
+if backbone:
+    bb = [r for r in records if r.label in backbone]
+    fig = viz.metric_grid(bb, metrics, title="GSPO vs IBPO on GSPO (mean over seeds, 95% band)")
+    viz.save_fig(fig, out_dir, "curves_backbone")
 
 # %% [markdown]
 # ## Final accuracy and stability

@@ -16,9 +16,22 @@
 # %% [markdown]
 # # 06 · Counterfactual siblings K, and local repair vs full rewrite
 #
-# **K** is the number of sibling references each failed trajectory is repaired against (one repair
-# each); φ = ρ·(share of the K repairs that verify). The paper reports that K = 1 loses most of
-# IBPO's gain: with one reference φ is all-or-nothing and one unlucky repair silences the signal.
+# **K** is the number of sibling references each failed trajectory is repaired against; φ = ρ·1[at
+# least one revision verifies] (the published rule; `phi="share"`, ρ·share of verified revisions, is
+# the lab's earlier rule, kept as an ablation). The paper reports that K = 1 loses most of IBPO's gain.
+# K has two readings (`correct.reference_mode`), compared here at equal budget (the same number of
+# revisions per failed trajectory):
+#
+# * `separate` (default): K repair prompts, one per reference. K buys independent attempts — more
+#   chances that *some* revision verifies, which more revisions per reference would buy too;
+# * `joint`: one repair prompt showing all K references, sampled K times. K buys contrast — several
+#   correct solutions at once. Our reading (not reproduced) is that the paper's "K ≥ 2 is needed"
+#   ablation is this one. At K = 1 both send the same prompt.
+#
+# Caveat for the `smoke` profile: the committed tiny policy was warmed up only on the single-reference
+# repair format, so the joint prompt is out of its training distribution. Measured on 50 failures with
+# K = 2, its joint repairs verified 0.318 of revisions against 0.620 for separate prompts — the table
+# below measures a format the tiny policy never saw, not the value of seeing two references at once.
 #
 # **Local repair vs full rewrite**: IBPO credits only the tokens a *minimal* repair edits. A full
 # rewrite — replacing the failed attempt by a whole correct solution (here: its reference sibling) —
@@ -79,6 +92,37 @@ viz.summary_bars(ksweep, "K", "repaired_share", ax=axes[0], title="failed trajec
 viz.summary_bars(ksweep, "K", "live_group_share", ax=axes[1], title="groups with a non-zero IBPO signal")
 viz.save_fig(fig, out_dir, "k_sweep")
 ksweep
+
+# %% [markdown]
+# ## Reference mode × K at equal budget, on the same batch
+# For each K, the corrector is re-run on the fixed batch with `reference_mode` `separate` and `joint`
+# (same seed, same number of revisions). `revision_success_rate`: share of revisions that verify;
+# `repair_rate`: share of failed trajectories with a verified repair (φ > 0); `phi_mean`: mean φ over
+# failed trajectories; `edited_fraction_mean`: share of a repaired failure's tokens its repair edited.
+
+# %%
+import pandas as pd
+
+mode_rows = []
+for k in ks:
+    if not 1 <= k <= group_size - 1:
+        continue
+    for mode in ("separate", "joint"):
+        st = sample.recorrect(correct={"num_references": k, "reference_mode": mode}, seed=seed + 1).stats
+        mode_rows.append({"K": k, "reference_mode": mode, **{c: st.get(c) for c in (
+            "n_failed", "n_revisions", "revision_success_rate", "repair_rate", "phi_mean", "edited_fraction_mean")}})
+modes = pd.DataFrame(mode_rows)
+viz.save_table(modes, out_dir, "reference_mode_by_k")
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+for ax, col, title in ((axes[0], "revision_success_rate", "revisions that verify"),
+                       (axes[1], "repair_rate", "failed trajectories repaired")):
+    for mode, g in modes.groupby("reference_mode"):
+        ax.plot(g["K"], g[col], "o-", label=mode)
+    ax.set(xlabel="K (references)", title=title)
+    ax.legend()
+fig.tight_layout()
+viz.save_fig(fig, out_dir, "reference_mode_by_k")
+modes
 
 # %% [markdown]
 # ## Local repair vs full rewrite on the same batch

@@ -16,15 +16,22 @@
 # %% [markdown]
 # # 07 · The variance argument, measured
 #
-# IBPO shapes the reward before group centring: R' = R + λφ, with φ = ρ·(share of successful
-# repairs) on failed trajectories and 0 on correct ones. Within a group,
+# IBPO shapes the reward before group centring: R' = R + λφ, with the published φ = ρ·1[a repair
+# verified] on failed trajectories and 0 on correct ones (`advantages.repair_phi`). Within a group,
 #
 # Var(R') = Var(R) + λ²·Var(φ) + 2λ·Cov(R, φ).
 #
 # φ is non-zero only where R = 0, so Cov(R, φ) ≤ 0: the comparison signal pulls repairable failures
-# towards the successes and the shaped reward can have *lower* variance than the terminal one —
-# while all-failed groups, where GRPO has no signal at all, get one. Here every term is measured on
-# sampled groups, and Var(R + λφ) is traced over λ.
+# towards the successes and the shaped reward can have *lower* variance than the terminal one. Here
+# every term is measured on sampled groups, and Var(R + λφ) is traced over λ.
+#
+# What the estimator then does with R' (default `sign_rule="safe"`): a failed trajectory's advantage is
+# min(A', (1 − λφ)·min(0, A_GRPO)), A' the group-centred R' — the shaped value, but never less penalty
+# than (1 − λφ) of GRPO's, so never positive. Shaping therefore shrinks the penalty of repairable
+# failures (a near miss ranks above a plain failure) without ever rewarding a failed attempt. In an
+# all-failed group GRPO has no signal; there repaired failures get 0 and unrepaired ones keep their
+# negative shaped value — which needs a repair without a correct sibling (`correct.no_correct="any"`
+# or the oracle corrector; the default `"skip"` repairs nothing there).
 #
 # Wall time: `smoke` ≈ 30 s on a 2-core CPU; `full` (tiny policy, 256 groups, one GPU) ≈ 10 min.
 
@@ -81,7 +88,8 @@ axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon
 viz.save_fig(fig, out_dir, "variance_decomposition")
 
 # %% [markdown]
-# Groups GRPO cannot learn from (all failed or all correct) and how many of them shaping revives:
+# Groups GRPO cannot learn from (all failed or all correct) and how many of them IBPO gives a signal
+# (all-failed groups only, and only where some member was repaired; see above):
 
 # %%
 per_group = moments[moments.group >= 0]

@@ -153,6 +153,41 @@ def test_steps_to_reach_and_summary():
     assert t.loc["ibpo", "run-to-run std (final acc)"] == 0
 
 
+def test_pair_table_compares_each_method_with_its_baseline():
+    # gspo climbs at 0.1/step to 0.8; ibpo_gspo at 0.4/step reaches 0.8 at step 2: ratio 2/8.
+    # grpo and ibpo climb alike (ratio 1); a pair whose baseline did not run is left out
+    rows = []
+    for est, slope in (("grpo", 0.1), ("ibpo", 0.1), ("gspo", 0.1), ("ibpo_gspo", 0.4)):
+        for step in range(1, 9):
+            rows.append({"estimator": est, "seed": 0, "step": step, "accuracy": min(slope * step, 0.8)})
+    t = learning.pair_table(pd.DataFrame(rows), window=1).set_index("method")
+    assert set(t.index) == {"ibpo", "ibpo_gspo"}
+    assert (t.loc["ibpo_gspo", "baseline"], t.loc["ibpo_gspo", "method steps"], t.loc["ibpo_gspo", "baseline steps"]) \
+        == ("gspo", 2, 8)
+    assert t.loc["ibpo_gspo", "steps ratio"] == pytest.approx(0.25)
+    assert t.loc["ibpo", "steps ratio"] == 1 and t.loc["ibpo", "baseline final acc"] == pytest.approx(0.8)
+
+
+def test_learning_merge_reports_runs_saved_by_separate_processes(tmp_path):
+    def part(seed):
+        m = pd.DataFrame([{"estimator": e, "seed": seed, "step": k, "accuracy": 0.1 * k, "reward_mean": 0.1 * k,
+                           "entropy": 1.0, "grad_norm": 0.5, "clip_frac": 0.0, "time_step": 1.0, "tokens": 10,
+                           "cum_tokens": 10 * k} for e in ("grpo", "ibpo") for k in (1, 2, 3)])
+        f = pd.DataFrame([{"estimator": e, "seed": seed, "wall_s": 2.0, "eval_avg@k": 0.5, "eval_n": 2, "eval_k": 2}
+                          for e in ("grpo", "ibpo")])
+        path = tmp_path / f"s{seed}.pkl"
+        pd.to_pickle((m, f), path)
+        return str(path)
+
+    a, b = part(0), part(1)
+    rep = learning.run(merge=[a, b])
+    assert rep.setup["seeds"] == 2 and rep.setup["steps"] == 3
+    assert list(rep.tables[0][1]["estimator"]) == ["grpo", "ibpo"]
+    assert any("8 s of training wall time in total, in 2 processes" in n for n in rep.notes)
+    with pytest.raises(ValueError, match="same"):
+        learning.run(merge=[a, a])
+
+
 # ------------------------------------------------------------------------------------------ run_all
 def test_update_readme_replaces_only_the_marked_block(tmp_path):
     (tmp_path / "alignment.md").write_text("# Alignment\n\n![x](alignment.png)\n")
@@ -180,6 +215,8 @@ def test_readme_glance_table_collects_every_target(tmp_path):
 def test_run_all_rejects_unknown_names(tmp_path):
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "credit", "--seeds", "0", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow

@@ -59,6 +59,9 @@ def test_every_field_has_help_including_every_correct_field():
         (dict(seed=1e23), "seed"),  # an integer float, but beyond torch.manual_seed's range
         (dict(sampler_kwargs={"max_batchsize": 2}), "sampler_kwargs"),
         (dict(task="gsm8k", task_kwargs={"pth": "x.jsonl"}), "task_kwargs"),
+        (dict(loss="gspo", loss_kwargs={"gate": "tokens"}), "gate"),
+        (dict(loss="ppo", loss_kwargs={"gate": "credited"}), "loss_kwargs"),
+        (dict(loss="gspo", loss_kwargs={"clip_low": 0.1}), "loss_kwargs"),
     ],
 )
 def test_invalid_config_raises_one_error_naming_the_field(kw, field):
@@ -77,6 +80,17 @@ def test_estimator_kwargs_are_checked_against_the_signature():
     assert config.estimator_kwargs("ibpo", {"lam": 0.1, "token_mask": False}) == {"lam": 0.1, "token_mask": False}
     with pytest.raises(ValueError, match=r"\['lamda'\] are not arguments of estimator 'ibpo' \(accepted: lam, rho"):
         config.estimator_kwargs("ibpo", {"lamda": 0.1})
+
+
+def test_loss_kwargs_are_checked_against_the_signature():
+    assert config.loss_kwargs("gspo", {"gate": "credited"}) == {"gate": "credited"}
+    with pytest.raises(ValueError, match=r"\['gate'\] are not arguments of loss 'ppo' \(accepted: none\)"):
+        config.loss_kwargs("ppo", {"gate": "mask"})
+    with pytest.raises(ValueError, match=r"accepted: gate\)"):
+        config.loss_kwargs("gspo", {"gat": "mask"})
+    # arguments with their own field (or the trainer's tensors) have one home only
+    with pytest.raises(ValueError, match=r"\['agg', 'clip_high'\] are set by their own TrainConfig fields"):
+        config.loss_kwargs("gspo", {"clip_high": 0.1, "agg": "token-mean"})
 
 
 def test_unknown_and_renamed_yaml_fields_are_errors():
@@ -114,6 +128,9 @@ def test_replace_merges_mappings_and_resets_kwargs_of_a_new_estimator():
     assert (r.correct.operator, r.correct.num_references) == ("splice", 3)
     assert r.estimator_kwargs == {"lam": 0.3, "rho": 1.0}
     assert cfg.replace(estimator="grpo").estimator_kwargs == {}
+    g = TrainConfig(loss="gspo", loss_kwargs={"gate": "credited"})
+    assert g.replace(loss="ppo").loss_kwargs == {}  # gspo's gate does not carry over to ppo
+    assert g.replace(lr=1e-3).loss_kwargs == {"gate": "credited"}
 
 
 def test_base_inheritance(tmp_path):
@@ -164,7 +181,7 @@ def test_method_variants_read_the_committed_configs():
     v = config.method_variants(["grpo", "ibpo_k1", "ibpo_no_mask", "gspo"])
     assert v["ibpo_k1"]["correct"]["num_references"] == 1 and v["ibpo_k1"]["estimator"] == "ibpo"
     assert v["ibpo_no_mask"]["estimator_kwargs"] == {"lam": 0.6, "rho": 0.5, "token_mask": False}
-    assert v["gspo"]["loss"] == "gspo"
+    assert v["gspo"]["loss"] == "gspo" and v["gspo"]["loss_kwargs"] == {}
     assert all(set(d) <= set(config.METHOD_FIELDS) for d in v.values())
     with pytest.raises(ValueError, match="known: "):
         config.method_variants(["nope"])
@@ -274,7 +291,7 @@ def notebook_configs(name: str, profile: str, monkeypatch) -> list:
     return seen
 
 
-@pytest.mark.parametrize("name, n_runs", [("04_training_synthetic", 55), ("06_siblings_and_repair", 25),
+@pytest.mark.parametrize("name, n_runs", [("04_training_synthetic", 65), ("06_siblings_and_repair", 25),
                                                  ("08_sensitivity", 21)])
 def test_full_profile_runs_the_controlled_experiments_on_the_real_model(name, n_runs, monkeypatch):
     import re

@@ -12,6 +12,7 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 EXPECTED = {
     "grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo", "gspo",
     "ibpo_no_shaping", "ibpo_no_mask", "ibpo_k1", "ibpo_bilateral", "ibpo_splice",
+    "ibpo_gspo", "ibpo_legacy", "ibpo_shaped_sign", "ibpo_phi_share", "ibpo_anchors", "ibpo_joint", "ibpo_audit",
 }
 
 
@@ -62,6 +63,20 @@ def test_ablations_differ_from_ibpo_in_one_knob():
     assert diff("ibpo_k1") == {"correct.num_references": 1}
     assert diff("ibpo_bilateral") == {"bilateral": True}
     assert diff("ibpo_splice") == {"correct.operator": "splice"}
+    assert diff("ibpo_shaped_sign") == {"estimator_kwargs.sign_rule": "shaped"}
+    assert diff("ibpo_phi_share") == {"estimator_kwargs.phi": "share"}
+    assert diff("ibpo_legacy") == {"estimator_kwargs.sign_rule": "shaped", "estimator_kwargs.phi": "share"}
+    assert diff("ibpo_anchors") == {"estimator_kwargs.anchors_only": True}
+    assert diff("ibpo_joint") == {"correct.reference_mode": "joint"}
+    assert diff("ibpo_audit") == {"correct.audit_copy": True, "correct.edit_budget": 0.5}  # edit_penalty 1.0 = default
+
+
+def test_ibpo_gspo_is_ibpo_with_gspos_loss_and_the_gated_ratio():
+    i, g, ig = load("ibpo"), load("gspo"), load("ibpo_gspo")
+    # the estimator and corrector are IBPO's, the loss settings GSPO's, plus IOP's gate over credited tokens
+    assert (ig.estimator, ig.estimator_kwargs, ig.correct) == (i.estimator, i.estimator_kwargs, i.correct)
+    assert (ig.loss, ig.clip_low, ig.clip_high, ig.agg) == (g.loss, g.clip_low, g.clip_high, g.agg)
+    assert (ig.loss_kwargs, g.loss_kwargs) == ({"gate": "credited"}, {})
 
 
 def test_configs_inherit_instead_of_repeating():
@@ -72,7 +87,8 @@ def test_configs_inherit_instead_of_repeating():
             assert "base" not in raw
             continue
         assert raw["base"] in ("grpo.yaml", "ibpo.yaml"), p.stem
-        assert len(raw) <= 6, (p.stem, sorted(raw))
+        # ibpo_gspo: base, label, and GSPO's loss, clips, agg plus the gate
+        assert len(raw) <= (7 if p.stem == "ibpo_gspo" else 6), (p.stem, sorted(raw))
     assert load("ibpo").bilateral is False  # IOP bilateral training is off by default for IBPO
 
 

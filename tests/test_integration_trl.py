@@ -267,6 +267,24 @@ def test_config_validation_and_translation(tmp_path):
         _config(tmp_path, correct_num_references=G)
     with pytest.raises(ValueError, match="ibpo_lam"):
         _config(tmp_path, ibpo_lam=-1.0)
+    # the estimator's issue-12 rules: same defaults as ibpo_lab's estimator, passed through, values checked
+    import inspect
+
+    from ibpo_lab.advantages import get_estimator
+
+    sig = inspect.signature(get_estimator("ibpo")).parameters
+    p = args.estimator_params()
+    assert (p["phi"], p["sign_rule"], p["anchors_only"]) == (sig["phi"].default, sig["sign_rule"].default,
+                                                             sig["anchors_only"].default) == ("indicator", "safe", False)
+    q = _config(tmp_path, ibpo_phi="share", ibpo_sign_rule="shaped", ibpo_anchors_only=True).estimator_params()
+    assert (q["phi"], q["sign_rule"], q["anchors_only"]) == ("share", "shaped", True)
+    for field, bad in (("ibpo_phi", "mean"), ("ibpo_sign_rule", "signed"), ("ibpo_anchors_only", "yes")):
+        with pytest.raises(ValueError, match=field):
+            _config(tmp_path, **{field: bad})
+    # CorrectConfig's issue-12 fields arrive through the correct_* fields by themselves
+    cc = _config(tmp_path, correct_reference_mode="joint", correct_audit_copy=True, correct_edit_budget=0.5,
+                 correct_edit_penalty=0.25).correct_config()
+    assert (cc.reference_mode, cc.audit_copy, cc.edit_budget, cc.edit_penalty) == ("joint", True, 0.5, 0.25)
     with pytest.raises(ValueError, match="multi_objective_aggregation"):
         _config(tmp_path, multi_objective_aggregation="normalize_then_sum")
     with pytest.raises(ValueError, match="truncate_k"):

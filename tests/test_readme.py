@@ -17,8 +17,17 @@ def test_readme_python_example_runs():
     exec(compile(blocks[0], "README.md", "exec"), ns)
     adv, fixed = ns["adv"], ns["fixed"]
     assert tuple(adv.shape) == (len(fixed.batch), fixed.batch.max_response_len)
-    # IBPO credit is zero on tokens of failed, repaired trajectories that the repair did not edit
+    # what the example's comment says: IBPO credit is zero on tokens of failed, repaired trajectories that
+    # the repair did not edit
     mask = fixed.batch.edit_mask
     failed = (fixed.batch.rewards < 0.5) & (fixed.batch.repair_success > 0)
     assert (adv[failed] * (1 - mask[failed])).abs().sum() == 0
+    # ... and strictly negative on the tokens it did edit (repairs need a correct sibling: no_correct="skip")
+    resp = fixed.batch.response_mask.bool()
+    edited = mask.bool() & resp
+    assert (adv[failed][edited[failed]] < 0).all()
+    # correct and unrepaired trajectories: one value (their sequence advantage) on every trained token
+    for i in (~failed).nonzero().flatten().tolist():
+        row = adv[i][resp[i]]
+        assert (row == row[0]).all(), i
     assert set(fixed.table.columns) >= {"verified", "selected"}

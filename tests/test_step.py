@@ -169,6 +169,33 @@ def test_ablations_change_what_they_say():
     assert adv["ibpo_no_shaping"][4:].abs().sum() == 0 and adv["ibpo"][4:].abs().sum() > 0
 
 
+def test_batch_metrics_measure_the_sign_rule():
+    """_batch by hand (λ=0.6, ρ=0.5, indicator φ): 19 trained tokens. Group 1 is all failed with one
+    repaired member (traj 4, edits its token 1): the shaped rule lifts it above the group mean, so its
+    edited token is positive; the safe rule gives it 0. Other failed credited tokens are negative:
+    traj 1 (1 edited), traj 2 (1 edited), unrepaired 5, 6, 7 (2 + 1 + 2 tokens)."""
+    b = _batch()
+    safe = S.batch_metrics(b, S.compute_advantages(b, load_config("ibpo")))
+    shaped = S.batch_metrics(b, S.compute_advantages(b, load_config("ibpo_shaped_sign")))
+    assert safe["failed_positive_share"] == 0.0 and shaped["failed_positive_share"] == 1 / 8
+    # credited: correct trajs 0 and 3 (4 + 3 tokens) + the failed ones above (7; shaped: 8)
+    assert safe["active_tokens"] == 14 / 19 and shaped["active_tokens"] == 15 / 19
+    # GRPO: only group 0 has signal, and there every token is credited; its failures are all negative
+    grpo = S.batch_metrics(b, S.compute_advantages(b, load_config("grpo")))
+    assert grpo["active_tokens"] == 12 / 19 and grpo["failed_positive_share"] == 0.0
+    assert set(safe) - {k for k in safe if k.startswith(("loss_", "correct_"))} <= set(runs.METRIC_HELP)
+
+
+def test_step_metrics_carry_the_correctors_stats():
+    s = _sample()
+    assert not any(k.startswith("correct_") for k in s.metrics())  # no correction on this step
+    s.correction = SimpleNamespace(stats={"phi_mean": 0.25, "audit_rejection_share": 0.5, "note": "x",
+                                          "flag": True})
+    m = s.metrics()
+    assert (m["correct_phi_mean"], m["correct_audit_rejection_share"]) == (0.25, 0.5)
+    assert "correct_note" not in m and "correct_flag" not in m
+
+
 def test_train_step_uses_take_step(monkeypatch, tmp_path):
     """train's loop has no phases of its own: every step is step.take_step, and what it trains on is
     the Step's advantage."""

@@ -607,3 +607,54 @@ def test_tf32_is_switched_on_for_cuda_only(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_policy_update_passes_loss_kwargs_and_the_anchors_only_mask(monkeypatch):
+    """ibpo with anchors_only + GSPO's gated ratio: the loss gets gate='credited' and a mask without the
+    correct trajectories (rows 0, 2, 5); gate_frac by hand: failed rows 1, 3, 4 have 5 + 6 + 4 = 15
+    trained tokens, of which row 1's first two carry no advantage, so 13 are in the gate."""
+    from ibpo_lab.models import build_tiny_policy, response_logprobs
+    from ibpo_lab.tasks.synthetic import VOCAB
+
+    policy = build_tiny_policy(VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0)
+    g = torch.Generator().manual_seed(0)
+    lens = [3, 5, 2, 6, 4, 1]
+    batch = RolloutBatch(prompt_ids=[[1, 5, 6]] * 6, response_ids=[torch.randint(4, 40, (n,), generator=g) for n in lens],
+                         rewards=[1, 0, 1, 0, 0, 1], group_ids=[0, 0, 0, 1, 1, 1])
+    with torch.no_grad():
+        lp, _ = response_logprobs(policy.model, batch.padded())
+    batch = batch.replace(logprobs=[lp[i, :n] for i, n in enumerate(lens)])
+    adv = (torch.rand(6, max(lens), generator=g) + 0.5) * batch.response_mask
+    adv[1, :2] = 0.0
+    seen = []
+    real = T.get_loss
+
+    def recording(name):
+        fn = real(name)
+
+        def loss(lp, old, a, mask, **kw):
+            # rows arrive in the minibatch's random order: put them back by their (distinct) advantage rows
+            order = [next(j for j in range(len(adv)) if torch.equal(a[i], adv[j])) for i in range(len(a))]
+            back = torch.zeros_like(mask)
+            back[order] = mask
+            seen.append((back, kw))
+            return fn(lp, old, a, mask, **kw)
+        return loss
+
+    monkeypatch.setattr(T, "get_loss", recording)
+    cfg = small(estimator="ibpo", estimator_kwargs={"anchors_only": True}, loss="gspo", loss_kwargs={"gate": "credited"},
+                correct={"num_references": 1},
+                prompts_per_step=3, group_size=2, minibatch_size=6)
+    opt = torch.optim.SGD(policy.model.parameters(), lr=0.1)
+    out = T.policy_update(policy.model, None, opt, batch, adv, cfg, torch.device("cpu"))
+    (mask, kw), = seen
+    assert kw["gate"] == "credited"
+    expected = batch.response_mask.float().clone()
+    expected[[0, 2, 5]] = 0.0
+    assert torch.equal(mask, expected)
+    assert out["loss_gate_frac"] == pytest.approx(13 / 15)
+    # without anchors_only every trained token is in the loss mask
+    seen.clear()
+    T.policy_update(policy.model, None, opt, batch, adv, cfg.replace(estimator_kwargs={"anchors_only": False}),
+                    torch.device("cpu"))
+    assert torch.equal(seen[0][0], batch.response_mask.float())

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ibpo_lab.advantages import get_estimator
+from ibpo_lab.advantages import PHI_MODES, SIGN_RULES, get_estimator
 from ibpo_lab.correct import CorrectConfig, CorrectionResult, compare_and_correct
 from ibpo_lab.rollout import RolloutBatch
 
@@ -209,7 +209,19 @@ class IBPOConfig(GRPOConfig):
     """
 
     ibpo_lam: float = _ibpo(0.6, "IBPO shaping weight λ in R' = R + λ·φ (0 = no shaping)")
-    ibpo_rho: float = _ibpo(0.5, "ρ in φ = ρ·(share of successful repairs) on failed trajectories")
+    ibpo_rho: float = _ibpo(0.5, "ρ in φ = ρ·1[a repair verified] (ibpo_phi='share': ρ·share of verified revisions) "
+                                 "on failed trajectories")
+    ibpo_phi: str = _ibpo("indicator", "φ rule: 'indicator' (published, ρ·1[a revision verified]) or 'share' "
+                                       "(ρ·share of the revisions that verified; diluted with fewer good references "
+                                       "than K)")
+    ibpo_sign_rule: str = _ibpo(
+        "safe", "a failed trajectory's sign: 'safe' (never positive on any token; a verified repair softens its "
+        "penalty by at most λφ of GRPO's) or 'shaped' (GRPO on R' = R + λφ: can put positive credit on the tokens "
+        "a repair replaced; the earlier rule, for ablation)")
+    ibpo_anchors_only: bool = _ibpo(
+        False, "IOP anchors: correct trajectories get zero advantage (references and baseline only). Here only the "
+        "advantage is zeroed: TRL's loss still counts their tokens in its normaliser (ibpo_lab's trainer also "
+        "drops them from the loss mask)")
     ibpo_token_mask: bool = _ibpo(
         True, "credit a repaired failed trajectory only on the tokens its repair edited (False = every token)"
     )
@@ -240,6 +252,13 @@ class IBPOConfig(GRPOConfig):
             raise ValueError(f"ibpo_no_repair must be 'sequence' or 'zero', got {self.ibpo_no_repair!r}")
         if self.ibpo_empty_edit not in ("error", "sequence", "zero"):
             raise ValueError(f"ibpo_empty_edit must be 'error', 'sequence' or 'zero', got {self.ibpo_empty_edit!r}")
+        if self.ibpo_phi not in PHI_MODES:
+            raise ValueError(f"ibpo_phi must be one of {', '.join(map(repr, PHI_MODES))}, got {self.ibpo_phi!r}")
+        if self.ibpo_sign_rule not in SIGN_RULES:
+            raise ValueError(f"ibpo_sign_rule must be one of {', '.join(map(repr, SIGN_RULES))}, "
+                             f"got {self.ibpo_sign_rule!r}")
+        if not isinstance(self.ibpo_anchors_only, bool):
+            raise ValueError(f"ibpo_anchors_only must be a bool, got {self.ibpo_anchors_only!r}")
         for name in ("ibpo_lam", "ibpo_rho", "ibpo_eps"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
@@ -287,6 +306,9 @@ class IBPOConfig(GRPOConfig):
             renormalize=self.ibpo_renormalize,
             no_repair=self.ibpo_no_repair,
             empty_edit=self.ibpo_empty_edit,
+            phi=self.ibpo_phi,
+            sign_rule=self.ibpo_sign_rule,
+            anchors_only=self.ibpo_anchors_only,
         )
 
 
