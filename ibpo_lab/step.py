@@ -408,17 +408,21 @@ class Step:
 
 def variant_config(cfg: TrainConfig, name: str, spec: Mapping[str, Any] | None = None) -> TrainConfig:
     """The config of method ``name`` on ``cfg``'s run: ``spec`` (TrainConfig overrides) if given; else
-    ``cfg`` itself when ``name`` is its label or estimator; else the committed config
+    ``cfg`` itself when ``name`` is its name (label, or estimator when unlabelled); else the committed config
     ``configs/<name>.yaml``'s method fields (``config.method_variants``) — every estimator has one."""
     if spec is not None:
         if not isinstance(spec, Mapping):
             raise ValueError(f"estimators[{name!r}] must be None or a dict of TrainConfig overrides, "
                              f"got {type(spec).__name__}")
         return cfg.replace(**dict(spec))
-    if name in (cfg.name, cfg.estimator):
+    if name == cfg.name:  # the label, or the estimator of an unlabelled run
         return cfg
     if (CONFIG_DIR / f"{name}.yaml").is_file():
-        return cfg.replace(**method_variants([name])[name])
+        # a committed method is its own estimator/loss settings: they replace the base's, so that e.g.
+        # ``ibpo`` on an ``ibpo_legacy`` run is not left with the legacy sign rule
+        rest = dict(method_variants([name])[name])
+        own = {k: dict(rest.pop(k, None) or {}) for k in ("estimator_kwargs", "loss_kwargs")}
+        return TrainConfig.from_dict({**cfg.replace(**rest).to_dict(), **own})
     if name in list_estimators():
         return cfg.replace(estimator=name)
     raise ValueError(f"unknown method {name!r}: not an estimator ({', '.join(list_estimators())}) nor a config in "

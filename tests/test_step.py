@@ -234,6 +234,14 @@ def test_variant_config_rules():
         "lam": 0.3, "token_mask": False}
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         S.variant_config(cfg, "nope")
+    # a committed method's estimator/loss settings replace the base run's, not merge into them
+    legacy = presets("smoke", label="ibpo_legacy", **config.method_variants(["ibpo_legacy"])["ibpo_legacy"])
+    assert legacy.estimator_kwargs.get("sign_rule") == "shaped"
+    assert "sign_rule" not in S.variant_config(legacy, "ibpo").estimator_kwargs
+    gated = presets("smoke", label="ibpo_gspo", **config.method_variants(["ibpo_gspo"])["ibpo_gspo"])
+    assert gated.loss_kwargs == {"gate": "credited"}
+    plain = S.variant_config(gated, "gspo")
+    assert plain.loss == "gspo" and plain.loss_kwargs == {} and plain.estimator == "grpo"
 
 
 def test_token_frame_carries_the_methods_advantage():
