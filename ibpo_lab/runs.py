@@ -62,6 +62,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "mean_ci",
+    "wilson_interval",
     "summarise_runs",
     "final_table",
     "stability_table",
@@ -477,6 +478,21 @@ def mean_ci(x: Sequence[float]) -> tuple[float, float, float]:
     h = t * float(a.std(ddof=1)) / math.sqrt(len(a))
     return m, m - h, m + h
 
+
+
+def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float, float, float]:
+    """(share, low, high): the Wilson score interval of a proportion ``successes / n`` (95% with the
+    default ``z``). Always inside [0, 1], unlike a t-interval on a few seeds' accuracies; NaN when
+    ``n`` is 0. ``successes`` may be fractional (pooled avg@k × n × k)."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    p = successes / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return p, max(0.0, mid - h), min(1.0, mid + h)
 
 
 def summarise_runs(records: Sequence[RunRecord | str | os.PathLike], metric: str = "avg@k") -> pd.DataFrame:

@@ -23,11 +23,10 @@
 # IBPO shapes the reward before group centring, R' = R + λ·φ with φ = ρ·(share of successful repairs)
 # on failed trajectories, and gives token credit only where the repair edited the failed attempt.
 #
-# Wall time: `smoke` (tiny policy, synthetic task, CPU) ≈ 20 s; `full` (Qwen2.5-1.5B-Instruct on GSM8K,
-# vLLM) ≈ 3 min, mostly model loading.
+# Wall time per profile: measured, in docs/notebooks.md (written from the last recorded runs).
 
 # %% tags=["parameters"]
-profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
+profile = "smoke"  # smoke: CI, minutes on a CPU; cpu: the main job, the claims in 15 min on 2 cores; full: one 80 GB GPU
 out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
 seed = 0  # sampling seed
 model = None  # policy name or path; None: the profile's preset (tiny / Qwen2.5-1.5B-Instruct)

@@ -23,61 +23,87 @@
 # jitter, entropy, gradient norms and skipped steps.
 #
 # Each method's definition is the committed config `ibpo_lab/configs/<name>.yaml`; run sizes come from
-# the profile. Wall time: `smoke` (3 steps; 5 methods x 2 seeds, 5 ablations x 1 seed; CPU) ≈ 1-1.5 min — curves that short
-# show the machinery, not the result; `full` (100 steps, 5 seeds, VinePPO included, one GPU) ≈ 2-3 h.
+# the profile. `cpu` (the main job) trains the paper's two comparisons — GRPO vs IBPO and GSPO vs IBPO on
+# GSPO — for 25 steps x 4 seeds and writes each as a claim (held-out accuracy, area under the learning
+# curve) to `claims.json`; the IBPO ablations run in `smoke` (machinery) and `full`. `smoke`'s 3-step
+# curves show the machinery, not the result. Wall time per profile: measured, in docs/notebooks.md.
 
 # %% tags=["parameters"]
-profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
+profile = "smoke"  # smoke: CI, minutes on a CPU; cpu: the main job, the claims in 15 min on 2 cores; full: one 80 GB GPU
 out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
 runs_dir = None  # where run records go (reproduce sets it); None: runs/notebooks under the working folder
 model = None  # policy; None: the committed tiny policy ("tiny")
-seeds = None  # seeds per baseline and IBPO; None: [0, 1] (smoke) / [0, 1, 2, 3, 4] (full)
+seeds = None  # seeds per baseline and IBPO; None: [0, 1] (smoke) / [0, 1, 2, 3] (cpu) / [0, 1, 2, 3, 4] (full)
 ablation_seeds = None  # seeds per ablation; None: [0] (smoke) / the same as seeds (full)
-steps = None  # training steps per run; None: the profile's size (3 / 100)
-estimators = None  # baselines + IBPO; None: grpo, dr_grpo, rloo, prefix_tree, ibpo (+ vineppo in full)
-ablations = ["ibpo_no_shaping", "ibpo_no_mask", "ibpo_k1", "ibpo_bilateral", "ibpo_splice"]  # IBPO ablations
+steps = None  # training steps per run; None: the profile's size (3 / 25 / 100)
+estimators = None  # baselines + IBPO; None: grpo, dr_grpo, rloo, prefix_tree, ibpo (smoke; + vineppo in full) / grpo, ibpo, gspo, ibpo_gspo (cpu)
+ablations = None  # IBPO ablations; None: no_shaping, no_mask, k1, bilateral, splice (smoke, full) / none (cpu: 06-08 measure them)
 metrics = ["reward_mean", "entropy", "grad_norm", "repair_success"]  # curves drawn
 
 # %%
-from ibpo_lab import config, runs
+import pandas as pd
+
+from ibpo_lab import claims, config, runs
 from ibpo_lab import viz
 from ibpo_lab.train import train_many
 
+NB = "04_training_synthetic"
 config.require_gpu_for_full(profile)
-seeds = seeds or config.profile_value(profile, [0, 1], [0, 1, 2, 3, 4])
+seeds = seeds or config.profile_value(profile, [0, 1], [0, 1, 2, 3, 4], cpu=[0, 1, 2, 3])
 estimators = estimators or config.profile_value(profile, ["grpo", "dr_grpo", "rloo", "prefix_tree", "ibpo"],
-                                            ["grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo"])
+                                                ["grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo"],
+                                                cpu=["grpo", "ibpo", "gspo", "ibpo_gspo"])
+all_ablations = ["ibpo_no_shaping", "ibpo_no_mask", "ibpo_k1", "ibpo_bilateral", "ibpo_splice"]
+ablations = ablations if ablations is not None else config.profile_value(profile, all_ablations, all_ablations, cpu=[])
 knobs = {k: v for k, v in dict(model=model, steps=steps).items() if v is not None}
 ablation_seeds = ablation_seeds or config.profile_value(profile, [0], seeds)
-cfgs = config.grid_configs(profile, config.method_variants(estimators), seeds, **knobs)
-cfgs += config.grid_configs(profile, config.method_variants(ablations), ablation_seeds, **knobs)
+committed = [m for m in estimators if (config.CONFIG_DIR / f"{m}.yaml").is_file()]
+variants = config.method_variants(committed)
+if "ibpo_gspo" in estimators and "ibpo_gspo" not in variants:
+    # IBPO's estimator and corrector with GSPO's sequence-level loss, until configs/ibpo_gspo.yaml is committed
+    g, ib = config.method_variants(["gspo", "ibpo"]).values()
+    variants["ibpo_gspo"] = {**g, **{k: ib[k] for k in ("estimator", "estimator_kwargs", "correct", "bilateral") if k in ib}}
+variants = {m: variants[m] for m in estimators}
+cfgs = config.grid_configs(profile, variants, seeds, **knobs)
+if ablations:
+    cfgs += config.grid_configs(profile, config.method_variants(ablations), ablation_seeds, **knobs)
+n_train = claims.size(len(seeds), cfgs[0].prompts_per_step, cfgs[0].group_size, step=cfgs[0].steps)
 print(f"{len(cfgs)} runs of {cfgs[0].steps} steps: {len(estimators)} methods x {len(seeds)} seeds, "
-      f"{len(ablations)} ablations x {len(ablation_seeds)} seeds")
-records = train_many(cfgs, runs_dir, progress=False, experiment="04_training_synthetic", keep_checkpoints=False)
+      f"{len(ablations)} ablations x {len(ablation_seeds)} seeds; per method {n_train}; held-out "
+      f"{cfgs[0].eval_n} prompts x {cfgs[0].eval_k} samples at the end")
+records = train_many(cfgs, runs_dir, progress=False, experiment=NB, keep_checkpoints=False)
 
 # %% [markdown]
 # ## Learning curves: baselines vs IBPO
 
 # %%
 main = [r for r in records if r.label in estimators]
-fig = viz.metric_grid(main, metrics, title="baselines vs IBPO (mean over seeds, 95% band)")
+fig = viz.metric_grid(main, metrics, title=f"baselines vs IBPO (mean over seeds, 95% band; {n_train} per method)")
 viz.save_fig(fig, out_dir, "curves_estimators")
 
 # %% [markdown]
 # ## Learning curves: IBPO ablations
 
 # %%
-abl = [r for r in records if r.label in list(ablations) + ["ibpo"]]
-fig = viz.metric_grid(abl, metrics, title="IBPO and its ablations")
-viz.save_fig(fig, out_dir, "curves_ablations")
+if ablations:
+    abl = [r for r in records if r.label in list(ablations) + ["ibpo"]]
+    fig = viz.metric_grid(abl, metrics, title=f"IBPO and its ablations ({len(ablation_seeds)} seeds each)")
+    viz.save_fig(fig, out_dir, "curves_ablations")
+else:
+    print("no ablation trained in this profile: notebooks 06 (K, local repair vs rewrite), 07 (shaping) and "
+          "08 (λ, ρ) measure them on fixed batches")
 
 # %% [markdown]
 # ## Final accuracy and stability
 
 # %%
-final = runs.final_table(records)
+# pooled over seeds (avg@k weighted by prompts x k) with a Wilson 95% interval, which stays inside [0, 1]
+final = claims.accuracy_table(records)
 viz.save_table(final, out_dir, "final_accuracy")
-fig = viz.summary_bars(final, "label", "mean", title="held-out accuracy at the end (mean over seeds)")
+per_run = pd.DataFrame([{"label": r.label, "seed": r.config.seed, "heldout": claims.heldout_accuracy(r)[0]}
+                        for r in records])
+fig = viz.summary_bars(per_run, "label", "heldout",
+                       title=f"held-out accuracy at the end (mean and 95% interval over seeds; {final['n'].iloc[0]})")
 viz.save_fig(fig, out_dir, "final_accuracy")
 final
 
@@ -85,6 +111,18 @@ final
 stability = runs.stability_table(records)
 viz.save_table(stability, out_dir, "stability")
 stability
+
+# %% [markdown]
+# ## The claims: IBPO vs GRPO, IBPO on GSPO vs GSPO (paired by seed)
+
+# %%
+rows = []
+for a, b, text in (("grpo", "ibpo", "IBPO learns faster / further than GRPO at equal samples"),
+                   ("gspo", "ibpo_gspo", "IBPO's credit helps on top of GSPO's sequence-level loss too")):
+    if a in estimators and b in estimators:
+        rows += claims.compare_runs(records, a, b, NB, text)
+claims.write_claims(rows, out_dir)
+claims.claims_frame(rows)
 
 # %% [markdown]
 # ## Explore the trajectories of the IBPO run
