@@ -274,8 +274,9 @@ def kernel_manager_class() -> type:
     """The kernel manager papermill starts each notebook's kernel with: jupyter_client's
     ``AsyncKernelManager`` with two changes that keep the log to what matters.
 
-    * Transport: IPC (Unix sockets in the Jupyter runtime folder) on POSIX, so the kernel opens no
-      TCP port and does not warn "Kernel is running over TCP without encryption"; Windows keeps TCP.
+    * Transport: IPC (Unix sockets, one private path per kernel under the temp folder) on POSIX, so the
+      kernel opens no TCP port and does not warn "Kernel is running over TCP without encryption", and
+      kernels started at the same time never share a socket; Windows keeps TCP.
     * Shutdown: jupyter_client interrupts (SIGINT) a kernel before asking it to shut down. After the
       last cell there is nothing to interrupt, and the signal can land while the kernel finishes its
       last message, which prints a spurious "KeyboardInterrupt caught in kernel". The interrupt is
@@ -289,6 +290,15 @@ def kernel_manager_class() -> type:
             super().__init__(**kwargs)
             if os.name == "posix":
                 self.transport = "ipc"
+                # jupyter_client's default socket path is ``kernel-ipc-<n>`` in the working folder, n the
+                # first free number: two kernels started at once (``jobs`` > 1) can take the same n and
+                # read each other's messages ("Invalid Signature"). One private path per kernel instead.
+                import tempfile
+                import uuid
+
+                d = Path(tempfile.gettempdir()) / f"ibpo-kernels-{os.getuid()}"
+                d.mkdir(mode=0o700, exist_ok=True)
+                self.ip = str(d / f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
         async def _async_interrupt_kernel(self) -> None:
             if self.shutting_down:
@@ -446,7 +456,7 @@ def reproduce(
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futs = {}
             for nb in first:
-                log(f"[start] {nb.stem} (elapsed {time.perf_counter() - t_start:.0f} s)")
+                log(f"[queued] {nb.stem}")
                 futs[pool.submit(run_notebook, nb, run_dir, profile, params, cell_timeout=cell_timeout)] = nb
             for fut in as_completed(futs):
                 nb = futs[fut]
