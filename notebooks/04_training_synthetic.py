@@ -41,8 +41,6 @@ ablations = None  # IBPO ablations; None: no_shaping, no_mask, k1, bilateral, sp
 metrics = ["reward_mean", "entropy", "grad_norm", "repair_success"]  # curves drawn
 
 # %%
-import pandas as pd
-
 from ibpo_lab import claims, config, runs
 from ibpo_lab import viz
 from ibpo_lab.train import train_many
@@ -100,10 +98,10 @@ else:
 # pooled over seeds (avg@k weighted by prompts x k) with a Wilson 95% interval, which stays inside [0, 1]
 final = claims.accuracy_table(records)
 viz.save_table(final, out_dir, "final_accuracy")
-per_run = pd.DataFrame([{"label": r.label, "seed": r.config.seed, "heldout": claims.heldout_accuracy(r)[0]}
-                        for r in records])
-fig = viz.summary_bars(per_run, "label", "heldout",
-                       title=f"held-out accuracy at the end (mean and 95% interval over seeds; {final['n'].iloc[0]})")
+fig = viz.summary_bars(final, "label", "heldout_accuracy",
+                       title=f"held-out accuracy at the end, Wilson 95% interval ({final['n'].iloc[0]})")
+fig.axes[0].errorbar(range(len(final)), final.heldout_accuracy, fmt="none", ecolor="black", capsize=3,
+                     yerr=[final.heldout_accuracy - final.wilson_lo, final.wilson_hi - final.heldout_accuracy])
 viz.save_fig(fig, out_dir, "final_accuracy")
 final
 
