@@ -425,6 +425,7 @@ def reproduce(
     todo = [nb for nb in notebooks if nb not in skipped]
     jobs = max(1, int(prof.get("jobs") or 1))
     load_start = _load()
+    commit = _commit()
     log(f"[reproduce] profile={profile}: {len(todo)} notebooks ({jobs} at a time) -> {run_dir}; {load_start}")
     results: dict[Path, NotebookResult] = {
         nb: NotebookResult(name=nb.stem, status="skipped", note=prof["skip"][nb.name[:2]]) for nb in skipped}
@@ -441,7 +442,7 @@ def reproduce(
             msg += f"\n      {res.error.splitlines()[0][:300]}"
         log(msg)
         # status after each notebook, so an interrupted run still says how far it got
-        _write_status(run_dir, profile, ordered(), time.perf_counter() - t_start)
+        _write_status(run_dir, profile, ordered(), time.perf_counter() - t_start, commit=commit)
 
     # the results notebook reads every other notebook's records: it runs last, alone
     last = [nb for nb in todo if "results" in nb.stem]
@@ -472,7 +473,7 @@ def reproduce(
     results = ordered()
     total = time.perf_counter() - t_start
     load = {"start": load_start, "end": _load()}
-    write_report(run_dir, profile, results, total, load=load)
+    write_report(run_dir, profile, results, total, load=load, commit=commit)
     n_bad = sum(r.status == "failed" for r in results)
     n_run = sum(r.status != "skipped" for r in results)
     log(
@@ -484,8 +485,8 @@ def reproduce(
 
 # ---------------------------------------------------------------------------------------- report
 def _write_status(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float,
-                  load: dict[str, str] | None = None) -> None:
-    data = {"profile": profile, "seconds": round(seconds, 1), "commit": _commit(),
+                  load: dict[str, str] | None = None, commit: str | None = None) -> None:
+    data = {"profile": profile, "seconds": round(seconds, 1), "commit": commit or _commit(),
             "cpu_seconds": round(sum(r.cpu_seconds for r in results), 1), "load": load or {},
             "notebooks": [asdict(r) for r in results]}
     (run_dir / "status.json").write_text(json.dumps(data, indent=1, default=str))
@@ -583,12 +584,13 @@ def _shows(rows: list[dict[str, Any]], results: list[NotebookResult], profile: s
 
 
 def write_report(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float,
-                 load: dict[str, str] | None = None) -> Path:
+                 load: dict[str, str] | None = None, commit: str | None = None) -> Path:
     """Write ``status.json``, ``report.md`` and ``report.html`` into ``run_dir``; returns report.md.
     The report opens with "what this run shows" (:func:`collect_claims`), then the key figures."""
     import pandas as pd
 
-    _write_status(run_dir, profile, results, seconds, load)
+    commit = commit or _commit()  # reproduce passes the commit the notebooks started at
+    _write_status(run_dir, profile, results, seconds, load, commit)
     n_ok = sum(r.status == "ok" for r in results)
     n_run = sum(r.status != "skipped" for r in results)
     overview = pd.DataFrame(
@@ -606,7 +608,7 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
     )
     head = (
         f"profile **{profile}** · {n_ok}/{n_run} notebooks ok · total {seconds:.0f} s wall, "
-        f"{sum(r.cpu_seconds for r in results):.0f} s CPU · {datetime.now():%Y-%m-%d %H:%M} · commit {_commit()} · "
+        f"{sum(r.cpu_seconds for r in results):.0f} s CPU · {datetime.now():%Y-%m-%d %H:%M} · commit {commit} · "
         f"{_machine()}" + (f" · at start {load['start']}, at end {load['end']}" if load else "")
     )
     shows_md, shows_hl = _shows(collect_claims(run_dir), results, profile)
