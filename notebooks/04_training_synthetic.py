@@ -99,7 +99,7 @@ else:
 final = claims.accuracy_table(records)
 viz.save_table(final, out_dir, "final_accuracy")
 fig = viz.summary_bars(final, "label", "heldout_accuracy",
-                       title=f"held-out accuracy at the end, Wilson 95% interval ({final['n'].iloc[0]})")
+                       title="held-out accuracy at the end, Wilson 95% interval (n: " + "; ".join(dict.fromkeys(final["n"])) + ")")
 fig.axes[0].errorbar(range(len(final)), final.heldout_accuracy, fmt="none", ecolor="black", capsize=3,
                      yerr=[final.heldout_accuracy - final.wilson_lo, final.wilson_hi - final.heldout_accuracy])
 viz.save_fig(fig, out_dir, "final_accuracy")
