@@ -695,20 +695,40 @@ def load_config(name_or_path: str | os.PathLike) -> TrainConfig:
 #: one row per profile: ``preset`` (the general TrainConfig of :func:`presets`), ``minibatches`` (split of
 #: the batch unless minibatch_size is given), ``synthetic`` (sizes of the tiny-policy synthetic experiments,
 #: :func:`synthetic_preset`), ``gpu`` (refused without CUDA), ``knobs`` (which column of the notebooks'
-#: ``profile_value(profile, smoke, full)`` it takes) and, optionally, ``experiments``: the real-model sizes
-#: of the controlled experiments (notebooks 04, 06, 08; :func:`experiment_preset`); a profile without it runs
+#: ``profile_value(profile, smoke, full, cpu=...)`` it takes; ``cpu`` falls back to ``smoke`` where a
+#: notebook gives no cpu value), ``jobs`` (notebooks ``reproduce`` runs at once, each kernel on
+#: ``threads`` torch threads; ``first``: the notebooks started first, the longest), ``skip`` (notebook numbers ``reproduce`` leaves out, with the reason) and
+#: ``help`` (one line for ``--profile``) and, optionally, ``experiments``: the real-model sizes of the
+#: controlled experiments (notebooks 04, 06, 08; :func:`experiment_preset`); a profile without it runs
 #: them on the synthetic task (the CPU testbed). Adding a profile is adding a row.
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(
-        gpu=False, knobs="smoke", minibatches=2,
+        help="CI: every notebook in a few minutes on a 2-core CPU; shows the machinery, resolves nothing",
+        gpu=False, knobs="smoke", minibatches=2, jobs=1, threads=None, skip={},
         preset=dict(task="synthetic", model="tiny", device="cpu", backend="hf", steps=5, prompts_per_step=4,
                     group_size=8, max_new_tokens=48, lr=1e-4, max_grad_norm=1.0, ppo_epochs=1,
                     correct={"num_references": 2, "max_new_tokens": 48}, eval_every=0, eval_n=16, eval_k=2,
                     checkpoint_every=0),
         synthetic=dict(steps=3, prompts_per_step=2, group_size=4, minibatch_size=0, eval_every=0, eval_n=8, eval_k=1),
     ),
+    # cpu: the main job. The tiny policy on the synthetic task at the benchmarks' sizes (4 prompts x 8 samples
+    # x 48 tokens per step, 25 steps, a 32 x 4 held-out evaluation at the end), so the paper's claims are
+    # measured with seeds enough for an interval; two notebooks at a time, one torch thread each (the 3M
+    # policy's matmuls are too small for two threads to help one process). Sized for <= 15 min on 2 cores.
+    "cpu": dict(
+        help="the main job: the paper's claims measured on the tiny policy, <= 15 min on a 2-core CPU",
+        gpu=False, knobs="cpu", minibatches=2, jobs=2, threads=1, first=["04", "03"],
+        skip={"05": "a real model (SmolLM2 on GSM8K) cannot learn anything in minutes on a CPU: run it in full"},
+        preset=dict(task="synthetic", model="tiny", device="cpu", backend="hf", steps=25, prompts_per_step=4,
+                    group_size=8, max_new_tokens=48, lr=1e-4, max_grad_norm=1.0, ppo_epochs=1,
+                    correct={"num_references": 2, "max_new_tokens": 48}, eval_every=0, eval_n=32, eval_k=4,
+                    checkpoint_every=0),
+        synthetic=dict(steps=25, prompts_per_step=4, group_size=8, minibatch_size=16, eval_every=0, eval_n=32,
+                       eval_k=4),
+    ),
     "full": dict(
-        gpu=True, knobs="full", minibatches=4,
+        help="one 80 GB GPU: a 1.5B instruct model on GSM8K with vLLM, and long synthetic runs",
+        gpu=True, knobs="full", minibatches=4, jobs=1, threads=None, skip={},
         # device cuda: never a silent CPU fallback (vLLM needs a GPU); dtype bfloat16: mixed precision (fp32
         # master weights + AdamW state, bf16 autocast); the old log-probs are the trainer's own autocast pass
         # (recompute_logprobs), so vLLM's are not recomputed a second time in the sampler
@@ -747,10 +767,14 @@ def require_gpu_for_full(profile: str) -> None:
                                f"Run with profile='smoke' on a CPU. Why: {cuda_diagnosis()}")
 
 
-def profile_value(profile: str, smoke: Any, full: Any) -> Any:
-    """Pick the ``smoke`` or ``full`` value of a notebook knob (per :data:`PROFILES`' ``knobs``)."""
+def profile_value(profile: str, smoke: Any, full: Any, cpu: Any = None) -> Any:
+    """Pick the ``smoke``, ``full`` or ``cpu`` value of a notebook knob (per :data:`PROFILES`' ``knobs``).
+    A ``cpu`` profile given no ``cpu`` value takes the ``smoke`` one (``None`` cannot be a cpu value)."""
     require_gpu_for_full(profile)
-    return {"smoke": smoke, "full": full}[_profile(profile)["knobs"]]
+    col = _profile(profile)["knobs"]
+    if col == "cpu":
+        return smoke if cpu is None else cpu
+    return {"smoke": smoke, "full": full}[col]
 
 
 def presets(profile: str = "smoke", **overrides) -> TrainConfig:

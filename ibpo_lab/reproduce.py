@@ -1,6 +1,11 @@
 """Reproduction pipeline: runs the lab's notebooks with papermill and writes a report.
 
-``python -m ibpo_lab.reproduce --profile smoke|full [--only 01 04 ...] [-p key value ...]``
+``python -m ibpo_lab.reproduce --profile smoke|cpu|full [--only 01 04 ...] [-p key value ...]``
+
+Profiles are the rows of ``ibpo_lab.config.PROFILES``: ``smoke`` (CI, minutes), ``cpu`` (the main job:
+the paper's claims measured on a 2-core CPU in <= 15 min, two notebooks at a time), ``full`` (one GPU).
+A profile row may skip notebooks (``skip``, with the reason, listed in the report) and run several
+at once (``jobs``, each kernel on ``threads`` torch threads; ``09_results`` waits for the others).
 
 Every notebook in ``notebooks/`` named ``NN_name.ipynb`` runs in reading order into a
 timestamped folder::
@@ -11,8 +16,11 @@ timestamped folder::
         figures/NN_name/*.csv        tables saved with ``viz.save_table``
         figures/NN_name/*.html       HTML views saved with ``viz.save_html`` (token colouring, diffs)
         records/                     training run records (``runs_dir`` of the notebooks)
-        status.json                  the -p overrides; per notebook: ok/failed, wall time, error
-        report.md, report.html       key figures, results tables, failures with their error
+        figures/NN_name/claims.json  the notebook's claim rows (``ibpo_lab.claims``)
+        status.json                  the -p overrides; per notebook: ok/failed/skipped, wall and CPU time,
+                                     error; load
+        report.md, report.html       "what this run shows" (every claim: measured difference, interval,
+                                     verdict), key figures, results tables, failures with their error
 
 Every notebook receives ``profile`` and ``out_dir`` (its figures folder) and, when it declares
 it, ``runs_dir`` (the shared records folder). A failed notebook is marked failed with its error
@@ -52,10 +60,13 @@ __all__ = [
     "write_report",
     "overrides_text",
     "overrides_slug",
+    "collect_claims",
+    "update_wall_times",
     "main",
 ]
 
-PROFILES = ("smoke", "full")
+from ibpo_lab.config import PROFILES  # noqa: E402  (one table: reproduce reads the same rows)
+
 #: parameters reproduce.py passes itself; ``-p`` may not override them
 RESERVED = ("profile", "out_dir", "runs_dir")
 KERNEL = "python3"
@@ -76,10 +87,11 @@ def notebooks_dir() -> Path:
 DEFAULT_NOTEBOOKS = notebooks_dir()
 #: the figures a newcomer should see first: shown at the top of the report when their notebook ran
 KEY_FIGURES = (
-    "figures/01_quickstart/advantages_by_estimator.png",
     "figures/03_advantages_and_credit/credit_quality_bars.png",
+    "figures/03_advantages_and_credit/gradient_variance.png",
     "figures/04_training_synthetic/curves_estimators.png",
     "figures/07_variance/variance_decomposition.png",
+    "figures/01_quickstart/advantages_by_estimator.png",
 )
 _NB_NAME = re.compile(r"^(\d{2})_[A-Za-z0-9_]+\.ipynb$")
 
@@ -100,6 +112,8 @@ class NotebookResult:
     views: list[str] = field(default_factory=list, metadata={"help": "HTML views (viz.save_html) relative to the run folder"})
     error: str | None = field(default=None, metadata={"help": "exception name and message when failed"})
     error_cell: str | None = field(default=None, metadata={"help": "source of the failing cell"})
+    cpu_seconds: float = field(default=0.0, metadata={"help": "CPU time of the notebook's kernel (user + system)"})
+    note: str | None = field(default=None, metadata={"help": "why a notebook was skipped in this profile"})
     parameters: dict[str, Any] = field(default_factory=dict, metadata={"help": "parameters injected"})
 
 
@@ -220,11 +234,11 @@ def parse_overrides(pairs: Sequence[Sequence[str]] | None, notebooks: Sequence[P
 
 
 def check_profile(profile: str) -> None:
-    """``full`` needs a CUDA GPU: say so here, before any notebook loads a model, and why torch sees none
-    (``gpu_check.cuda_diagnosis``)."""
+    """A profile is a row of ``config.PROFILES``; a GPU row (``full``) needs a CUDA GPU: say so here,
+    before any notebook loads a model, and why torch sees none (``gpu_check.cuda_diagnosis``)."""
     if profile not in PROFILES:
         raise UsageError(f"--profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    if profile == "full":
+    if PROFILES[profile].get("gpu"):
         import torch
 
         if not torch.cuda.is_available():
@@ -233,7 +247,7 @@ def check_profile(profile: str) -> None:
             raise UsageError(
                 "--profile full needs a CUDA GPU (it trains 1.5B-parameter models with vLLM sampling) "
                 "and torch.cuda.is_available() is False on this machine. "
-                "Use --profile smoke on a CPU, or run on a machine with one 80 GB GPU. "
+                "Use --profile cpu (or smoke) on a CPU, or run on a machine with one 80 GB GPU. "
                 f"Why: {cuda_diagnosis()}"
             )
 
@@ -257,14 +271,19 @@ def check_kernel(log=print) -> None:
 
 # ---------------------------------------------------------------------------------------- running
 def _kernel_env(profile: str) -> None:
+    """The environment the kernels inherit (see the comment below); a profile with ``threads`` pins
+    each kernel's torch/OpenMP threads (two kernels on two cores: one thread each)."""
     # The kernel inherits our environment. MPLBACKEND=Agg (set by scripts/run.sh for scripts)
     # would stop figures from showing in the executed notebooks, so the kernel gets the inline
     # backend; threads must not busy-wait on a small shared CPU. smoke never downloads; full may
     # fetch its hub model unless the caller set HF_HUB_OFFLINE.
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if profile == "smoke":
+    if not PROFILES[profile].get("gpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    threads = PROFILES[profile].get("threads")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(int(threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -275,8 +294,9 @@ def kernel_manager_class() -> type:
     """The kernel manager papermill starts each notebook's kernel with: jupyter_client's
     ``AsyncKernelManager`` with two changes that keep the log to what matters.
 
-    * Transport: IPC (Unix sockets in the Jupyter runtime folder) on POSIX, so the kernel opens no
-      TCP port and does not warn "Kernel is running over TCP without encryption"; Windows keeps TCP.
+    * Transport: IPC (Unix sockets, one private path per kernel under the temp folder) on POSIX, so the
+      kernel opens no TCP port and does not warn "Kernel is running over TCP without encryption", and
+      kernels started at the same time never share a socket; Windows keeps TCP.
     * Shutdown: jupyter_client interrupts (SIGINT) a kernel before asking it to shut down. After the
       last cell there is nothing to interrupt, and the signal can land while the kernel finishes its
       last message, which prints a spurious "KeyboardInterrupt caught in kernel". The interrupt is
@@ -290,6 +310,15 @@ def kernel_manager_class() -> type:
             super().__init__(**kwargs)
             if os.name == "posix":
                 self.transport = "ipc"
+                # jupyter_client's default socket path is ``kernel-ipc-<n>`` in the working folder, n the
+                # first free number: two kernels started at once (``jobs`` > 1) can take the same n and
+                # read each other's messages ("Invalid Signature"). One private path per kernel instead.
+                import tempfile
+                import uuid
+
+                d = Path(tempfile.gettempdir()) / f"ibpo-kernels-{os.getuid()}"
+                d.mkdir(mode=0o700, exist_ok=True)
+                self.ip = str(d / f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
         async def _async_interrupt_kernel(self) -> None:
             if self.shutting_down:
@@ -304,6 +333,24 @@ def _collect(folder: Path, run_dir: Path, ext: str) -> list[str]:
     if not folder.is_dir():
         return []
     return [str(p.relative_to(run_dir)) for p in sorted(folder.rglob(f"*.{ext}"))]
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the kernels, once shut down)."""
+    try:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+    except (ImportError, OSError):  # Windows: no resource module
+        return 0.0
+
+
+def _load() -> str:
+    try:
+        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)"
+    except (AttributeError, OSError):
+        return "load average unknown"
 
 
 def run_notebook(
@@ -333,6 +380,7 @@ def run_notebook(
     out_nb = run_dir / "notebooks" / path.name
     out_nb.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    ru0 = _children_cpu()
     try:
         papermill.execute_notebook(
             str(path),
@@ -354,6 +402,7 @@ def run_notebook(
         res.error = f"{type(e).__name__}: {e}"
         res.error_cell = traceback.format_exc(limit=3)
     res.seconds = time.perf_counter() - t0
+    res.cpu_seconds = _children_cpu() - ru0
     res.figures = _collect(fig_dir, run_dir, "png")
     res.tables = _collect(fig_dir, run_dir, "csv")
     res.views = _collect(fig_dir, run_dir, "html")
@@ -391,29 +440,67 @@ def reproduce(
         run_dir = Path(out) / f"{base}-{n}"
     run_dir.mkdir(parents=True)
     _kernel_env(profile)
-    log(f"[reproduce] profile={profile}{' ' + overrides_text(params) if params else ''}: "
-        f"{len(notebooks)} notebooks -> {run_dir}")
-    results: list[NotebookResult] = []
+    prof = PROFILES[profile]
+    named = {str(x).strip().zfill(2) for x in (only or []) if str(x).strip().isdigit()}
+    skipped = [nb for nb in notebooks if nb.name[:2] in prof.get("skip", {}) and nb.name[:2] not in named]
+    todo = [nb for nb in notebooks if nb not in skipped]
+    jobs = max(1, int(prof.get("jobs") or 1))
+    load_start = _load()
+    commit = _commit()
+    log(f"[reproduce] profile={profile}{' ' + overrides_text(params) if params else ''}: {len(todo)} notebooks "
+        f"({jobs} at a time) -> {run_dir}; {load_start}")
+    results: dict[Path, NotebookResult] = {
+        nb: NotebookResult(name=nb.stem, status="skipped", note=prof["skip"][nb.name[:2]]) for nb in skipped}
+    for nb in skipped:
+        log(f"[skip] {nb.stem}: {prof['skip'][nb.name[:2]]}")
     t_start = time.perf_counter()
-    for i, nb in enumerate(notebooks, 1):
-        tag = f"[{i}/{len(notebooks)}] {nb.stem}"
-        log(f"{tag}: running (elapsed {time.perf_counter() - t_start:.0f} s)")
-        res = run_notebook(
-            nb, run_dir, profile, params, cell_timeout=cell_timeout, progress_bar=progress_bar
-        )
-        results.append(res)
-        msg = f"{tag}: {res.status} ({res.seconds:.1f} s, {len(res.figures)} figures)"
+    ordered = lambda: [results[nb] for nb in notebooks if nb in results]  # noqa: E731
+
+    def done(nb: Path, res: NotebookResult) -> None:
+        results[nb] = res
+        msg = f"[{len(results) - len(skipped)}/{len(todo)}] {nb.stem}: {res.status} ({res.seconds:.1f} s wall, " \
+              f"{res.cpu_seconds:.1f} s CPU, {len(res.figures)} figures; elapsed {time.perf_counter() - t_start:.0f} s)"
         if res.error:
             msg += f"\n      {res.error.splitlines()[0][:300]}"
         log(msg)
         # status after each notebook, so an interrupted run still says how far it got
-        _write_status(run_dir, profile, results, time.perf_counter() - t_start, params)
+        _write_status(run_dir, profile, ordered(), time.perf_counter() - t_start, commit=commit, overrides=params)
+
+    # the results notebook reads every other notebook's records: it runs last, alone
+    last = [nb for nb in todo if "results" in nb.stem]
+    first = [nb for nb in todo if nb not in last]
+    if jobs > 1 and len(first) > 1:
+        # the longest notebooks (the profile's ``first``) start first so the two queues end together
+        lead = [nb for k in prof.get("first", []) for nb in first if nb.name[:2] == k]
+        first = lead + [nb for nb in first if nb not in lead]
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futs = {}
+            for nb in first:
+                log(f"[queued] {nb.stem}")
+                futs[pool.submit(run_notebook, nb, run_dir, profile, params, cell_timeout=cell_timeout)] = nb
+            for fut in as_completed(futs):
+                nb = futs[fut]
+                try:
+                    res = fut.result()
+                except Exception as e:  # the worker process died: still a failed notebook
+                    res = NotebookResult(name=nb.stem, status="failed", error=f"{type(e).__name__}: {e}")
+                done(nb, res)
+        first = []
+    for nb in first + last:
+        log(f"[start] {nb.stem} (elapsed {time.perf_counter() - t_start:.0f} s)")
+        done(nb, run_notebook(nb, run_dir, profile, params, cell_timeout=cell_timeout, progress_bar=progress_bar))
+    results = ordered()
     total = time.perf_counter() - t_start
-    write_report(run_dir, profile, results, total, overrides=params)
-    n_bad = sum(r.status != "ok" for r in results)
+    load = {"start": load_start, "end": _load()}
+    write_report(run_dir, profile, results, total, load=load, commit=commit, overrides=params)
+    n_bad = sum(r.status == "failed" for r in results)
+    n_run = sum(r.status != "skipped" for r in results)
     log(
-        f"[reproduce] {len(results) - n_bad}/{len(results)} notebooks ok in {total:.0f} s; "
-        f"report: {run_dir / 'report.md'}"
+        f"[reproduce] {n_run - n_bad}/{n_run} notebooks ok in {total:.0f} s "
+        f"(CPU {sum(r.cpu_seconds for r in results):.0f} s; {load['end']}); report: {run_dir / 'report.md'}"
     )
     return run_dir, results
 
@@ -446,8 +533,11 @@ def overrides_slug(overrides: dict[str, Any], max_len: int = 60) -> str:
 
 
 def _write_status(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float,
+                  load: dict[str, str] | None = None, commit: str | None = None,
                   overrides: dict[str, Any] | None = None) -> None:
     data = {"profile": profile, "overrides": dict(overrides or {}), "seconds": round(seconds, 1),
+            "commit": commit or _commit(), "cpu_seconds": round(sum(r.cpu_seconds for r in results), 1),
+            "load": load or {},
             "notebooks": [asdict(r) for r in results]}
     (run_dir / "status.json").write_text(json.dumps(data, indent=1, default=str))
 
@@ -531,23 +621,74 @@ def _results_tables(run_dir: Path, results: list[NotebookResult]) -> list[tuple[
     return out
 
 
+def collect_claims(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every notebook's claim rows (``figures/<notebook>/claims.json``), in notebook order. An unreadable
+    file becomes one row saying so (verdict "not resolved at this size"), never a silent gap."""
+    from ibpo_lab.claims import CLAIMS_FILE, read_claims
+
+    rows = []
+    for f in sorted(Path(run_dir).glob(f"figures/*/{CLAIMS_FILE}")):
+        try:
+            rows += read_claims(f)
+        except ValueError as e:
+            rows.append({"notebook": f.parent.name, "claim": f"(claims file unreadable: {e})", "measure": "", "a": "",
+                         "b": "", "value_a": None, "value_b": None, "estimate": None, "lo": None, "hi": None,
+                         "null": 0.0, "expect": "higher", "n": "", "interval": "", "note": "",
+                         "verdict": "not resolved at this size"})
+    return rows
+
+
+def _shows(rows: list[dict[str, Any]], results: list[NotebookResult], profile: str):
+    """The "what this run shows" section: (markdown lines, html lines)."""
+    from ibpo_lab.claims import claims_frame
+
+    n_res = sum(r["verdict"] == "resolved" for r in rows)
+    intro = (f"{len(rows)} claims of the paper measured in this run; {n_res} resolved at this size (the 95% interval "
+             "excludes no effect on the side the paper claims). Each row: the two arms, the measured difference "
+             "(or ratio), its interval, the sample size n and the verdict.")
+    md = ["## What this run shows", ""]
+    hl = ["<h2>What this run shows</h2>"]
+    if not rows:
+        md += ["No notebook wrote claim rows in this run.", ""]
+        hl += ["<p>No notebook wrote claim rows in this run.</p>"]
+    else:
+        df = claims_frame(rows)
+        md += [intro, "", df.to_markdown(index=False), ""]
+        hl += [f"<p>{html.escape(intro)}</p>", _html_table(df)]
+        notes = [f"{r['notebook']}: {r['note']}" for r in rows if r.get("note")]
+        if notes:
+            md += [f"- {n}" for n in notes] + [""]
+            hl += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
+    skipped = [r for r in results if r.status == "skipped"]
+    if skipped:
+        line = "Not run in this profile: " + "; ".join(f"{r.name} ({r.note})" for r in skipped) + "."
+        md += [line, ""]
+        hl += [f"<p>{html.escape(line)}</p>"]
+    return md, hl
+
+
 def write_report(run_dir: Path, profile: str, results: list[NotebookResult], seconds: float,
+                 load: dict[str, str] | None = None, commit: str | None = None,
                  overrides: dict[str, Any] | None = None) -> Path:
     """Write ``status.json``, ``report.md`` and ``report.html`` into ``run_dir``; returns report.md.
 
-    The ``-p`` overrides are stated under the title; statuses are words ("ok", "failed"), not
+    The report opens with "what this run shows" (:func:`collect_claims`), then the key figures. The
+    ``-p`` overrides are stated under the title; statuses are words ("ok", "failed", "skipped"), not
     emoji (which render as empty boxes without an emoji font); wide tables are split into column
     blocks in Markdown and scroll sideways in HTML."""
     import pandas as pd
 
-    _write_status(run_dir, profile, results, seconds, overrides)
+    commit = commit or _commit()  # reproduce passes the commit the notebooks started at
+    _write_status(run_dir, profile, results, seconds, load, commit, overrides)
     n_ok = sum(r.status == "ok" for r in results)
+    n_run = sum(r.status != "skipped" for r in results)
     overview = pd.DataFrame(
         [
             {
                 "notebook": r.name,
                 "status": r.status,
                 "wall time (s)": round(r.seconds, 1),
+                "CPU time (s)": round(r.cpu_seconds, 1),
                 "figures": len(r.figures),
                 "tables": len(r.tables),
             }
@@ -555,12 +696,13 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
         ]
     )
     head = (
-        f"profile **{profile}** · {n_ok}/{len(results)} notebooks ok · total {seconds:.0f} s · "
-        f"{datetime.now():%Y-%m-%d %H:%M} · commit {_commit()} · {_machine()}"
+        f"profile **{profile}** · {n_ok}/{n_run} notebooks ok · total {seconds:.0f} s wall, "
+        f"{sum(r.cpu_seconds for r in results):.0f} s CPU · {datetime.now():%Y-%m-%d %H:%M} · commit {commit} · "
+        f"{_machine()}" + (f" · at start {load['start']}, at end {load['end']}" if load else "")
     )
     given = f"overrides (-p): {overrides_text(overrides)}"
-    md = [f"# ibpo_lab reproduction report ({profile})", "", head, "", given, "",
-          overview.to_markdown(index=False), ""]
+    shows_md, shows_hl = _shows(collect_claims(run_dir), results, profile)
+    md = [f"# ibpo_lab reproduction report ({profile})", "", head, "", given, ""] + shows_md
     hl = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>ibpo_lab report ({html.escape(profile)})</title>",
@@ -571,13 +713,15 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
         f"<h1>ibpo_lab reproduction report ({html.escape(profile)})</h1>",
         f"<p>{html.escape(head.replace('**', ''))}</p>",
         f"<p>{html.escape(given)}</p>",
-        _html_table(overview),
+        *shows_hl,
     ]
     key = [f for f in KEY_FIGURES if any(f in r.figures for r in results)]
     if key:
         md += ["## Key figures", ""] + [f"![{Path(f).parent.name}: {Path(f).stem.replace('_', ' ')}]({f})\n" for f in key]
         hl += ["<h2>Key figures</h2>"] + [f"<figure><img src='{html.escape(f)}'><figcaption>"
                                           f"{html.escape(Path(f).parent.name)}</figcaption></figure>" for f in key]
+    md += ["## Notebooks", "", _md_table(overview), ""]
+    hl += ["<h2>Notebooks</h2>", _html_table(overview)]
     summary = _results_tables(run_dir, results)
     if summary:
         md += ["## Results", ""]
@@ -590,6 +734,9 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
     for r in results:
         md += [f"## {r.name} — {r.status} ({r.seconds:.1f} s)", "", f"executed notebook: `notebooks/{r.name}.ipynb`", ""]
         hl += [f"<h2>{html.escape(r.name)} — {r.status} ({r.seconds:.1f} s)</h2>"]
+        if r.note:
+            md += [f"Not run: {r.note}", ""]
+            hl += [f"<p>Not run: {html.escape(r.note)}</p>"]
         if r.error:
             md += ["**Error:**", "", "```", r.error, "```", ""]
             hl += [f"<p><b>Error:</b></p><pre>{html.escape(r.error)}</pre>"]
@@ -620,13 +767,76 @@ def write_report(run_dir: Path, profile: str, results: list[NotebookResult], sec
     return path
 
 
+# ---------------------------------------------------------------------------------------- wall times
+DOCS = REPO_ROOT / "docs" / "notebooks.md"
+WALL_TIMES = REPO_ROOT / "docs" / "wall_times.json"
+_BEGIN, _END = "<!-- wall-times:begin (written by python -m ibpo_lab.reproduce --record-times RUN) -->", \
+    "<!-- wall-times:end -->"
+
+
+def wall_time_table(times: dict[str, Any]) -> str:
+    """The markdown table of measured wall times: one row per notebook, one column per recorded
+    profile (``times``: profile -> {"notebooks": {name: [status, wall s, CPU s]}, "total", "cpu", "load",
+    "date", "commit"}), then the total and the machine's load."""
+    profiles = [p for p in PROFILES if p in times]
+    names = sorted({n for p in profiles for n in times[p]["notebooks"]})
+    lines = ["| notebook | " + " | ".join(f"`{p}` wall (CPU)" for p in profiles) + " |",
+             "|---|" + "---|" * len(profiles)]
+
+    def cell(p, n):
+        v = times[p]["notebooks"].get(n)
+        if v is None:
+            return "not run"
+        status, wall, cpu = v
+        return "skipped" if status == "skipped" else f"{wall:.0f} s ({cpu:.0f} s)" + ("" if status == "ok" else " FAILED")
+
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(cell(p, n) for p in profiles) + " |")
+    lines.append("| **all notebooks** | " + " | ".join(
+        f"**{times[p]['total']:.0f} s** ({times[p]['cpu']:.0f} s)" for p in profiles) + " |")
+    notes = [f"- `{p}`: measured {times[p]['date']} at commit {times[p]['commit']}, {times[p].get('jobs', 1)} "
+             f"notebook(s) at a time; {times[p]['load']}" for p in profiles]
+    return "\n".join(lines + [""] + notes)
+
+
+def update_wall_times(run_dir: str | Path, docs: str | Path = DOCS, store: str | Path = WALL_TIMES) -> Path:
+    """Record a finished run's measured times (its ``status.json``) for its profile in ``store`` and
+    rewrite the table between the wall-time markers of ``docs`` — the docs' and notebooks' wall-time
+    statements come from measured runs, never estimates. Missing markers or status → UsageError."""
+    st_path = Path(run_dir) / "status.json"
+    if not st_path.is_file():
+        raise UsageError(f"--record-times: {st_path} does not exist (not a reproduce run folder?)")
+    st = json.loads(st_path.read_text())
+    store, docs = Path(store), Path(docs)
+    text = docs.read_text()
+    if _BEGIN not in text or _END not in text:
+        raise UsageError(f"--record-times: {docs} has no wall-time markers ({_BEGIN} ... {_END})")
+    times = json.loads(store.read_text()) if store.is_file() else {}
+    load = st.get("load") or {}
+    times[st["profile"]] = {
+        "notebooks": {nb["name"]: [nb["status"], nb["seconds"], nb.get("cpu_seconds", 0.0)] for nb in st["notebooks"]},
+        "total": st["seconds"], "cpu": st.get("cpu_seconds", 0.0), "jobs": PROFILES[st["profile"]].get("jobs", 1),
+        "load": f"at start {load.get('start', 'load unknown')}, at end {load.get('end', 'load unknown')}",
+        "date": datetime.fromtimestamp(st_path.stat().st_mtime).strftime("%Y-%m-%d %H:%M"),
+        "commit": st.get("commit", "unknown"),
+    }
+    from ibpo_lab.runs import atomic_write_text
+
+    atomic_write_text(store, json.dumps(times, indent=1) + "\n")
+    head, rest = text.split(_BEGIN, 1)
+    _, tail = rest.split(_END, 1)
+    atomic_write_text(docs, head + _BEGIN + "\n" + wall_time_table(times) + "\n" + _END + tail)
+    return docs
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ibpo_lab.reproduce",
         description="Run the ibpo_lab notebooks with papermill into runs/<stamp>-<profile>/ and write a report.",
     )
-    p.add_argument("--profile", default="smoke", help="smoke: 2-core CPU in minutes; full: one 80 GB GPU")
+    p.add_argument("--profile", default="smoke", choices=list(PROFILES),
+                   help="; ".join(f"{k}: {v.get('help', '')}" for k, v in PROFILES.items()))
     p.add_argument("--only", nargs="+", metavar="NB", help="notebooks to run: numbers (4, 04), stems or substrings")
     p.add_argument(
         "-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"), dest="parameters",
@@ -636,12 +846,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks-dir", default=str(DEFAULT_NOTEBOOKS), help="where the NN_name.ipynb notebooks are")
     p.add_argument("--cell-timeout", type=int, default=None, help="seconds one cell may run (default: no limit)")
     p.add_argument("--list", action="store_true", help="list the notebooks and their parameters, then exit")
+    p.add_argument("--record-times", metavar="RUN", help="write a finished run's measured wall times into "
+                   "docs/notebooks.md (and docs/wall_times.json), then exit")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.record_times:
+            print(f"wall times of {args.record_times} written to {update_wall_times(args.record_times)}")
+            return 0
         if args.list:
             for nb in select_notebooks(find_notebooks(args.notebooks_dir), args.only):
                 ps = notebook_parameters(nb)
@@ -662,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if all(r.status == "ok" for r in results) else 1
+    return 0 if all(r.status != "failed" for r in results) else 1
 
 
 if __name__ == "__main__":

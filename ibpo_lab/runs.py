@@ -964,23 +964,32 @@ def _t_quantile(confidence: float, df: int) -> float:
     return math.sqrt(df) * math.tan((lo + hi) / 2)
 
 
-def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(share, low, high): the Wilson score interval for a binomial proportion ``successes / n``
-    (``scipy.stats.binomtest(...).proportion_ci(method="wilson")``). Unlike a t or normal interval it
-    stays inside [0, 1] and is not zero-width at 0/n or n/n — use it for accuracies over independent
-    0/1 outcomes (pass@k over prompts, one sample per prompt). NaNs when ``n == 0``."""
+def proportion_ci(successes: float, n: float, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(share, low, high): the Wilson score interval of a proportion ``successes / n``.
+
+    Unlike a t or normal interval it stays inside [0, 1] and is not zero-width at 0/n or n/n: the
+    interval for accuracies over independent 0/1 outcomes (pass@k over prompts; avg@k pooled over
+    seeds, prompts and samples, so ``successes`` may be fractional). Written out (centre
+    (k + z²/2)/(n + z²), half-width z/(n + z²)·sqrt(k(n−k)/n + z²/4)) rather than
+    ``scipy.stats.binomtest(...).proportion_ci(method="wilson")``, which takes integer counts only;
+    z comes from the standard library's ``statistics.NormalDist``, so no scipy is needed. NaNs when
+    ``n == 0``."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    k, n = int(successes), int(n)
+    k, n = float(successes), float(n)
     if n < 0 or not 0 <= k <= max(n, 0):
         raise ValueError(f"proportion_ci needs 0 <= successes <= n, got successes={successes!r}, n={n!r}")
     if n == 0:
         return math.nan, math.nan, math.nan
-    from scipy import stats
+    import statistics
 
-    ci = stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return k / n, float(ci.low), float(ci.high)
-
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    z2 = z * z
+    centre = (k + z2 / 2) / (n + z2)
+    half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends (the formula leaves float dust there)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return k / n, lo, hi
 
 
 def summarise_runs(records: Sequence[RunRecord | str | os.PathLike], metric: str = "avg@k") -> pd.DataFrame:

@@ -28,11 +28,10 @@
 # tokens the repair edited, 0 on the others; correct trajectories and unrepaired failures get their
 # sequence advantage on every token.
 #
-# Wall time: `smoke` (tiny policy, synthetic task, CPU) ≈ 20 s; `full` (Qwen2.5-1.5B-Instruct on GSM8K,
-# vLLM) ≈ 3 min, mostly model loading.
+# Wall time per profile: measured, in docs/notebooks.md (written from the last recorded runs).
 
 # %% tags=["parameters"]
-profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
+profile = "smoke"  # smoke: CI, minutes on a CPU; cpu: the main job, the claims in 15 min on 2 cores; full: one 80 GB GPU
 out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
 seed = 0  # sampling seed
 model = None  # policy name or path; None: the profile's preset (tiny / Qwen2.5-1.5B-Instruct)

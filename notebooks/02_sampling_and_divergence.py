@@ -21,10 +21,10 @@
 # step prefix trie (the structure the prefix-tree estimator reads), and the repairs of the failed
 # trajectories as diffs (red: changed in the failed attempt, green: written by the repair).
 #
-# Wall time: `smoke` ≈ 20 s on a 2-core CPU; `full` (Qwen2.5-1.5B-Instruct, GSM8K, vLLM) ≈ 3 min.
+# Wall time per profile: measured, in docs/notebooks.md (written from the last recorded runs).
 
 # %% tags=["parameters"]
-profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
+profile = "smoke"  # smoke: CI, minutes on a CPU; cpu: the main job, the claims in 15 min on 2 cores; full: one 80 GB GPU
 out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
 seed = 0  # sampling seed
 model = None  # policy name or path; None: the profile's preset

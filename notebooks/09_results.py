@@ -18,25 +18,24 @@
 #
 # Loads the run records the training notebooks wrote (`runs_dir`; `reproduce` passes the run's
 # `records/` folder) and draws the summary: final held-out accuracy per experiment and method (mean
-# and 95% interval over seeds), training stability, and reward curves. The tables here open the report.
-#
-# Wall time: `smoke` ≈ 15 s; `full` ≈ 1 min (it only reads records).
+# pooled over seeds, with a Wilson 95% interval that stays inside [0, 1]; n = seeds × prompts × samples),
+# training stability, and reward curves. Wall time per profile: measured, in docs/notebooks.md.
 
 # %% tags=["parameters"]
-profile = "smoke"  # smoke: 2-core CPU in minutes; full: one 80 GB GPU (this notebook only reads records)
+profile = "smoke"  # smoke: CI, minutes on a CPU; cpu: the main job, the claims in 15 min on 2 cores; full: one 80 GB GPU (this notebook only reads records)
 out_dir = None  # folder for figures and tables (reproduce sets it); None: only show them
 runs_dir = None  # folder of run records to summarise; None: runs/notebooks under the working folder
 metric = "reward_mean"  # training metric whose curves are drawn
 
 # %%
-from ibpo_lab import runs
+from ibpo_lab import claims, runs
 from ibpo_lab import viz
 
 records = runs.load_runs(runs_dir or "runs/notebooks")
 print(f"{len(records)} runs in {len(set(r.experiment for r in records))} experiments")
 
 # %%
-final = runs.final_table(records)
+final = claims.accuracy_table(records)
 viz.save_table(final, out_dir, "summary_final_accuracy")
 final
 

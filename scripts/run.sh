@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for people and CI: creates/refreshes .venv, then runs a job.
-#   bash scripts/run.sh main [extra args]   # the smoke reproduction (all notebooks, report under runs/)
+#   bash scripts/run.sh main [extra args]   # the main job: the cpu reproduction (the paper's claims measured, report
+#                                           # under runs/, <= 15 min on 2 cores); `main --profile smoke` for CI
 #   bash scripts/run.sh test [pytest args]  # the test suite
 #   bash scripts/run.sh setup               # only create/refresh .venv
 #   bash scripts/run.sh lab [jupyter args]  # JupyterLab on 127.0.0.1 with the project kernel
@@ -53,7 +54,7 @@ lab_setup() {
 setup
 case "$job" in
   setup) ;;
-  main) exec "$VENV/bin/python" -m ibpo_lab.reproduce --profile smoke "$@" ;;
+  main) exec "$VENV/bin/python" -m ibpo_lab.reproduce --profile cpu "$@" ;;
   test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
   lab-setup) lab_setup ;;
   lab)

@@ -143,7 +143,7 @@ def test_run_continues_past_failure_and_reports_it(nbdir, tmp_path, capsys):
     assert "n" not in by["03_results"]["parameters"]
     assert (run / "notebooks" / "02_broken.ipynb").exists()  # the failed notebook is kept with its traceback
     report = (run / "report.md").read_text()
-    assert "broken on purpose" in report
+    assert "| failed " in report and "broken on purpose" in report and "❌" not in report
     assert "overrides (-p): n=4" in report  # ... and in the report
     assert status["overrides"] == {"n": 4}
     assert "![line](figures/01_first/line.png)" in report
@@ -296,3 +296,116 @@ def test_wide_tables_are_split_in_markdown_and_scroll_in_html(tmp_path):
     assert shown == set(wide.columns)  # nothing dropped
     html = (tmp_path / "report.html").read_text()
     assert "<div class='table-wrap'><table" in html and ".table-wrap{max-width:100%;overflow-x:auto" in html
+
+
+# ------------------------------------------------------------------------------------ issue 16: cpu profile
+CLAIM_NB = '''# %% tags=["parameters"]
+profile = "smoke"
+out_dir = None
+
+# %%
+import os
+from ibpo_lab import claims
+d, lo, hi = claims.paired_difference([0.0, 0.1, 0.2], [0.5, 0.5, 0.6])
+claims.write_claims([claims.claim("02_claim", "b beats a", "accuracy", "a", "b", 0.1, 0.53, d, lo, hi,
+                                  expect="higher", n=claims.size(3, 4, 8), interval="t over 3 seeds (paired)"),
+                     claims.claim("02_claim", "b is lower", "variance", "a", "b", 1.0, 1.0, 1.0, float("nan"),
+                                  float("nan"), expect="lower", n=claims.size(1), interval="none", null=1.0)], out_dir)
+print(os.environ.get("OMP_NUM_THREADS"))
+'''
+
+
+def test_profiles_are_config_rows_and_a_new_row_is_accepted(monkeypatch):
+    from ibpo_lab import config
+
+    assert rp.PROFILES is config.PROFILES and {"smoke", "cpu", "full"} <= set(rp.PROFILES)
+    rp.check_profile("cpu")  # a CPU profile: no GPU asked
+    monkeypatch.setitem(config.PROFILES, "tiny2", {**config.PROFILES["smoke"], "gpu": True})
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(rp.UsageError, match="needs a CUDA GPU"):
+        rp.check_profile("tiny2")
+    with pytest.raises(rp.UsageError, match="smoke, cpu, full"):
+        rp.check_profile("nope")
+
+
+def test_two_at_a_time_skips_reports_claims_and_runs_results_last(tmp_path, monkeypatch, capsys):
+    from ibpo_lab import config
+
+    d = tmp_path / "notebooks"
+    d.mkdir()
+    _write(d, "01_first", OK_NB)
+    _write(d, "02_claim", CLAIM_NB)
+    _write(d, "03_results", RESULTS_NB)
+    _write(d, "04_skipped", BAD_NB)
+    row = {**config.PROFILES["smoke"], "jobs": 2, "threads": 1, "first": ["02"], "skip": {"04": "too slow here"}}
+    monkeypatch.setitem(config.PROFILES, "two", row)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    run, results = rp.reproduce("two", notebooks_dir=d, out=tmp_path / "runs", log=print)
+    assert [r.name for r in results] == ["01_first", "02_claim", "03_results", "04_skipped"]
+    assert [r.status for r in results] == ["ok", "ok", "ok", "skipped"]
+    assert results[3].note == "too slow here" and not (run / "notebooks" / "04_skipped.ipynb").exists()
+    log = capsys.readouterr().out
+    # the results notebook starts only after both others finished
+    assert log.index("[start] 03_results") > max(log.index("01_first: ok"), log.index("02_claim: ok"))
+    assert log.index("[queued] 02_claim") < log.index("[queued] 01_first")  # the profile's ``first``
+    executed = (run / "notebooks" / "02_claim.ipynb").read_text()
+    assert '"1\\n"' in executed  # the kernel ran on the profile's one thread
+    md = (run / "report.md").read_text()
+    assert md.index("## What this run shows") < md.index("## Notebooks")
+    shows = md.split("## What this run shows")[1].split("## Notebooks")[0]
+    # mean of the differences 0.5, 0.4, 0.4 = 0.4333; t(2) = 4.303, sd = 0.05774 -> half-width 0.1434
+    assert "b − a = 0.433" in shows and "[0.29, 0.577]" in shows and "| resolved " in shows
+    assert "3 seeds × 4 prompts × 8 samples" in shows and "not resolved at this size" in shows
+    assert "Not run in this profile: 04_skipped (too slow here)." in shows
+    status = json.loads((run / "status.json").read_text())
+    assert status["load"]["start"].startswith("load average") and "cpu_seconds" in status["notebooks"][0]
+    assert status["notebooks"][1]["cpu_seconds"] > 0
+
+
+def test_a_skipped_notebook_named_in_only_runs(tmp_path, monkeypatch):
+    from ibpo_lab import config
+
+    d = tmp_path / "notebooks"
+    d.mkdir()
+    _write(d, "01_first", OK_NB)
+    monkeypatch.setitem(config.PROFILES, "skip1", {**config.PROFILES["smoke"], "skip": {"01": "slow"}})
+    _, res = rp.reproduce("skip1", notebooks_dir=d, out=tmp_path / "a", log=lambda m: None)
+    assert [r.status for r in res] == ["skipped"]
+    _, res = rp.reproduce("skip1", only=["1"], notebooks_dir=d, out=tmp_path / "b", log=lambda m: None)
+    assert [r.status for r in res] == ["ok"]
+
+
+def test_unreadable_claims_file_is_a_row_not_a_gap(tmp_path):
+    (tmp_path / "figures" / "03_x").mkdir(parents=True)
+    (tmp_path / "figures" / "03_x" / "claims.json").write_text("{not json")
+    rows = rp.collect_claims(tmp_path)
+    assert len(rows) == 1 and "unreadable" in rows[0]["claim"] and rows[0]["verdict"] == "not resolved at this size"
+
+
+def test_record_times_writes_the_measured_table(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({
+        "profile": "cpu", "seconds": 600.4, "cpu_seconds": 900.0, "commit": "abc1234",
+        "load": {"start": "load average 1.00, 1.00, 1.00 (1, 5, 15 min)", "end": "load average 2.00"},
+        "notebooks": [{"name": "01_a", "status": "ok", "seconds": 12.4, "cpu_seconds": 20.0},
+                      {"name": "05_b", "status": "skipped", "seconds": 0.0, "cpu_seconds": 0.0}]}))
+    docs = tmp_path / "notebooks.md"
+    docs.write_text(f"intro\n{rp._BEGIN}\nold table\n{rp._END}\noutro\n")
+    store = tmp_path / "wall_times.json"
+    rp.update_wall_times(run, docs, store)
+    text = docs.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "| 01_a | 12 s (20 s) |" in text and "| 05_b | skipped |" in text
+    assert "**600 s** (900 s)" in text and "commit abc1234" in text and "load average 1.00" in text
+    assert json.loads(store.read_text())["cpu"]["notebooks"]["01_a"] == ["ok", 12.4, 20.0]
+    docs.write_text("no markers")
+    with pytest.raises(rp.UsageError, match="markers"):
+        rp.update_wall_times(run, docs, store)
+    with pytest.raises(rp.UsageError, match="status.json"):
+        rp.update_wall_times(tmp_path, docs, store)
+
+
+def test_docs_carry_the_wall_time_markers():
+    text = rp.DOCS.read_text()
+    assert rp._BEGIN in text and rp._END in text
