@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -585,3 +586,157 @@ def test_validation_errors():
     empty = RolloutBatch(prompt_ids=[], response_ids=[], rewards=[], group_ids=[])
     with pytest.raises(ValueError, match="empty"):
         A.get_estimator("grpo")(empty)
+
+
+# ----------------------------------------------------------------------------- properties (mutation testing)
+def test_metric_and_mask_errors_name_the_argument():
+    adv = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"^advantages must be \[B, T\], got shape \(3,\)$"):
+        A.failed_positive_share(adv[:, 0], [0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"^rewards has 2 entries but advantages has 3 rows$"):
+        A.failed_positive_share(adv, [0.0, 1.0])
+    with pytest.raises(ValueError, match=re.escape("response_mask has shape (3, 2) but advantages has (3, 4)")):
+        A.failed_positive_share(adv, [0.0, 1.0, 0.0], torch.ones(3, 2))
+    with pytest.raises(ValueError, match=re.escape("response_mask has shape (3, 2) but advantages has (3, 4)")):
+        A.active_token_ratio(adv, torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"^advantages must be \[B, T\], got shape \(4,\)$"):
+        A.active_token_ratio(adv[0])
+    with pytest.raises(ValueError, match=r"^response_mask must be \[B, T\], got shape \(3,\)$"):
+        A.train_mask([0.0, 1.0, 0.0], torch.ones(3))
+    with pytest.raises(ValueError, match=r"^anchors_only must be a bool, got 'yes'$"):
+        A.train_mask([0.0, 1.0, 0.0], torch.ones(3, 4), anchors_only="yes")
+    seq = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"^no_repair must be one of 'sequence', 'zero', got 'none'$"):
+        A.ibpo_token_advantages(seq, [0.0, 1.0], None, torch.ones(2, 3), None, no_repair="none")
+    with pytest.raises(ValueError, match=r"^empty_edit must be one of 'error', 'sequence', 'zero', got 'skip'$"):
+        A.ibpo_token_advantages(seq, [0.0, 1.0], None, torch.ones(2, 3), None, empty_edit="skip")
+    with pytest.raises(ValueError, match=r"^rewards has 3 entries but seq_adv has 2$"):
+        A.ibpo_token_advantages(seq, [0.0, 1.0, 0.0], None, torch.ones(2, 3), None)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "edit_mask: failed trajectories [0, 2] have repair_success > 0 but no edited trained token; "
+            "pass empty_edit='sequence' or 'zero' to accept this"
+        ),
+    ):
+        A.ibpo_token_advantages(torch.zeros(3), [0.0, 1.0, 0.0], [1.0, 0.0, 0.5], torch.ones(3, 2), torch.zeros(3, 2))
+
+
+def test_reward_at_the_threshold_is_a_success():
+    # R >= success_threshold is correct: a trajectory exactly at 0.5 is not failed anywhere
+    r = [0.5, 0.0, 1.0]
+    adv = torch.tensor([[0.7, 0.7], [-0.3, 0.0], [0.2, 0.2]])
+    # failed: row 1 only; its credited token is negative -> share 0 (row 0's positive tokens do not count)
+    assert A.failed_positive_share(adv, r) == 0.0
+    assert torch.equal(A.train_mask(r, torch.ones(3, 2), anchors_only=True), torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+    # token credit: the 0.5 trajectory carries a repair share and an edit mask, but is correct: every token
+    seq = torch.tensor([0.4, -0.6, 0.8])
+    edit = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    tok = A.ibpo_token_advantages(seq, r, [1.0, 1.0, 1.0], torch.ones(3, 2), edit)
+    assert torch.allclose(tok, torch.tensor([[0.4, 0.4], [0.0, -0.6], [0.8, 0.8]]))
+
+
+def test_token_advantages_defaults_by_hand():
+    # called with its defaults only (success_threshold 0.5, renormalize False, no_repair "sequence")
+    seq = torch.tensor([0.9, -0.25, -0.5, -0.75])
+    rewards = [1.0, 0.0, 0.0, 0.0]
+    repair = [0.5, 1.0, 0.0, 0.25]  # a correct trajectory with a repair share: it gets no edit credit
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    edit = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.float32)
+    out = A.ibpo_token_advantages(seq, rewards, repair, mask, edit)
+    expected = torch.tensor(
+        [
+            [0.9, 0.9, 0.9, 0.0],  # correct: every trained token, edit mask ignored
+            [0.0, -0.25, -0.25, 0.0],  # repaired failure: its edited tokens only, not scaled
+            [-0.5, -0.5, 0.0, 0.0],  # unrepaired failure: sequence credit on every trained token
+            [0.0, 0.0, 0.0, -0.75],
+        ]
+    )
+    assert torch.equal(out, expected)
+    assert out.dtype == torch.float32
+    # renormalize=True: n_i/|E_i| = 4/2 and 4/1 on the repaired failures, nothing else changes
+    ren = A.ibpo_token_advantages(seq, rewards, repair, mask, edit, renormalize=True)
+    assert torch.equal(ren[[0, 2]], expected[[0, 2]])
+    assert torch.equal(ren[1], torch.tensor([0.0, -0.5, -0.5, 0.0])) and torch.equal(ren[3], torch.tensor([0.0, 0.0, 0.0, -3.0]))
+
+
+def test_repair_advantages_errors():
+    orig = _ibpo_batch()
+    rep = make_batch([1.0], [0], edit_masks=[[1, 1, 0]])
+    empty = RolloutBatch(prompt_ids=[], response_ids=[], rewards=[], group_ids=[], edit_masks=[])
+    with pytest.raises(ValueError, match=r"^repaired is empty: need at least one repaired trajectory$"):
+        A.ibpo_repair_advantages(empty, orig, [])
+    # the source index must be inside the original batch: len(original) is one past the end
+    with pytest.raises(ValueError, match=re.escape("source holds indices [5] outside the original batch of 5")):
+        A.ibpo_repair_advantages(rep, orig, [5])
+    with pytest.raises(ValueError, match=re.escape("source holds indices [-1] outside the original batch of 5")):
+        A.ibpo_repair_advantages(rep, orig, [-1])
+    with pytest.raises(ValueError, match=r"^source has 2 entries but repaired has 1 trajectories$"):
+        A.ibpo_repair_advantages(rep, orig, [1, 2])
+    with pytest.raises(ValueError, match=r"^repaired.edit_masks is None"):
+        A.ibpo_repair_advantages(rep.replace(edit_masks=None), orig, [1])
+
+
+def test_token_advantages_output_dtype_follows_the_mask():
+    seq = torch.tensor([0.5, -0.5])
+    r = [1.0, 0.0]
+    for mask, dtype in ((torch.ones(2, 2, dtype=torch.float64), torch.float64), (torch.ones(2, 2, dtype=torch.bool), torch.float32),
+                        (torch.ones(2, 2, dtype=torch.long), torch.float32), (torch.ones(2, 2), torch.float32)):
+        out = A.ibpo_token_advantages(seq, r, None, mask, None)
+        assert out.dtype == dtype
+        assert torch.equal(out, torch.tensor([[0.5, 0.5], [-0.5, -0.5]], dtype=dtype))
+
+
+def test_estimators_on_a_one_trajectory_batch_and_the_empty_error():
+    one = make_batch([1.0], [0], lens=[3], repair_success=[0.0], edit_masks=[[0, 1, 0]])
+    for name in ("grpo", "dr_grpo", "rloo", "ibpo", "prefix_tree"):
+        adv = A.get_estimator(name)(one)  # a singleton group: no baseline, zero advantage
+        assert torch.equal(adv, torch.zeros(1, 3)), name
+    empty = RolloutBatch(prompt_ids=[], response_ids=[], rewards=[], group_ids=[])
+    with pytest.raises(ValueError, match=r"^batch is empty: need at least one trajectory$"):
+        A.get_estimator("ibpo")(empty)
+
+
+def test_repair_advantages_pass_every_shaping_setting_by_hand():
+    # original group 0: R = [1, 0, 0.4], repair_success [0.5, 0.5, 0.25]; one repair of trajectory 1 (R = 1)
+    orig = make_batch([1.0, 0.0, 0.4], [0, 0, 0], lens=[2, 2, 2], repair_success=[0.5, 0.5, 0.25])
+    rep = make_batch([1.0], [0], lens=[3], edit_masks=[[0, 1, 1]])
+
+    def by_hand(rs, divisor):
+        m = sum(rs) / 3
+        return (1.0 - m) / divisor
+
+    def sd(x):
+        m = sum(x) / len(x)
+        return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
+
+    # defaults (λ .6, ρ .5, indicator φ, threshold .5): R' = [1, .3, .7]; a correct one's share is not used
+    rs = [1.0, 0.3, 0.7]
+    got = A.ibpo_repair_advantages(rep, orig, [1])
+    assert torch.allclose(got, torch.tensor([[0.0, 1.0, 1.0]]) * by_hand(rs, sd(rs) + 1e-6), atol=1e-6)
+    # λ = 1, ρ = .4, share φ: R' = [1, 0 + .4·.5, .4 + .4·.25] = [1, .2, .5]
+    rs = [1.0, 0.2, 0.5]
+    got = A.ibpo_repair_advantages(rep, orig, [1], lam=1.0, rho=0.4, phi="share")
+    assert torch.allclose(got[0, 1], torch.tensor(by_hand(rs, sd(rs) + 1e-6), dtype=torch.float32), atol=1e-6)
+    # success_threshold .3: 0.4 is a success now, unshaped: R' = [1, .3, .4]
+    rs = [1.0, 0.3, 0.4]
+    got = A.ibpo_repair_advantages(rep, orig, [1], success_threshold=0.3)
+    assert torch.allclose(got[0, 1], torch.tensor(by_hand(rs, sd(rs) + 1e-6), dtype=torch.float32), atol=1e-6)
+    # batch scale: the std of all shaped rewards of the original batch (here one group), unbiased or population
+    rs = [1.0, 0.3, 0.7]
+    pop = math.sqrt(sum((v - sum(rs) / 3) ** 2 for v in rs) / 3)
+    got = A.ibpo_repair_advantages(rep, orig, [1], scale="batch")
+    assert torch.allclose(got[0, 1], torch.tensor(by_hand(rs, sd(rs) + 1e-6), dtype=torch.float32), atol=1e-6)
+    got = A.ibpo_repair_advantages(rep, orig, [1], scale="batch", std="population")
+    assert torch.allclose(got[0, 1], torch.tensor(by_hand(rs, pop + 1e-6), dtype=torch.float32), atol=1e-6)
+    assert got.dtype == torch.float32
+
+
+def test_prefix_tree_shrinkage_below_one_and_error_name():
+    # V(x) = (2·0.5 + k·1/3) / (2 + k) with k = 0.5
+    k = 0.5
+    steps = A.prefix_tree_step_advantages([["x", "y"], ["x", "z"], ["w"]], [1.0, 0.0, 0.0], shrinkage=k)
+    vx = (2 * 0.5 + k / 3) / (2 + k)
+    assert np.allclose(steps[0], [vx - 1 / 3, 1 - vx]) and np.allclose(steps[1], [vx - 1 / 3, 0 - vx])
+    with pytest.raises(ValueError, match=r"^shrinkage must be a finite number >= 0, got -1$"):
+        A.prefix_tree_step_advantages([["x"]], [1.0], shrinkage=-1)
