@@ -740,3 +740,92 @@ def test_prefix_tree_shrinkage_below_one_and_error_name():
     assert np.allclose(steps[0], [vx - 1 / 3, 1 - vx]) and np.allclose(steps[1], [vx - 1 / 3, 0 - vx])
     with pytest.raises(ValueError, match=r"^shrinkage must be a finite number >= 0, got -1$"):
         A.prefix_tree_step_advantages([["x"]], [1.0], shrinkage=-1)
+
+
+def test_broadcast_by_hand_any_mask_dtype_and_errors():
+    seq = torch.tensor([0.5, -0.25])
+    mask = [[1, 1, 0], [1, 0, 0]]
+    expected = torch.tensor([[0.5, 0.5, 0.0], [-0.25, 0.0, 0.0]])
+    for dtype in (torch.float32, torch.float64, torch.bool, torch.long):
+        out = A.broadcast(seq, torch.tensor(mask, dtype=dtype))
+        assert out.dtype == (dtype if dtype.is_floating_point else torch.float32)
+        assert torch.equal(out, expected.to(out.dtype)), dtype
+        assert not torch.signbit(out[1, 1:]).any()  # 0.0, not -0.0, off the mask of a negative advantage
+    with pytest.raises(ValueError, match=re.escape("response_mask must be [B, T] with B = 2, got shape (3, 3)")):
+        A.broadcast(seq, torch.ones(3, 3))
+    with pytest.raises(ValueError, match=re.escape("response_mask must be [B, T] with B = 2, got shape (2, 3)")):
+        A.broadcast(seq[:, None], torch.ones(2, 3))  # seq_adv must be 1-D
+    with pytest.raises(ValueError, match=re.escape("response_mask must be [B, T] with B = 2, got shape (2,)")):
+        A.broadcast(seq, torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "base, spread, is_equal",
+    [
+        (0.0, 1e-5, True),  # spread exactly const_tol·max(1, |r|) near zero: equal
+        (0.0, 1.5e-5, False),  # 1.5x the tolerance near zero: a real (tiny) difference
+        (1000.0, 0.005, True),  # large magnitude: the tolerance is relative, 1e-5·1000 = 0.01
+        (1000.0, 0.02, False),
+        (-1000.0, 0.005, True),
+    ],
+)
+def test_equal_reward_groups_near_zero_and_at_large_magnitude(base, spread, is_equal):
+    r = torch.tensor([base, base + spread, base], dtype=torch.float64)
+    g = [0, 0, 0]
+    for fn in (A.grpo_advantages, A.grpo_advantages_reference, A.rloo_advantages, A.rloo_advantages_reference):
+        adv = fn(r, g)
+        if is_equal:
+            assert torch.equal(adv, torch.zeros(3, dtype=torch.float64)), fn.__name__
+        else:
+            assert adv[1] > 0 > adv[0] and adv[0] == adv[2], fn.__name__
+    # the sequence-level IBPO rule (both sign rules, and the reference twin) treats it the same way
+    for rule in A.SIGN_RULES:
+        for fn in (A.ibpo_advantages, A.ibpo_advantages_reference):
+            adv = fn(r, g, None, sign_rule=rule)
+            assert bool((adv == 0).all()) == is_equal, (fn.__name__, rule)
+
+
+def test_reference_twins_by_hand_and_in_float64():
+    # the plain-loop twins are what the vectorised code is held to, so they are checked by hand too
+    r = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    bsd = 1 / math.sqrt(2)  # unbiased std of the whole batch [0, 1]
+    for fn in (A.grpo_advantages, A.grpo_advantages_reference):
+        assert torch.allclose(fn(r, [0, 0], eps=0.5, scale="batch"), torch.tensor([-0.5, 0.5], dtype=torch.float64) / (bsd + 0.5), rtol=1e-12)
+        assert torch.allclose(fn(r, [0, 0]), torch.tensor([-0.5, 0.5], dtype=torch.float64) / (bsd + 1e-6), rtol=1e-12)
+    # float noise in a group is not blown up by eps in the twins either
+    noisy = torch.tensor([0.5, 0.5 + 1e-7, 0.5 - 1e-7], dtype=torch.float64)
+    for fn in (A.grpo_advantages_reference, A.rloo_advantages_reference):
+        assert torch.equal(fn(noisy, [0, 0, 0]), torch.zeros(3, dtype=torch.float64))
+    # float64 in, float64 arithmetic out (no float32 round trip)
+    r3 = torch.tensor([0.1, 0.7, 0.35, 1.0], dtype=torch.float64)
+    g3 = [0, 0, 0, 0]
+    p3 = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    m = float(r3.mean())
+    sd = float(r3.std())
+    assert torch.allclose(A.grpo_advantages_reference(r3, g3), (r3 - m) / (sd + 1e-6), rtol=1e-13, atol=0)
+    assert torch.allclose(A.rloo_advantages_reference(r3, g3), 4 / 3 * (r3 - m), rtol=1e-13, atol=0)
+    for kw in ({}, dict(eps=0.5), dict(std="population"), dict(const_tol=0.7), dict(scale="batch", eps=0.25)):
+        v = A.ibpo_advantages(r3, g3, p3, **kw)
+        ref = A.ibpo_advantages_reference(r3, g3, p3, **kw)
+        assert v.dtype == ref.dtype == torch.float64
+        assert torch.allclose(v, ref, rtol=1e-12, atol=1e-15), kw
+    # eps and std really reach the twin: different settings give different numbers
+    assert not torch.allclose(A.ibpo_advantages_reference(r3, g3, p3, eps=0.5), A.ibpo_advantages_reference(r3, g3, p3))
+    assert not torch.allclose(A.ibpo_advantages_reference(r3, g3, p3, std="population"), A.ibpo_advantages_reference(r3, g3, p3))
+    # const_tol reaches it: a spread of 0.9 counts as equal with const_tol 1 -> all zero
+    assert torch.equal(A.ibpo_advantages_reference(r3, g3, p3, const_tol=1.0), torch.zeros(4, dtype=torch.float64))
+    # defaults: the twin's defaults are the vectorised function's
+    assert torch.allclose(A.ibpo_advantages_reference(r3, g3, p3), A.ibpo_advantages(r3, g3, p3), rtol=1e-12)
+    assert torch.allclose(A.grpo_advantages_reference(r3, g3), A.grpo_advantages(r3, g3), rtol=1e-12)
+
+
+def test_reference_twin_errors_name_the_argument():
+    r, g, p = [0.0, 1.0], [0, 0], [0.5, 0.0]
+    with pytest.raises(ValueError, match=r"^sign_rule must be one of 'safe', 'shaped', got 'sign'$"):
+        A.ibpo_advantages_reference(r, g, p, sign_rule="sign")
+    with pytest.raises(ValueError, match=r"^phi must be one of 'indicator', 'share', got 'mean'$"):
+        A.ibpo_advantages_reference(r, g, p, phi="mean")
+    with pytest.raises(ValueError, match=r"^lam must be a finite number >= 0, got -1$"):
+        A.ibpo_advantages_reference(r, g, p, lam=-1)
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got -0.5$"):
+        A.ibpo_advantages_reference(r, g, p, rho=-0.5)
