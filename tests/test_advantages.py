@@ -829,3 +829,76 @@ def test_reference_twin_errors_name_the_argument():
         A.ibpo_advantages_reference(r, g, p, lam=-1)
     with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got -0.5$"):
         A.ibpo_advantages_reference(r, g, p, rho=-0.5)
+
+
+def test_input_errors_name_the_argument_exactly():
+    with pytest.raises(ValueError, match=re.escape("rewards must be 1-D [B], got shape (2, 2)")):
+        A.grpo_advantages([[0.0, 1.0], [1.0, 0.0]], [0, 0])
+    with pytest.raises(ValueError, match=r"^rewards is empty: need at least one trajectory$"):
+        A.grpo_advantages([], [])
+    with pytest.raises(ValueError, match=r"^rewards must be numeric, got dtype torch.complex64$"):
+        A.grpo_advantages(torch.tensor([1 + 1j, 0j], dtype=torch.complex64), [0, 0])
+    with pytest.raises(ValueError, match=re.escape("rewards contains NaN at trajectories [1, 3]")):
+        A.grpo_advantages([0.0, math.nan, 1.0, math.nan], [0, 0, 0, 0])
+    with pytest.raises(ValueError, match=re.escape("rewards must be finite (found ±inf)")):
+        A.grpo_advantages([0.0, math.inf], [0, 0])
+    with pytest.raises(ValueError, match=r"^group_ids must be integers$"):
+        A.grpo_advantages([0.0, 1.0], [0.0, 0.5])
+    # integral float ids are fine (ids from a float column): same groups as the ints
+    assert torch.equal(A.grpo_advantages([0.0, 1.0, 1.0], [0.0, 0.0, 1.0]), A.grpo_advantages([0.0, 1.0, 1.0], [0, 0, 1]))
+    with pytest.raises(ValueError, match=r"^eps must be a finite number >= 0, got -1$"):
+        A.grpo_advantages([0.0, 1.0], [0, 0], eps=-1)
+    with pytest.raises(ValueError, match=r"^const_tol must be a finite number >= 0, got -1$"):
+        A.grpo_advantages([0.0, 1.0], [0, 0], const_tol=-1)
+    with pytest.raises(ValueError, match=r"^const_tol must be a finite number >= 0, got -1$"):
+        A.rloo_advantages([0.0, 1.0], [0, 0], const_tol=-1)
+    with pytest.raises(ValueError, match=r"^scale must be one of 'group', 'batch', 'none', got 'groups'$"):
+        A.grpo_advantages([0.0, 1.0], [0, 0], scale="groups")
+    with pytest.raises(ValueError, match=r"^std must be one of 'unbiased', 'population', got 'biased'$"):
+        A.grpo_advantages([0.0, 1.0], [0, 0], std="biased")
+    with pytest.raises(ValueError, match=r"^repair_success contains NaN$"):
+        A.ibpo_advantages([0.0, 1.0], [0, 0], [math.nan, 0.0])
+    # 0 and 1 are in range; only the entries outside [0, 1] are listed
+    with pytest.raises(ValueError, match=re.escape("repair_success must lie in [0, 1]; out of range at trajectories [1, 3]")):
+        A.ibpo_advantages([0.0, 0.0, 1.0, 0.0, 0.0], [0] * 5, [0.0, -0.1, 1.0, 2.5, 0.5])
+    with pytest.raises(ValueError, match=r"^success_threshold must be finite, got inf$"):
+        A.repair_phi([0.0, 1.0], [0.5, 0.0], success_threshold=math.inf)
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got -1$"):
+        A.repair_phi([0.0, 1.0], [0.5, 0.0], rho=-1)
+    with pytest.raises(ValueError, match=r"^phi must be one of 'indicator', 'share', got 'mean'$"):
+        A.repair_phi([0.0, 1.0], [0.5, 0.0], phi="mean")
+    with pytest.raises(ValueError, match=r"^lam must be a finite number >= 0, got -1$"):
+        A.shaped_rewards([0.0, 1.0], [0.5, 0.0], lam=-1)
+    with pytest.raises(ValueError, match=r"^sign_rule must be one of 'safe', 'shaped', got 'sign'$"):
+        A.ibpo_advantages([0.0, 1.0], [0, 0], [0.5, 0.0], sign_rule="sign")
+
+
+def test_shaping_settings_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.3], dtype=torch.float64)
+    p = [0.5, 0.1, 0.0, 1.0]
+    # repair_phi with its defaults: ρ = 0.5 on failures with a verified revision
+    assert A.repair_phi(r, p).tolist() == [0.0, 0.5, 0.0, 0.5]
+    # share φ keeps the share in float64 (0.1 is not rounded through float32)
+    assert A.repair_phi(r, p, phi="share", rho=1.0).tolist() == [0.0, 0.1, 0.0, 1.0]
+    # rho and success_threshold reach the shaping: λ = 0.5, ρ = 0.25 -> bonus 0.125; with threshold .2, .3 is a success
+    assert A.shaped_rewards(r, p, lam=0.5, rho=0.25).tolist() == [1.0, 0.125, 0.0, 0.425]
+    assert A.shaped_rewards(r, p, lam=0.5, rho=0.25, success_threshold=0.2).tolist() == [1.0, 0.125, 0.0, 0.3]
+    # ... and the sequence advantage (shaped rule: GRPO on R')
+    for kw, rs in (
+        (dict(rho=0.25), [1.0, 0.15, 0.0, 0.45]),  # λ .6 · ρ .25 = .15
+        (dict(success_threshold=0.2), [1.0, 0.3, 0.0, 0.3]),
+    ):
+        m = sum(rs) / 4
+        sd = math.sqrt(sum((x - m) ** 2 for x in rs) / 3)
+        got = A.ibpo_advantages(r, [0] * 4, p, sign_rule="shaped", **kw)
+        assert torch.allclose(got, torch.tensor([(x - m) / (sd + 1e-6) for x in rs], dtype=torch.float64), atol=1e-12), kw
+
+
+def test_zero_advantages_are_positive_zero_and_batch_scale_edges():
+    # λρ >= 1: the repaired failure's factor is 0, so min(A', 0 · A^R) is a zero, and a +0.0 one
+    big = A.ibpo_advantages([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5)
+    assert float(big[1]) == 0.0 and not torch.signbit(big[1])
+    # one trajectory with batch scale: a singleton group, 0 (the batch std is never used)
+    assert torch.equal(A.grpo_advantages([1.0], [0], scale="batch"), torch.zeros(1))
+    # two trajectories with batch scale: the batch std of two rewards is used
+    assert torch.allclose(A.grpo_advantages([0.0, 2.0], [0, 0], scale="batch"), torch.tensor([-1.0, 1.0]) / (math.sqrt(2) + 1e-6))
