@@ -341,8 +341,10 @@ def test_error_messages_name_the_bad_argument():
         L.ppo_loss(lp, old, adv, mask, ref_logprobs=old, kl_coef=math.inf)
     with pytest.raises(ValueError, match=r"^kl_coef must be a finite number >= 0, got -1$"):
         L.ppo_loss(lp, old, adv, mask, ref_logprobs=old, kl_coef=-1)
-    with pytest.raises(ValueError, match=esc("kl_coef > 0 needs ref_logprobs (the reference policy's log-probs)")):
+    with pytest.raises(ValueError, match="^" + esc("kl_coef > 0 needs ref_logprobs (the reference policy's log-probs)") + "$"):
         L.ppo_loss(lp, old, adv, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match=r"^ref_logprobs must be \[B, T\], got shape \(5,\)$"):
+        L.ppo_loss(lp, old, adv, mask, ref_logprobs=old[0])
 
 
 def test_clip_range_edges_are_accepted():
@@ -388,6 +390,11 @@ def test_clip_fractions_count_each_side_only():
     _, m = L.ppo_loss(lp, old, adv, mask)
     assert m["clip_frac_high"] == pytest.approx(0.25) and m["clip_frac_low"] == pytest.approx(0.5)
     assert m["clip_frac"] == pytest.approx(0.75)
+    # clip_low 0.35 > clip_high 0.5 on the other side: 0.6 clips low (< 0.65) although it is above 1 - clip_high
+    lo = torch.log(torch.tensor([[0.6, 1.0]], dtype=torch.float64))
+    _, m = L.ppo_loss(lo, torch.zeros(1, 2, dtype=torch.float64), -torch.ones(1, 2, dtype=torch.float64),
+                      torch.ones(1, 2, dtype=torch.float64), clip_low=0.35, clip_high=0.5)
+    assert m["clip_frac_low"] == pytest.approx(0.5) and m["clip_frac_high"] == 0.0
 
 
 def test_metrics_with_empty_and_single_token_masks():
