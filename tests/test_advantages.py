@@ -746,7 +746,7 @@ def test_broadcast_by_hand_any_mask_dtype_and_errors():
     seq = torch.tensor([0.5, -0.25])
     mask = [[1, 1, 0], [1, 0, 0]]
     expected = torch.tensor([[0.5, 0.5, 0.0], [-0.25, 0.0, 0.0]])
-    for dtype in (torch.float32, torch.float64, torch.bool, torch.long):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bool, torch.long):
         out = A.broadcast(seq, torch.tensor(mask, dtype=dtype))
         assert out.dtype == (dtype if dtype.is_floating_point else torch.float32)
         assert torch.equal(out, expected.to(out.dtype)), dtype
@@ -860,7 +860,7 @@ def test_input_errors_name_the_argument_exactly():
         A.ibpo_advantages([0.0, 1.0], [0, 0], [math.nan, 0.0])
     # 0 and 1 are in range; only the entries outside [0, 1] are listed
     with pytest.raises(ValueError, match=re.escape("repair_success must lie in [0, 1]; out of range at trajectories [1, 3]")):
-        A.ibpo_advantages([0.0, 0.0, 1.0, 0.0, 0.0], [0] * 5, [0.0, -0.1, 1.0, 2.5, 0.5])
+        A.ibpo_advantages([0.0, 0.0, 1.0, 0.0, 0.0], [0] * 5, [0.0, -0.1, 1.0, 1.5, 0.5])
     with pytest.raises(ValueError, match=r"^success_threshold must be finite, got inf$"):
         A.repair_phi([0.0, 1.0], [0.5, 0.0], success_threshold=math.inf)
     with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got -1$"):
@@ -898,7 +898,19 @@ def test_zero_advantages_are_positive_zero_and_batch_scale_edges():
     # λρ >= 1: the repaired failure's factor is 0, so min(A', 0 · A^R) is a zero, and a +0.0 one
     big = A.ibpo_advantages([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5)
     assert float(big[1]) == 0.0 and not torch.signbit(big[1])
+    ref = A.ibpo_advantages_reference([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5)
+    assert float(ref[1]) == 0.0 and not torch.signbit(ref[1])
     # one trajectory with batch scale: a singleton group, 0 (the batch std is never used)
     assert torch.equal(A.grpo_advantages([1.0], [0], scale="batch"), torch.zeros(1))
     # two trajectories with batch scale: the batch std of two rewards is used
     assert torch.allclose(A.grpo_advantages([0.0, 2.0], [0, 0], scale="batch"), torch.tensor([-1.0, 1.0]) / (math.sqrt(2) + 1e-6))
+
+
+def test_prefix_tree_steps_keep_float64_rewards():
+    # plain Python floats are read as float64 (no float32 round trip): the steps sum to r - mean exactly
+    r = [0.1, 0.7, 0.35]
+    steps = A.prefix_tree_step_advantages([["a", "b"], ["a", "c"], ["d"]], r)
+    m = sum(r) / 3
+    for i in range(3):
+        assert abs(steps[i].sum() - (r[i] - m)) < 1e-15
+    assert steps[2][0] == pytest.approx(0.35 - m, abs=1e-15)
