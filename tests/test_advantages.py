@@ -898,8 +898,6 @@ def test_zero_advantages_are_positive_zero_and_batch_scale_edges():
     # λρ >= 1: the repaired failure's factor is 0, so min(A', 0 · A^R) is a zero, and a +0.0 one
     big = A.ibpo_advantages([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5)
     assert float(big[1]) == 0.0 and not torch.signbit(big[1])
-    ref = A.ibpo_advantages_reference([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5)
-    assert float(ref[1]) == 0.0 and not torch.signbit(ref[1])
     # one trajectory with batch scale: a singleton group, 0 (the batch std is never used)
     assert torch.equal(A.grpo_advantages([1.0], [0], scale="batch"), torch.zeros(1))
     # two trajectories with batch scale: the batch std of two rewards is used
@@ -914,3 +912,10 @@ def test_prefix_tree_steps_keep_float64_rewards():
     for i in range(3):
         assert abs(steps[i].sum() - (r[i] - m)) < 1e-15
     assert steps[2][0] == pytest.approx(0.35 - m, abs=1e-15)
+
+
+def test_reference_twin_zeros_are_positive_zero():
+    # the plain-loop twin also returns +0.0 where the factor 1 - λρ is 0 (λρ >= 1)
+    ref = A.ibpo_advantages_reference([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5)
+    assert float(ref[1]) == 0.0 and not torch.signbit(ref[1])
+    assert torch.equal(ref, A.ibpo_advantages([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5))
