@@ -457,13 +457,16 @@ def ibpo_advantages_reference(
 
 # --------------------------------------------------------------------------- token level
 def broadcast(seq_adv: Tensor, response_mask: Tensor) -> Tensor:
-    """Sequence-level credit on every trained token: seq_adv [B], response_mask [B, T] -> [B, T]."""
+    """Sequence-level credit on every trained token: seq_adv [B], response_mask [B, T] -> [B, T]
+    in the mask's float dtype (float32 for a bool/int mask)."""
     if seq_adv.dim() != 1 or response_mask.dim() != 2 or response_mask.shape[0] != seq_adv.shape[0]:
         raise ValueError(
             f"response_mask must be [B, T] with B = {seq_adv.shape[0]}, got shape {tuple(response_mask.shape)}"
         )
+    # a bool/int mask must not cast the advantages to bool/int (that lost their sign and size)
+    dtype = response_mask.dtype if response_mask.is_floating_point() else torch.float32
     # + 0.0 turns the -0.0 of negative advantages on masked tokens into 0.0 (cleaner tables)
-    return seq_adv.to(response_mask.dtype)[:, None] * response_mask + 0.0
+    return seq_adv.to(dtype)[:, None] * response_mask.to(dtype) + 0.0
 
 
 def _failed_rows(advantages: Tensor, rewards: Any, success_threshold: float) -> Tensor:

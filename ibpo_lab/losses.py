@@ -189,6 +189,9 @@ def _check_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, a
 
 def _clipped_surrogate(ratio, advantages, m, clip_low, clip_high, is_weights):
     """Per-token PPO loss max(-A·r, -A·clip(r, 1-lo, 1+hi)) and its clip metrics."""
+    # off-mask advantages are not validated (padding may hold anything): zero them, or a NaN there
+    # would make the masked sum NaN (NaN·0) and its gradient NaN
+    advantages = torch.where(m > 0, advantages, torch.zeros_like(advantages))
     pg1 = -advantages * ratio
     pg2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     pg = torch.maximum(pg1, pg2)

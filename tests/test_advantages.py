@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -585,3 +586,336 @@ def test_validation_errors():
     empty = RolloutBatch(prompt_ids=[], response_ids=[], rewards=[], group_ids=[])
     with pytest.raises(ValueError, match="empty"):
         A.get_estimator("grpo")(empty)
+
+
+# ----------------------------------------------------------------------------- properties (mutation testing)
+def test_metric_and_mask_errors_name_the_argument():
+    adv = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"^advantages must be \[B, T\], got shape \(3,\)$"):
+        A.failed_positive_share(adv[:, 0], [0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"^rewards has 2 entries but advantages has 3 rows$"):
+        A.failed_positive_share(adv, [0.0, 1.0])
+    with pytest.raises(ValueError, match=re.escape("response_mask has shape (3, 2) but advantages has (3, 4)")):
+        A.failed_positive_share(adv, [0.0, 1.0, 0.0], torch.ones(3, 2))
+    with pytest.raises(ValueError, match=re.escape("response_mask has shape (3, 2) but advantages has (3, 4)")):
+        A.active_token_ratio(adv, torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"^advantages must be \[B, T\], got shape \(4,\)$"):
+        A.active_token_ratio(adv[0])
+    with pytest.raises(ValueError, match=r"^response_mask must be \[B, T\], got shape \(3,\)$"):
+        A.train_mask([0.0, 1.0, 0.0], torch.ones(3))
+    with pytest.raises(ValueError, match=r"^anchors_only must be a bool, got 'yes'$"):
+        A.train_mask([0.0, 1.0, 0.0], torch.ones(3, 4), anchors_only="yes")
+    seq = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"^no_repair must be one of 'sequence', 'zero', got 'none'$"):
+        A.ibpo_token_advantages(seq, [0.0, 1.0], None, torch.ones(2, 3), None, no_repair="none")
+    with pytest.raises(ValueError, match=r"^empty_edit must be one of 'error', 'sequence', 'zero', got 'skip'$"):
+        A.ibpo_token_advantages(seq, [0.0, 1.0], None, torch.ones(2, 3), None, empty_edit="skip")
+    with pytest.raises(ValueError, match=r"^rewards has 3 entries but seq_adv has 2$"):
+        A.ibpo_token_advantages(seq, [0.0, 1.0, 0.0], None, torch.ones(2, 3), None)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "edit_mask: failed trajectories [0, 2] have repair_success > 0 but no edited trained token; "
+            "pass empty_edit='sequence' or 'zero' to accept this"
+        ),
+    ):
+        A.ibpo_token_advantages(torch.zeros(3), [0.0, 1.0, 0.0], [1.0, 0.0, 0.5], torch.ones(3, 2), torch.zeros(3, 2))
+
+
+def test_reward_at_the_threshold_is_a_success():
+    # R >= success_threshold is correct: a trajectory exactly at 0.5 is not failed anywhere
+    r = [0.5, 0.0, 1.0]
+    adv = torch.tensor([[0.7, 0.7], [-0.3, 0.0], [0.2, 0.2]])
+    # failed: row 1 only; its credited token is negative -> share 0 (row 0's positive tokens do not count)
+    assert A.failed_positive_share(adv, r) == 0.0
+    assert torch.equal(A.train_mask(r, torch.ones(3, 2), anchors_only=True), torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+    # token credit: the 0.5 trajectory carries a repair share and an edit mask, but is correct: every token
+    seq = torch.tensor([0.4, -0.6, 0.8])
+    edit = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    tok = A.ibpo_token_advantages(seq, r, [1.0, 1.0, 1.0], torch.ones(3, 2), edit)
+    assert torch.allclose(tok, torch.tensor([[0.4, 0.4], [0.0, -0.6], [0.8, 0.8]]))
+
+
+def test_token_advantages_defaults_by_hand():
+    # called with its defaults only (success_threshold 0.5, renormalize False, no_repair "sequence")
+    seq = torch.tensor([0.9, -0.25, -0.5, -0.75])
+    rewards = [1.0, 0.0, 0.0, 0.0]
+    repair = [0.5, 1.0, 0.0, 0.25]  # a correct trajectory with a repair share: it gets no edit credit
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    edit = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.float32)
+    out = A.ibpo_token_advantages(seq, rewards, repair, mask, edit)
+    expected = torch.tensor(
+        [
+            [0.9, 0.9, 0.9, 0.0],  # correct: every trained token, edit mask ignored
+            [0.0, -0.25, -0.25, 0.0],  # repaired failure: its edited tokens only, not scaled
+            [-0.5, -0.5, 0.0, 0.0],  # unrepaired failure: sequence credit on every trained token
+            [0.0, 0.0, 0.0, -0.75],
+        ]
+    )
+    assert torch.equal(out, expected)
+    assert out.dtype == torch.float32
+    # renormalize=True: n_i/|E_i| = 4/2 and 4/1 on the repaired failures, nothing else changes
+    ren = A.ibpo_token_advantages(seq, rewards, repair, mask, edit, renormalize=True)
+    assert torch.equal(ren[[0, 2]], expected[[0, 2]])
+    assert torch.equal(ren[1], torch.tensor([0.0, -0.5, -0.5, 0.0])) and torch.equal(ren[3], torch.tensor([0.0, 0.0, 0.0, -3.0]))
+
+
+def test_repair_advantages_errors():
+    orig = _ibpo_batch()
+    rep = make_batch([1.0], [0], edit_masks=[[1, 1, 0]])
+    empty = RolloutBatch(prompt_ids=[], response_ids=[], rewards=[], group_ids=[], edit_masks=[])
+    with pytest.raises(ValueError, match=r"^repaired is empty: need at least one repaired trajectory$"):
+        A.ibpo_repair_advantages(empty, orig, [])
+    # the source index must be inside the original batch: len(original) is one past the end
+    with pytest.raises(ValueError, match=re.escape("source holds indices [5] outside the original batch of 5")):
+        A.ibpo_repair_advantages(rep, orig, [5])
+    with pytest.raises(ValueError, match=re.escape("source holds indices [-1] outside the original batch of 5")):
+        A.ibpo_repair_advantages(rep, orig, [-1])
+    with pytest.raises(ValueError, match=r"^source has 2 entries but repaired has 1 trajectories$"):
+        A.ibpo_repair_advantages(rep, orig, [1, 2])
+    with pytest.raises(ValueError, match=r"^repaired.edit_masks is None"):
+        A.ibpo_repair_advantages(rep.replace(edit_masks=None), orig, [1])
+
+
+def test_token_advantages_output_dtype_follows_the_mask():
+    seq = torch.tensor([0.5, -0.5])
+    r = [1.0, 0.0]
+    for mask, dtype in ((torch.ones(2, 2, dtype=torch.float64), torch.float64), (torch.ones(2, 2, dtype=torch.bool), torch.float32),
+                        (torch.ones(2, 2, dtype=torch.long), torch.float32), (torch.ones(2, 2), torch.float32)):
+        out = A.ibpo_token_advantages(seq, r, None, mask, None)
+        assert out.dtype == dtype
+        assert torch.equal(out, torch.tensor([[0.5, 0.5], [-0.5, -0.5]], dtype=dtype))
+
+
+def test_estimators_on_a_one_trajectory_batch_and_the_empty_error():
+    one = make_batch([1.0], [0], lens=[3], repair_success=[0.0], edit_masks=[[0, 1, 0]])
+    for name in ("grpo", "dr_grpo", "rloo", "ibpo", "prefix_tree"):
+        adv = A.get_estimator(name)(one)  # a singleton group: no baseline, zero advantage
+        assert torch.equal(adv, torch.zeros(1, 3)), name
+    empty = RolloutBatch(prompt_ids=[], response_ids=[], rewards=[], group_ids=[])
+    with pytest.raises(ValueError, match=r"^batch is empty: need at least one trajectory$"):
+        A.get_estimator("ibpo")(empty)
+
+
+def test_repair_advantages_pass_every_shaping_setting_by_hand():
+    # original group 0: R = [1, 0, 0.4], repair_success [0.5, 0.5, 0.25]; one repair of trajectory 1 (R = 1)
+    orig = make_batch([1.0, 0.0, 0.4], [0, 0, 0], lens=[2, 2, 2], repair_success=[0.5, 0.5, 0.25])
+    rep = make_batch([1.0], [0], lens=[3], edit_masks=[[0, 1, 1]])
+
+    def by_hand(rs, divisor):
+        m = sum(rs) / 3
+        return (1.0 - m) / divisor
+
+    def sd(x):
+        m = sum(x) / len(x)
+        return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
+
+    # defaults (λ .6, ρ .5, indicator φ, threshold .5): R' = [1, .3, .7]; a correct one's share is not used
+    rs = [1.0, 0.3, 0.7]
+    got = A.ibpo_repair_advantages(rep, orig, [1])
+    assert torch.allclose(got, torch.tensor([[0.0, 1.0, 1.0]]) * by_hand(rs, sd(rs) + 1e-6), atol=1e-6)
+    # λ = 1, ρ = .4, share φ: R' = [1, 0 + .4·.5, .4 + .4·.25] = [1, .2, .5]
+    rs = [1.0, 0.2, 0.5]
+    got = A.ibpo_repair_advantages(rep, orig, [1], lam=1.0, rho=0.4, phi="share")
+    assert torch.allclose(got[0, 1], torch.tensor(by_hand(rs, sd(rs) + 1e-6), dtype=torch.float32), atol=1e-6)
+    # success_threshold .3: 0.4 is a success now, unshaped: R' = [1, .3, .4]
+    rs = [1.0, 0.3, 0.4]
+    got = A.ibpo_repair_advantages(rep, orig, [1], success_threshold=0.3)
+    assert torch.allclose(got[0, 1], torch.tensor(by_hand(rs, sd(rs) + 1e-6), dtype=torch.float32), atol=1e-6)
+    # batch scale: the std of all shaped rewards of the original batch (here one group), unbiased or population
+    rs = [1.0, 0.3, 0.7]
+    pop = math.sqrt(sum((v - sum(rs) / 3) ** 2 for v in rs) / 3)
+    got = A.ibpo_repair_advantages(rep, orig, [1], scale="batch")
+    assert torch.allclose(got[0, 1], torch.tensor(by_hand(rs, sd(rs) + 1e-6), dtype=torch.float32), atol=1e-6)
+    got = A.ibpo_repair_advantages(rep, orig, [1], scale="batch", std="population")
+    assert torch.allclose(got[0, 1], torch.tensor(by_hand(rs, pop + 1e-6), dtype=torch.float32), atol=1e-6)
+    assert got.dtype == torch.float32
+
+
+def test_prefix_tree_shrinkage_below_one_and_error_name():
+    # V(x) = (2·0.5 + k·1/3) / (2 + k) with k = 0.5
+    k = 0.5
+    steps = A.prefix_tree_step_advantages([["x", "y"], ["x", "z"], ["w"]], [1.0, 0.0, 0.0], shrinkage=k)
+    vx = (2 * 0.5 + k / 3) / (2 + k)
+    assert np.allclose(steps[0], [vx - 1 / 3, 1 - vx]) and np.allclose(steps[1], [vx - 1 / 3, 0 - vx])
+    with pytest.raises(ValueError, match=r"^shrinkage must be a finite number >= 0, got -1$"):
+        A.prefix_tree_step_advantages([["x"]], [1.0], shrinkage=-1)
+
+
+def test_broadcast_by_hand_any_mask_dtype_and_errors():
+    seq = torch.tensor([0.5, -0.25])
+    mask = [[1, 1, 0], [1, 0, 0]]
+    expected = torch.tensor([[0.5, 0.5, 0.0], [-0.25, 0.0, 0.0]])
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bool, torch.long):
+        out = A.broadcast(seq, torch.tensor(mask, dtype=dtype))
+        assert out.dtype == (dtype if dtype.is_floating_point else torch.float32)
+        assert torch.equal(out, expected.to(out.dtype)), dtype
+        assert not torch.signbit(out[1, 1:]).any()  # 0.0, not -0.0, off the mask of a negative advantage
+    with pytest.raises(ValueError, match=re.escape("response_mask must be [B, T] with B = 2, got shape (3, 3)")):
+        A.broadcast(seq, torch.ones(3, 3))
+    with pytest.raises(ValueError, match=re.escape("response_mask must be [B, T] with B = 2, got shape (2, 3)")):
+        A.broadcast(seq[:, None], torch.ones(2, 3))  # seq_adv must be 1-D
+    with pytest.raises(ValueError, match=re.escape("response_mask must be [B, T] with B = 2, got shape (2,)")):
+        A.broadcast(seq, torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "base, spread, is_equal",
+    [
+        (0.0, 1e-5, True),  # spread exactly const_tol·max(1, |r|) near zero: equal
+        (0.0, 1.5e-5, False),  # 1.5x the tolerance near zero: a real (tiny) difference
+        (1000.0, 0.005, True),  # large magnitude: the tolerance is relative, 1e-5·1000 = 0.01
+        (1000.0, 0.02, False),
+        (-1000.0, 0.005, True),
+    ],
+)
+def test_equal_reward_groups_near_zero_and_at_large_magnitude(base, spread, is_equal):
+    r = torch.tensor([base, base + spread, base], dtype=torch.float64)
+    g = [0, 0, 0]
+    for fn in (A.grpo_advantages, A.grpo_advantages_reference, A.rloo_advantages, A.rloo_advantages_reference):
+        adv = fn(r, g)
+        if is_equal:
+            assert torch.equal(adv, torch.zeros(3, dtype=torch.float64)), fn.__name__
+        else:
+            assert adv[1] > 0 > adv[0] and adv[0] == adv[2], fn.__name__
+    # the sequence-level IBPO rule (both sign rules, and the reference twin) treats it the same way
+    for rule in A.SIGN_RULES:
+        for fn in (A.ibpo_advantages, A.ibpo_advantages_reference):
+            adv = fn(r, g, None, sign_rule=rule)
+            assert bool((adv == 0).all()) == is_equal, (fn.__name__, rule)
+
+
+def test_reference_twins_by_hand_and_in_float64():
+    # the plain-loop twins are what the vectorised code is held to, so they are checked by hand too
+    r = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    bsd = 1 / math.sqrt(2)  # unbiased std of the whole batch [0, 1]
+    for fn in (A.grpo_advantages, A.grpo_advantages_reference):
+        assert torch.allclose(fn(r, [0, 0], eps=0.5, scale="batch"), torch.tensor([-0.5, 0.5], dtype=torch.float64) / (bsd + 0.5), rtol=1e-12)
+        assert torch.allclose(fn(r, [0, 0]), torch.tensor([-0.5, 0.5], dtype=torch.float64) / (bsd + 1e-6), rtol=1e-12)
+    # float noise in a group is not blown up by eps in the twins either
+    noisy = torch.tensor([0.5, 0.5 + 1e-7, 0.5 - 1e-7], dtype=torch.float64)
+    for fn in (A.grpo_advantages_reference, A.rloo_advantages_reference):
+        assert torch.equal(fn(noisy, [0, 0, 0]), torch.zeros(3, dtype=torch.float64))
+    # float64 in, float64 arithmetic out (no float32 round trip)
+    r3 = torch.tensor([0.1, 0.7, 0.35, 1.0], dtype=torch.float64)
+    g3 = [0, 0, 0, 0]
+    p3 = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    m = float(r3.mean())
+    sd = float(r3.std())
+    assert torch.allclose(A.grpo_advantages_reference(r3, g3), (r3 - m) / (sd + 1e-6), rtol=1e-13, atol=0)
+    assert torch.allclose(A.rloo_advantages_reference(r3, g3), 4 / 3 * (r3 - m), rtol=1e-13, atol=0)
+    for kw in ({}, dict(eps=0.5), dict(std="population"), dict(const_tol=0.7), dict(scale="batch", eps=0.25)):
+        v = A.ibpo_advantages(r3, g3, p3, **kw)
+        ref = A.ibpo_advantages_reference(r3, g3, p3, **kw)
+        assert v.dtype == ref.dtype == torch.float64
+        assert torch.allclose(v, ref, rtol=1e-12, atol=1e-15), kw
+    # eps and std really reach the twin: different settings give different numbers
+    assert not torch.allclose(A.ibpo_advantages_reference(r3, g3, p3, eps=0.5), A.ibpo_advantages_reference(r3, g3, p3))
+    assert not torch.allclose(A.ibpo_advantages_reference(r3, g3, p3, std="population"), A.ibpo_advantages_reference(r3, g3, p3))
+    # const_tol reaches it: a spread of 0.9 counts as equal with const_tol 1 -> all zero
+    assert torch.equal(A.ibpo_advantages_reference(r3, g3, p3, const_tol=1.0), torch.zeros(4, dtype=torch.float64))
+    # defaults: the twin's defaults are the vectorised function's
+    assert torch.allclose(A.ibpo_advantages_reference(r3, g3, p3), A.ibpo_advantages(r3, g3, p3), rtol=1e-12)
+    assert torch.allclose(A.grpo_advantages_reference(r3, g3), A.grpo_advantages(r3, g3), rtol=1e-12)
+
+
+def test_reference_twin_errors_name_the_argument():
+    r, g, p = [0.0, 1.0], [0, 0], [0.5, 0.0]
+    with pytest.raises(ValueError, match=r"^sign_rule must be one of 'safe', 'shaped', got 'sign'$"):
+        A.ibpo_advantages_reference(r, g, p, sign_rule="sign")
+    with pytest.raises(ValueError, match=r"^phi must be one of 'indicator', 'share', got 'mean'$"):
+        A.ibpo_advantages_reference(r, g, p, phi="mean")
+    with pytest.raises(ValueError, match=r"^lam must be a finite number >= 0, got -1$"):
+        A.ibpo_advantages_reference(r, g, p, lam=-1)
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got -0.5$"):
+        A.ibpo_advantages_reference(r, g, p, rho=-0.5)
+
+
+def test_input_errors_name_the_argument_exactly():
+    with pytest.raises(ValueError, match=re.escape("rewards must be 1-D [B], got shape (2, 2)")):
+        A.grpo_advantages([[0.0, 1.0], [1.0, 0.0]], [0, 0])
+    with pytest.raises(ValueError, match=r"^rewards is empty: need at least one trajectory$"):
+        A.grpo_advantages([], [])
+    with pytest.raises(ValueError, match=r"^rewards must be numeric, got dtype torch.complex64$"):
+        A.grpo_advantages(torch.tensor([1 + 1j, 0j], dtype=torch.complex64), [0, 0])
+    with pytest.raises(ValueError, match=re.escape("rewards contains NaN at trajectories [1, 3]")):
+        A.grpo_advantages([0.0, math.nan, 1.0, math.nan], [0, 0, 0, 0])
+    with pytest.raises(ValueError, match=re.escape("rewards must be finite (found ±inf)")):
+        A.grpo_advantages([0.0, math.inf], [0, 0])
+    with pytest.raises(ValueError, match=r"^group_ids must be integers$"):
+        A.grpo_advantages([0.0, 1.0], [0.0, 0.5])
+    # integral float ids are fine (ids from a float column): same groups as the ints
+    assert torch.equal(A.grpo_advantages([0.0, 1.0, 1.0], [0.0, 0.0, 1.0]), A.grpo_advantages([0.0, 1.0, 1.0], [0, 0, 1]))
+    with pytest.raises(ValueError, match=r"^eps must be a finite number >= 0, got -1$"):
+        A.grpo_advantages([0.0, 1.0], [0, 0], eps=-1)
+    with pytest.raises(ValueError, match=r"^const_tol must be a finite number >= 0, got -1$"):
+        A.grpo_advantages([0.0, 1.0], [0, 0], const_tol=-1)
+    with pytest.raises(ValueError, match=r"^const_tol must be a finite number >= 0, got -1$"):
+        A.rloo_advantages([0.0, 1.0], [0, 0], const_tol=-1)
+    with pytest.raises(ValueError, match=r"^scale must be one of 'group', 'batch', 'none', got 'groups'$"):
+        A.grpo_advantages([0.0, 1.0], [0, 0], scale="groups")
+    with pytest.raises(ValueError, match=r"^std must be one of 'unbiased', 'population', got 'biased'$"):
+        A.grpo_advantages([0.0, 1.0], [0, 0], std="biased")
+    with pytest.raises(ValueError, match=r"^repair_success contains NaN$"):
+        A.ibpo_advantages([0.0, 1.0], [0, 0], [math.nan, 0.0])
+    # 0 and 1 are in range; only the entries outside [0, 1] are listed
+    with pytest.raises(ValueError, match=re.escape("repair_success must lie in [0, 1]; out of range at trajectories [1, 3]")):
+        A.ibpo_advantages([0.0, 0.0, 1.0, 0.0, 0.0], [0] * 5, [0.0, -0.1, 1.0, 1.5, 0.5])
+    with pytest.raises(ValueError, match=r"^success_threshold must be finite, got inf$"):
+        A.repair_phi([0.0, 1.0], [0.5, 0.0], success_threshold=math.inf)
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got -1$"):
+        A.repair_phi([0.0, 1.0], [0.5, 0.0], rho=-1)
+    with pytest.raises(ValueError, match=r"^phi must be one of 'indicator', 'share', got 'mean'$"):
+        A.repair_phi([0.0, 1.0], [0.5, 0.0], phi="mean")
+    with pytest.raises(ValueError, match=r"^lam must be a finite number >= 0, got -1$"):
+        A.shaped_rewards([0.0, 1.0], [0.5, 0.0], lam=-1)
+    with pytest.raises(ValueError, match=r"^sign_rule must be one of 'safe', 'shaped', got 'sign'$"):
+        A.ibpo_advantages([0.0, 1.0], [0, 0], [0.5, 0.0], sign_rule="sign")
+
+
+def test_shaping_settings_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.3], dtype=torch.float64)
+    p = [0.5, 0.1, 0.0, 1.0]
+    # repair_phi with its defaults: ρ = 0.5 on failures with a verified revision
+    assert A.repair_phi(r, p).tolist() == [0.0, 0.5, 0.0, 0.5]
+    # share φ keeps the share in float64 (0.1 is not rounded through float32)
+    assert A.repair_phi(r, p, phi="share", rho=1.0).tolist() == [0.0, 0.1, 0.0, 1.0]
+    # rho and success_threshold reach the shaping: λ = 0.5, ρ = 0.25 -> bonus 0.125; with threshold .2, .3 is a success
+    assert A.shaped_rewards(r, p, lam=0.5, rho=0.25).tolist() == [1.0, 0.125, 0.0, 0.425]
+    assert A.shaped_rewards(r, p, lam=0.5, rho=0.25, success_threshold=0.2).tolist() == [1.0, 0.125, 0.0, 0.3]
+    # ... and the sequence advantage (shaped rule: GRPO on R')
+    for kw, rs in (
+        (dict(rho=0.25), [1.0, 0.15, 0.0, 0.45]),  # λ .6 · ρ .25 = .15
+        (dict(success_threshold=0.2), [1.0, 0.3, 0.0, 0.3]),
+    ):
+        m = sum(rs) / 4
+        sd = math.sqrt(sum((x - m) ** 2 for x in rs) / 3)
+        got = A.ibpo_advantages(r, [0] * 4, p, sign_rule="shaped", **kw)
+        assert torch.allclose(got, torch.tensor([(x - m) / (sd + 1e-6) for x in rs], dtype=torch.float64), atol=1e-12), kw
+
+
+def test_zero_advantages_are_positive_zero_and_batch_scale_edges():
+    # λρ >= 1: the repaired failure's factor is 0, so min(A', 0 · A^R) is a zero, and a +0.0 one
+    big = A.ibpo_advantages([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5)
+    assert float(big[1]) == 0.0 and not torch.signbit(big[1])
+    # one trajectory with batch scale: a singleton group, 0 (the batch std is never used)
+    assert torch.equal(A.grpo_advantages([1.0], [0], scale="batch"), torch.zeros(1))
+    # two trajectories with batch scale: the batch std of two rewards is used
+    assert torch.allclose(A.grpo_advantages([0.0, 2.0], [0, 0], scale="batch"), torch.tensor([-1.0, 1.0]) / (math.sqrt(2) + 1e-6))
+
+
+def test_prefix_tree_steps_keep_float64_rewards():
+    # plain Python floats are read as float64 (no float32 round trip): the steps sum to r - mean exactly
+    r = [0.1, 0.7, 0.35]
+    steps = A.prefix_tree_step_advantages([["a", "b"], ["a", "c"], ["d"]], r)
+    m = sum(r) / 3
+    for i in range(3):
+        assert abs(steps[i].sum() - (r[i] - m)) < 1e-15
+    assert steps[2][0] == pytest.approx(0.35 - m, abs=1e-15)
+
+
+def test_reference_twin_zeros_are_positive_zero():
+    # the plain-loop twin also returns +0.0 where the factor 1 - λρ is 0 (λρ >= 1)
+    ref = A.ibpo_advantages_reference([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5)
+    assert float(ref[1]) == 0.0 and not torch.signbit(ref[1])
+    assert torch.equal(ref, A.ibpo_advantages([1, 0, 0, 0], [0] * 4, [0, 1, 0, 0], lam=2.0, rho=0.5))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 
 import numpy as np
@@ -499,3 +500,89 @@ def test_trl_flags_parse_with_trl_types_and_recipe_keys_stay_recipe_keys():
         trl_flag_overrides(["--nope", "1"])
     with pytest.raises(SystemExit):  # TRL's choices: argparse's usage error
         trl_flag_overrides(["--lr_scheduler_type", "weird"])
+
+
+# --------------------------------------------------------------------------- independently computed values
+def _ibpo_tokens_by_hand(rewards, repair, edits, masks, lam=0.6, rho=0.5, eps=1e-4, thr=0.5, const_tol=1e-5):
+    """IBPO token credit of ONE group from the method's definition, plain Python floats (no ibpo_lab):
+    R' = R + λρ·1[failed and a revision verified]; A = GRPO (mean, unbiased std + eps; a singleton or
+    constant group -> 0) on R'; a failure gets min(A', (1 - λρ·1[repaired]) · min(0, A^R)), A^R = GRPO
+    on R; a repaired failure is credited on its edited trained tokens, everyone else on every trained
+    token (an edit that touched no trained token: the sequence credit, TRL's ibpo_empty_edit)."""
+    G = len(rewards)
+
+    def grpo(x):
+        m = sum(x) / G
+        if G < 2 or max(x) - min(x) <= const_tol * max(1.0, max(abs(v) for v in x)):
+            return [0.0] * G
+        s = math.sqrt(sum((v - m) ** 2 for v in x) / (G - 1))
+        return [(v - m) / (s + eps) for v in x]
+
+    rep = [r < thr and p > 0 for r, p in zip(rewards, repair)]
+    bonus = [lam * rho if k else 0.0 for k in rep]
+    pub = grpo([r + b for r, b in zip(rewards, bonus)])
+    out_r = grpo(list(rewards))
+    seq = [p if r >= thr else min(p, max(0.0, 1 - b) * min(0.0, a)) for r, b, p, a in zip(rewards, bonus, pub, out_r)]
+    rows = []
+    for a, k, e, m in zip(seq, rep, edits, masks):
+        credited = [bool(x) and bool(y) for x, y in zip(e, m)] if k and e is not None else None
+        if credited is None or not any(credited):
+            credited = [bool(y) for y in m]
+        rows.append([a if c else 0.0 for c in credited])
+    return rows
+
+
+def test_estimator_params_give_hand_derived_advantages(tmp_path):
+    """IBPOConfig's fields reach the estimator with their meaning: a small group against hand numbers.
+
+    TRL's eps 1e-4. Group: R = [1, 0, 0, 0], the first failure repaired (tokens 1-2 edited), the correct
+    one carries a repair share and an edit mask (ignored). R' = [1, .3, 0, 0] (mean .325, std
+    sqrt(.6675/3)); GRPO on R gives a failure -.25/.5 = -.5, so the repaired failure gets
+    min(-.025/std', .7·-.5) = -.35 on its edited tokens; unrepaired ones -.325/std' everywhere."""
+    batch = RolloutBatch(
+        prompt_ids=[[1]] * 4, response_ids=[[5] * 3, [5] * 4, [5] * 3, [5] * 2], rewards=[1.0, 0.0, 0.0, 0.0],
+        group_ids=[0] * 4, repair_success=[0.5, 1.0, 0.0, 0.0],
+        edit_masks=[[1, 0, 0], [0, 1, 1, 0], [1, 0, 0], [0, 1]],
+    )
+    sd = math.sqrt(0.6675 / 3) + 1e-4
+    hand = torch.tensor(
+        [
+            [0.675 / sd] * 3 + [0.0],
+            [0.0, 0.7 * -0.25 / (0.5 + 1e-4), 0.7 * -0.25 / (0.5 + 1e-4), 0.0],
+            [-0.325 / sd] * 3 + [0.0],
+            [-0.325 / sd] * 2 + [0.0, 0.0],
+        ]
+    )
+    assert float(hand[1, 1]) == pytest.approx(-0.35, abs=1e-4)
+    by_hand = _ibpo_tokens_by_hand([1.0, 0.0, 0.0, 0.0], [0.5, 1.0, 0.0, 0.0], batch.edit_masks, [[1] * len(r) for r in batch.response_ids])
+    torch.testing.assert_close(torch.tensor([r + [0.0] * (4 - len(r)) for r in by_hand]), hand, rtol=0, atol=1e-6)
+    args = _config(tmp_path)
+    torch.testing.assert_close(get_estimator("ibpo")(batch, **args.estimator_params()), hand, rtol=0, atol=1e-6)
+    # scale_rewards="none" (Dr. GRPO): no std division; the floor is then .7 · (0 - .25) = -.175
+    flat = get_estimator("ibpo")(batch, **_config(tmp_path, scale_rewards="none").estimator_params())
+    torch.testing.assert_close(flat[0, :3], torch.full((3,), 0.675), rtol=0, atol=1e-6)
+    torch.testing.assert_close(flat[1], torch.tensor([0.0, -0.175, -0.175, 0.0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(flat[2, :3], torch.full((3,), -0.325), rtol=0, atol=1e-6)
+    # ibpo_lam = 0 and no token mask: GRPO on R, 0.75/0.5 and -0.25/0.5 (eps 1e-4)
+    grpo = get_estimator("ibpo")(batch, **_config(tmp_path, ibpo_lam=0.0, ibpo_token_mask=False).estimator_params())
+    torch.testing.assert_close(grpo[:, 0], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-4), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_trl_advantages_equal_a_plain_python_reference(trained):
+    """What TRL trained on, against ibpo_lab-free arithmetic on the recorded rollouts and repairs."""
+    trainer, _, args, _ = trained
+    seen_repaired = 0
+    for gen in trainer.generations:
+        b, got = gen["step"].batch, gen["out"]["advantages"]
+        for members in b.groups().values():
+            rows = _ibpo_tokens_by_hand(
+                [float(b.rewards[i]) for i in members], [float(b.repair_success[i]) for i in members],
+                [b.edit_masks[i] for i in members], [b.response_mask[i, : len(b.response_ids[i])].tolist() for i in members],
+                lam=args.ibpo_lam, rho=args.ibpo_rho, eps=args.ibpo_eps, thr=args.ibpo_success_threshold,
+            )
+            for i, row in zip(members, rows):
+                torch.testing.assert_close(got[i, : len(row)], torch.tensor(row, dtype=torch.float32), rtol=0, atol=1e-5)
+                assert not got[i, len(row):].any()
+                seen_repaired += int(b.rewards[i] < 0.5 and b.repair_success[i] > 0)
+    assert seen_repaired > 0

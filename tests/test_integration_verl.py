@@ -10,6 +10,7 @@ and compared with, verl's own registry and GRPO estimator. Otherwise those two t
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -342,3 +343,122 @@ def test_registers_in_verls_registry_and_matches_verl_grpo(monkeypatch):
     )
     # no repair succeeded -> no shaping, sequence credit: IBPO is GRPO, to verl's own numbers
     torch.testing.assert_close(adv, verl_adv, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- hand-derived values (independent of ibpo_lab)
+def _safe_ibpo_by_hand(rewards, repaired, lam=0.6, rho=0.5, eps=1e-6):
+    """IBPO's sequence advantage of ONE group, 0/1 rewards, written from the method's definition with
+    plain floats: R' = R + λρ·1[repaired failure]; A' = (R' - mean R') / (std R' + eps) (ddof 1);
+    a failure gets min(A', (1 - λρ·1[repaired]) · min(0, A^R)), A^R = GRPO on R; a constant group gets 0."""
+    G = len(rewards)
+
+    def grpo(x):
+        m = sum(x) / G
+        if max(x) - min(x) < 1e-9:
+            return [0.0] * G
+        s = math.sqrt(sum((v - m) ** 2 for v in x) / (G - 1))
+        return [(v - m) / (s + eps) for v in x]
+
+    bonus = [lam * rho if (r < 0.5 and rep) else 0.0 for r, rep in zip(rewards, repaired)]
+    pub = grpo([r + b for r, b in zip(rewards, bonus)])
+    out_r = grpo(list(rewards))
+    return [p if r >= 0.5 else min(p, (1 - b) * min(0.0, a)) for r, b, p, a in zip(rewards, bonus, pub, out_r)]
+
+
+def test_adapter_matches_hand_derived_values_on_a_small_batch():
+    """The verl estimator on two small groups against numbers derived by hand (not via ibpo_lab).
+
+    uid "a" (shuffled among "b"'s rows): R = [1, 0, 0, 0], the first failure repaired. R' = [1, .3, 0, 0],
+    mean .325, std sqrt(.6675/3); GRPO on R: a failure gets -.25/.5 = -.5, so the repaired one gets
+    min(-.025/std', .7 · -.5) = -.35 on its edited tokens only, the unrepaired ones their published
+    -.325/std' on every token, and the correct one +.675/std' on every token — although it carries
+    a repair share and an edit mask (a correct trajectory gets no edit credit).
+    uid "b": R = [0, 0], the first repaired: no GRPO penalty to shrink (A^R = 0), so the repaired one
+    gets 0 (published +.7071), the unrepaired one its published -.15/sqrt(.045) = -.7071."""
+    sd_a = math.sqrt(0.6675 / 3)
+    expected_seq = {
+        "a": [0.675 / (sd_a + 1e-6), 0.7 * -0.25 / (0.5 + 1e-6), -0.325 / (sd_a + 1e-6), -0.325 / (sd_a + 1e-6)],
+        "b": [0.0, -0.15 / (math.sqrt(0.045) + 1e-6)],
+    }
+    assert expected_seq["a"][1] == pytest.approx(-0.35, abs=1e-6)
+    assert expected_seq["a"][1] < -0.025 / sd_a  # the floor binds: the published value is only -0.053
+    assert _safe_ibpo_by_hand([1, 0, 0, 0], [0, 1, 0, 0]) == pytest.approx(expected_seq["a"], abs=1e-12)
+    assert _safe_ibpo_by_hand([0, 0], [1, 0]) == pytest.approx(expected_seq["b"], abs=1e-12)
+    rows = [  # (uid, reward, repair_success, length, edit mask); verl order interleaves the groups
+        ("b", 0.0, 0.5, 3, [1, 1, 0]),
+        ("a", 1.0, 0.5, 3, [1, 0, 0]),  # correct, with a repair share and an edit mask: both ignored
+        ("a", 0.0, 1.0, 4, [0, 1, 1, 0]),  # repaired failure
+        ("b", 0.0, 0.0, 2, [0, 0]),
+        ("a", 0.0, 0.0, 3, [1, 0, 0]),  # unrepaired failure: its edit mask is not a correction
+        ("a", 0.0, 0.0, 2, [0, 1]),
+    ]
+    Tn = 5
+    B = len(rows)
+    tlr, mask, edit = torch.zeros(B, Tn), torch.zeros(B, Tn), torch.zeros(B, Tn)
+    for i, (_, r, _, n, e) in enumerate(rows):
+        mask[i, :n] = 1
+        tlr[i, n - 1] = r
+        edit[i, :n] = torch.tensor(e, dtype=torch.float32)
+    index = np.array([u for u, *_ in rows], dtype=object)
+    repair = np.array([p for _, _, p, _, _ in rows], dtype=np.float32)
+    adv, returns = iv.compute_ibpo_outcome_advantage(
+        tlr, mask, index, config={"ibpo": {"lam": 0.6, "rho": 0.5}},
+        non_tensor_batch={"uid": index, iv.REPAIR_SUCCESS_KEY: repair}, batch={iv.EDIT_MASK_KEY: edit},
+    )
+    # row -> position in its group's hand list
+    pos = {"a": iter(range(4)), "b": iter(range(2))}
+    hand = torch.zeros(B, Tn)
+    for i, (u, r, p, n, e) in enumerate(rows):
+        a = expected_seq[u][next(pos[u])]
+        credit = e if (r < 0.5 and p > 0) else [1] * n  # edit mask only for a repaired failure
+        hand[i, :n] = torch.tensor([a * c for c in credit], dtype=torch.float32)
+    torch.testing.assert_close(adv, hand, rtol=0, atol=1e-6)
+    assert torch.equal(adv, returns)
+    assert float(adv[2, 1]) == pytest.approx(-0.35, abs=1e-6) and float(adv[2, 0]) == 0.0
+    assert float(adv[0].abs().sum()) == 0.0  # all-failed group: the repaired one gets nothing
+
+
+def test_hook_then_adapter_matches_hand_derived_values():
+    """attach_repair_info + the estimator on the scripted groups of the test above, against hand numbers.
+
+    Group 1: "ab!c", "abc", "a!!c", "xyz" -> R = [0, 1, 0, 1]; deleting the first "!" verifies only for
+    "ab!c" (edited token: the "!" at position 2). R' = [.3, 1, 0, 1]: mean .575, std sqrt(.7675/3);
+    GRPO on R gives a failure -.5/sqrt(1/3) = -.8660, so the repaired one gets min(-.275/std', .7·-.8660)
+    = -.6062 on token 2 only; "a!!c" its published -.575/std' on its 4 tokens; the correct ones .425/std'.
+    Group 2 ("ok", "o!k", "fine", "f!ne!") is the same pattern with "o!k" repaired at token 1."""
+    task = PredTask(lambda r: "!" not in r)
+
+    def script(prompt, j):
+        failed = prompt.split("A failed attempt:\n", 1)[1].split("\nA reference attempt:", 1)[0]
+        return failed.replace("!", "", 1)
+
+    groups = [["ab!c", "abc", "a!!c", "xyz"], ["ok", "o!k", "fine", "f!ne!"]]
+    data = fake_dataproto(groups, task)
+    iv.attach_repair_info(
+        data, task, ScriptedSampler(script), CorrectConfig(num_references=1), tokenizer=CharTok(),
+        examples=task.examples(n=2),
+    )
+    adv, _ = iv.compute_ibpo_outcome_advantage(
+        data.batch["token_level_scores"], data.batch["response_mask"].float(), data.non_tensor_batch["uid"],
+        config={"ibpo": {"lam": 0.6}}, non_tensor_batch=data.non_tensor_batch, batch=data.batch,
+    )
+    sd = math.sqrt(0.7675 / 3) + 1e-6
+    repaired_val = 0.7 * (-0.5 / (math.sqrt(1 / 3) + 1e-6))
+    assert repaired_val == pytest.approx(-0.6062, abs=1e-4) and -0.275 / sd > repaired_val  # the floor binds
+    assert _safe_ibpo_by_hand([0, 1, 0, 1], [1, 0, 0, 0]) == pytest.approx(
+        [repaired_val, 0.425 / sd, -0.575 / sd, 0.425 / sd], abs=1e-12
+    )
+    hand = {  # response -> per-token advantages
+        "ab!c": [0.0, 0.0, repaired_val, 0.0],
+        "abc": [0.425 / sd] * 3,
+        "a!!c": [-0.575 / sd] * 4,
+        "xyz": [0.425 / sd] * 3,
+        "ok": [0.425 / sd] * 2,
+        "o!k": [0.0, repaired_val, 0.0],
+        "fine": [0.425 / sd] * 4,
+        "f!ne!": [-0.575 / sd] * 5,
+    }
+    for i, resp in enumerate(r for g in groups for r in g):
+        n = len(resp)
+        torch.testing.assert_close(adv[i, :n], torch.tensor(hand[resp]), rtol=0, atol=1e-6, msg=resp)
+        assert not adv[i, n:].any()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -296,3 +297,205 @@ def test_validation():
         L.ppo_loss(lp, old[0], adv, mask)
     with pytest.raises(ValueError, match="is_weights"):
         L.ppo_loss(lp, old, adv, mask, is_weights=torch.ones(2, 2))
+
+
+# ----------------------------------------------------------------------------- properties (mutation testing)
+def test_error_messages_name_the_bad_argument():
+    lp, old, adv, mask = rand_inputs()
+    esc = re.escape
+    with pytest.raises(ValueError, match=r"^logprobs must be a torch\.Tensor, got list$"):
+        L.ppo_loss(lp.tolist(), old, adv, mask)
+    with pytest.raises(ValueError, match=r"^logprobs must be \[B, T\], got shape \(3,\)$"):
+        L.ppo_loss(lp[:, 0], old, adv, mask)
+    with pytest.raises(ValueError, match=esc("old_logprobs has shape (3, 4) but logprobs has (3, 5)")):
+        L.ppo_loss(lp, old[:, :4], adv, mask)
+    with pytest.raises(ValueError, match=esc("advantages has shape (3, 4) but logprobs has (3, 5)")):
+        L.ppo_loss(lp, old, adv[:, :4], mask)
+    # a mask of another shape is refused up front (not a broadcasting error later)
+    with pytest.raises(ValueError, match=esc("mask has shape (3, 6) but logprobs has (3, 5)")):
+        L.ppo_loss(lp, old, adv, torch.ones(3, 6, dtype=lp.dtype))
+    with pytest.raises(ValueError, match=esc("ref_logprobs has shape (3, 4) but logprobs has (3, 5)")):
+        L.ppo_loss(lp, old, adv, mask, ref_logprobs=old[:, :4])
+    with pytest.raises(ValueError, match=esc("is_weights has shape (2, 2) but logprobs has (3, 5)")):
+        L.ppo_loss(lp, old, adv, mask, is_weights=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"^gate_mask must hold only 0/1 \(or bool\) values$"):
+        L.gspo_loss(lp, old, adv, mask, gate_mask=mask * 0.5)
+    with pytest.raises(ValueError, match=r"^mask must hold only 0/1 \(or bool\) values$"):
+        L.aggregate(adv, mask * 2)
+    with pytest.raises(ValueError, match=r"^values must be \[B, T\], got shape \(5,\)$"):
+        L.aggregate(adv[0], mask[0])
+    with pytest.raises(
+        ValueError,
+        match=esc("agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, got 'sum'"),
+    ):
+        L.aggregate(adv, mask, "sum")
+    with pytest.raises(ValueError, match=esc("ref_logprobs has shape (3, 4) but logprobs has (3, 5)")):
+        L.kl_k3(lp, old[:, :4])
+    with pytest.raises(ValueError, match=esc("target_logprobs has shape (3, 4) but behaviour_logprobs has (3, 5)")):
+        L.truncated_is_weights(lp, old[:, :4])
+    with pytest.raises(ValueError, match=r"^clip_high must be a finite number >= 0, got inf$"):
+        L.ppo_loss(lp, old, adv, mask, clip_high=math.inf)
+    with pytest.raises(ValueError, match=r"^clip_high must be a finite number >= 0, got -0\.1$"):
+        L.ppo_loss(lp, old, adv, mask, clip_high=-0.1)
+    with pytest.raises(ValueError, match=r"^kl_coef must be a finite number >= 0, got inf$"):
+        L.ppo_loss(lp, old, adv, mask, ref_logprobs=old, kl_coef=math.inf)
+    with pytest.raises(ValueError, match=r"^kl_coef must be a finite number >= 0, got -1$"):
+        L.ppo_loss(lp, old, adv, mask, ref_logprobs=old, kl_coef=-1)
+    with pytest.raises(ValueError, match="^" + esc("kl_coef > 0 needs ref_logprobs (the reference policy's log-probs)") + "$"):
+        L.ppo_loss(lp, old, adv, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match=r"^ref_logprobs must be \[B, T\], got shape \(5,\)$"):
+        L.ppo_loss(lp, old, adv, mask, ref_logprobs=old[0])
+
+
+def test_clip_range_edges_are_accepted():
+    # clip_low = 0 and clip_high = 0 are legal (no movement allowed on that side)
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    lp = torch.log(torch.tensor([[0.9, 1.1]], dtype=torch.float64))
+    loss, m = L.ppo_loss(lp, old, -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64), clip_low=0.0)
+    # A < 0: the 0.9 token is clipped up to 1 (max(0.9, 1.0)), the 1.1 token is inside [1, 1.2]
+    assert float(loss) == pytest.approx((1.0 + 1.1) / 2) and m["clip_frac_low"] == pytest.approx(0.5)
+    loss, m = L.ppo_loss(lp, old, torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64), clip_high=0.0)
+    # A > 0: 1.1 is clipped down to 1
+    assert float(loss) == pytest.approx(-(0.9 + 1.0) / 2) and m["clip_frac_high"] == pytest.approx(0.5)
+
+
+def test_non_finite_advantages_only_matter_on_trained_tokens():
+    lp, old, adv, mask = rand_inputs()
+    mask[0, 1] = 0
+    off = adv.clone()
+    off[0, 1] = math.nan  # off the mask: ignored (e.g. padding), in the value and in the gradient
+    for fn in (L.ppo_loss, L.gspo_loss):
+        x = lp.clone().requires_grad_()
+        loss, _ = fn(x, old, off, mask)
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(float(fn(lp, old, adv, mask)[0]), rel=1e-12)
+        assert torch.isfinite(x.grad).all() and x.grad[0, 1] == 0
+    on = adv.clone()
+    on[0, 0] = math.inf  # on the mask: refused
+    with pytest.raises(ValueError, match=r"^advantages must be finite on masked tokens$"):
+        L.ppo_loss(lp, old, on, mask)
+
+
+def test_clip_fractions_count_each_side_only():
+    # A > 0 tokens can only clip high, A < 0 tokens only low; each metric counts its own side
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    lp = torch.log(torch.tensor([[1.3, 1.2, 0.7, 0.75]], dtype=torch.float64))
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.float64)
+    # clip_low 0.3 > clip_high 0.1: 1.3 and 1.2 clip high (> 1.1); 0.7 and 0.75 are inside [0.7, ...] -> no low clip
+    _, m = L.ppo_loss(lp, old, adv, mask, clip_low=0.3, clip_high=0.1)
+    assert m["clip_frac"] == pytest.approx(0.5)
+    assert m["clip_frac_high"] == pytest.approx(0.5) and m["clip_frac_low"] == 0.0
+    # default 0.2 / 0.2: 1.3 clips high, 0.7 and 0.75 clip low, 1.2 is on the boundary (not clipped)
+    _, m = L.ppo_loss(lp, old, adv, mask)
+    assert m["clip_frac_high"] == pytest.approx(0.25) and m["clip_frac_low"] == pytest.approx(0.5)
+    assert m["clip_frac"] == pytest.approx(0.75)
+    # clip_low 0.35 > clip_high 0.5 on the other side: 0.6 clips low (< 0.65) although it is above 1 - clip_high
+    lo = torch.log(torch.tensor([[0.6, 1.0]], dtype=torch.float64))
+    _, m = L.ppo_loss(lo, torch.zeros(1, 2, dtype=torch.float64), -torch.ones(1, 2, dtype=torch.float64),
+                      torch.ones(1, 2, dtype=torch.float64), clip_low=0.35, clip_high=0.5)
+    assert m["clip_frac_low"] == pytest.approx(0.5) and m["clip_frac_high"] == 0.0
+
+
+def test_metrics_with_empty_and_single_token_masks():
+    lp, old, adv, _ = rand_inputs(spread=0.3)
+    empty = torch.zeros_like(lp)
+    loss, m = L.ppo_loss(lp, old, adv, empty, ref_logprobs=old)
+    # nothing to train: loss and means are 0 (not NaN); the ratio range is undefined
+    assert float(loss) == 0.0 and m["pg_loss"] == 0.0
+    assert m["clip_frac"] == 0.0 and m["approx_kl"] == 0.0 and m["kl_ref"] == 0.0
+    assert math.isnan(m["ratio_mean"]) and math.isnan(m["ratio_min"]) and math.isnan(m["ratio_max"])
+    # exactly one trained token: the metrics are that token's
+    one = torch.zeros_like(lp)
+    one[1, 2] = 1
+    lp1 = lp.clone()
+    lp1[1, 2] = old[1, 2] + math.log(1.5)
+    a1 = adv.clone()
+    a1[1, 2] = 2.0
+    loss, m = L.ppo_loss(lp1, old, a1, one)
+    assert m["ratio_mean"] == pytest.approx(1.5) and m["ratio_min"] == pytest.approx(1.5)
+    assert m["clip_frac"] == 1.0 and m["clip_frac_high"] == 1.0  # 1.5 > 1.2 with A > 0
+    assert float(loss) == pytest.approx(-2.0 * 1.2) and m["pg_loss"] == pytest.approx(-2.4)
+    assert m["approx_kl"] == pytest.approx(1.5 - math.log(1.5) - 1)
+
+
+def test_approx_kl_is_k3_of_kl_old_to_new_by_hand():
+    # tokens sampled by the old policy; k3 of KL(old || new) per token is r - log r - 1 with r = new/old
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.1]], dtype=torch.float64))
+    new = torch.log(torch.tensor([[0.25, 0.3, 0.1]], dtype=torch.float64))
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    r = [0.5, 1.5]  # new/old on the two trained tokens
+    k3 = [x - math.log(x) - 1 for x in r]  # 0.19315, 0.09453
+    _, m = L.ppo_loss(new, old, torch.zeros_like(old), mask)
+    assert m["approx_kl"] == pytest.approx(sum(k3) / 2, rel=1e-12)
+    # not KL(new || old): that would be 1/r - log(1/r) - 1 per token
+    assert m["approx_kl"] != pytest.approx(sum(1 / x + math.log(x) - 1 for x in r) / 2, rel=1e-3)
+    # kl_ref is k3 of KL(new || ref) from the same tokens: exp(ref - new) - (ref - new) - 1
+    _, m = L.ppo_loss(new, old, torch.zeros_like(old), mask, ref_logprobs=old)
+    assert m["kl_ref"] == pytest.approx(sum(1 / x + math.log(x) - 1 for x in r) / 2, rel=1e-12)
+
+
+def test_kl_k3_log_ratio_is_clamped_at_20_both_ways():
+    a = torch.zeros(1, 2, dtype=torch.float64)
+    b = torch.tensor([[100.0, -100.0]], dtype=torch.float64)
+    got = L.kl_k3(a, b)
+    assert got[0, 0] == pytest.approx(math.exp(20) - 20 - 1, rel=1e-12)
+    assert got[0, 1] == pytest.approx(math.exp(-20) + 20 - 1, rel=1e-12)
+
+
+def test_truncated_is_weights_cap_only_from_above():
+    # ratios 0.1 (below 1/cap), 0.8, 1.0, 1.9, 5 (above cap): only the last is truncated, to cap
+    beh = torch.zeros(1, 5, dtype=torch.float64)
+    tgt = torch.log(torch.tensor([[0.1, 0.8, 1.0, 1.9, 5.0]], dtype=torch.float64))
+    w = L.truncated_is_weights(beh, tgt)  # default cap = 2
+    assert torch.allclose(w, torch.tensor([[0.1, 0.8, 1.0, 1.9, 2.0]], dtype=torch.float64), rtol=1e-12)
+    w4 = L.truncated_is_weights(beh, tgt, cap=4.0)
+    assert torch.allclose(w4, torch.tensor([[0.1, 0.8, 1.0, 1.9, 4.0]], dtype=torch.float64), rtol=1e-12)
+    # any positive cap is legal, also one below 1
+    wh = L.truncated_is_weights(beh, tgt, cap=0.5)
+    assert torch.allclose(wh, torch.tensor([[0.1, 0.5, 0.5, 0.5, 0.5]], dtype=torch.float64), rtol=1e-12)
+    for bad in (0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"^cap must be a positive finite number"):
+            L.truncated_is_weights(beh, tgt, cap=bad)
+
+
+def test_aggregation_edge_cases_by_hand():
+    v = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]], dtype=torch.float64)
+    # exactly one sequence has tokens: its token mean, not halved
+    m1 = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert float(L.aggregate(v, m1, "seq-mean-token-mean")) == pytest.approx(1.5)
+    # one sequence (B = 1): Σ / (1 · norm_len)
+    assert float(L.aggregate(v[:1], torch.ones(1, 3, dtype=torch.float64), "seq-mean-token-sum-norm")) == pytest.approx(7 / 3)
+    assert float(L.aggregate(v[:1], torch.ones(1, 3, dtype=torch.float64), "seq-mean-token-sum")) == pytest.approx(7.0)
+    # a positive norm_len below 1 is legal
+    assert float(L.aggregate(v, torch.ones_like(v), "seq-mean-token-sum-norm", norm_len=0.5)) == pytest.approx(63 / (2 * 0.5))
+    for bad in (0, -2, math.inf, math.nan, "3"):
+        with pytest.raises(ValueError, match="norm_len must be a positive number"):
+            L.aggregate(v, torch.ones_like(v), "seq-mean-token-sum-norm", norm_len=bad)
+    # an empty batch (B = 0) gives 0 in every mode, never NaN
+    for mode in L.AGG_MODES:
+        out = L.aggregate(torch.zeros(0, 3), torch.zeros(0, 3), mode)
+        assert float(out) == 0.0, mode
+
+
+def test_loss_keeps_the_logprobs_dtype_whatever_the_mask_dtype():
+    lp, old, adv, mask = rand_inputs(dtype=torch.float32)
+    for m in (mask.double(), mask.bool(), mask.long()):
+        loss, _ = L.ppo_loss(lp, old, adv, m)
+        assert loss.dtype == torch.float32
+        assert float(loss) == pytest.approx(float(L.ppo_loss(lp, old, adv, mask)[0]), rel=1e-6)
+        assert L.aggregate(adv, m).dtype == torch.float32
+
+
+def test_norm_len_reaches_the_loss_and_the_kl_term():
+    lp, old, adv, mask = rand_inputs(spread=0.0)
+    ref = old - 0.3
+    agg = "seq-mean-token-sum-norm"
+    loss, m = L.ppo_loss(lp, old, adv, mask, agg=agg, norm_len=10)
+    assert float(loss) == pytest.approx(float((-adv * mask).sum()) / (3 * 10))
+    assert m["pg_loss"] == pytest.approx(float(loss))
+    with_kl, m = L.ppo_loss(lp, old, adv, mask, agg=agg, norm_len=10, ref_logprobs=ref, kl_coef=0.5)
+    kl = L.kl_k3(lp, ref)
+    assert float(with_kl) == pytest.approx(float(loss) + 0.5 * float((kl * mask).sum()) / (3 * 10))
+    # pg_loss is the policy-gradient part only, before the KL penalty
+    assert m["pg_loss"] == pytest.approx(float(loss))
