@@ -173,6 +173,17 @@ def _policy(run: Path, step: int) -> pd.DataFrame:
     return df[df["kind"] == "policy"]
 
 
+def _first_repaired(run: Path) -> tuple[int, int, int]:
+    """(step, group, traj) of the first policy trajectory with a verified repair in ``run``."""
+    for f in sorted((run / "trajectories").glob("step_*.parquet")):
+        step = int(f.stem.split("_")[1])
+        df = _policy(run, step)
+        hit = df[df["repair"].apply(lambda x: isinstance(x, str))]
+        if len(hit):
+            return step, int(hit["group"].iloc[0]), int(hit["traj"].iloc[0])
+    raise AssertionError(f"{run}: no trajectory has a repair, so the diff panel cannot be checked")
+
+
 def _expected(run: Path, step: int, traj: int) -> dict:
     """What the panels must show for one selection, from the parquet file and the vocabulary."""
     from transformers import AutoTokenizer
@@ -248,6 +259,16 @@ def _select(page, control: str, label: str) -> None:
     page.locator(f".ibpo-explorer-{control} select").select_option(index=_options(page, control).index(label))
 
 
+def _select_when_offered(page, control: str, label: str) -> None:
+    """Select ``label`` once the dropdown offers it (a choice upstream refreshes the options asynchronously)."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while label not in _options(page, control):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{control}: {label!r} never offered; options {_options(page, control)}")
+        page.wait_for_timeout(100)
+    _select(page, control, label)
+
+
 def _traj_label(run: Path, step: int, traj: int) -> str:
     r = float(_policy(run, step).set_index("traj").loc[traj, "reward"])
     return f"{traj} (R={r:g})"
@@ -306,6 +327,14 @@ def test_explorer_in_jupyterlab_follows_every_choice(tools, runs, lab):
             # 6. back to the first run: step 1, prompt 1 and this trajectory stay
             _select(page, "run", "grpo-seed0")
             _check_panels(page, "grpo-seed0", 1, 1, last, _expected(grpo, 1, last))
+            # 7. a repaired failure of the IBPO run (found in its parquet files), so the diff panel is checked
+            step, group, traj = _first_repaired(ibpo)
+            _select(page, "run", "ibpo-seed0")
+            _select_when_offered(page, "step", str(step))
+            page.wait_for_timeout(300)  # the step's prompts replace the run's
+            _select_when_offered(page, "prompt", _prompt_label(page, group))
+            _select_when_offered(page, "trajectory", _traj_label(ibpo, step, traj))
+            _check_panels(page, "ibpo-seed0", step, group, traj, _expected(ibpo, step, traj))
 
             body = page.locator("body").inner_text()
             if os.environ.get("IBPO_BROWSER_SCREENSHOT"):  # a picture of the last state, to look at
