@@ -375,7 +375,7 @@ def test_repair_objective_is_weights_are_the_bilateral_truncated_ratio():
     mu = [(lp[0, :3] + 0.3).tolist(), (lp[1, :4] - 2.0).tolist()]
     rv = rv.replace(logprobs=mu)
     obj = T.repair_objective_batch(policy.model, rv, small(recompute_logprobs=True, is_cap=1.5), torch.device("cpu"))
-    m = rv.padded().response_mask
+    m = rv.padded().response_mask.bool()
     assert torch.allclose(obj.is_weights[0, :3], torch.full((3,), float(np.exp(-0.3))), atol=1e-5)
     assert torch.allclose(obj.is_weights[1, :4], torch.full((4,), 1.5))
     assert torch.all(obj.is_weights[~m] == 0)
