@@ -266,7 +266,7 @@ class RepairObjective:
     weight: float
 
 
-def repair_advantages(revisions: RolloutBatch, mode: str = "group") -> torch.Tensor:
+def repair_advantages(revisions: RolloutBatch, mode: str = "selected") -> torch.Tensor:
     """[R] J_rep advantage of each revision (``TrainConfig.repair_advantage``).
 
     revisions: ``correct.CorrectionResult.revisions`` (group ids = the failed trajectory revised,

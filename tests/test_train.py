@@ -332,7 +332,8 @@ def _rep_update(weight: float, rv: RolloutBatch, **kw):
     rv = rv.replace(logprobs=[lp[i, : len(r)].tolist() for i, r in enumerate(rv.response_ids)])
     main = RolloutBatch(prompt_ids=[[1, 5, 6]] * 2, response_ids=[[4, 5], [6, 7, 8]], rewards=[1, 0], group_ids=[0, 0],
                         logprobs=[[-1.0] * 2, [-1.0] * 3])
-    cfg = small(prompts_per_step=1, group_size=2, minibatch_size=2, repair_loss_weight=weight, max_grad_norm=1e9, **kw)
+    cfg = small(prompts_per_step=1, group_size=2, minibatch_size=2, repair_loss_weight=weight, max_grad_norm=1e9,
+                repair_advantage="group", **kw)
     before = [p.detach().clone() for p in policy.model.parameters()]
     obj = T.repair_objective_batch(policy.model, rv, cfg, torch.device("cpu"))
     opt = torch.optim.SGD(policy.model.parameters(), lr=0.5)
@@ -374,14 +375,14 @@ def test_repair_objective_is_weights_are_the_bilateral_truncated_ratio():
     # μ = π_old + 0.3 on the first revision, π_old - 2 on the second: w = exp(-0.3) and min(exp(2), cap=1.5)
     mu = [(lp[0, :3] + 0.3).tolist(), (lp[1, :4] - 2.0).tolist()]
     rv = rv.replace(logprobs=mu)
-    obj = T.repair_objective_batch(policy.model, rv, small(recompute_logprobs=True, is_cap=1.5), torch.device("cpu"))
+    obj = T.repair_objective_batch(policy.model, rv, small(recompute_logprobs=True, is_cap=1.5, repair_advantage="group"), torch.device("cpu"))
     m = rv.padded().response_mask.bool()
     assert torch.allclose(obj.is_weights[0, :3], torch.full((3,), float(np.exp(-0.3))), atol=1e-5)
     assert torch.allclose(obj.is_weights[1, :4], torch.full((4,), 1.5))
     assert torch.all(obj.is_weights[~m] == 0)
     assert torch.allclose(obj.old[m], lp[m], atol=1e-6)
     # without recomputation μ is π_old: weight 1
-    obj = T.repair_objective_batch(policy.model, rv, small(), torch.device("cpu"))
+    obj = T.repair_objective_batch(policy.model, rv, small(repair_advantage="group"), torch.device("cpu"))
     assert torch.equal(obj.is_weights, m.float()) and torch.allclose(obj.old[m], torch.tensor(sum(mu, [])))
 
 

@@ -219,8 +219,8 @@ class IBPOConfig(GRPOConfig):
              "TrainConfig.repair_loss_weight); 0 = off. Policy operator only"
     )
     ibpo_repair_advantage: str = _ibpo(
-        "group", "J_rep's advantage of a revision: 'group' (1[accepted] minus its failure's mean) or 'selected' "
-                 "(+1 on the selected repair); TrainConfig.repair_advantage"
+        "selected", "J_rep's advantage of a revision: 'selected' (+1 on the selected repair) or 'group' (1[accepted] "
+                    "minus its failure's mean); TrainConfig.repair_advantage"
     )
     ibpo_bilateral: bool = _ibpo(
         False, "IOP bilateral mode: also train the verified repairs under the SOLVE prompt on their inserted tokens, "
