@@ -19,7 +19,8 @@ J_rep (``ibpo_repair_loss_weight`` λ_rep, on by default: the policy's revisions
 prompt, ``train.repair_objective_batch``) and, with ``ibpo_bilateral``, the verified repairs under
 the solve prompt on their inserted tokens with the truncated IS weight min(π_old/μ, ``ibpo_is_cap``)
 (``train.offpolicy_repairs``' rule). Both use ibpo_lab's token-mean clipped PPO loss with TRL's
-ε_low/ε_high and no KL term; each process trains the repairs of the groups it owns.
+ε_low/ε_high and no KL term. Single process only for now: with several processes they are skipped
+with a warning (a forward on only the processes that own repairs desynchronises DDP).
 
 Scope: text prompts (``task_dataset`` builds them), training mode only (evaluation keeps TRL's
 advantages), no tool calling or environments.
@@ -419,6 +420,14 @@ class IBPOTrainer(GRPOTrainer):
         if result is None:
             return out
         a = self.args
+        if self.accelerator.num_processes > 1 and (a.ibpo_repair_loss_weight > 0 or a.ibpo_bilateral):
+            # an extra forward on only the processes that own repairs desynchronises DDP's collectives (measured: a
+            # 2-process run hangs); until the rows are balanced over processes, repairs train single-process only
+            import warnings
+
+            warnings.warn("IBPOTrainer: J_rep and bilateral repair training run single-process only; with "
+                          f"{self.accelerator.num_processes} processes the repairs are not trained", stacklevel=2)
+            return out
         device = self.accelerator.device
         # the revisions were just sampled by this very model: μ is π_old (no recomputation, weight 1)
         cfg = SimpleNamespace(repair_loss_weight=a.ibpo_repair_loss_weight, repair_advantage=a.ibpo_repair_advantage,
