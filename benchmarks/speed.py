@@ -8,6 +8,11 @@ timings the trainer writes to ``metrics.jsonl``. The diff time is measured by wr
 ``opcodes``...) with a timer for the duration of the runs.
 
     python -m benchmarks.speed                # writes benchmarks/results/speed.{md,png}
+    python -c "from benchmarks.speed import repair_pass_times; print(repair_pass_times().to_string())"
+
+``repair_pass_times`` (issue 13): the repair pass alone, plain vs copy-draft decoding, in CPU process
+time (median of 3; the machine is shared, so wall time is not meaningful), with the sampler's model
+calls and tokens per forward, and the update's CPU time with and without J_rep.
 """
 
 from __future__ import annotations
@@ -165,10 +170,13 @@ def run(quick: bool = False, runs: int | None = None, steps: int | None = None) 
     ratio = float(g.loc["ibpo", "step s (median)"] / g.loc["grpo", "step s (median)"])
     share = float(g.loc["ibpo", "diff+adv share %"])
     extra = float(g.loc["ibpo", "correct s"])
+    upd_ibpo, upd_grpo = float(g.loc["ibpo", "update s"]), float(g.loc["grpo", "update s"])
     rep.targets += [
-        Target("IBPO step / GRPO step", "≤ 1.5", ratio, ratio <= 1.5,
+        Target("IBPO step / GRPO step", "≤ 1.3", ratio, ratio <= 1.3,
                f"compare-and-correct generates the repairs ({extra:.2f} s/step, a second sampling pass over the "
-               "failed trajectories with longer prompts); generation dominates a CPU step"),
+               "failed trajectories with longer prompts; copy-draft decoding saves forward passes, not the prefill "
+               f"of the repair prompts), and J_rep trains the revisions under those prompts (update {upd_ibpo:.2f} s "
+               f"vs GRPO's {upd_grpo:.2f} s); generation dominates a CPU step"),
         Target("diff + advantage share of the IBPO step (%)", "≤ 5", share, share <= 5,
                "the diff and advantage are pure python/numpy on few tokens; a miss would mean tiny steps"),
     ]
@@ -181,6 +189,62 @@ def run(quick: bool = False, runs: int | None = None, steps: int | None = None) 
     rep.figure = figure(split)
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def repair_pass_times(repeats: int = 3, seed: int = 11) -> pd.DataFrame:
+    """CPU process seconds (median of ``repeats``) of compare-and-correct on one step of the committed
+    ``ibpo`` config (8 prompts x 8 samples, the committed tiny policy), plain decoding vs the failed
+    attempt as copy-draft (same seed: same revisions), and of one ``policy_update`` with J_rep off/on."""
+    import dataclasses
+    import statistics
+
+    import torch
+
+    from ibpo_lab import train as T
+    from ibpo_lab.config import load_config
+    from ibpo_lab.correct import compare_and_correct
+    from ibpo_lab.step import build_lab, compute_advantages, correct_config, take_step
+
+    cfg = load_config("ibpo").replace(device="cpu", eval_n=0)
+    lab = build_lab(cfg)
+    exs = T.pick_examples(lab.task.examples(cfg.train_split), cfg, 1)
+    batch = take_step(lab, exs, seed=seed, correct=False, advantages=False).batch
+    by_group = {g: exs[g] for g in range(len(exs))}
+    rows, results = [], {}
+    for name, kw in (("plain", dict(copy_draft=False, repair_length_margin=None)),
+                     ("plain + length cap", dict(copy_draft=False, repair_length_margin=16)),
+                     ("copy-draft + length cap", dict(copy_draft=True, repair_length_margin=16))):
+        c = dataclasses.replace(correct_config(cfg), **kw)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            res = compare_and_correct(batch, by_group, lab.task, lab.sampler, c, tokenizer=lab.policy.tokenizer, seed=5)
+            ts.append(time.process_time() - t0)
+        st = lab.sampler.last_stats
+        results[name] = res
+        rows.append({"phase": f"repair pass: {name}", "cpu s (median)": statistics.median(ts),
+                     "model calls": st["model_calls"], "tokens/forward": st["tokens_per_forward"],
+                     "revisions": len(res.table), "verified share": float(res.table.verified.mean())})
+    same = results["plain + length cap"].revisions.response_ids == results["copy-draft + length cap"].revisions.response_ids
+    res = results["copy-draft + length cap"]
+    adv = compute_advantages(res.batch, cfg)
+    model = lab.policy.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for w in (0.0, 1.0):
+        c2, ts = cfg.replace(repair_loss_weight=w), []
+        for _ in range(repeats):
+            model.load_state_dict(state)
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+            t0 = time.process_time()
+            obj = T.repair_objective_batch(model, res.revisions, c2, torch.device("cpu"))
+            T.policy_update(model, None, opt, res.batch, adv, c2, torch.device("cpu"), repair=obj)
+            ts.append(time.process_time() - t0)
+        rows.append({"phase": f"update: repair_loss_weight={w}", "cpu s (median)": statistics.median(ts),
+                     "revisions": 0 if obj is None else len(obj.adv)})
+    model.load_state_dict(state)
+    out = pd.DataFrame(rows)
+    out.attrs["draft_identical"] = same
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> Report:

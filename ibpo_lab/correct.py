@@ -188,6 +188,19 @@ class CorrectConfig:
                   "picks the closest repair under 0/1 rewards (the earlier rule); 0 = the first best-rewarded one"},
     )
 
+    copy_draft: bool = field(
+        default=True,
+        metadata={"help": "decode policy revisions with the failed attempt as the draft (copy-draft speculative "
+                  "decoding; the splice operator drafts the failed attempt's tail after the cut): the samples and "
+                  "log-probs are unchanged, only fewer forward passes; ignored by samplers without supports_drafts"},
+    )
+    repair_length_margin: int | None = field(
+        default=16,
+        metadata={"help": "cap each revision's new tokens at len(failed attempt) + this margin (and at max_new_tokens): "
+                  "a repair is about as long as the attempt it fixes; None = no cap. Samplers without per-prompt "
+                  "budgets (no supports_drafts) get the largest cap of the call"},
+    )
+
     def __post_init__(self) -> None:
         if self.operator not in OPERATORS:
             raise ValueError(f"operator must be one of {sorted(OPERATORS)}, got {self.operator!r}")
@@ -216,6 +229,13 @@ class CorrectConfig:
         if self.reference_mode == "joint" and self.operator == "splice":
             raise ValueError("reference_mode='joint' does not apply to operator 'splice' (it continues from the first "
                              "divergence from ONE reference); use reference_mode='separate'")
+        if not isinstance(self.copy_draft, bool):
+            raise ValueError(f"copy_draft must be a bool, got {self.copy_draft!r}")
+        if self.repair_length_margin is not None and (
+            isinstance(self.repair_length_margin, bool) or not isinstance(self.repair_length_margin, (int, np.integer))
+            or self.repair_length_margin < 0
+        ):
+            raise ValueError(f"repair_length_margin must be None or an int >= 0, got {self.repair_length_margin!r}")
         if not isinstance(self.audit_copy, bool):
             raise ValueError(f"audit_copy must be a bool, got {self.audit_copy!r}")
         if self.edit_budget is not None and (
@@ -265,6 +285,10 @@ class Revision:
     ids: list[int]
     text: str
     logprobs: list[float] | None
+    #: the prompt it was sampled under (token ids and text; None for the oracle): the repair prompt for
+    #: ``policy``, solve prompt + kept prefix for ``splice``. J_rep (train.repair_objective_batch) trains on it
+    prompt_ids: list[int] | None = None
+    prompt: str | None = None
 
 
 @dataclass
@@ -279,12 +303,20 @@ class CorrectionResult:
               repair's reward, meta ``source_traj``/``reference_traj`` (+ the input's meta columns)
     table     one row per revision (:data:`TABLE_COLUMNS`)
     stats     summary numbers (counts, success rates, φ mean, edited tokens, K* counts)
+    revisions every revision of the ``policy`` operator as a batch UNDER ITS REPAIR PROMPT (what
+              IOP's joint repair objective J_rep trains, ``train.repair_objective_batch``): prompt =
+              repair prompt ids, response = revision ids, logprobs = the sampler's (μ), reward = its
+              reward, group ids = the failed trajectory it revises (revisions of one failure form a
+              group), meta ``source_traj``, ``accepted`` (verified and passed the audit), ``selected``;
+              None for operators without a repair prompt (``splice``: under the solve prompt, trained by
+              ``bilateral``; ``oracle``: not a sample) or without behaviour log-probs
     """
 
     batch: RolloutBatch
     repaired: RolloutBatch
     table: pd.DataFrame
     stats: dict[str, float]
+    revisions: RolloutBatch | None = None
 
 
 #: the repairs table: one row per revision. ``reference_traj`` -1 for the oracle (the first reference in
@@ -328,14 +360,25 @@ def list_operators() -> list[str]:
     return sorted(OPERATORS)
 
 
-def _sample(ctx: _Context, prompts: list[str], n: int) -> RolloutBatch:
-    out = ctx.sampler.sample(
-        prompts, n=n, max_new_tokens=ctx.max_new_tokens, temperature=ctx.cfg.temperature, top_p=ctx.cfg.top_p,
-        stop=ctx.cfg.stop, seed=ctx.seed,
-    )
+def _sample(ctx: _Context, prompts: list[str], n: int, **kw) -> RolloutBatch:
+    """One sampler call; ``kw`` (``max_new_tokens``, ``drafts``) override the defaults."""
+    args = dict(max_new_tokens=ctx.max_new_tokens, temperature=ctx.cfg.temperature, top_p=ctx.cfg.top_p,
+                stop=ctx.cfg.stop, seed=ctx.seed)
+    args.update({k: v for k, v in kw.items() if v is not None})
+    out = ctx.sampler.sample(prompts, n=n, **args)
     if len(out) != len(prompts) * n:
         raise ValueError(f"sampler returned {len(out)} trajectories for {len(prompts)} prompts x n={n}")
     return out
+
+
+def _budget_kwargs(ctx: _Context, failed: Sequence[Sequence[int]], drafts: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Sampler kwargs of one repair call: per-prompt budgets min(max_new_tokens, len(failed) + margin)
+    and copy-drafts when the sampler supports them, else one budget (the largest cap)."""
+    m = ctx.cfg.repair_length_margin
+    caps = [ctx.max_new_tokens if m is None else max(1, min(ctx.max_new_tokens, len(f) + m)) for f in failed]
+    if getattr(ctx.sampler, "supports_drafts", False):
+        return dict(max_new_tokens=caps, drafts=[list(d) for d in drafts] if ctx.cfg.copy_draft else None)
+    return dict(max_new_tokens=max(caps, default=ctx.max_new_tokens))
 
 
 def _texts(b: RolloutBatch, tokenizer) -> list[str]:
@@ -354,16 +397,18 @@ def policy_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[R
     K·revisions_per_reference times (the prompt is repeated K times in the one call)."""
     n = ctx.cfg.revisions_per_reference
     joint = ctx.cfg.reference_mode == "joint"
-    prompts, counts = [], []
+    prompts, counts, failed = [], [], []
     for r in requests:
         copies = max(1, len(r.references)) if joint else 1
         prompt = _joint_prompt(ctx.task, r) if joint else ctx.task.repair_prompt(r.example, r.failed_text, r.reference_text)
         prompts += [prompt] * copies
+        failed += [r.failed_ids] * copies
         counts.append(copies * n)
-    out = _sample(ctx, prompts, n)
+    out = _sample(ctx, prompts, n, **_budget_kwargs(ctx, failed, failed))
     texts = _texts(out, ctx.tokenizer)
     revs = [
-        Revision(ids=list(out.response_ids[j]), text=texts[j], logprobs=None if out.logprobs is None else list(out.logprobs[j]))
+        Revision(ids=list(out.response_ids[j]), text=texts[j], logprobs=None if out.logprobs is None else list(out.logprobs[j]),
+                 prompt_ids=list(out.prompt_ids[j]), prompt=prompts[j // n])
         for j in range(len(out))
     ]
     bounds = np.cumsum([0] + counts)
@@ -402,7 +447,9 @@ def splice_operator(requests: list[RepairRequest], ctx: _Context) -> list[list[R
     n = ctx.cfg.revisions_per_reference
     cuts = [first_divergence(r.failed_ids, r.reference_ids) for r in requests]
     prefix_texts = [_decode(ctx.tokenizer, r.failed_ids[:d]) for r, d in zip(requests, cuts)]
-    out = _sample(ctx, [r.solve_prompt + p for r, p in zip(requests, prefix_texts)], n)
+    # the continuation replaces the failed attempt's tail: that tail is its natural draft (and budget)
+    tails = [r.failed_ids[d:] for r, d in zip(requests, cuts)]
+    out = _sample(ctx, [r.solve_prompt + p for r, p in zip(requests, prefix_texts)], n, **_budget_kwargs(ctx, tails, tails))
     texts = _texts(out, ctx.tokenizer)
     result = []
     for k, (r, d, p) in enumerate(zip(requests, cuts, prefix_texts)):
@@ -721,7 +768,27 @@ def compare_and_correct(
     repaired = _repaired_batch(batch, rep, task, tokenizer)
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     stats = _stats(B, failed, skipped, per_traj, rows, repair_success, masks, cfg, rewards)
-    return CorrectionResult(batch=out_batch, repaired=repaired, table=table, stats=stats)
+    return CorrectionResult(batch=out_batch, repaired=repaired, table=table, stats=stats,
+                            revisions=_revisions_batch(rows, revs_flat, batch.pad_id))
+
+
+def _revisions_batch(rows: list[dict[str, Any]], revs: list[Revision], pad_id: int | None) -> RolloutBatch | None:
+    """All revisions under their repair prompts (``CorrectionResult.revisions``); None unless every
+    revision has a repair prompt and behaviour log-probs."""
+    if not revs or any(r.prompt_ids is None or r.logprobs is None for r in revs):
+        return None
+    return RolloutBatch(
+        prompt_ids=[r.prompt_ids for r in revs],
+        response_ids=[r.ids for r in revs],
+        rewards=torch.tensor([row["reward"] for row in rows], dtype=torch.float32),
+        group_ids=torch.tensor([row["traj"] for row in rows], dtype=torch.long),
+        logprobs=[r.logprobs for r in revs],
+        prompts=[r.prompt for r in revs],
+        responses=[r.text for r in revs],
+        meta={"source_traj": [row["traj"] for row in rows], "accepted": [bool(row["accepted"]) for row in rows],
+              "selected": [bool(row["selected"]) for row in rows]},
+        pad_id=pad_id,
+    )
 
 
 def _iop_k_star(

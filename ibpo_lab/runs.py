@@ -136,6 +136,11 @@ METRIC_HELP: dict[str, str] = {
     "skipped_total": "optimiser steps skipped so far in the run",
     "lr": "learning rate used this step",
     "n_repaired": "verified repairs this step (trained off-policy only in bilateral mode)",
+    "loss_repair": "IOP's joint repair objective J_rep: mean loss over minibatches of the revisions under their "
+                   "repair prompt (before the weight λ_rep; missing when J_rep trained nothing this step)",
+    "repair_loss_weight": "λ_rep applied to J_rep this step (0 when it trained nothing: off, or no revision with a "
+                          "non-zero advantage)",
+    "n_repair_trained": "revisions trained by J_rep this step (non-zero advantage)",
     "time_sample": "seconds sampling the groups",
     "time_reward": "seconds scoring rewards and splitting steps",
     "time_correct": "seconds in compare-and-correct (IBPO) or Monte-Carlo step values (VinePPO)",

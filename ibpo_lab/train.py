@@ -26,6 +26,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -62,6 +63,9 @@ __all__ = [
     "make_optimizer",
     "offpolicy_repairs",
     "repaired_advantages",
+    "RepairObjective",
+    "repair_advantages",
+    "repair_objective_batch",
     "main",
     "field_overrides",
 ]
@@ -136,13 +140,15 @@ def repaired_advantages(repaired: RolloutBatch, batch: RolloutBatch, cfg: TrainC
 
 def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: torch.Tensor, cfg: TrainConfig,
                   device: torch.device, is_weights: torch.Tensor | None = None, n_onpolicy: int | None = None,
-                  ) -> dict[str, float]:
+                  repair: "RepairObjective | None" = None) -> dict[str, float]:
     """PPO/GSPO epochs over minibatches, one clipped optimiser step per minibatch (gradients accumulated
     over micro-batches). A non-finite loss or gradient norm skips that optimiser step (counted in
     ``skipped``). Rows of ``batch`` past ``n_onpolicy`` are off-policy repairs (IOP bilateral), spread
     evenly over the minibatches. The loss gets ``cfg.loss_kwargs`` (e.g. GSPO's ``gate``); with
     ``estimator_kwargs.anchors_only`` the on-policy correct trajectories leave the loss mask
     (``advantages.train_mask``).
+    ``repair`` (:func:`repair_objective_batch`): IOP's joint repair
+    objective, its rows spread evenly over the minibatches and added as λ_rep·J_rep to each one's loss.
 
     batch: B trajectories; advantages [B, T'] (T' <= T); is_weights [B, T'] or None.
 
@@ -175,6 +181,7 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
     for epoch in range(cfg.ppo_epochs):
         perm_on, perm_off = torch.randperm(n_on), torch.randperm(B - n_on) + n_on
         off_split = torch.tensor_split(perm_off, n_mb)
+        rep_split = None if repair is None else torch.tensor_split(torch.randperm(len(repair.adv)), n_mb)
         for j in range(n_mb):
             idx = torch.cat([perm_on[j * mb : (j + 1) * mb], off_split[j]])
             optimizer.zero_grad(set_to_none=True)
@@ -196,6 +203,8 @@ def policy_update(model, ref_model, optimizer, batch: RolloutBatch, advantages: 
                     break
                 (loss * share).backward()
                 _acc(sums, "loss", loss.item())
+            if repair is not None and finite:  # IOP's J_rep, one local block (repair_objective_batch)
+                finite = _repair_backward(model, loss_fn, repair, rep_split[j], cfg, device, sums, norm)
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if finite else None
             if not finite or not torch.isfinite(gn):
                 optimizer.zero_grad(set_to_none=True)
@@ -289,6 +298,93 @@ def offpolicy_repairs(model, repaired: RolloutBatch, cfg: TrainConfig, device: t
                            response_masks=[np.asarray(m, dtype=bool) for m in repaired.edit_masks])
     return out, w * out.response_mask
 
+
+
+# ======================================================================================== J_rep
+@dataclass
+class RepairObjective:
+    """IOP's joint repair objective J_rep for one update: revisions as responses to their REPAIR prompt.
+
+    padded: the revisions kept (non-zero advantage), R rows; old [R, T] = π_old(y | repair prompt);
+    adv [R, T] per-token advantage (the row's advantage on every response token); is_weights [R, T]
+    = min(π_old/μ, is_cap) on response tokens (1 when log-probs are not recomputed); weight = λ_rep."""
+
+    padded: PaddedBatch
+    old: torch.Tensor
+    adv: torch.Tensor
+    is_weights: torch.Tensor
+    weight: float
+
+
+def repair_advantages(revisions: RolloutBatch, mode: str = "selected") -> torch.Tensor:
+    """[R] J_rep advantage of each revision (``TrainConfig.repair_advantage``).
+
+    revisions: ``correct.CorrectionResult.revisions`` (group ids = the failed trajectory revised,
+    meta ``accepted`` / ``selected``). ``"group"``: a = 1[accepted] - mean of 1[accepted] over the
+    revisions of the same failed attempt: REINFORCE on repair success with the group mean as
+    baseline, like GRPO without the std division (so λ_rep alone sets the scale); a failure whose
+    revisions all verify or all fail gives no signal. ``"selected"``: a = 1 on the selected repair
+    (the one kept for credit), 0 elsewhere: rejection-sampling fine-tuning on the policy's best
+    verified repair, which also trains when every revision verified, but never pushes a failed
+    revision down."""
+    acc = torch.tensor([float(a) for a in revisions.meta["accepted"]])
+    if mode == "selected":
+        return torch.tensor([float(a) for a in revisions.meta["selected"]])
+    if mode != "group":
+        raise ValueError(f"repair_advantage must be 'group' or 'selected', got {mode!r}")
+    g = revisions.group_ids.long()
+    _, inv = torch.unique(g, return_inverse=True)
+    mean = torch.zeros(int(inv.max()) + 1).index_add_(0, inv, acc) / torch.bincount(inv).float()
+    return acc - mean[inv]
+
+
+def repair_objective_batch(model, revisions: RolloutBatch | None, cfg: TrainConfig, device: torch.device
+                           ) -> RepairObjective | None:
+    """J_rep's training rows from the corrector's revisions (``CorrectionResult.revisions``), or None
+    (λ_rep = 0, no revisions, or every advantage 0).
+
+    The revisions were sampled by the policy itself under the repair prompt, so they are on-policy
+    there up to the sampler's numerics; the correction is the bilateral path's: with
+    ``recompute_logprobs`` the ratio's denominator is π_old recomputed by the trainer and each
+    token gets the truncated IS weight min(π_old/μ, is_cap), μ = the sampler's log-probs; without
+    it μ is π_old and the weight is 1 (as for the on-policy batch). No KL term on these rows (the
+    reference policy's repair-prompt log-probs would cost another forward)."""
+    if revisions is None or len(revisions) == 0 or cfg.repair_loss_weight == 0:
+        return None
+    a = repair_advantages(revisions, cfg.repair_advantage)
+    keep = torch.nonzero(a != 0).flatten().tolist()
+    if not keep:
+        return None
+    sub = revisions.select(keep)
+    padded = sub.padded()
+    mask = padded.response_mask.float()
+    mu = padded.old_logprobs.float()
+    if cfg.recompute_logprobs:
+        old, _ = _fixed_logprobs(model, None, padded, cfg, device, recompute=True)
+        w = truncated_is_weights(mu, old, cap=cfg.is_cap) * mask
+    else:
+        old, w = mu, mask.clone()
+    adv = a[keep][:, None] * mask
+    return RepairObjective(padded=padded, old=old, adv=adv, is_weights=w, weight=float(cfg.repair_loss_weight))
+
+
+def _repair_backward(model, loss_fn, rep: RepairObjective, idx: torch.Tensor, cfg: TrainConfig, device, sums,
+                     norm) -> bool:
+    """Backward of λ_rep·J_rep over the revisions ``idx`` of one minibatch (one forward); False if non-finite."""
+    if len(idx) == 0:
+        return True
+    sub = _select_padded(rep.padded, idx).to(device)
+    with precision_context(cfg.dtype, device):  # the same autocast as the policy loss's forward
+        lp, _ = response_logprobs(model, sub, temperature=cfg.temperature)
+    m = rep.padded.response_mask[idx].float().to(device)
+    loss, _ = loss_fn(lp, rep.old[idx].to(device), rep.adv[idx].to(device), m, clip_low=cfg.clip_low,
+                      clip_high=cfg.clip_high, agg=cfg.agg, kl_coef=0.0, ref_logprobs=None,
+                      is_weights=rep.is_weights[idx].to(device), **norm, **loss_kwargs(cfg.loss, cfg.loss_kwargs))
+    if not torch.isfinite(loss):
+        return False
+    (rep.weight * loss).backward()
+    _acc(sums, "loss_repair", loss.item())
+    return True
 
 
 # ======================================================================================== the loop
@@ -396,9 +492,11 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, task, progress
                 repaired, rep_w = offpolicy_repairs(model, repaired, cfg, device)
                 rep_adv = repaired_advantages(repaired, batch, cfg)
                 train_batch, train_adv, isw = _join_offpolicy(batch, adv, repaired, rep_adv, rep_w)
+            rep_obj = repair_objective_batch(model, None if st.correction is None else st.correction.revisions,
+                                             cfg, device)
         with _timed(times, "update"):
             upd = policy_update(model, ref_model, optimizer, train_batch, train_adv, cfg, device,
-                                is_weights=isw, n_onpolicy=len(batch))
+                                is_weights=isw, n_onpolicy=len(batch), repair=rep_obj)
             lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():
                 # the schedule follows training steps, also when every optimiser step of one was skipped
@@ -413,6 +511,8 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, task, progress
         consecutive = consecutive + trailing if upd["updates"] == 0 else trailing
         row = {"step": step, **st.metrics(), **upd, "skipped_total": skipped_total, "lr": lr,
                "n_repaired": 0 if repaired is None else len(repaired),
+               "repair_loss_weight": cfg.repair_loss_weight if rep_obj is not None else 0.0,
+               "n_repair_trained": 0 if rep_obj is None else len(rep_obj.adv),
                **{f"correct_{k}": v for k, v in st.stats.items() if isinstance(v, (int, float))}, **times}
         append_jsonl(run_dir / METRICS_FILE, row)
         tracker.log(row, step)

@@ -44,8 +44,8 @@
 #
 # `full` runs it on the real model: Qwen2.5-1.5B-Instruct on GSM8K (`task="math"`: MATH-format problems)
 # with vLLM and bf16 mixed precision (`config.experiment_preset`); the fixed batch is 64 prompts x 8, the
-# training runs 100 steps of 16 prompts x 8 per (K, seed). GPU budget: ≤ 12 GPU-hours on one H100-class
-# GPU (`config.gpu_hours` of the 25 training runs, an IBPO run estimated at 0.4 h: 13.4 s per step as in notebook 04,
+# training runs 100 steps of 16 prompts x 8 per (K, seed). GPU budget: ≤ 15 GPU-hours on one H100-class
+# GPU (`config.gpu_hours` of the 30 training runs, J_rep included, an IBPO run estimated at 0.4 h: 13.4 s per step as in notebook 04,
 # plus evaluation; the fixed-batch study is a few minutes).
 
 # %% tags=["parameters"]
@@ -181,18 +181,22 @@ claims.write_claims(rows, out_dir)
 claims.claims_frame(rows)
 
 # %% [markdown]
-# ## In training: K, and full-rewrite credit (IBPO without the edit mask)
+# ## In training: K, full-rewrite credit (IBPO without the edit mask), and the joint repair objective
+#
+# `ibpo_jrep` adds IOP's joint repair objective (J_rep, `repair_loss_weight` = 1): the policy also trains on its own
+# verified repairs under the repair prompt, so the `repair_success` panel shows what J_rep does to in-loop repairs.
 
 # %%
 if train_ks:
     variants = {f"ibpo_K{k}": {"estimator": "ibpo", "correct": {"num_references": k}} for k in train_ks}
     variants["ibpo_full_rewrite"] = {**config.method_variants(["ibpo_no_mask"])["ibpo_no_mask"]}
+    variants["ibpo_jrep"] = {**config.method_variants(["ibpo_jrep"])["ibpo_jrep"]}
     cfgs = config.experiment_grid(profile, variants, seeds, task=task, group_size=group_size, **knobs)
     if config.uses_real_model(profile):
         print(f"{len(cfgs)} runs of {cfgs[0].model} on {cfgs[0].task}: estimated {config.gpu_hours(cfgs):.1f} GPU-hours")
     records = train_many(cfgs, runs_dir, progress=False, experiment=NB, keep_checkpoints=False)
     fig = viz.metric_grid(records, ["reward_mean", "repair_success"],
-                          title=f"IBPO by K, and with full-rewrite credit ({len(seeds)} seeds each)")
+                          title=f"IBPO by K, with full-rewrite credit, and with J_rep ({len(seeds)} seeds each)")
     viz.save_fig(fig, out_dir, "training_k_and_rewrite")
     final = claims.accuracy_table(records)
     viz.save_table(final, out_dir, "training_final")

@@ -291,7 +291,7 @@ def notebook_configs(name: str, profile: str, monkeypatch) -> list:
     return seen
 
 
-@pytest.mark.parametrize("name, n_runs", [("04_training_synthetic", 65), ("06_siblings_and_repair", 25),
+@pytest.mark.parametrize("name, n_runs", [("04_training_synthetic", 65), ("06_siblings_and_repair", 30),
                                                  ("08_sensitivity", 21)])
 def test_full_profile_runs_the_controlled_experiments_on_the_real_model(name, n_runs, monkeypatch):
     import re

@@ -12,7 +12,7 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 EXPECTED = {
     "grpo", "dr_grpo", "rloo", "prefix_tree", "vineppo", "ibpo", "gspo",
     "ibpo_no_shaping", "ibpo_no_mask", "ibpo_k1", "ibpo_bilateral", "ibpo_splice",
-    "ibpo_gspo", "ibpo_legacy", "ibpo_shaped_sign", "ibpo_phi_share", "ibpo_anchors", "ibpo_joint", "ibpo_audit",
+    "ibpo_gspo", "ibpo_legacy", "ibpo_shaped_sign", "ibpo_phi_share", "ibpo_anchors", "ibpo_joint", "ibpo_audit", "ibpo_jrep",
 }
 
 
@@ -69,6 +69,7 @@ def test_ablations_differ_from_ibpo_in_one_knob():
     assert diff("ibpo_anchors") == {"estimator_kwargs.anchors_only": True}
     assert diff("ibpo_joint") == {"correct.reference_mode": "joint"}
     assert diff("ibpo_audit") == {"correct.audit_copy": True, "correct.edit_budget": 0.5}  # edit_penalty 1.0 = default
+    assert diff("ibpo_jrep") == {"repair_loss_weight": 1.0}
 
 
 def test_ibpo_gspo_is_ibpo_with_gspos_loss_and_the_gated_ratio():

@@ -536,3 +536,93 @@ def test_real_sampler_revisions_carry_behaviour_logprobs(synth, tiny_sampler, op
             ref, _ = response_logprobs(model, one.padded())
         assert torch.allclose(torch.tensor(rep.logprobs[j]), ref[0], atol=1e-4)
         assert rep.prompt_ids[j] == b.prompt_ids[i]
+
+
+# --------------------------------------------------------------------------- repair budgets, copy-drafts, J_rep rows
+class DraftingScripted(ScriptedSampler):
+    """A scripted sampler that declares per-prompt budgets and drafts (as HFSampler does)."""
+
+    supports_drafts = True
+
+
+def test_repair_budget_is_failed_length_plus_margin_capped_at_max_new_tokens():
+    # failed attempts of group 0: "ab!cd" (5 tokens) and "qq!qq" (5); 2 references each -> 4 prompts
+    batch, exs, sampler, cfg = policy_setup(repair_length_margin=3, max_new_tokens=7)
+    compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
+    # a sampler without supports_drafts gets one budget: the largest cap, min(7, 5 + 3) = 7
+    assert sampler.calls[0]["max_new_tokens"] == 7 and "drafts" not in sampler.calls[0]
+    batch, exs, _, cfg = policy_setup(repair_length_margin=1)
+    drafting = DraftingScripted(repair_script)
+    compare_and_correct(batch, exs, NO_BANG, drafting, cfg)
+    call = drafting.calls[0]
+    # per prompt: min(2 * 5 + 16, 5 + 1) = 6; each prompt's draft is its failed attempt
+    assert call["max_new_tokens"] == [6, 6, 6, 6]
+    assert call["drafts"] == [ids("ab!cd"), ids("ab!cd"), ids("qq!qq"), ids("qq!qq")]
+    batch, exs, _, cfg = policy_setup(repair_length_margin=None, copy_draft=False)
+    drafting = DraftingScripted(repair_script)
+    compare_and_correct(batch, exs, NO_BANG, drafting, cfg)
+    assert drafting.calls[0]["max_new_tokens"] == [26] * 4 and "drafts" not in drafting.calls[0]
+
+
+def test_splice_drafts_the_failed_tail_after_the_cut():
+    batch, exs = make_batch([["ab!cd", "abXcd"]], NO_BANG)
+    drafting = DraftingScripted(lambda p, j: "cd")
+    compare_and_correct(batch, exs, NO_BANG, drafting, CorrectConfig(operator="splice", num_references=1,
+                                                                      repair_length_margin=2))
+    call = drafting.calls[0]
+    assert call["drafts"] == [ids("!cd")] and call["max_new_tokens"] == [3 + 2]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_repair_length_margin_validated(bad):
+    with pytest.raises(ValueError, match="repair_length_margin"):
+        CorrectConfig(repair_length_margin=bad)
+    with pytest.raises(ValueError, match="copy_draft"):
+        CorrectConfig(copy_draft=1)
+
+
+def test_revisions_batch_under_the_repair_prompt():
+    batch, exs, sampler, cfg = policy_setup()
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
+    rv, t = res.revisions, res.table
+    assert len(rv) == len(t) == 8
+    for j in range(8):
+        failed, ref = parse_repair(rv.prompts[j])
+        assert failed == t.failed[j] and ref == t.reference[j]
+        assert rv.prompt_ids[j] == ids(rv.prompts[j]) and rv.responses[j] == t.revision[j]
+        assert rv.logprobs[j] == pytest.approx([-0.7] * len(rv.response_ids[j]))
+    assert rv.group_ids.tolist() == t.traj.tolist() == rv.meta["source_traj"]
+    assert rv.meta["accepted"] == t.accepted.tolist() and rv.meta["selected"] == t.selected.tolist()
+    assert rv.rewards.tolist() == t.reward.tolist()
+    # splice revisions live under the solve prompt (bilateral trains them), oracle ones are not samples
+    b2, e2 = make_batch([["ab!cd", "abXcd"]], NO_BANG)
+    res = compare_and_correct(b2, e2, NO_BANG, ScriptedSampler(lambda p, j: "Xcd"), CorrectConfig(operator="splice", num_references=1))
+    assert res.revisions is None
+
+
+def test_copy_draft_does_not_change_the_repairs(synth, tiny_sampler):
+    """Same seed, copy-drafts on or off: the same revisions token for token, log-probs within 1e-5."""
+    from ibpo_lab.models import response_logprobs
+
+    task, tok = synth
+    model = tiny_sampler.policy.model
+    b, exs = synthetic_batch(task, tok, n_groups=2)
+    with torch.no_grad():
+        lp, _ = response_logprobs(model, b.padded())
+    b = b.replace(logprobs=[lp[i, : len(r)].tolist() for i, r in enumerate(b.response_ids)])
+    out = {}
+    for on in (True, False):
+        cfg = CorrectConfig(num_references=2, revisions_per_reference=2, temperature=1.0, copy_draft=on,
+                            repair_length_margin=4)
+        out[on] = compare_and_correct(b, exs, AlwaysVerifies(task), tiny_sampler, cfg, seed=3).revisions
+        if on:
+            assert tiny_sampler.last_stats["draft_fed"] > 0
+        else:
+            assert tiny_sampler.last_stats["draft_fed"] == 0
+    assert out[True].response_ids == out[False].response_ids
+    for a, c in zip(out[True].logprobs, out[False].logprobs):
+        assert np.allclose(a, c, atol=1e-5)
+    # each revision within its budget: its failed attempt's length + 4
+    src = out[True].meta["source_traj"]
+    assert all(len(r) <= len(b.response_ids[i]) + 4 for r, i in zip(out[True].response_ids, src))
+    assert any(len(r) == len(b.response_ids[i]) + 4 for r, i in zip(out[True].response_ids, src))

@@ -658,3 +658,113 @@ def test_policy_update_passes_loss_kwargs_and_the_anchors_only_mask(monkeypatch)
     T.policy_update(policy.model, None, opt, batch, adv, cfg.replace(estimator_kwargs={"anchors_only": False}),
                     torch.device("cpu"))
     assert torch.equal(seen[0][0], batch.response_mask.float())
+
+
+# ---------------------------------------------------------------------------- J_rep (IOP's joint repair objective)
+def _revisions(accepted, selected, groups):
+    g = torch.Generator().manual_seed(1)
+    n = len(accepted)
+    lens = [3, 4, 2, 5, 3, 4][:n]
+    return RolloutBatch(prompt_ids=[[1, 7, 8, 9, 10]] * n,
+                        response_ids=[torch.randint(4, 40, (k,), generator=g).tolist() for k in lens],
+                        rewards=[float(a) for a in accepted], group_ids=groups, logprobs=[[-1.0] * k for k in lens],
+                        meta={"accepted": accepted, "selected": selected, "source_traj": groups})
+
+
+def test_repair_advantages_group_and_selected():
+    rv = _revisions([True, False, False, True, True], [True, False, False, True, False], [5, 5, 5, 7, 7])
+    # group 5: mean 1/3 -> 2/3, -1/3, -1/3; group 7: all verified -> no signal
+    assert T.repair_advantages(rv, "group").tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0])
+    assert T.repair_advantages(rv, "selected").tolist() == [1, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="repair_advantage"):
+        T.repair_advantages(rv, "nope")
+    with pytest.raises(ValueError, match="repair_advantage"):
+        small(repair_advantage="nope").validate()
+    with pytest.raises(ValueError, match="repair_loss_weight"):
+        small(repair_loss_weight=-1.0).validate()
+
+
+def _policy():
+    from ibpo_lab.models import build_tiny_policy
+    from ibpo_lab.tasks.synthetic import VOCAB
+
+    return build_tiny_policy(VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0)
+
+
+def _rep_update(weight: float, rv: RolloutBatch, **kw):
+    """One SGD step of policy_update whose on-policy batch has zero advantage: only J_rep moves the weights."""
+    from ibpo_lab.models import response_logprobs
+
+    policy = _policy()
+    with torch.no_grad():
+        lp, _ = response_logprobs(policy.model, rv.padded())
+    rv = rv.replace(logprobs=[lp[i, : len(r)].tolist() for i, r in enumerate(rv.response_ids)])
+    main = RolloutBatch(prompt_ids=[[1, 5, 6]] * 2, response_ids=[[4, 5], [6, 7, 8]], rewards=[1, 0], group_ids=[0, 0],
+                        logprobs=[[-1.0] * 2, [-1.0] * 3])
+    cfg = small(prompts_per_step=1, group_size=2, minibatch_size=2, repair_loss_weight=weight, max_grad_norm=1e9,
+                repair_advantage="group", **kw)
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    obj = T.repair_objective_batch(policy.model, rv, cfg, torch.device("cpu"))
+    opt = torch.optim.SGD(policy.model.parameters(), lr=0.5)
+    out = T.policy_update(policy.model, None, opt, main, torch.zeros(2, 3), cfg, torch.device("cpu"), repair=obj)
+    delta = [p.detach() - b for p, b in zip(policy.model.parameters(), before)]
+    return policy, rv, obj, out, delta
+
+
+def test_repair_objective_trains_the_verified_revision_under_the_repair_prompt():
+    from ibpo_lab.models import response_logprobs
+
+    rv = _revisions([True, False, True, False], [True, False, True, False], [0, 0, 1, 1])
+    policy, rv, obj, out, d1 = _rep_update(1.0, rv)
+    # token-mean PPO loss at ratio 1: -(0.5·(3 + 2) - 0.5·(4 + 5)) / 14 tokens
+    assert obj is not None and len(obj.adv) == 4 and out["loss_repair"] == pytest.approx(2 / 14, abs=1e-6)
+    # advantages +1/2 on the accepted revisions, -1/2 on the others, on every response token
+    assert obj.adv[:, 0].tolist() == [0.5, -0.5, 0.5, -0.5]
+    assert torch.equal(obj.adv != 0, rv.padded().response_mask)
+    with torch.no_grad():
+        after, _ = response_logprobs(policy.model, rv.padded())
+    seq = [after[i, : len(r)].sum().item() - sum(rv.logprobs[i]) for i, r in enumerate(rv.response_ids)]
+    assert seq[0] > 0 and seq[2] > 0 and seq[1] < 0 and seq[3] < 0  # verified repairs up, failed revisions down
+    # the step is λ_rep-linear (SGD, no clipping: ratios are 1 at the first step) and nothing moves at λ_rep = 0
+    _, _, _, _, d2 = _rep_update(2.0, _revisions([True, False, True, False], [True, False, True, False], [0, 0, 1, 1]))
+    assert any(x.abs().max() > 0 for x in d1)
+    for a, b in zip(d1, d2):
+        assert torch.allclose(2 * a, b, atol=1e-6)
+    _, _, obj0, out0, d0 = _rep_update(0.0, _revisions([True, False, True, False], [True, False, True, False], [0, 0, 1, 1]))
+    assert obj0 is None and "loss_repair" not in out0 and all(x.abs().max() == 0 for x in d0)
+
+
+def test_repair_objective_is_weights_are_the_bilateral_truncated_ratio():
+    rv = _revisions([True, False], [True, False], [0, 0])
+    policy = _policy()
+    from ibpo_lab.models import response_logprobs
+
+    with torch.no_grad():
+        lp, _ = response_logprobs(policy.model, rv.padded())
+    # μ = π_old + 0.3 on the first revision, π_old - 2 on the second: w = exp(-0.3) and min(exp(2), cap=1.5)
+    mu = [(lp[0, :3] + 0.3).tolist(), (lp[1, :4] - 2.0).tolist()]
+    rv = rv.replace(logprobs=mu)
+    obj = T.repair_objective_batch(policy.model, rv, small(recompute_logprobs=True, is_cap=1.5, repair_advantage="group",
+                                                          repair_loss_weight=1.0), torch.device("cpu"))
+    m = rv.padded().response_mask.bool()
+    assert torch.allclose(obj.is_weights[0, :3], torch.full((3,), float(np.exp(-0.3))), atol=1e-5)
+    assert torch.allclose(obj.is_weights[1, :4], torch.full((4,), 1.5))
+    assert torch.all(obj.is_weights[~m] == 0)
+    assert torch.allclose(obj.old[m], lp[m], atol=1e-6)
+    # without recomputation μ is π_old: weight 1
+    obj = T.repair_objective_batch(policy.model, rv, small(repair_advantage="group", repair_loss_weight=1.0),
+                                   torch.device("cpu"))
+    assert T.repair_objective_batch(policy.model, rv, small(repair_advantage="group"), torch.device("cpu")) is None  # λ_rep 0
+    assert torch.equal(obj.is_weights, m.float()) and torch.allclose(obj.old[m], torch.tensor(sum(mu, [])))
+
+
+@pytest.mark.slow
+def test_ibpo_run_logs_the_repair_objective(tmp_path):
+    assert small(estimator="ibpo").repair_loss_weight == 0.0  # off by default: IBPO as published has no J_rep
+    rec = T.train(small(estimator="ibpo", correct={"num_references": 2}, eval_n=0, steps=2, prompts_per_step=3,
+                        repair_loss_weight=1.0), tmp_path / "jrep", progress=False)
+    m = rec.metrics
+    assert (m["n_repair_trained"] > 0).any()
+    trained = m[m["n_repair_trained"] > 0]
+    assert trained["repair_loss_weight"].eq(1.0).all() and trained["loss_repair"].notna().all()
+    assert m["repair_success"].between(0, 1).all()

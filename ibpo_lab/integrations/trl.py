@@ -13,9 +13,17 @@ Multi-process (``accelerate launch``): a TRL group may straddle processes, so th
 gathered, every process repairs the groups it owns (group g -> process g mod world size), the
 repair info is gathered back, and each process keeps its own slice of the advantages.
 
+Repairs are trained too (added to TRL's loss in :meth:`IBPOTrainer.compute_loss`, each generation
+batch's rows spread over its ``steps_per_generation`` micro-steps): IOP's joint repair objective
+J_rep (``ibpo_repair_loss_weight`` λ_rep, off by default as in ibpo_lab: the policy's revisions under their repair
+prompt, ``train.repair_objective_batch``) and, with ``ibpo_bilateral``, the verified repairs under
+the solve prompt on their inserted tokens with the truncated IS weight min(π_old/μ, ``ibpo_is_cap``)
+(``train.offpolicy_repairs``' rule). Both use ibpo_lab's token-mean clipped PPO loss with TRL's
+ε_low/ε_high and no KL term. Single process only for now: with several processes they are skipped
+with a warning (a forward on only the processes that own repairs desynchronises DDP).
+
 Scope: text prompts (``task_dataset`` builds them), training mode only (evaluation keeps TRL's
-advantages), no tool calling or environments, and IOP bilateral training of the repaired
-trajectories is not wired in (they are kept in :attr:`IBPOTrainer.last_ibpo` for inspection).
+advantages), no tool calling or environments.
 
 CLI (one process or ``accelerate launch --num_processes N``); TRL's own flags pass through::
 
@@ -239,6 +247,19 @@ class IBPOConfig(GRPOConfig):
     )
     ibpo_success_threshold: float = _ibpo(0.5, "a trajectory counts as failed when its reward is below this")
     ibpo_eps: float = _ibpo(1e-4, "added to the group std when scaling (TRL's GRPO uses 1e-4; ibpo_lab's default is 1e-6)")
+    ibpo_repair_loss_weight: float = _ibpo(
+        0.0, "λ_rep of IOP's joint repair objective J_rep (the policy's revisions trained under their repair prompt; "
+             "TrainConfig.repair_loss_weight); 0 = off. Policy operator only"
+    )
+    ibpo_repair_advantage: str = _ibpo(
+        "selected", "J_rep's advantage of a revision: 'selected' (+1 on the selected repair) or 'group' (1[accepted] "
+                    "minus its failure's mean); TrainConfig.repair_advantage"
+    )
+    ibpo_bilateral: bool = _ibpo(
+        False, "IOP bilateral mode: also train the verified repairs under the SOLVE prompt on their inserted tokens, "
+               "with the truncated importance weight min(π_old/μ, ibpo_is_cap)"
+    )
+    ibpo_is_cap: float = _ibpo(2.0, "truncation of the bilateral importance weight")
     # correct_<name>: one field per CorrectConfig field, with its help text (a new CorrectConfig field
     # appears here by itself); temperature/top_p/max_new_tokens default to TRL's own settings, ρ is ibpo_rho
     _add_correct_fields(locals())
@@ -259,7 +280,11 @@ class IBPOConfig(GRPOConfig):
                              f"got {self.ibpo_sign_rule!r}")
         if not isinstance(self.ibpo_anchors_only, bool):
             raise ValueError(f"ibpo_anchors_only must be a bool, got {self.ibpo_anchors_only!r}")
-        for name in ("ibpo_lam", "ibpo_rho", "ibpo_eps"):
+        if self.ibpo_repair_advantage not in ("group", "selected"):
+            raise ValueError(f"ibpo_repair_advantage must be 'group' or 'selected', got {self.ibpo_repair_advantage!r}")
+        if not self.ibpo_is_cap > 0:
+            raise ValueError(f"ibpo_is_cap must be > 0, got {self.ibpo_is_cap!r}")
+        for name in ("ibpo_lam", "ibpo_rho", "ibpo_eps", "ibpo_repair_loss_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -370,6 +395,9 @@ class IBPOTrainer(GRPOTrainer):
         self.correct_sampler = correct_sampler
         self.last_ibpo: IBPOStep | None = None
         self._ibpo_captured: dict[str, Any] = {}
+        #: the repair objectives of the current generation batch (name -> train.RepairObjective)
+        self.ibpo_repair_objectives: dict[str, Any] = {}
+        self._ibpo_loss_calls = 0
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
 
     # -- capture what TRL sampled and scored (the two hooks TRL's loop goes through) -------------
@@ -416,7 +444,82 @@ class IBPOTrainer(GRPOTrainer):
             batch=batch, advantages=adv, trl_advantages=trl_adv.detach().cpu(), corrections=corrections, process_slice=slc
         )
         self._log_ibpo(batch, adv)
+        self.ibpo_repair_objectives = self._repair_objectives(corrections)
+        self._ibpo_loss_calls = 0
         return output
+
+    # -- training the repairs: J_rep and bilateral ----------------------------------------------
+    def _repair_objectives(self, result: CorrectionResult | None) -> dict[str, Any]:
+        """``{"repair": J_rep rows, "bilateral": repaired rows}`` of this process's corrections (absent: nothing to train)."""
+        from types import SimpleNamespace
+
+        from ibpo_lab.advantages import ibpo_repair_advantages
+        from ibpo_lab.losses import truncated_is_weights
+        from ibpo_lab.models import response_logprobs
+        from ibpo_lab.train import RepairObjective, repair_objective_batch
+
+        out: dict[str, Any] = {}
+        if result is None:
+            return out
+        a = self.args
+        if self.accelerator.num_processes > 1 and (a.ibpo_repair_loss_weight > 0 or a.ibpo_bilateral):
+            # an extra forward on only the processes that own repairs desynchronises DDP's collectives (measured: a
+            # 2-process run hangs); until the rows are balanced over processes, repairs train single-process only
+            import warnings
+
+            warnings.warn("IBPOTrainer: J_rep and bilateral repair training run single-process only; with "
+                          f"{self.accelerator.num_processes} processes the repairs are not trained", stacklevel=2)
+            return out
+        device = self.accelerator.device
+        # the revisions were just sampled by this very model: μ is π_old (no recomputation, weight 1)
+        cfg = SimpleNamespace(repair_loss_weight=a.ibpo_repair_loss_weight, repair_advantage=a.ibpo_repair_advantage,
+                              recompute_logprobs=False, is_cap=a.ibpo_is_cap)
+        rep = repair_objective_batch(None, result.revisions, cfg, device)
+        if rep is not None:
+            out["repair"] = rep
+        repaired = result.repaired
+        if a.ibpo_bilateral and repaired is not None and len(repaired) > 0:
+            trained = repaired.replace(response_masks=[np.asarray(m, dtype=bool) for m in repaired.edit_masks])
+            padded = trained.padded()
+            with torch.no_grad(), self._repair_model() as model:
+                old = response_logprobs(model, padded.to(device), temperature=a.temperature)[0].float().cpu()
+            mask = padded.response_mask.float()
+            w = truncated_is_weights(padded.old_logprobs.float(), old, cap=a.ibpo_is_cap) if repaired.logprobs is not None \
+                else torch.ones_like(old)
+            params = self.args.estimator_params()
+            rkw = {k: params[k] for k in ("lam", "rho", "eps", "scale", "std", "success_threshold")}
+            adv = ibpo_repair_advantages(repaired, result.batch, repaired.meta["source_traj"], **rkw)
+            adv = torch.nn.functional.pad(adv, (0, old.shape[1] - adv.shape[1])) * mask
+            out["bilateral"] = RepairObjective(padded=padded, old=old, adv=adv, is_weights=w * mask, weight=1.0)
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's GRPO loss plus this micro-step's share of the repair objectives (weight·loss each)."""
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.model.training or not self.ibpo_repair_objectives:
+            return loss
+        from ibpo_lab.losses import get_loss
+        from ibpo_lab.models import response_logprobs
+        from ibpo_lab.train import _select_padded
+
+        steps = max(1, int(self.args.steps_per_generation or 1))
+        k = self._ibpo_loss_calls % steps
+        self._ibpo_loss_calls += 1
+        device = loss.device
+        for name, obj in self.ibpo_repair_objectives.items():
+            idx = torch.tensor_split(torch.arange(len(obj.adv)), steps)[k]
+            if len(idx) == 0:
+                continue
+            sub = _select_padded(obj.padded, idx).to(device)
+            lp, _ = response_logprobs(model, sub, temperature=self.args.temperature)
+            term, _ = get_loss("ppo")(lp, obj.old[idx].to(device), obj.adv[idx].to(device),
+                                      sub.response_mask.float(), clip_low=self.epsilon_low,
+                                      clip_high=self.epsilon_high, agg="token-mean",
+                                      is_weights=obj.is_weights[idx].to(device))
+            loss = loss + obj.weight * term
+            self._metrics["train"][f"ibpo/loss_{name}"].append(float(term.detach()))
+            self._metrics["train"][f"ibpo/{name}_weight"].append(float(obj.weight))
+        return loss
 
     def _rollout_batch(self, inputs, output) -> tuple[RolloutBatch, slice]:
         """The whole generation batch (all processes) as a RolloutBatch, and this process's rows."""
