@@ -744,6 +744,7 @@ def learning_curves(
     smooth: int = 1,
     ax=None,
     title: str | None = None,
+    colors: Mapping[str, str] | None = None,
 ):
     """Mean curve of ``metric`` against ``x`` for each value of ``by`` with a band across seeds
     (``"ci"`` 95% CI of the mean, ``"std"``, ``"minmax"`` or None). ``smooth``: rolling-mean window
@@ -754,7 +755,8 @@ def learning_curves(
     with few points carry markers and a one-step line says "1 step"; a line identical to an
     earlier one is drawn dashed, offset so both colours show, with the legend entry
     ``name = other (identical)``; all-zero data says "all zero"; the legend sits outside the axes;
-    bands of :data:`SHARE_METRICS` are clipped to [0, 1]."""
+    bands of :data:`SHARE_METRICS` are clipped to [0, 1]. ``colors``: a colour per ``by`` value
+    (:func:`metric_grid` passes one map so a method keeps its colour in every panel)."""
     df = runs_frame(runs)
     for col in (metric, by, x):
         if col not in df.columns:
@@ -802,6 +804,8 @@ def learning_curves(
             style = dict(ls="-", lw=1.8 if i in cluster and len(cluster[i]) > 1 else 1.6, marker=marker,
                          markersize=6 if single else 3.5)
             lab = f"{c['name']} ({_seeds(c['n'])}{extra})"
+        if colors and c["name"] in colors:
+            style["color"] = colors[c["name"]]
         (line,) = ax.plot(c["xs"], c["mu"], label=lab, **style)
         if i in copy_of:
             _mark_copy(line)
@@ -862,8 +866,11 @@ def metric_grid(runs: Any, metrics: Sequence[str], *, by: str = "label", band: s
     nrow = math.ceil(len(metrics) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol + 2.2, 3.4 * nrow), squeeze=False, layout="constrained")
     used = list(axes.flat)[: len(metrics)]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # one colour per method across panels (a panel where some method has no data would otherwise shift them)
+    colors = {str(k): cycle[i % len(cycle)] for i, k in enumerate(dict.fromkeys(df[by].tolist()))}
     for ax, m in zip(used, metrics):
-        learning_curves(df, m, by=by, band=band, x=x, smooth=smooth, ax=ax, title=axis_label(m))
+        learning_curves(df, m, by=by, band=band, x=x, smooth=smooth, ax=ax, title=axis_label(m), colors=colors)
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
     legends = [tuple(t.get_text() for t in ax.get_legend().get_texts()) if ax.get_legend() else () for ax in used]

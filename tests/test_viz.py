@@ -572,6 +572,17 @@ def test_metric_grid_one_legend_outside_the_panels():
     assert not fig.legends and "identical" in fig.axes[1].get_legend().get_texts()[1].get_text()
 
 
+def test_metric_grid_keeps_each_methods_colour_in_every_panel():
+    """A metric only some methods log (repair_success: IBPO only) must not shift the others' colours."""
+    df = _curves_df(seeds=2)
+    df["repair_success"] = np.where(df.label == "ibpo", 0.5, np.nan)  # grpo has no repairs
+    fig = viz.metric_grid(df, ["reward_mean", "repair_success"])
+    colour = [{ln.get_label().split(" ")[0]: ln.get_color() for ln in ax.lines if not ln.get_label().startswith("_")}
+              for ax in fig.axes[:2]]
+    assert set(colour[0]) == {"grpo", "ibpo"} and set(colour[1]) == {"ibpo"}
+    assert colour[0]["ibpo"] == colour[1]["ibpo"] != colour[0]["grpo"]
+
+
 def test_axis_labels_are_words_not_column_names():
     fig = viz.learning_curves(_curves_df(seeds=2), "reward_mean")
     ax = fig.axes[0]
