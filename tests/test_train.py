@@ -287,8 +287,9 @@ def test_evaluate_and_train_many(tmp_path):
     assert ev["avg@k_lo"] <= ev["avg@k"] <= ev["avg@k_hi"]
 
 
-def _toy_update(micro: int, agg: str):
-    """One SGD step of policy_update on a fixed random batch; returns the updated parameters."""
+def _toy_policy_and_batch():
+    """The tiny random policy and a fixed 6-trajectory batch (2 groups) with the policy's own log-probs
+    -> (policy, batch, lens, lp [6, T], the generator, to draw the advantages from next)."""
     from ibpo_lab.models import build_tiny_policy, response_logprobs
     from ibpo_lab.rollout import RolloutBatch
     from ibpo_lab.tasks.synthetic import VOCAB
@@ -300,6 +301,12 @@ def _toy_update(micro: int, agg: str):
                          rewards=[1, 0, 1, 0, 0, 1], group_ids=[0, 0, 0, 1, 1, 1])
     with torch.no_grad():
         lp, _ = response_logprobs(policy.model, batch.padded())
+    return policy, batch, lens, lp, g
+
+
+def _toy_update(micro: int, agg: str):
+    """One SGD step of policy_update on a fixed random batch; returns the updated parameters."""
+    policy, batch, lens, lp, g = _toy_policy_and_batch()
     batch = batch.replace(logprobs=[lp[i, :n] + 0.1 for i, n in enumerate(lens)])  # ratios != 1
     adv = torch.randn(6, max(lens), generator=g) * batch.response_mask
     cfg = small(micro_batch_size=micro, agg=agg, prompts_per_step=3, group_size=2, minibatch_size=6)
@@ -613,16 +620,7 @@ def test_policy_update_passes_loss_kwargs_and_the_anchors_only_mask(monkeypatch)
     """ibpo with anchors_only + GSPO's gated ratio: the loss gets gate='credited' and a mask without the
     correct trajectories (rows 0, 2, 5); gate_frac by hand: failed rows 1, 3, 4 have 5 + 6 + 4 = 15
     trained tokens, of which row 1's first two carry no advantage, so 13 are in the gate."""
-    from ibpo_lab.models import build_tiny_policy, response_logprobs
-    from ibpo_lab.tasks.synthetic import VOCAB
-
-    policy = build_tiny_policy(VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0)
-    g = torch.Generator().manual_seed(0)
-    lens = [3, 5, 2, 6, 4, 1]
-    batch = RolloutBatch(prompt_ids=[[1, 5, 6]] * 6, response_ids=[torch.randint(4, 40, (n,), generator=g) for n in lens],
-                         rewards=[1, 0, 1, 0, 0, 1], group_ids=[0, 0, 0, 1, 1, 1])
-    with torch.no_grad():
-        lp, _ = response_logprobs(policy.model, batch.padded())
+    policy, batch, lens, lp, g = _toy_policy_and_batch()
     batch = batch.replace(logprobs=[lp[i, :n] for i, n in enumerate(lens)])
     adv = (torch.rand(6, max(lens), generator=g) + 0.5) * batch.response_mask
     adv[1, :2] = 0.0
