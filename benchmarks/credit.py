@@ -13,12 +13,14 @@ same prompts, every estimator's policy gradient on the same samples: relative va
 tr Cov(g) / ‖E g‖² and mean cosine to the mean gradient. Spread = std over seeds.
 
     python -m benchmarks.credit               # writes benchmarks/results/credit.{md,png}
+    python -m benchmarks.credit --policy runs/ibpo_jrep --out /tmp/credit   # a trained run's policy
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
@@ -172,15 +174,40 @@ def figure(credit: pd.DataFrame, var: pd.DataFrame):
     return fig
 
 
-def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int | None = None,
-        group_size: int | None = None, max_new_tokens: int | None = None, resamples: int | None = None) -> Report:
+def resolve_policy(spec: str | None, quick: bool = False):
+    """The policy a credit measurement scores -> (config model name, policy, description).
+
+    ``spec`` None: the committed tiny policy (a random-init one of its shape for ``quick``).
+    A run folder (holds ``config.yaml``): the run's trained policy from its checkpoint
+    (``runs.RunRecord.load_policy``), with the run's ``model`` as the config's model name (its
+    tokenizer and chat template). Anything else: a model ``models.load_policy`` reads (an alias or a
+    ``save_pretrained`` folder), used under its own name. A run without a checkpoint is the
+    ValueError ``load_policy`` raises, before anything is measured."""
     from ibpo_lab.models import build_tiny_policy, load_policy
-    from ibpo_lab.tasks import get_task
+    from ibpo_lab.runs import CONFIG_FILE, load_run
     from ibpo_lab.tasks.synthetic import VOCAB
 
+    if spec is None:
+        model_name, model_desc = tiny_policy_or_random(quick)
+        policy = load_policy("tiny") if model_name == "tiny" else build_tiny_policy(VOCAB, seed=0)
+        return model_name, policy, model_desc
+    if (Path(spec) / CONFIG_FILE).is_file():
+        rec = load_run(spec)
+        step = int(rec.metrics["step"].max()) if not rec.metrics.empty else 0
+        return (rec.config.model, rec.load_policy(),
+                f"trained policy of run {spec} ({rec.config.label or rec.config.estimator}, {step} steps, from {rec.config.model})")
+    return str(spec), load_policy(spec), f"policy {spec}"
+
+
+def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int | None = None,
+        group_size: int | None = None, max_new_tokens: int | None = None, resamples: int | None = None,
+        policy: str | None = None) -> Report:
+    """The benchmark. ``policy``: a run folder or model to score instead of the committed tiny policy
+    (:func:`resolve_policy`)."""
+    from ibpo_lab.tasks import get_task
+
     t0 = time.perf_counter()
-    model_name, model_desc = tiny_policy_or_random(quick)
-    policy = load_policy("tiny") if model_name == "tiny" else build_tiny_policy(VOCAB, seed=0)
+    model_name, policy, model_desc = resolve_policy(policy, quick)
     if quick:
         seeds = tuple(seeds)[:2]
     P = prompts or (2 if quick else 4)
@@ -245,6 +272,9 @@ def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2, 3), prompts: int |
 def main(argv: Sequence[str] | None = None) -> Report:
     def extra(ap):
         ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default 0 1 2 3)")
+        ap.add_argument("--policy", default=None,
+                        help="a run folder (its checkpoint's trained policy) or a model path/alias to score "
+                             "instead of the committed tiny policy")
 
     return cli_main(run, "credit", __doc__, argv, extra)
 

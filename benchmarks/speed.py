@@ -175,8 +175,10 @@ def run(quick: bool = False, runs: int | None = None, steps: int | None = None) 
         Target("IBPO step / GRPO step", "≤ 1.3", ratio, ratio <= 1.3,
                f"compare-and-correct generates the repairs ({extra:.2f} s/step, a second sampling pass over the "
                "failed trajectories with longer prompts; copy-draft decoding saves forward passes, not the prefill "
-               f"of the repair prompts), and J_rep trains the revisions under those prompts (update {upd_ibpo:.2f} s "
-               f"vs GRPO's {upd_grpo:.2f} s); generation dominates a CPU step"),
+               "of the repair prompts), "
+               + (f"and J_rep trains the revisions under those prompts (update {upd_ibpo:.2f} s vs GRPO's {upd_grpo:.2f} s)"
+                  if cfg.repair_loss_weight else f"update {upd_ibpo:.2f} s vs GRPO's {upd_grpo:.2f} s (J_rep off)")
+               + "; generation dominates a CPU step"),
         Target("diff + advantage share of the IBPO step (%)", "≤ 5", share, share <= 5,
                "the diff and advantage are pure python/numpy on few tokens; a miss would mean tiny steps"),
     ]

@@ -245,3 +245,39 @@ def test_run_all_quick_writes_every_report(tmp_path):
     trl = reports["trl_step"].tables[0][1]
     assert len(trl) == 2 and (trl["TRL s/step"] > 0).all() and (trl["ibpo_lab s/step"] > 0).all()
     assert all(len(r.targets) >= 1 for n, r in reports.items() if n != "alignment")
+
+
+# ------------------------------------------------------------------------------------------ credit
+def test_credit_policy_option_loads_a_runs_trained_policy(tmp_path):
+    """``--policy RUN_DIR`` scores the run's checkpointed weights (not the committed tiny policy) under
+    the run's model name; a run without a checkpoint is refused before anything is measured."""
+    import torch
+
+    from benchmarks import credit
+    from ibpo_lab.config import RANDOM_TINY, presets
+    from ibpo_lab.runs import CONFIG_FILE, save_checkpoint
+    from ibpo_lab.models import build_tiny_policy
+    from ibpo_lab.tasks.synthetic import VOCAB
+
+    cfg = presets("smoke", model=RANDOM_TINY, label="trained")
+    trained = build_tiny_policy(VOCAB, seed=7)
+    with torch.no_grad():  # weights no fresh policy has
+        for p in trained.model.parameters():
+            p.add_(0.5)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg.to_yaml(run_dir / CONFIG_FILE)
+    save_checkpoint(run_dir, 3, tensors={}, meta={}, model=trained.model, tokenizer=trained.tokenizer)
+
+    name, policy, desc = credit.resolve_policy(str(run_dir))
+    assert name == RANDOM_TINY and "trained" in desc and str(run_dir) in desc
+    want, got = trained.model.state_dict(), policy.model.state_dict()
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    cfg.replace(save_checkpoints=False).to_yaml(bare / CONFIG_FILE)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        credit.resolve_policy(str(bare))
+    # no spec: the benchmark's own policy (random-init for --quick), as before
+    assert credit.resolve_policy(None, quick=True)[0] == RANDOM_TINY
