@@ -300,19 +300,21 @@ class _Check:
         }
 
     def write(self) -> None:
-        path = self.out / "gpu_check.json"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(_strict(self.result), indent=1, default=str) + "\n")
-        os.replace(tmp, path)  # never a half-written file
+        from ibpo_lab.runs import atomic_write_text, finite_or_null
+
+        # never a half-written file; strict JSON (NaN -> null)
+        atomic_write_text(self.out / "gpu_check.json", json.dumps(finite_or_null(self.result), indent=1, default=str) + "\n")
 
     def section(self, name: str, fn: Callable[[], dict]) -> None:
+        from ibpo_lab.runs import finite_or_null
+
         t0 = time.perf_counter()
         try:
             self.result[name] = fn()
         except Exception as e:  # noqa: BLE001 - record it and run the next section
             self.result[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
         self.result["seconds"][name] = round(time.perf_counter() - t0, 2)
-        self.log(f"[{name}] {self.result['seconds'][name]} s: {json.dumps(_strict(self.result[name]), default=str)[:400]}")
+        self.log(f"[{name}] {self.result['seconds'][name]} s: {json.dumps(finite_or_null(self.result[name]), default=str)[:400]}")
         self.write()
 
     # -- peaks -------------------------------------------------------------------------
@@ -644,17 +646,6 @@ def _git_commit() -> str | None:
         return p.stdout.strip() or None if p.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _strict(x):
-    """Strict JSON: NaN and infinities become null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _strict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_strict(v) for v in x]
-    return x
 
 
 def run_check(out: str | os.PathLike, small: bool = False, log: Callable[[str], None] = print) -> dict:

@@ -92,6 +92,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "mean_ci",
+    "finite_or_null",
     "proportion_ci",
     "summarise_runs",
     "final_table",
@@ -423,21 +424,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def _finite_or_null(x):
+def finite_or_null(x):
+    """``x`` with every NaN/±inf float (nested in dicts, lists, numpy scalars) replaced by None: strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _finite_or_null(v) for k, v in x.items()}
+        return {k: finite_or_null(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite_or_null(v) for v in x]
+        return [finite_or_null(v) for v in x]
     if isinstance(x, (np.floating, np.integer)):
-        return _finite_or_null(x.item())
+        return finite_or_null(x.item())
     return x
 
 
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one row as a line of strict JSON (NaN and ±inf become null; ``read_jsonl`` reads them as NaN)."""
-    line = json.dumps(_finite_or_null(row), default=_json_default, allow_nan=False) + "\n"
+    line = json.dumps(finite_or_null(row), default=_json_default, allow_nan=False) + "\n"
     try:
         with open(path, "a") as fh:
             fh.write(line)
@@ -594,7 +596,7 @@ def save_checkpoint(run_dir: Path, step: int, *, tensors: dict[str, Any], meta: 
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_write(tmp / TRAINER_STATE_JSON,
-                     json.dumps(_finite_or_null({"step": int(step), **meta}), allow_nan=False, indent=1).encode())
+                     json.dumps(finite_or_null({"step": int(step), **meta}), allow_nan=False, indent=1).encode())
         _fsync_write(tmp / COMPLETE_FILE, str(int(step)).encode())  # last: marks the folder complete
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
