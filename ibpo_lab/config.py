@@ -98,15 +98,10 @@ def estimator_kwargs(estimator: str, kwargs: Mapping[str, Any] | None = None) ->
     config to estimator arguments (``step.compute_advantages`` is its only caller path). Unknown
     names raise ValueError naming the estimator and the accepted names."""
     kw = dict(kwargs or {})
-    fn = get_estimator(estimator)
-    params = list(inspect.signature(fn).parameters.values())[1:]  # the first is the batch
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return kw
-    names = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    unknown = sorted(set(kw) - set(names))
-    if unknown:
-        raise ValueError(f"estimator_kwargs: {unknown} are not arguments of estimator {estimator!r} "
-                         f"(accepted: {', '.join(names) or 'none'})")
+    names = _keyword_names(get_estimator(estimator), 1)  # the first parameter is the batch
+    problems = _unknown_kwargs("estimator_kwargs", kw, names, f"estimator {estimator!r}")
+    if problems:
+        raise ValueError(problems[0])
     return kw
 
 
