@@ -512,8 +512,7 @@ def _train(cfg: TrainConfig, run_dir: Path, device: torch.device, task, progress
         row = {"step": step, **st.metrics(), **upd, "skipped_total": skipped_total, "lr": lr,
                "n_repaired": 0 if repaired is None else len(repaired),
                "repair_loss_weight": cfg.repair_loss_weight if rep_obj is not None else 0.0,
-               "n_repair_trained": 0 if rep_obj is None else len(rep_obj.adv),
-               **{f"correct_{k}": v for k, v in st.stats.items() if isinstance(v, (int, float))}, **times}
+               "n_repair_trained": 0 if rep_obj is None else len(rep_obj.adv), **times}  # correct_*: st.metrics()
         append_jsonl(run_dir / METRICS_FILE, row)
         tracker.log(row, step)
         if cfg.save_trajectories:
