@@ -489,7 +489,8 @@ class HFSampler(_Sampler):
         try:
             for start in range(0, len(trajs), self.max_batch_size):
                 chunk = trajs[start : start + self.max_batch_size]
-                r, lp, fin = self._decode_chunk(prompt_ids, chunk, req, seed, drafts, limits, counts)
+                with torch.inference_mode():
+                    r, lp, fin = self._decode_chunk(prompt_ids, chunk, req, seed, drafts, limits, counts)
                 responses += r
                 logprobs += lp
                 finish += fin
@@ -503,9 +504,11 @@ class HFSampler(_Sampler):
         }
         return _build_batch(self.policy, req, prompt_ids, responses, logprobs, finish)
 
-    @torch.inference_mode()
     def _decode_chunk(self, prompt_ids, trajs: list[int], req: _Request, seed: int, drafts, limits, counts) -> tuple[list, list, list]:
-        """Decode the trajectories ``trajs`` (global indices; prompt b // n) together."""
+        """Decode the trajectories ``trajs`` (global indices; prompt b // n) together.
+
+        The caller (``_sample``) runs it under ``torch.inference_mode()`` (a context, not a
+        decorator here, so mutation testing, which skips decorated functions, reaches this step)."""
         model, tok = self.policy.model, self.policy.tokenizer
         device = self.policy.device
         pad = int(tok.pad_token_id)
