@@ -812,7 +812,7 @@ def test_sampling_settings_reach_the_sampler():
                         seed=None)
 
 
-def test_repair_budget_is_at_least_one_token():
+def test_repair_budget_of_a_one_token_attempt_and_margin_zero_is_one_token():
     # a one-token failed attempt and margin 0: the budget is 1 + 0 = 1 token
     batch, exs = make_batch([["!", "ok"]], NO_BANG)
     drafting = DraftingScripted(lambda p, j: "X")
