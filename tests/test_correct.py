@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _sampler_fakes import CharTok, PredTask, ScriptedSampler, make_batch
+from ibpo_lab.tasks.base import Example, Score
 from ibpo_lab.correct import (
     TABLE_COLUMNS,
     CorrectConfig,
@@ -626,3 +627,505 @@ def test_copy_draft_does_not_change_the_repairs(synth, tiny_sampler):
     src = out[True].meta["source_traj"]
     assert all(len(r) <= len(b.response_ids[i]) + 4 for r, i in zip(out[True].response_ids, src))
     assert any(len(r) == len(b.response_ids[i]) + 4 for r, i in zip(out[True].response_ids, src))
+
+
+# --------------------------------------------------------------------------- thresholds, stats by hand
+class HalfTask(PredTask):
+    """reward 0.5 (exactly the default success_threshold) when ``ok(response)``, else 0."""
+
+    def score(self, example, response):
+        self.reward_calls.append(response)
+        return Score(0.5 if self.ok(response) else 0.0, "ok" if self.ok(response) else "wrong")
+
+
+def test_reward_exactly_at_the_threshold_is_a_success():
+    # the sibling rewarded exactly 0.5 is correct (a reference), so the failed one gets repaired
+    task = HalfTask(lambda r: "!" not in r)
+    batch, exs = make_batch([["ab!cd", "abXcd"]], task)
+    assert batch.rewards.tolist() == [0.0, 0.5]
+    sampler = ScriptedSampler(lambda p, j: "abZcd")
+    res = compare_and_correct(batch, exs, task, sampler, CorrectConfig(num_references=1))
+    assert len(sampler.calls) == 1 and parse_repair(sampler.calls[0]["prompts"][0]) == ("ab!cd", "abXcd")
+    # a revision rewarded exactly 0.5 verifies
+    assert res.table.reward.tolist() == [0.5] and res.table.verified.tolist() == [True]
+    assert res.batch.repair_success.tolist() == [1.0, 0.0] and res.stats["n_failed"] == 1
+    # and so does an IOP graft: correct iff no '!' in the first 3 characters, so the graft of the
+    # first edit "aXb!c!d" (reward 0.5) already verifies -> K* = K = 1
+    window = HalfTask(lambda r: "!" not in r[:3])
+    batch, exs = make_batch([["a!b!c!d", "aYbYcYd"]], window)
+    res = compare_and_correct(batch, exs, window, ScriptedSampler(lambda p, j: "aXbXcXd"),
+                              CorrectConfig(num_references=1, truncate_k=1))
+    assert res.table.k_star.tolist() == [1] and res.batch.edit_masks[0].tolist() == [False, True] + [False] * 5
+
+
+STATS_KEYS = {
+    "n_trajectories", "n_failed", "n_attempted", "n_skipped", "n_revisions", "revision_success_rate", "n_repaired",
+    "repair_rate", "repair_success_mean", "phi_mean", "phi_share_mean", "audit_rejected", "audit_rejection_share",
+    "edited_tokens_mean", "edited_fraction_mean", "repaired_without_credit",
+}
+
+
+def test_stats_by_hand():
+    script = {
+        ("!", "ok"): ["X", "!"],                # 1 of 2 verify; "X" edits 1 of 1 token
+        ("ab!cd", "abXcd"): ["aYZcd", "YYZcd"],  # 2 of 2 verify; the closer "aYZcd" edits 2 of 5 tokens
+        ("!!!", "abc"): ["!!!", "!!"],          # none verifies
+    }
+    batch, exs = make_batch([["!", "ok"], ["ab!cd", "abXcd"], ["z!", "y!"], ["!!!", "abc"]], NO_BANG)
+    # trajectory 2 is failed at success_threshold 0.8 but would be correct at the default 0.5
+    batch = batch.replace(rewards=[0.0, 1.0, 0.6, 1.0, 0.0, 0.0, 0.0, 1.0])
+    sampler = ScriptedSampler(lambda p, j: script[parse_repair(p)][j])
+    cfg = CorrectConfig(num_references=1, revisions_per_reference=2, rho=0.25, success_threshold=0.8)
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
+    # failed: 0, 2, 4, 5, 6; group 2 (trajectories 4, 5) has no correct sibling -> skipped
+    assert res.batch.repair_success.tolist() == [0.5, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert set(res.stats) == STATS_KEYS
+    expected = {
+        "n_trajectories": 8.0, "n_failed": 5.0, "n_attempted": 3.0, "n_skipped": 2.0, "n_revisions": 6.0,
+        "revision_success_rate": 3 / 6,
+        "n_repaired": 2.0, "repair_rate": 2 / 5,
+        "repair_success_mean": (0.5 + 1.0) / 5,
+        "phi_mean": 0.25 * 2 / 5,                  # ρ·1[a revision verified], over the 5 failed
+        "phi_share_mean": 0.25 * (0.5 + 1.0) / 5,  # ρ·share
+        "audit_rejected": 0.0, "audit_rejection_share": 0 / 3,
+        "edited_tokens_mean": (1 + 2) / 2,
+        "edited_fraction_mean": (1 / 1 + 2 / 5) / 2,
+        "repaired_without_credit": 0.0,
+    }
+    assert res.stats == pytest.approx(expected)
+
+
+def test_stats_of_a_batch_without_failures_are_quiet():
+    import warnings
+
+    batch, exs = make_batch([["ok", "fine"], ["yes", "sure"]], NO_BANG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" noise in every quiet step
+        res = compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(lambda p, j: "x"), CorrectConfig(num_references=1))
+    s = res.stats
+    assert set(s) == STATS_KEYS
+    zeros = ("n_failed", "n_attempted", "n_skipped", "n_revisions", "n_repaired", "repair_success_mean", "phi_mean",
+             "phi_share_mean", "audit_rejected", "repaired_without_credit")
+    assert {k: s[k] for k in zeros} == dict.fromkeys(zeros, 0.0) and s["n_trajectories"] == 4.0
+    nans = ("revision_success_rate", "repair_rate", "audit_rejection_share", "edited_tokens_mean", "edited_fraction_mean")
+    assert all(np.isnan(s[k]) for k in nans)
+
+
+def test_k_star_buckets_count_k_2k_and_all_for_k_2():
+    # five one-token edits; correct iff no '!' in the first 7 characters: the graft of the first
+    # 2 edits "aXbXc!d!e!f" fails, the graft of the first 4 "aXbXcXdXe!f" verifies -> K* = 2K = 4
+    task = PredTask(lambda r: "!" not in r[:7])
+    batch, exs = make_batch([["a!b!c!d!e!f", "aYbYcYdYeYf"]], task)
+    res = compare_and_correct(batch, exs, task, ScriptedSampler(lambda p, j: "aXbXcXdXeXf"),
+                              CorrectConfig(num_references=1, truncate_k=2))
+    assert res.table.k_star.tolist() == [4]
+    assert res.batch.edit_masks[0].tolist() == [i in (1, 3, 5, 7) for i in range(11)]
+    assert {k: res.stats[k] for k in ("k_star_k", "k_star_2k", "k_star_all")} == {
+        "k_star_k": 0.0, "k_star_2k": 1.0, "k_star_all": 0.0}
+    assert set(res.stats) == STATS_KEYS | {"k_star_k", "k_star_2k", "k_star_all"}
+
+
+# --------------------------------------------------------------------------- IOP K* on hand-built alignments
+@pytest.mark.parametrize(
+    "failed, repair, k_star, credit, verifier_calls",
+    [
+        # one 3-token replace block: the graft of the block holding the first edited token is the whole
+        # (verified) repair -> K* = 1 without asking the verifier again; credit the first edited token
+        ("a!!!b", "aXXXb", 1, [0, 1, 0, 0, 0], ["aXXXb"]),
+        # the same as a deletion (3 failed tokens changed, none inserted)
+        ("a!!!b", "ab", 1, [0, 1, 0, 0, 0], ["ab"]),
+        # one changed token: K = the number of changed tokens -> K* = all (None, -1 in the table)
+        ("a!b", "aXb", -1, [0, 1, 0], ["aXb"]),
+        # an insertion (credited at 'b') then a replace: the graft of the insertion alone "aXb!c" fails,
+        # the first 2K = 2 credited tokens are all of them -> all
+        ("ab!c", "aXb.c", -1, [0, 1, 1, 0], ["aXb.c", "aXb!c"]),
+    ],
+)
+def test_iop_k_star_on_hand_built_alignments(failed, repair, k_star, credit, verifier_calls):
+    batch, exs = make_batch([[failed, repair]], NO_BANG)
+    res = compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(lambda p, j: repair),
+                              CorrectConfig(num_references=1, truncate_k=1))
+    assert res.table.k_star.tolist() == [k_star]
+    assert res.batch.edit_masks[0].tolist() == [bool(c) for c in credit]
+    assert NO_BANG.reward_calls == verifier_calls
+
+
+class WindowTask(PredTask):
+    """Correct iff no '!' among the first ``int(example.answer)`` characters: the window is per example."""
+
+    def __init__(self, windows):
+        super().__init__(lambda r: True)
+        self.windows = windows
+
+    def examples(self, split="train", n=None):
+        return [Example(id=str(i), prompt=f"q{i}", answer=str(w)) for i, w in enumerate(self.windows[: n or 1])]
+
+    def score(self, example, response):
+        self.reward_calls.append(response)
+        ok = "!" not in response[: int(example.answer)]
+        return Score(float(ok), "ok" if ok else "wrong")
+
+
+def test_grafts_are_verified_against_their_own_example():
+    # the same failed attempt and repair in two groups whose examples differ: window 3 -> K* = 1, 5 -> K* = 2
+    task = WindowTask([3, 5])
+    batch, exs = make_batch([["a!b!c!d", "aYbYcYd"], ["a!b!c!d", "aYbYcYd"]], task)
+    res = compare_and_correct(batch, exs, task, ScriptedSampler(lambda p, j: "aXbXcXd"),
+                              CorrectConfig(num_references=1, truncate_k=1))
+    assert res.table.traj.tolist() == [0, 2] and res.table.k_star.tolist() == [1, 2]
+
+
+def test_credit_masks_without_a_precomputed_alignment():
+    from ibpo_lab.correct import _credit_masks
+
+    # "ab!c" -> "aXb.c": X inserted before 'b' (insertion point: failed token 1), '!' replaced by '.'
+    a, b = ids("ab!c"), ids("aXb.c")
+    changed, inserted = _credit_masks(a, b, CorrectConfig(), None)
+    assert changed.tolist() == [False, True, True, False] and inserted.tolist() == [False, True, False, True, False]
+    changed, inserted = _credit_masks(a, b, CorrectConfig(), 1)
+    assert changed.tolist() == [False, True, False, False] and inserted.tolist() == [False, True, False, False, False]
+    changed, _ = _credit_masks(a, b, CorrectConfig(insertion_credit=False), None)
+    assert changed.tolist() == [False, False, True, False]
+
+
+def test_truncation_blocks_counts_a_credited_insertion_as_one_token():
+    # insert block (1 credited token), then the replace '!' -> '.': the first 2 credited tokens need both blocks
+    assert truncation_blocks(ids("ab!c"), ids("aXb.c"), 2, count_insertions=True) == 2
+    assert truncation_blocks(ids("ab!c"), ids("aXb.c"), 1, count_insertions=True) == 1
+
+
+# --------------------------------------------------------------------------- what reaches the sampler
+def test_sampling_settings_reach_the_sampler():
+    batch, exs, sampler, _ = policy_setup()
+    cfg = CorrectConfig(num_references=2, revisions_per_reference=2, temperature=0.7, top_p=0.9, stop=["\n\n"],
+                        max_new_tokens=50, repair_length_margin=1)
+    compare_and_correct(batch, exs, NO_BANG, sampler, cfg, seed=11)
+    (call,) = sampler.calls
+    # a sampler without per-prompt budgets gets one: the largest cap min(50, 5 + 1) = 6 (failed attempts of 5 tokens)
+    assert call == dict(prompts=call["prompts"], n=2, max_new_tokens=6, temperature=0.7, top_p=0.9, stop=["\n\n"],
+                        seed=11)
+    # defaults: max_new_tokens None = 2 x the longest response (5) + 16 = 26, capped at 5 + 16 = 21
+    batch, exs, sampler, cfg = policy_setup(temperature=0.0)
+    compare_and_correct(batch, exs, NO_BANG, sampler, cfg)
+    (call,) = sampler.calls
+    assert call == dict(prompts=call["prompts"], n=2, max_new_tokens=21, temperature=0.0, top_p=1.0, stop=None,
+                        seed=None)
+
+
+def test_repair_budget_of_a_one_token_attempt_and_margin_zero_is_one_token():
+    # a one-token failed attempt and margin 0: the budget is 1 + 0 = 1 token
+    batch, exs = make_batch([["!", "ok"]], NO_BANG)
+    drafting = DraftingScripted(lambda p, j: "X")
+    compare_and_correct(batch, exs, NO_BANG, drafting, CorrectConfig(num_references=1, repair_length_margin=0))
+    assert drafting.calls[0]["max_new_tokens"] == [1] and drafting.calls[0]["drafts"] == [ids("!")]
+
+
+class Textless:
+    """A duck-typed sampler: the scripted samples WITHOUT response texts (the corrector decodes them);
+    a tokenizer only where ``policy`` has one (HFSampler's layout), no ``policy`` at all if None."""
+
+    def __init__(self, script, policy=None):
+        self.inner = ScriptedSampler(script)
+        if policy is not None:
+            self.policy = policy
+
+    def sample(self, prompts, n=1, **kw):
+        return self.inner.sample(prompts, n, **kw).replace(responses=None)
+
+
+def test_texts_are_decoded_without_special_tokens_when_absent():
+    from types import SimpleNamespace
+
+    eos = chr(TOK.eos_token_id)
+    # neither the batch nor the sampler has texts: both are decoded, the EOS (a special token) dropped
+    batch, exs = make_batch([["ab!cd" + eos, "abXcd" + eos]], NO_BANG)
+    batch = batch.replace(responses=None)
+    sampler = Textless(lambda p, j: "abZcd" + eos, policy=SimpleNamespace(tokenizer=CharTok()))
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, CorrectConfig(num_references=1))
+    assert parse_repair(sampler.inner.calls[0]["prompts"][0]) == ("ab!cd", "abXcd")
+    assert res.table.revision.tolist() == ["abZcd"] and res.repaired.responses == ["abZcd"]
+    assert res.repaired.response_ids == [ids("abZcd" + eos)]
+    assert res.batch.edit_masks[0].tolist() == [False, False, True, False, False, False]
+
+
+def test_a_sampler_needs_no_tokenizer_unless_something_must_be_decoded():
+    from types import SimpleNamespace
+
+    batch, exs = make_batch([["ab!cd", "abXcd"]], NO_BANG)
+    for policy in (None, SimpleNamespace()):  # no policy; a policy without a tokenizer
+        plain = Textless(lambda p, j: "abZcd", policy)
+        plain.sample = plain.inner.sample  # texts included: nothing to decode
+        res = compare_and_correct(batch, exs, NO_BANG, plain, CorrectConfig(num_references=1))
+        assert res.repaired.responses == ["abZcd"]
+        with pytest.raises(ValueError) as e:
+            compare_and_correct(batch, exs, NO_BANG, Textless(lambda p, j: "abZcd", policy), CorrectConfig(num_references=1))
+        assert str(e.value) == "tokenizer is required when the sampler returns no response texts"
+        with pytest.raises(ValueError) as e:
+            compare_and_correct(batch.replace(responses=None), exs, NO_BANG, plain, CorrectConfig(num_references=1))
+        assert str(e.value) == "tokenizer is required when the batch has no response texts"
+        # a one-edit repair needs no graft (it is the whole repair); a two-edit one does
+        res = compare_and_correct(batch, exs, NO_BANG, plain, CorrectConfig(num_references=1, truncate_k=1))
+        assert res.table.k_star.tolist() == [-1]
+        two, two_exs = make_batch([["a!b!c", "aYbYc"]], NO_BANG)
+        graft = Textless(lambda p, j: "aXbXc", policy)
+        graft.sample = graft.inner.sample
+        with pytest.raises(ValueError) as e:
+            compare_and_correct(two, two_exs, NO_BANG, graft, CorrectConfig(num_references=1, truncate_k=1))
+        assert str(e.value) == "tokenizer is required for truncate_k (the graft is decoded and verified)"
+
+
+def test_sampler_returning_the_wrong_number_of_samples_is_an_error():
+    class Short(ScriptedSampler):
+        def sample(self, prompts, n=1, **kw):  # answers the first prompt only
+            return super().sample(prompts[:1], n, **kw)
+
+    batch, exs, _, cfg = policy_setup()
+    with pytest.raises(ValueError) as e:
+        compare_and_correct(batch, exs, NO_BANG, Short(repair_script), cfg)
+    assert str(e.value) == "sampler returned 2 trajectories for 4 prompts x n=2"
+
+
+# --------------------------------------------------------------------------- inputs and their errors
+def test_default_config_is_two_references_one_revision_each():
+    batch, exs = make_batch([["ab!cd", "abXcd", "abYcd"]], NO_BANG)
+    sampler = ScriptedSampler(lambda p, j: "abZcd")
+    res = compare_and_correct(batch, exs, NO_BANG, sampler)
+    assert sampler.calls[0]["n"] == 1 and [parse_repair(p) for p in sampler.calls[0]["prompts"]] == [
+        ("ab!cd", "abXcd"), ("ab!cd", "abYcd")]
+    assert res.table.reference_traj.tolist() == [1, 2]
+
+
+def test_input_errors_name_the_argument_exactly():
+    batch, exs = make_batch([["a!", "ok"]], NO_BANG)
+    sampler = ScriptedSampler(lambda p, j: "a")
+    cases = [
+        (dict(cfg={"num_references": 1}), "cfg must be a CorrectConfig, got dict"),
+        (dict(batch=[batch]), "batch must be a RolloutBatch, got list"),
+        (dict(cfg=CorrectConfig(num_references=2)),
+         "num_references=2 but group 0 has only 2 trajectories (at most 1 siblings)"),
+        (dict(examples=exs[:1]), "examples has 1 entries but the batch has 2 trajectories "
+                                 "(pass one Example per trajectory, or a mapping group id -> Example)"),
+        (dict(examples={1: exs[0]}), "examples (a mapping by group id) has no entry for groups [0]"),
+    ]
+    for kw, message in cases:
+        args = dict(batch=batch, examples=exs, task=NO_BANG, sampler=sampler, cfg=CorrectConfig(num_references=1))
+        args.update(kw)
+        with pytest.raises(ValueError) as e:
+            compare_and_correct(**args)
+        assert str(e.value) == message
+    # a mapping missing many groups names the first five
+    big, big_exs = make_batch([["a!", "ok"]] * 7, NO_BANG)
+    with pytest.raises(ValueError) as e:
+        compare_and_correct(big, {}, NO_BANG, sampler, CorrectConfig(num_references=1))
+    assert str(e.value) == "examples (a mapping by group id) has no entry for groups [0, 1, 2, 3, 4]"
+
+
+def test_select_references_errors_name_the_argument_exactly():
+    for kw, message in [
+        (dict(rule="best"), "reference_selection must be one of ('correct_first', 'correct_only', 'any', "
+                            "'most_similar'), got 'best'"),
+        (dict(no_correct="retry"), "no_correct must be one of ('skip', 'any'), got 'retry'"),
+        (dict(rule="most_similar"), "response_ids is required for reference_selection='most_similar'"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            select_references(0, [0, 1, 2, 3, 4], CORRECT, 2, **kw)
+        assert str(e.value) == message
+
+
+def test_select_references_defaults_and_most_similar_among_failed_siblings():
+    # default rule: correct_first
+    assert select_references(0, [0, 1, 2, 3, 4], CORRECT, 2) == [1, 3]
+    assert select_references(0, [0, 1, 2, 3, 4], CORRECT, 3) == [1, 3, 2]
+    # no correct sibling, no_correct="any": the failed siblings, closest first (1: 6 edits, 2: 2, 3: 1)
+    resp = [ids("abcdef"), ids("zzzzzz"), ids("abcdxx"), ids("abcdeX")]
+    assert select_references(0, range(4), [False] * 4, 3, "most_similar", "any", resp) == [3, 2, 1]
+    assert select_references(0, range(4), [False] * 4, 3, "correct_first", "any", resp) == [1, 2, 3]
+
+
+def test_most_similar_references_in_compare_and_correct():
+    # siblings: "zzzzz" (correct, 5 edits away), "abXcd" (correct, 1 edit): the close one is the reference
+    batch, exs = make_batch([["ab!cd", "zzzzz", "abXcd"]], NO_BANG)
+    sampler = ScriptedSampler(lambda p, j: "abZcd")
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, CorrectConfig(num_references=1, reference_selection="most_similar"))
+    assert res.table.reference_traj.tolist() == [2] and parse_repair(sampler.calls[0]["prompts"][0])[1] == "abXcd"
+
+
+def test_repairs_keep_the_batch_prompts_or_build_the_solve_prompt():
+    batch, exs = make_batch([["ab!cd", "abXcd"]], NO_BANG, prompts=["my own prompt"])
+    sampler = ScriptedSampler(lambda p, j: "abZcd")
+    res = compare_and_correct(batch, exs, NO_BANG, sampler, CorrectConfig(num_references=1))
+    assert res.repaired.prompts == ["my own prompt"] and res.repaired.prompt_ids == [ids("my own prompt")]
+    # without prompt texts: the task's solve prompt of the trajectory's example
+    res = compare_and_correct(batch.replace(prompts=None), exs, NO_BANG, sampler, CorrectConfig(num_references=1))
+    assert res.repaired.prompts == [NO_BANG.solve_prompt(exs[0])] != ["my own prompt"]
+    assert "Question: q0\n" in res.repaired.prompts[0]
+
+
+# --------------------------------------------------------------------------- the table, row by row
+def test_table_columns_by_hand():
+    # group 0 all correct; group 1: "ab!!cd" (6 tokens) repaired by deleting "!!", and one unverified revision
+    batch, exs = make_batch([["fine", "good"], ["ab!!cd", "abXcd"]], NO_BANG)
+    res = compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(lambda p, j: ["abcd", "ab!!cd"][j]),
+                              CorrectConfig(num_references=1, revisions_per_reference=2))
+    t = res.table
+    assert t.group.tolist() == [1, 1] and t.traj.tolist() == [2, 2] and t.reference_traj.tolist() == [3, 3]
+    assert t.n_references.tolist() == [1, 1] and t.operator.tolist() == ["policy", "policy"]
+    assert t.failed.tolist() == ["ab!!cd"] * 2 and t.reference.tolist() == ["abXcd"] * 2
+    assert t.revision.tolist() == ["abcd", "ab!!cd"] and t.reward.tolist() == [1.0, 0.0]
+    assert t.verified.tolist() == [True, False] and t.accepted.tolist() == [True, False]
+    # normalised by the longer sequence: 2 deletions of 6; 0
+    assert t.edit_distance.tolist() == pytest.approx([2 / 6, 0.0])
+    # to "abXcd": "abcd" is 1 deletion of 5; "ab!!cd" 1 replace + 1 insertion of 6
+    assert t.reference_distance.tolist() == pytest.approx([1 / 5, 2 / 6])
+    # n_edited counts the failed tokens the revision changes (the two deleted "!"), not inserted ones
+    assert t.n_edited.tolist() == [2, 0] and t.audit.tolist() == ["", ""]
+    assert t.score.tolist() == pytest.approx([1 - 2 / 6, 0.0])
+    # only the selected revision gets a K*; every row without one says -1
+    assert t.selected.tolist() == [True, False] and t.k_star.tolist() == [-1, -1]
+
+
+def test_an_unrepaired_failure_does_not_stop_the_next_one():
+    # trajectory 0 gets no verified revision; trajectory 2, after it, does
+    batch, exs = make_batch([["qq!qq", "abXcd", "ab!cd"]], NO_BANG)
+    script = lambda p, j: {"qq!qq": "qq!qq", "ab!cd": "abZcd"}[parse_repair(p)[0]]  # noqa: E731
+    res = compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(script), CorrectConfig(num_references=1))
+    assert res.batch.repair_success.tolist() == [0.0, 0.0, 1.0]
+    assert res.batch.edit_masks[2].tolist() == [False, False, True, False, False]
+    assert res.repaired.meta["source_traj"] == [2]
+
+
+def test_joint_table_shows_all_references():
+    batch, exs = make_batch([["ab!cd", "abXcd", "abYcd"]], NO_BANG)
+    res = compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(lambda p, j: "abZcd"),
+                              CorrectConfig(num_references=2, reference_mode="joint"))
+    assert res.table.reference.tolist() == ["Reference 1:\nabXcd\nReference 2:\nabYcd"] * 2
+
+
+# --------------------------------------------------------------------------- the repaired and revisions batches
+class SemicolonSteps(PredTask):
+    step_delimiter = "regex:;"
+
+
+class NoStepDelimiter:
+    """A duck-typed task without ``step_delimiter`` (steps then split at newlines)."""
+
+    def __init__(self):
+        self.inner = PredTask(lambda r: "!" not in r)
+
+    def repair_prompt(self, ex, failed, reference):
+        return self.inner.repair_prompt(ex, failed, reference)
+
+    def solve_prompt(self, ex):
+        return self.inner.solve_prompt(ex)
+
+    def reward(self, ex, response):
+        return self.inner.reward(ex, response)
+
+
+def test_repaired_batch_carries_steps_pad_id_and_zero_repair_success():
+    task = SemicolonSteps(lambda r: "!" not in r)
+    batch, exs = make_batch([["ab;!d;e", "ab;Xd;e"]], task)
+    batch = batch.replace(step_spans=[[(0, 7)], [(0, 7)]], pad_id=7)
+    res = compare_and_correct(batch, exs, task, ScriptedSampler(lambda p, j: "ab;Zd;e"), CorrectConfig(num_references=1))
+    rep = res.repaired
+    # split with the task's own delimiter ';' (the separator ends its step): "ab;" "Zd;" "e"
+    assert rep.step_spans == [[(0, 3), (3, 6), (6, 7)]]
+    assert rep.pad_id == 7 and res.revisions.pad_id == 7
+    assert rep.repair_success.tolist() == [0.0]  # repairs are correct trajectories: φ = 0
+    # a task without step_delimiter: newline steps
+    duck = NoStepDelimiter()
+    batch, exs = make_batch([["ab\n!d", "ab\nXd"]], duck.inner)
+    batch = batch.replace(step_spans=[[(0, 5)], [(0, 5)]])
+    res = compare_and_correct(batch, exs, duck, ScriptedSampler(lambda p, j: "ab\nZd"), CorrectConfig(num_references=1))
+    assert res.repaired.step_spans == [[(0, 3), (3, 5)]]
+    # a batch without steps: a repaired batch without steps (even though a tokenizer is at hand)
+    batch, exs = make_batch([["ab!cd", "abXcd"]], NO_BANG)
+    res = compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(lambda p, j: "abZcd"), CorrectConfig(num_references=1))
+    assert res.repaired.step_spans is None and len(res.repaired) == 1
+
+
+# --------------------------------------------------------------------------- operators by name
+def test_a_registered_operator_is_used_by_name_and_its_output_checked():
+    from ibpo_lab.correct import OPERATORS, Revision, list_operators, register_operator
+
+    try:
+        @register_operator("test_copy_reference")
+        def copy_reference(requests, ctx):
+            return [[Revision(ids=list(r.reference_ids), text=r.reference_text, logprobs=None)] for r in requests]
+
+        @register_operator("test_forgetful")
+        def forgetful(requests, ctx):
+            return []
+
+        assert {"test_copy_reference", "test_forgetful"} <= set(list_operators())
+        batch, exs = make_batch([["ab!cd", "abXcd"]], NO_BANG)
+        res = compare_and_correct(batch, exs, NO_BANG, None, CorrectConfig(operator="test_copy_reference", num_references=1))
+        assert res.table.operator.tolist() == ["test_copy_reference"] and res.repaired.responses == ["abXcd"]
+        with pytest.raises(ValueError) as e:
+            compare_and_correct(batch, exs, NO_BANG, None, CorrectConfig(operator="test_forgetful", num_references=1))
+        assert str(e.value) == "operator 'test_forgetful' returned 0 revision lists for 1 requests"
+    finally:
+        OPERATORS.pop("test_copy_reference", None)
+        OPERATORS.pop("test_forgetful", None)
+
+
+# --------------------------------------------------------------------------- audit edges
+def test_audit_edges():
+    # equally far from the reference and from the failed attempt (3 of 5 tokens each): not a copy
+    eq = audit_setup(["xxYde"], audit_copy=True)
+    assert eq.table.edit_distance.tolist() == pytest.approx([3 / 5])
+    assert eq.table.reference_distance.tolist() == pytest.approx([3 / 5]) and eq.table.audit.tolist() == ["pass"]
+    # a one-token attempt whose one token is replaced edits 100% of it: over a 0.5 budget
+    batch, exs = make_batch([["!", "ok"]], NO_BANG)
+    res = compare_and_correct(batch, exs, NO_BANG, ScriptedSampler(lambda p, j: "X"),
+                              CorrectConfig(num_references=1, edit_budget=0.5))
+    assert res.table.audit.tolist() == ["budget"] and res.batch.repair_success.tolist() == [0.0, 0.0]
+    # the oracle has no reference: no reference distance, nothing to be a copy of
+    task = PredTask(lambda r: "!" not in r, oracle=lambda failed: failed.replace("!", "."))
+    batch, exs = make_batch([["a!b", "ok"]], task)
+    res = compare_and_correct(batch, exs, task, None, CorrectConfig(operator="oracle", audit_copy=True), tokenizer=TOK)
+    assert np.isnan(res.table.reference_distance[0]) and res.table.audit.tolist() == ["pass"]
+
+
+# --------------------------------------------------------------------------- config boundaries and messages
+@pytest.mark.parametrize(
+    "kw",
+    [dict(temperature=0.0), dict(temperature=0.5), dict(top_p=1.0), dict(top_p=0.01), dict(max_new_tokens=1),
+     dict(truncate_k=1), dict(rho=0.0), dict(repair_length_margin=0), dict(edit_budget=1), dict(edit_budget=1.0),
+     dict(edit_penalty=0), dict(num_references=np.int64(1)), dict(revisions_per_reference=1)],
+)
+def test_config_boundaries_are_legal(kw):
+    cfg = CorrectConfig(**kw)
+    assert all(getattr(cfg, k) == v for k, v in kw.items())
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(operator="magic"), "operator must be one of ['oracle', 'policy', 'splice'], got 'magic'"),
+        (dict(num_references=True), "num_references must be an int >= 1, got True"),
+        (dict(num_references=1.5), "num_references must be an int >= 1, got 1.5"),
+        (dict(revisions_per_reference=0), "revisions_per_reference must be an int >= 1, got 0"),
+        (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+        (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+        (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+        (dict(max_new_tokens=0), "max_new_tokens must be None or an int >= 1, got 0"),
+        (dict(max_new_tokens=2.0), "max_new_tokens must be None or an int >= 1, got 2.0"),
+        (dict(truncate_k=True), "truncate_k must be None or an int >= 1, got True"),
+        (dict(truncate_k=1.5), "truncate_k must be None or an int >= 1, got 1.5"),
+        (dict(rho=-0.1), "rho must be >= 0, got -0.1"),
+        (dict(repair_length_margin=-1), "repair_length_margin must be None or an int >= 0, got -1"),
+        (dict(edit_budget=True), "edit_budget must be None or a number in (0, 1], got True"),
+        (dict(edit_budget="0.5"), "edit_budget must be None or a number in (0, 1], got '0.5'"),
+        (dict(edit_budget=1.01), "edit_budget must be None or a number in (0, 1], got 1.01"),
+        (dict(edit_penalty=True), "edit_penalty must be a finite number >= 0, got True"),
+        (dict(edit_penalty=float("inf")), "edit_penalty must be a finite number >= 0, got inf"),
+        (dict(operator="splice", reference_mode="joint"),
+         "reference_mode='joint' does not apply to operator 'splice' (it continues from the first divergence "
+         "from ONE reference); use reference_mode='separate'"),
+    ],
+)
+def test_config_errors_name_the_field_exactly(kw, message):
+    with pytest.raises(ValueError) as e:
+        CorrectConfig(**kw)
+    assert str(e.value) == message
