@@ -636,6 +636,20 @@ def test_reward_at_the_threshold_is_a_success():
     assert torch.allclose(tok, torch.tensor([[0.4, 0.4], [0.0, -0.6], [0.8, 0.8]]))
 
 
+@pytest.mark.parametrize("fn", [A.ibpo_advantages, A.ibpo_advantages_reference])
+def test_shaping_treats_a_reward_at_the_threshold_as_correct(fn):
+    # rewards [0.5, 0.0] in one group, both with a successful repair: only trajectory 1 is failed, so
+    # φ = ρ·[0, 1] = [0, 0.5], R' = R + λφ = [0.5, 0.3]; GRPO on R' (unbiased std of two values
+    # |0.5 - 0.3| / √2) gives ±0.1 / (0.1·√2 + eps) ≈ ±1/√2. The floor on the failure: A^R = -1/√2,
+    # keep = 1 - λφ = 0.7, floor = -0.7/√2 > -1/√2, so min keeps -1/√2. A threshold-valued trajectory
+    # counted as failed would get a φ of its own (R' = [0.8, 0.3]) or be floored to 0.
+    assert A.repair_phi([0.5, 0.0], [1.0, 1.0]).tolist() == [0.0, 0.5]
+    assert A.shaped_rewards([0.5, 0.0], [1.0, 1.0]).tolist() == pytest.approx([0.5, 0.3])
+    adv = fn(torch.tensor([0.5, 0.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]), lam=0.6, rho=0.5, eps=1e-6)
+    want = 0.1 / (0.2 / 2**0.5 + 1e-6)
+    assert adv.tolist() == pytest.approx([want, -want], rel=1e-6)
+
+
 def test_token_advantages_defaults_by_hand():
     # called with its defaults only (success_threshold 0.5, renormalize False, no_repair "sequence")
     seq = torch.tensor([0.9, -0.25, -0.5, -0.75])
