@@ -56,6 +56,10 @@ text = Path("pyproject.toml").read_text()
 base = tomllib.loads(text).get("tool", {}).get("mutmut", {})
 text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)
 conf = dict(base, only_mutate=[f"ibpo_lab/{module}.py"], pytest_add_cli_args_test_selection=tests)
+if module == "sampling":  # its one slow test loads SmolLM2-135M (40 s a run); the tiny-policy tests cover the same code
+    args = list(conf["pytest_add_cli_args"])
+    args[args.index("not notebooks")] = "not notebooks and not slow"
+    conf["pytest_add_cli_args"] = args
 lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in conf.items()]
 (work / "pyproject.toml").write_text(text.rstrip() + "\n" + "\n".join(lines) + "\n")
 PYEOF

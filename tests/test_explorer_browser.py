@@ -259,13 +259,18 @@ def _select(page, control: str, label: str) -> None:
     page.locator(f".ibpo-explorer-{control} select").select_option(index=_options(page, control).index(label))
 
 
-def _select_when_offered(page, control: str, label: str) -> None:
-    """Select ``label`` once the dropdown offers it (a choice upstream refreshes the options asynchronously)."""
+def _wait_until_offered(page, control: str, ok, what: str = "the expected options") -> None:
+    """Poll until ``ok(options)`` holds (a choice upstream refreshes the options asynchronously)."""
     deadline = time.monotonic() + TIMEOUT_MS / 1000
-    while label not in _options(page, control):
+    while not ok(_options(page, control)):
         if time.monotonic() > deadline:
-            raise AssertionError(f"{control}: {label!r} never offered; options {_options(page, control)}")
+            raise AssertionError(f"{control}: {what} never offered; options {_options(page, control)}")
         page.wait_for_timeout(100)
+
+
+def _select_when_offered(page, control: str, label: str) -> None:
+    """Select ``label`` once the dropdown offers it."""
+    _wait_until_offered(page, control, lambda opts: label in opts, repr(label))
     _select(page, control, label)
 
 
@@ -331,7 +336,9 @@ def test_explorer_in_jupyterlab_follows_every_choice(tools, runs, lab):
             step, group, traj = _first_repaired(ibpo)
             _select(page, "run", "ibpo-seed0")
             _select_when_offered(page, "step", str(step))
-            page.wait_for_timeout(300)  # the step's prompts replace the run's
+            # the step's prompts replace the run's: wait until the dropdown offers exactly this step's groups
+            groups = {str(g) for g in _policy(ibpo, step)["group"].unique()}
+            _wait_until_offered(page, "prompt", lambda opts: {o.split(":")[0] for o in opts} == groups)
             _select_when_offered(page, "prompt", _prompt_label(page, group))
             _select_when_offered(page, "trajectory", _traj_label(ibpo, step, traj))
             _check_panels(page, "ibpo-seed0", step, group, traj, _expected(ibpo, step, traj))
