@@ -4,6 +4,8 @@ seeding, bad input, and the vllm adapter's contract against a fake engine."""
 from __future__ import annotations
 
 import importlib.util
+import math
+import random
 import string
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 from ibpo_lab.models import Policy, build_tiny_policy, load_policy, response_logprobs
 from ibpo_lab.rollout import RolloutBatch
 import ibpo_lab.sampling as sampling
-from ibpo_lab.sampling import HFSampler, VLLMSampler, _draw, _Request, get_sampler, keyed_uniform, list_backends, realign_draft, sample
+from ibpo_lab.sampling import HFSampler, VLLMSampler, _draw, _mix32, _mul32, _Request, get_sampler, keyed_uniform, list_backends, realign_draft, sample
 
 VOCAB = string.ascii_lowercase + string.digits + " \n+=:?"
 PROMPTS = ["Q: 1+2=?\n", "a much longer question: 12+30=?\n", "x"]
@@ -220,6 +222,154 @@ def test_draw_frequencies_match_the_distribution():
     freq = torch.bincount(tok, minlength=4).double() / N
     assert torch.allclose(freq, p.double(), atol=0.0175)  # 5 sigma of the largest std, sqrt(.25 / 20000)
 
+
+# the token step's arithmetic, against references written here from the published definitions
+_M32 = 2**32
+# a spread of 32-bit values: edges, single high bits, values whose high 16 bits are set, and seeded randoms
+_U32 = [0, 1, 2, 0xFFFF, 0x10000, 0x1FFFF, 0x12345, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFF0000, 0xFFFFFFFF]
+_U32 += [random.Random(0).getrandbits(32) for _ in range(40)]
+
+
+def _lowbias32(x: int) -> int:
+    """Wellons' lowbias32 (hash-prospector), plain Python ints."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) % _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) % _M32
+    return x ^ (x >> 16)
+
+
+def _lowbias32_inverse(x: int) -> int:
+    """Wellons' published inverse of lowbias32 (its own constants: the multiplicative inverses mod 2**32)."""
+    x ^= x >> 16
+    x = (x * 0x43021123) % _M32
+    x ^= (x >> 15) ^ (x >> 30)
+    x = (x * 0x1D69E2A5) % _M32
+    return x ^ (x >> 16)
+
+
+def test_mul32_is_multiplication_mod_2_32():
+    xs = torch.tensor(_U32, dtype=torch.long)
+    for c in [0x7FEB352D, 0x846CA68B, 1, 3, 0x10000, 0x10001, 0xFFFFFFFF] + _U32[12:20]:
+        assert _mul32(xs, c).tolist() == [(x * c) % _M32 for x in _U32], hex(c)
+
+
+def test_mix32_is_lowbias32():
+    assert _lowbias32_inverse(_lowbias32(0xDEADBEEF)) == 0xDEADBEEF  # the two references agree
+    out = _mix32(torch.tensor(_U32, dtype=torch.long)).tolist()
+    assert out == [_lowbias32(x) for x in _U32]
+    assert [_lowbias32_inverse(h) for h in out] == _U32  # a bijection on 32 bits, as published
+    assert out[0] == 0 and all(0 <= h < _M32 for h in out)
+
+
+def _keyed_reference(seed: int, row: int, pos: int) -> float:
+    """keyed_uniform's documented chain: hash the seed's low and high 32 bits, the row, then the
+    position (after adding the golden-ratio constant 0x9E3779B9); half-step offset into (0, 1)."""
+    s = seed % 2**64
+    h = _lowbias32(s % _M32)
+    h = _lowbias32(h ^ (s >> 32))
+    h = _lowbias32(h ^ (row % _M32))
+    h = _lowbias32(((h + 0x9E3779B9) % _M32) ^ (pos % _M32))
+    return (h + 0.5) / 2**32
+
+
+def test_keyed_uniform_is_the_documented_hash_chain():
+    seeds = [0, 1, 7, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**63 + 1, 2**64 - 1, -1]
+    rows = torch.tensor([0, 1, 5, 1000, 2**31 + 7, 2**32 - 1])
+    pos = torch.tensor([0, 3, 1, 77, 4, 2**32 - 1])
+    for seed in seeds:
+        u = keyed_uniform(seed, rows, pos)
+        assert u.dtype == torch.float64
+        assert u.tolist() == [_keyed_reference(seed, r, t) for r, t in zip(rows.tolist(), pos.tolist())], seed
+
+
+def test_keyed_uniform_depends_on_every_seed_bit():
+    rows, pos = torch.arange(4), torch.tensor([0, 1, 2, 3])
+    base = keyed_uniform(0x0123456789ABCDEF, rows, pos)
+    for k in range(64):
+        other = keyed_uniform(0x0123456789ABCDEF ^ (1 << k), rows, pos)
+        assert bool((other != base).all()), k
+    assert torch.equal(keyed_uniform(-1, rows, pos), keyed_uniform(2**64 - 1, rows, pos))  # a seed is 64 bits
+
+
+def test_keyed_uniform_broadcasts_and_stays_on_the_rows_device():
+    rows, pos = torch.tensor([[0], [3], [9]]), torch.tensor([[2, 0, 5, 1]])
+    u = keyed_uniform(5, rows, pos)
+    assert u.shape == (3, 4)
+    for i, r in enumerate([0, 3, 9]):
+        for j, t in enumerate([2, 0, 5, 1]):
+            assert u[i, j].item() == keyed_uniform(5, torch.tensor([r]), torch.tensor([t])).item()
+    # the noise is computed where the keys live (on a GPU: no host tensor mixed in); meta stands in for it
+    m = keyed_uniform(5, rows.to("meta"), pos.to("meta"))
+    assert m.device.type == "meta" and m.shape == (3, 4) and m.dtype == torch.float64
+
+
+def test_draw_boundary_goes_to_the_next_token():
+    """Intervals are half-open, [F(k-1), F(k)): a u exactly on F(k) draws token k+1. Equal logits
+    make the boundaries exact: with p the float value of each probability, F(k) = (k + 1) p and
+    u * total = u * 4p = F(k) exactly for u = (k + 1) / 4."""
+    logits = torch.tensor([[0.0] * 4, [5.0] * 4, [-2.0] * 4])  # N = 3 rows, V = 4
+    u = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    for top_p in (1.0, 0.99):  # 0.99 keeps all four (the smallest tail, 1/4, is above 1 - 0.99)
+        tok, lp = _draw(logits, _req(top_p=top_p), u)
+        assert tok.tolist() == [1, 2, 3]
+        assert torch.allclose(lp, torch.full((3,), -math.log(4.0)))
+
+
+_U_MAX = (2**32 - 1 + 0.5) / 2**32  # the largest value keyed_uniform returns (h = 2**32 - 1)
+_U_MIN = 0.5 / 2**32  # the smallest (h = 0)
+
+
+def test_draw_never_picks_a_zero_probability_token_at_the_ends_of_the_noise_range():
+    """The largest uniform lands in the last interval of positive width, never on a token of zero
+    probability after it (masked with -inf, or outside the nucleus); the smallest in the first."""
+    inf = float("inf")
+    # probabilities ∝ e^0.1 .. e^0.4, then a masked token; the float64 sum of the float32
+    # probabilities is not exactly 1 (rounding), so the search must scale u by that sum
+    logits = torch.tensor([[0.1, 0.2, 0.3, 0.4, -inf], [-inf, 1.0, -inf, 2.0, -inf]])
+    for u0, want in ((_U_MAX, [3, 3]), (_U_MIN, [0, 1])):
+        tok, lp = _draw(logits, _req(), torch.full((2,), u0, dtype=torch.float64))
+        assert tok.tolist() == want and bool(torch.isfinite(lp).all())
+    # top_p = 0.9 (hand-computed nuclei; probabilities in vocabulary order, the dropped tails sum to <= 0.1):
+    #   [3, 2, 1, -1, -2]:     .654 .241 .089 .012 .004 -> keeps tokens 0-2 (tail .016)
+    #   [2.5, 2, .5, -1, -3]:  .563 .341 .076 .017 .002 -> keeps tokens 0-1 (tail .096)
+    #   [1, .9, .8, -2, -2.5]: .357 .323 .292 .018 .011 -> keeps tokens 0-2 (tail .029)
+    nucleus = torch.tensor([[3.0, 2.0, 1.0, -1.0, -2.0], [2.5, 2.0, 0.5, -1.0, -3.0], [1.0, 0.9, 0.8, -2.0, -2.5]])
+    tok, lp = _draw(nucleus, _req(top_p=0.9), torch.full((3,), _U_MAX, dtype=torch.float64))
+    assert tok.tolist() == [2, 1, 2]
+    assert torch.allclose(lp, torch.log_softmax(nucleus, -1)[torch.arange(3), tok])  # before top-p
+    tok, _ = _draw(nucleus, _req(top_p=0.9), torch.full((3,), _U_MIN, dtype=torch.float64))
+    assert tok.tolist() == [0, 0, 0]
+
+
+def test_draw_top_p_one_skips_the_nucleus_filter(monkeypatch):
+    """top_p = 1 keeps the whole distribution, so no nucleus filter (a full-vocabulary sort per
+    drawn token) runs; top_p < 1 runs it once per call."""
+    import transformers.generation.logits_process as lp_mod
+
+    calls = []
+
+    class Counting(lp_mod.TopPLogitsWarper):
+        def __call__(self, input_ids, scores):
+            calls.append(self.top_p)
+            return super().__call__(input_ids, scores)
+
+    monkeypatch.setattr(lp_mod, "TopPLogitsWarper", Counting)
+    logits = torch.tensor([[0.1, 0.2, 0.3], [2.0, 0.0, 1.0]])
+    u = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    _draw(logits, _req(top_p=1.0), u)
+    assert calls == []
+    _draw(logits, _req(top_p=0.95), u)
+    assert calls == [0.95]
+
+
+def test_greedy_draw_is_the_argmax_with_its_temperature_one_logprob():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0]])  # N = 2, V = 3, argmax 1 and 0
+    tok, lp = _draw(logits, _req(temperature=0.0), None)
+    assert tok.tolist() == [1, 0]
+    e = math.e
+    want = [3 - math.log(e + e**3 + e**2), 5 - math.log(e**5 + 1 + e)]
+    assert lp.tolist() == pytest.approx(want, abs=1e-6)
 
 def test_chunking_does_not_change_samples(policy):
     whole = get_sampler("hf", policy).sample(PROMPTS, n=4, max_new_tokens=10, seed=3)
