@@ -517,6 +517,62 @@ def test_committed_tiny_policy_drafted_repairs_equal_plain():
     assert ds["tokens_per_forward"] > 1.0
 
 
+def test_prefill_once_per_distinct_prompt_last_logits_only(long_policy):
+    """The prefill feeds each distinct prompt once (left-padded to the longest), computes the logits
+    of its last position only (not [prompts, P, V]), and every later call feeds one token per row."""
+    seen = []
+
+    def record(module, args, kwargs, out):
+        seen.append((tuple(kwargs["input_ids"].shape), tuple(out.logits.shape), kwargs["attention_mask"].clone()))
+
+    tok = long_policy.tokenizer
+    lens = [len(tok(p)["input_ids"]) for p in PROMPTS]
+    handle = long_policy.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        b = get_sampler("hf", long_policy).sample(PROMPTS, n=4, max_new_tokens=3, seed=0)
+    finally:
+        handle.remove()
+    V, P = long_policy.model.config.vocab_size, max(lens)
+    assert [s[:2] for s in seen] == [((3, P), (3, 1, V)), ((12, 1), (12, 1, V)), ((12, 1), (12, 1, V))]
+    assert seen[0][2].tolist() == [[0] * (P - n) + [1] * n for n in lens]  # left padding
+    # the decode calls attend to the prompt's real tokens and the tokens sampled so far, per row
+    assert seen[2][2].tolist() == [[0] * (P - lens[i // 4]) + [1] * (lens[i // 4] + 2) for i in range(12)]
+    assert [len(r) for r in b.response_ids] == [3] * 12
+
+def test_decode_counts_by_hand(long_policy):
+    """last_stats counted by hand. The long policy runs every row to its cap (asserted), so the
+    response lengths are the caps, 5, 9 and 3 tokens, whatever the tokens are."""
+    caps = [5, 9, 3]
+    s = get_sampler("hf", long_policy, draft_tokens=2)
+    plain = s.sample(PROMPTS, n=2, max_new_tokens=caps, seed=0)
+    assert plain.meta["finish_reason"] == ["length"] * 6 and [len(r) for r in plain.response_ids] == [5, 5, 9, 9, 3, 3]
+    st = s.last_stats
+    # one token per row per forward: the prefill gives every row its first token, then each decode
+    # call one more to every row still running; the longest row (9 tokens) sets the number of calls
+    assert (st["row_forwards"], st["model_calls"], st["positions"], st["new_tokens"]) == (34, 9, 34, 34)
+    assert (st["draft_fed"], st["draft_accepted"], st["tokens_per_forward"]) == (0, 0, 1.0)
+    # chunks of 2 rows = one prompt each: 5 + 9 + 3 calls, the same rows and tokens
+    chunked = get_sampler("hf", long_policy, max_batch_size=2)
+    assert chunked.sample(PROMPTS, n=2, max_new_tokens=caps, seed=0).response_ids == plain.response_ids
+    st = chunked.last_stats
+    assert (st["row_forwards"], st["model_calls"], st["positions"], st["new_tokens"]) == (34, 17, 34, 34)
+
+    # drafts = each prompt's own output (n = 1), 2 draft tokens per forward: every fed token is confirmed.
+    # After the prefill (3 rows, width 1) a row of cap L has 1 token, its pointer at draft[1], room L - 1,
+    # and feeds m = min(2, draft left, room - 1) tokens, getting m + 1 tokens back:
+    #   call 1: rows 5, 9, 3 feed 2, 2, 1 (width 3)  -> 4, 4, 3 tokens (row 3 done)
+    #   call 2: rows 5, 9 feed 0, 2 (room 1 and 5)   -> 5, 7 tokens (row 5 done)
+    #   call 3: row 9 feeds 1 (room 2)               -> 9 tokens, done
+    one = s.sample(PROMPTS, n=1, max_new_tokens=caps, seed=0)
+    drafted = s.sample(PROMPTS, n=1, max_new_tokens=caps, seed=0, drafts=one.response_ids)
+    assert drafted.response_ids == one.response_ids
+    st = s.last_stats
+    assert st["model_calls"] == 4
+    assert st["row_forwards"] == 3 + 3 + 2 + 1
+    assert st["positions"] == 3 * 1 + 3 * 3 + 2 * 3 + 1 * 2  # padding of the shorter feeds included
+    assert st["draft_fed"] == st["draft_accepted"] == (2 + 2 + 1) + (0 + 2) + 1
+    assert st["new_tokens"] == 17 and st["tokens_per_forward"] == 17 / 9
+
 @pytest.mark.parametrize(
     "kw,match",
     [
