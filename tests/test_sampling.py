@@ -503,6 +503,68 @@ def test_drafted_with_kv_compaction_equals_plain(long_policy, monkeypatch):
     _assert_logprobs_match(policy, drafted, 1.0)
 
 
+def test_compaction_gets_the_longest_rows_live_width_and_removes_every_hole(long_policy, monkeypatch):
+    """Whenever the compaction rule is consulted it gets the mask's width and the longest row's live
+    column count; a compaction leaves no hole: the cache and the mask shrink to that count, every row
+    keeps its live columns."""
+    asked, done = [], []
+    compact = sampling._compact
+
+    def should(width, live):
+        asked.append((width, live))
+        return width > live  # compact at every hole
+
+    def spy(cache, attn):
+        before = (attn != 0).sum(-1)
+        assert asked[-1] == (attn.shape[1], int(before.max()))
+        out = compact(cache, attn)
+        assert out.shape[1] == int(before.max()) and torch.equal((out != 0).sum(-1), before)
+        assert all(t.shape[2] == out.shape[1] for _, _, t in sampling._cache_kv(cache))
+        done.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(sampling, "_should_compact", should)
+    monkeypatch.setattr(sampling, "_compact", spy)
+    ref = sample(long_policy, PROMPTS, n=2, max_new_tokens=40, seed=8)
+    drafts = [ref.response_ids[0], _edit(ref.response_ids[2], 1), list(range(5, 40))]
+    plain, drafted, _, _ = _plain_and_drafted(long_policy, PROMPTS, 2, drafts, 8, max_new_tokens=40, draft_tokens=6)
+    _assert_same(plain, drafted)
+    assert done and asked and all(live <= width for width, live in asked)
+
+
+class _OldForward(torch.nn.Module):
+    """A causal LM whose forward names the KV cache `past_key_values` and has no `logits_to_keep`
+    and no **kwargs (transformers before 5.2x): the sampler may pass only the keywords it names."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.generation_config = inner, inner.config, inner.generation_config
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=past_key_values, use_cache=use_cache)
+
+
+class _NewForward(_OldForward):
+    """The same with the newer names (`cache`, `logits_to_keep`), again without **kwargs."""
+
+    def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=None, logits_to_keep=0):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+@pytest.mark.parametrize("wrapper", [_OldForward, _NewForward])
+def test_sampler_passes_the_cache_by_the_name_the_forward_accepts(long_policy, monkeypatch, wrapper):
+    from dataclasses import replace
+
+    want = sample(long_policy, PROMPTS, n=2, max_new_tokens=6, seed=0)
+    # a model config that says use_cache=False (as set for gradient checkpointing) must not matter
+    monkeypatch.setattr(long_policy.model.config, "use_cache", False)
+    pol = replace(long_policy, model=wrapper(long_policy.model))
+    got = sample(pol, PROMPTS, n=2, max_new_tokens=6, seed=0)
+    assert got.response_ids == want.response_ids
+    _assert_logprobs_match(long_policy, got, 1.0)
+
 def test_committed_tiny_policy_drafted_repairs_equal_plain():
     from ibpo_lab.tasks import get_task
 
@@ -519,11 +581,13 @@ def test_committed_tiny_policy_drafted_repairs_equal_plain():
 
 def test_prefill_once_per_distinct_prompt_last_logits_only(long_policy):
     """The prefill feeds each distinct prompt once (left-padded to the longest), computes the logits
-    of its last position only (not [prompts, P, V]), and every later call feeds one token per row."""
+    of its last position only (not [prompts, P, V]), and every later call feeds one token per row;
+    ids, masks and positions are integer tensors (float positions break learned position embeddings)."""
     seen = []
 
     def record(module, args, kwargs, out):
         seen.append((tuple(kwargs["input_ids"].shape), tuple(out.logits.shape), kwargs["attention_mask"].clone()))
+        assert {kwargs[k].dtype for k in ("input_ids", "attention_mask", "position_ids")} == {torch.long}
 
     tok = long_policy.tokenizer
     lens = [len(tok(p)["input_ids"]) for p in PROMPTS]
@@ -572,6 +636,74 @@ def test_decode_counts_by_hand(long_policy):
     assert st["positions"] == 3 * 1 + 3 * 3 + 2 * 3 + 1 * 2  # padding of the shorter feeds included
     assert st["draft_fed"] == st["draft_accepted"] == (2 + 2 + 1) + (0 + 2) + 1
     assert st["new_tokens"] == 17 and st["tokens_per_forward"] == 17 / 9
+
+def _absent_token(outputs) -> int:
+    """A token id (not a special one) that occurs in none of ``outputs``: a draft of it is always rejected."""
+    return min(set(range(4, 46)) - {t for o in outputs for t in o})
+
+
+def test_rejected_drafts_by_hand(long_policy, monkeypatch):
+    """Drafts of a token the output never contains: every fed draft token is rejected, each forward
+    yields one token, the rejected columns are cropped before the next call, and the KV cache is
+    re-indexed only when a row leaves the batch."""
+    from transformers import DynamicCache
+
+    caps = [4, 6, 3]
+    s = get_sampler("hf", long_policy, draft_tokens=2)
+    plain = s.sample(PROMPTS, n=1, max_new_tokens=caps, seed=0)
+    assert [len(r) for r in plain.response_ids] == caps
+    x = _absent_token(plain.response_ids)
+    selects, masks = [], []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, idx: selects.append(len(idx)) or select(self, idx))
+    handle = long_policy.model.register_forward_hook(
+        lambda m, a, kw, out: masks.append(kw["attention_mask"].tolist()), with_kwargs=True
+    )
+    try:
+        drafted = s.sample(PROMPTS, n=1, max_new_tokens=caps, seed=0, drafts=[[x] * 10] * 3)
+    finally:
+        handle.remove()
+    assert drafted.response_ids == plain.response_ids
+    # a row of cap L with t tokens feeds m = min(2, L - t - 1) draft tokens (the draft never runs out):
+    #   call 1: t = 1, rows 4, 6, 3 feed 2, 2, 1 (width 3); call 2: t = 2, feed 1, 2, 0 (width 3), row 3 done;
+    #   call 3: t = 3, rows 4, 6 feed 0, 2 (width 3), row 4 done; call 4: feeds 1 (width 2); call 5: 0 (width 1)
+    st = s.last_stats
+    assert (st["model_calls"], st["row_forwards"], st["new_tokens"]) == (6, 13, 13)
+    assert st["positions"] == 3 + 3 * 3 + 3 * 3 + 2 * 3 + 2 + 1
+    assert (st["draft_fed"], st["draft_accepted"]) == ((2 + 1 + 0) + (2 + 2 + 2 + 1 + 0) + (1 + 0), 0)
+    # every call sees the prompt, one kept column per earlier decode call, and its own inputs
+    P = len(masks[0][0])
+    assert [len(m[0]) for m in masks] == [P, P + 0 + 3, P + 1 + 3, P + 2 + 3, P + 3 + 2, P + 4 + 1]
+    assert [row[P:] for row in masks[1]] == [[1, 1, 1], [1, 1, 1], [1, 1, 0]]  # the cap-3 row feeds 1 + 1
+    # re-indexed: the prefill's copy to the rows, then once each when a row leaves (the last one: no re-index)
+    assert selects == [3, 2, 1]
+
+
+def test_draft_pointer_realigns_after_an_insertion_by_hand(long_policy, monkeypatch):
+    """A draft with one token inserted (the output o has 12 distinct tokens, asserted): the pointer
+    follows the draft while it matches and re-aligns, with the sampler's draft_ngram, only after a
+    difference."""
+    s = get_sampler("hf", long_policy, draft_tokens=2, draft_ngram=2)
+    o = s.sample(PROMPTS[1:2], n=1, max_new_tokens=12, seed=8).response_ids[0]
+    assert len(set(o)) == 12
+    x = _absent_token([o])
+    d = o[:5] + [x] + o[5:]  # d[i] = o[i] for i < 5, d[5] = x, d[i] = o[i - 1] after
+    seen = []
+    realign = sampling.realign_draft
+    monkeypatch.setattr(
+        sampling, "realign_draft", lambda draft, gen, miss, ngram=3: seen.append((len(gen), miss, ngram)) or realign(draft, gen, miss, ngram)
+    )
+    out = s.sample(PROMPTS[1:2], n=1, max_new_tokens=12, seed=8, drafts=[d])
+    assert out.response_ids[0] == o
+    # prefill: o0 (= d0, pointer 1). call 1 feeds d1 d2 = o1 o2: both confirmed, o3 drawn (= d3, pointer 4).
+    # call 2 feeds d4 d5 = o4 x: o4 confirmed, o5 differs from x -> re-align at miss 5: no bigram of
+    #   (o4, o5) in d -> 6 (a substitution guess). call 3 feeds d6 d7 = o5 o6: o6 differs from o5 ->
+    #   re-align at miss 6: the bigram (o5, o6) ends at 8. call 4 feeds d8 d9 = o7 o8: confirmed, o9
+    #   drawn (= d10, pointer 11). call 5 (room 2) feeds d11 = o10: confirmed, o11 ends the row.
+    assert seen == [(6, 5, 2), (7, 6, 2)]
+    st = s.last_stats
+    assert (st["model_calls"], st["row_forwards"], st["positions"]) == (6, 6, 1 + 3 + 3 + 3 + 3 + 2)
+    assert (st["draft_fed"], st["draft_accepted"]) == (2 + 2 + 2 + 2 + 1, 2 + 1 + 0 + 2 + 1)
 
 @pytest.mark.parametrize(
     "kw,match",
