@@ -7,6 +7,7 @@ import importlib.util
 import math
 import random
 import string
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -534,23 +535,33 @@ def test_compaction_gets_the_longest_rows_live_width_and_removes_every_hole(long
 
 class _OldForward(torch.nn.Module):
     """A causal LM whose forward names the KV cache `past_key_values` and has no `logits_to_keep`
-    and no **kwargs (transformers before 5.2x): the sampler may pass only the keywords it names."""
+    and no **kwargs (transformers before 5.2x): the sampler may pass only the keywords it names.
+    It keeps the documented `use_cache` contract strictly (None: the config's value; the cache is
+    returned only when it is on), as older transformers did; the current one returns a cache it was
+    given whatever `use_cache` says."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner, self.config, self.generation_config = inner, inner.config, inner.generation_config
 
+    def _run(self, use_cache, **kw):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        out = self.inner(use_cache=use_cache, **kw)
+        return out.logits, (out.cache if use_cache else None)
+
     def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=past_key_values, use_cache=use_cache)
+        logits, cache = self._run(use_cache, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=past_key_values)
+        return SimpleNamespace(logits=logits, past_key_values=cache)
 
 
 class _NewForward(_OldForward):
     """The same with the newer names (`cache`, `logits_to_keep`), again without **kwargs."""
 
     def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=None, logits_to_keep=0):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        logits, cache = self._run(use_cache, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep)
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 @pytest.mark.parametrize("wrapper", [_OldForward, _NewForward])
