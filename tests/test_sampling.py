@@ -4,7 +4,10 @@ seeding, bad input, and the vllm adapter's contract against a fake engine."""
 from __future__ import annotations
 
 import importlib.util
+import math
+import random
 import string
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch
 from ibpo_lab.models import Policy, build_tiny_policy, load_policy, response_logprobs
 from ibpo_lab.rollout import RolloutBatch
 import ibpo_lab.sampling as sampling
-from ibpo_lab.sampling import HFSampler, VLLMSampler, _draw, _Request, get_sampler, keyed_uniform, list_backends, realign_draft, sample
+from ibpo_lab.sampling import HFSampler, VLLMSampler, _draw, _mix32, _mul32, _Request, get_sampler, keyed_uniform, list_backends, realign_draft, sample
 
 VOCAB = string.ascii_lowercase + string.digits + " \n+=:?"
 PROMPTS = ["Q: 1+2=?\n", "a much longer question: 12+30=?\n", "x"]
@@ -221,6 +224,154 @@ def test_draw_frequencies_match_the_distribution():
     assert torch.allclose(freq, p.double(), atol=0.0175)  # 5 sigma of the largest std, sqrt(.25 / 20000)
 
 
+# the token step's arithmetic, against references written here from the published definitions
+_M32 = 2**32
+# a spread of 32-bit values: edges, single high bits, values whose high 16 bits are set, and seeded randoms
+_U32 = [0, 1, 2, 0xFFFF, 0x10000, 0x1FFFF, 0x12345, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFF0000, 0xFFFFFFFF]
+_U32 += [random.Random(0).getrandbits(32) for _ in range(40)]
+
+
+def _lowbias32(x: int) -> int:
+    """Wellons' lowbias32 (hash-prospector), plain Python ints."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) % _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) % _M32
+    return x ^ (x >> 16)
+
+
+def _lowbias32_inverse(x: int) -> int:
+    """Wellons' published inverse of lowbias32 (its own constants: the multiplicative inverses mod 2**32)."""
+    x ^= x >> 16
+    x = (x * 0x43021123) % _M32
+    x ^= (x >> 15) ^ (x >> 30)
+    x = (x * 0x1D69E2A5) % _M32
+    return x ^ (x >> 16)
+
+
+def test_mul32_is_multiplication_mod_2_32():
+    xs = torch.tensor(_U32, dtype=torch.long)
+    for c in [0x7FEB352D, 0x846CA68B, 1, 3, 0x10000, 0x10001, 0xFFFFFFFF] + _U32[12:20]:
+        assert _mul32(xs, c).tolist() == [(x * c) % _M32 for x in _U32], hex(c)
+
+
+def test_mix32_is_lowbias32():
+    assert _lowbias32_inverse(_lowbias32(0xDEADBEEF)) == 0xDEADBEEF  # the two references agree
+    out = _mix32(torch.tensor(_U32, dtype=torch.long)).tolist()
+    assert out == [_lowbias32(x) for x in _U32]
+    assert [_lowbias32_inverse(h) for h in out] == _U32  # a bijection on 32 bits, as published
+    assert out[0] == 0 and all(0 <= h < _M32 for h in out)
+
+
+def _keyed_reference(seed: int, row: int, pos: int) -> float:
+    """keyed_uniform's documented chain: hash the seed's low and high 32 bits, the row, then the
+    position (after adding the golden-ratio constant 0x9E3779B9); half-step offset into (0, 1)."""
+    s = seed % 2**64
+    h = _lowbias32(s % _M32)
+    h = _lowbias32(h ^ (s >> 32))
+    h = _lowbias32(h ^ (row % _M32))
+    h = _lowbias32(((h + 0x9E3779B9) % _M32) ^ (pos % _M32))
+    return (h + 0.5) / 2**32
+
+
+def test_keyed_uniform_is_the_documented_hash_chain():
+    seeds = [0, 1, 7, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**63 + 1, 2**64 - 1, -1]
+    rows = torch.tensor([0, 1, 5, 1000, 2**31 + 7, 2**32 - 1])
+    pos = torch.tensor([0, 3, 1, 77, 4, 2**32 - 1])
+    for seed in seeds:
+        u = keyed_uniform(seed, rows, pos)
+        assert u.dtype == torch.float64
+        assert u.tolist() == [_keyed_reference(seed, r, t) for r, t in zip(rows.tolist(), pos.tolist())], seed
+
+
+def test_keyed_uniform_depends_on_every_seed_bit():
+    rows, pos = torch.arange(4), torch.tensor([0, 1, 2, 3])
+    base = keyed_uniform(0x0123456789ABCDEF, rows, pos)
+    for k in range(64):
+        other = keyed_uniform(0x0123456789ABCDEF ^ (1 << k), rows, pos)
+        assert bool((other != base).all()), k
+    assert torch.equal(keyed_uniform(-1, rows, pos), keyed_uniform(2**64 - 1, rows, pos))  # a seed is 64 bits
+
+
+def test_keyed_uniform_broadcasts_and_stays_on_the_rows_device():
+    rows, pos = torch.tensor([[0], [3], [9]]), torch.tensor([[2, 0, 5, 1]])
+    u = keyed_uniform(5, rows, pos)
+    assert u.shape == (3, 4)
+    for i, r in enumerate([0, 3, 9]):
+        for j, t in enumerate([2, 0, 5, 1]):
+            assert u[i, j].item() == keyed_uniform(5, torch.tensor([r]), torch.tensor([t])).item()
+    # the noise is computed where the keys live (on a GPU: no host tensor mixed in); meta stands in for it
+    m = keyed_uniform(5, rows.to("meta"), pos.to("meta"))
+    assert m.device.type == "meta" and m.shape == (3, 4) and m.dtype == torch.float64
+
+
+def test_draw_boundary_goes_to_the_next_token():
+    """Intervals are half-open, [F(k-1), F(k)): a u exactly on F(k) draws token k+1. Equal logits
+    make the boundaries exact: with p the float value of each probability, F(k) = (k + 1) p and
+    u * total = u * 4p = F(k) exactly for u = (k + 1) / 4."""
+    logits = torch.tensor([[0.0] * 4, [5.0] * 4, [-2.0] * 4])  # N = 3 rows, V = 4
+    u = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    for top_p in (1.0, 0.99):  # 0.99 keeps all four (the smallest tail, 1/4, is above 1 - 0.99)
+        tok, lp = _draw(logits, _req(top_p=top_p), u)
+        assert tok.tolist() == [1, 2, 3]
+        assert torch.allclose(lp, torch.full((3,), -math.log(4.0)))
+
+
+_U_MAX = (2**32 - 1 + 0.5) / 2**32  # the largest value keyed_uniform returns (h = 2**32 - 1)
+_U_MIN = 0.5 / 2**32  # the smallest (h = 0)
+
+
+def test_draw_never_picks_a_zero_probability_token_at_the_ends_of_the_noise_range():
+    """The largest uniform lands in the last interval of positive width, never on a token of zero
+    probability after it (masked with -inf, or outside the nucleus); the smallest in the first."""
+    inf = float("inf")
+    # probabilities ∝ e^0.1 .. e^0.4, then a masked token; the float64 sum of the float32
+    # probabilities is not exactly 1 (rounding), so the search must scale u by that sum
+    logits = torch.tensor([[0.1, 0.2, 0.3, 0.4, -inf], [-inf, 1.0, -inf, 2.0, -inf]])
+    for u0, want in ((_U_MAX, [3, 3]), (_U_MIN, [0, 1])):
+        tok, lp = _draw(logits, _req(), torch.full((2,), u0, dtype=torch.float64))
+        assert tok.tolist() == want and bool(torch.isfinite(lp).all())
+    # top_p = 0.9 (hand-computed nuclei; probabilities in vocabulary order, the dropped tails sum to <= 0.1):
+    #   [3, 2, 1, -1, -2]:     .654 .241 .089 .012 .004 -> keeps tokens 0-2 (tail .016)
+    #   [2.5, 2, .5, -1, -3]:  .563 .341 .076 .017 .002 -> keeps tokens 0-1 (tail .096)
+    #   [1, .9, .8, -2, -2.5]: .357 .323 .292 .018 .011 -> keeps tokens 0-2 (tail .029)
+    nucleus = torch.tensor([[3.0, 2.0, 1.0, -1.0, -2.0], [2.5, 2.0, 0.5, -1.0, -3.0], [1.0, 0.9, 0.8, -2.0, -2.5]])
+    tok, lp = _draw(nucleus, _req(top_p=0.9), torch.full((3,), _U_MAX, dtype=torch.float64))
+    assert tok.tolist() == [2, 1, 2]
+    assert torch.allclose(lp, torch.log_softmax(nucleus, -1)[torch.arange(3), tok])  # before top-p
+    tok, _ = _draw(nucleus, _req(top_p=0.9), torch.full((3,), _U_MIN, dtype=torch.float64))
+    assert tok.tolist() == [0, 0, 0]
+
+
+def test_draw_top_p_one_skips_the_nucleus_filter(monkeypatch):
+    """top_p = 1 keeps the whole distribution, so no nucleus filter (a full-vocabulary sort per
+    drawn token) runs; top_p < 1 runs it once per call."""
+    import transformers.generation.logits_process as lp_mod
+
+    calls = []
+
+    class Counting(lp_mod.TopPLogitsWarper):
+        def __call__(self, input_ids, scores):
+            calls.append(self.top_p)
+            return super().__call__(input_ids, scores)
+
+    monkeypatch.setattr(lp_mod, "TopPLogitsWarper", Counting)
+    logits = torch.tensor([[0.1, 0.2, 0.3], [2.0, 0.0, 1.0]])
+    u = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    _draw(logits, _req(top_p=1.0), u)
+    assert calls == []
+    _draw(logits, _req(top_p=0.95), u)
+    assert calls == [0.95]
+
+
+def test_greedy_draw_is_the_argmax_with_its_temperature_one_logprob():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0]])  # N = 2, V = 3, argmax 1 and 0
+    tok, lp = _draw(logits, _req(temperature=0.0), None)
+    assert tok.tolist() == [1, 0]
+    e = math.e
+    want = [3 - math.log(e + e**3 + e**2), 5 - math.log(e**5 + 1 + e)]
+    assert lp.tolist() == pytest.approx(want, abs=1e-6)
+
 def test_chunking_does_not_change_samples(policy):
     whole = get_sampler("hf", policy).sample(PROMPTS, n=4, max_new_tokens=10, seed=3)
     chunked = get_sampler("hf", policy, max_batch_size=3).sample(PROMPTS, n=4, max_new_tokens=10, seed=3)
@@ -353,6 +504,78 @@ def test_drafted_with_kv_compaction_equals_plain(long_policy, monkeypatch):
     _assert_logprobs_match(policy, drafted, 1.0)
 
 
+def test_compaction_gets_the_longest_rows_live_width_and_removes_every_hole(long_policy, monkeypatch):
+    """Whenever the compaction rule is consulted it gets the mask's width and the longest row's live
+    column count; a compaction leaves no hole: the cache and the mask shrink to that count, every row
+    keeps its live columns."""
+    asked, done = [], []
+    compact = sampling._compact
+
+    def should(width, live):
+        asked.append((width, live))
+        return width > live  # compact at every hole
+
+    def spy(cache, attn):
+        before = (attn != 0).sum(-1)
+        assert asked[-1] == (attn.shape[1], int(before.max()))
+        out = compact(cache, attn)
+        assert out.shape[1] == int(before.max()) and torch.equal((out != 0).sum(-1), before)
+        assert all(t.shape[2] == out.shape[1] for _, _, t in sampling._cache_kv(cache))
+        done.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(sampling, "_should_compact", should)
+    monkeypatch.setattr(sampling, "_compact", spy)
+    ref = sample(long_policy, PROMPTS, n=2, max_new_tokens=40, seed=8)
+    drafts = [ref.response_ids[0], _edit(ref.response_ids[2], 1), list(range(5, 40))]
+    plain, drafted, _, _ = _plain_and_drafted(long_policy, PROMPTS, 2, drafts, 8, max_new_tokens=40, draft_tokens=6)
+    _assert_same(plain, drafted)
+    assert done and asked and all(live <= width for width, live in asked)
+
+
+class _OldForward(torch.nn.Module):
+    """A causal LM whose forward names the KV cache `past_key_values` and has no `logits_to_keep`
+    and no **kwargs (transformers before 5.2x): the sampler may pass only the keywords it names.
+    It keeps the documented `use_cache` contract strictly (None: the config's value; the cache is
+    returned only when it is on), as older transformers did; the current one returns a cache it was
+    given whatever `use_cache` says."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.generation_config = inner, inner.config, inner.generation_config
+
+    def _run(self, use_cache, **kw):
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        out = self.inner(use_cache=use_cache, **kw)
+        return out.logits, (out.cache if use_cache else None)
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=None):
+        logits, cache = self._run(use_cache, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=past_key_values)
+        return SimpleNamespace(logits=logits, past_key_values=cache)
+
+
+class _NewForward(_OldForward):
+    """The same with the newer names (`cache`, `logits_to_keep`), again without **kwargs."""
+
+    def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=None, logits_to_keep=0):
+        logits, cache = self._run(use_cache, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep)
+        return SimpleNamespace(logits=logits, cache=cache)
+
+
+@pytest.mark.parametrize("wrapper", [_OldForward, _NewForward])
+def test_sampler_passes_the_cache_by_the_name_the_forward_accepts(long_policy, monkeypatch, wrapper):
+    from dataclasses import replace
+
+    want = sample(long_policy, PROMPTS, n=2, max_new_tokens=6, seed=0)
+    # a model config that says use_cache=False (as set for gradient checkpointing) must not matter
+    monkeypatch.setattr(long_policy.model.config, "use_cache", False)
+    pol = replace(long_policy, model=wrapper(long_policy.model))
+    got = sample(pol, PROMPTS, n=2, max_new_tokens=6, seed=0)
+    assert got.response_ids == want.response_ids
+    _assert_logprobs_match(long_policy, got, 1.0)
+
 def test_committed_tiny_policy_drafted_repairs_equal_plain():
     from ibpo_lab.tasks import get_task
 
@@ -366,6 +589,132 @@ def test_committed_tiny_policy_drafted_repairs_equal_plain():
     _assert_logprobs_match(pol, drafted, 1.0)
     assert ds["tokens_per_forward"] > 1.0
 
+
+def test_prefill_once_per_distinct_prompt_last_logits_only(long_policy):
+    """The prefill feeds each distinct prompt once (left-padded to the longest), computes the logits
+    of its last position only (not [prompts, P, V]), and every later call feeds one token per row;
+    ids, masks and positions are integer tensors (float positions break learned position embeddings)."""
+    seen = []
+
+    def record(module, args, kwargs, out):
+        seen.append((tuple(kwargs["input_ids"].shape), tuple(out.logits.shape), kwargs["attention_mask"].clone()))
+        assert {kwargs[k].dtype for k in ("input_ids", "attention_mask", "position_ids")} == {torch.long}
+
+    tok = long_policy.tokenizer
+    lens = [len(tok(p)["input_ids"]) for p in PROMPTS]
+    handle = long_policy.model.register_forward_hook(record, with_kwargs=True)
+    try:
+        b = get_sampler("hf", long_policy).sample(PROMPTS, n=4, max_new_tokens=3, seed=0)
+    finally:
+        handle.remove()
+    V, P = long_policy.model.config.vocab_size, max(lens)
+    assert [s[:2] for s in seen] == [((3, P), (3, 1, V)), ((12, 1), (12, 1, V)), ((12, 1), (12, 1, V))]
+    assert seen[0][2].tolist() == [[0] * (P - n) + [1] * n for n in lens]  # left padding
+    # the decode calls attend to the prompt's real tokens and the tokens sampled so far, per row
+    assert seen[2][2].tolist() == [[0] * (P - lens[i // 4]) + [1] * (lens[i // 4] + 2) for i in range(12)]
+    assert [len(r) for r in b.response_ids] == [3] * 12
+
+def test_decode_counts_by_hand(long_policy):
+    """last_stats counted by hand. The long policy runs every row to its cap (asserted), so the
+    response lengths are the caps, 5, 9 and 3 tokens, whatever the tokens are."""
+    caps = [5, 9, 3]
+    s = get_sampler("hf", long_policy, draft_tokens=2)
+    plain = s.sample(PROMPTS, n=2, max_new_tokens=caps, seed=0)
+    assert plain.meta["finish_reason"] == ["length"] * 6 and [len(r) for r in plain.response_ids] == [5, 5, 9, 9, 3, 3]
+    st = s.last_stats
+    # one token per row per forward: the prefill gives every row its first token, then each decode
+    # call one more to every row still running; the longest row (9 tokens) sets the number of calls
+    assert (st["row_forwards"], st["model_calls"], st["positions"], st["new_tokens"]) == (34, 9, 34, 34)
+    assert (st["draft_fed"], st["draft_accepted"], st["tokens_per_forward"]) == (0, 0, 1.0)
+    # chunks of 2 rows = one prompt each: 5 + 9 + 3 calls, the same rows and tokens
+    chunked = get_sampler("hf", long_policy, max_batch_size=2)
+    assert chunked.sample(PROMPTS, n=2, max_new_tokens=caps, seed=0).response_ids == plain.response_ids
+    st = chunked.last_stats
+    assert (st["row_forwards"], st["model_calls"], st["positions"], st["new_tokens"]) == (34, 17, 34, 34)
+
+    # drafts = each prompt's own output (n = 1), 2 draft tokens per forward: every fed token is confirmed.
+    # After the prefill (3 rows, width 1) a row of cap L has 1 token, its pointer at draft[1], room L - 1,
+    # and feeds m = min(2, draft left, room - 1) tokens, getting m + 1 tokens back:
+    #   call 1: rows 5, 9, 3 feed 2, 2, 1 (width 3)  -> 4, 4, 3 tokens (row 3 done)
+    #   call 2: rows 5, 9 feed 0, 2 (room 1 and 5)   -> 5, 7 tokens (row 5 done)
+    #   call 3: row 9 feeds 1 (room 2)               -> 9 tokens, done
+    one = s.sample(PROMPTS, n=1, max_new_tokens=caps, seed=0)
+    drafted = s.sample(PROMPTS, n=1, max_new_tokens=caps, seed=0, drafts=one.response_ids)
+    assert drafted.response_ids == one.response_ids
+    st = s.last_stats
+    assert st["model_calls"] == 4
+    assert st["row_forwards"] == 3 + 3 + 2 + 1
+    assert st["positions"] == 3 * 1 + 3 * 3 + 2 * 3 + 1 * 2  # padding of the shorter feeds included
+    assert st["draft_fed"] == st["draft_accepted"] == (2 + 2 + 1) + (0 + 2) + 1
+    assert st["new_tokens"] == 17 and st["tokens_per_forward"] == 17 / 9
+
+def _absent_token(outputs) -> int:
+    """A token id (not a special one) that occurs in none of ``outputs``: a draft of it is always rejected."""
+    return min(set(range(4, 46)) - {t for o in outputs for t in o})
+
+
+def test_rejected_drafts_by_hand(long_policy, monkeypatch):
+    """Drafts of a token the output never contains: every fed draft token is rejected, each forward
+    yields one token, the rejected columns are cropped before the next call, and the KV cache is
+    re-indexed only when a row leaves the batch."""
+    from transformers import DynamicCache
+
+    caps = [4, 6, 3]
+    s = get_sampler("hf", long_policy, draft_tokens=2)
+    plain = s.sample(PROMPTS, n=1, max_new_tokens=caps, seed=0)
+    assert [len(r) for r in plain.response_ids] == caps
+    x = _absent_token(plain.response_ids)
+    selects, masks = [], []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, idx: selects.append(len(idx)) or select(self, idx))
+    handle = long_policy.model.register_forward_hook(
+        lambda m, a, kw, out: masks.append(kw["attention_mask"].tolist()), with_kwargs=True
+    )
+    try:
+        drafted = s.sample(PROMPTS, n=1, max_new_tokens=caps, seed=0, drafts=[[x] * 10] * 3)
+    finally:
+        handle.remove()
+    assert drafted.response_ids == plain.response_ids
+    # a row of cap L with t tokens feeds m = min(2, L - t - 1) draft tokens (the draft never runs out):
+    #   call 1: t = 1, rows 4, 6, 3 feed 2, 2, 1 (width 3); call 2: t = 2, feed 1, 2, 0 (width 3), row 3 done;
+    #   call 3: t = 3, rows 4, 6 feed 0, 2 (width 3), row 4 done; call 4: feeds 1 (width 2); call 5: 0 (width 1)
+    st = s.last_stats
+    assert (st["model_calls"], st["row_forwards"], st["new_tokens"]) == (6, 13, 13)
+    assert st["positions"] == 3 + 3 * 3 + 3 * 3 + 2 * 3 + 2 + 1
+    assert (st["draft_fed"], st["draft_accepted"]) == ((2 + 1 + 0) + (2 + 2 + 2 + 1 + 0) + (1 + 0), 0)
+    # every call sees the prompt, one kept column per earlier decode call, and its own inputs
+    P = len(masks[0][0])
+    assert [len(m[0]) for m in masks] == [P, P + 0 + 3, P + 1 + 3, P + 2 + 3, P + 3 + 2, P + 4 + 1]
+    assert [row[P:] for row in masks[1]] == [[1, 1, 1], [1, 1, 1], [1, 1, 0]]  # the cap-3 row feeds 1 + 1
+    # re-indexed: the prefill's copy to the rows, then once each when a row leaves (the last one: no re-index)
+    assert selects == [3, 2, 1]
+
+
+def test_draft_pointer_realigns_after_an_insertion_by_hand(long_policy, monkeypatch):
+    """A draft with one token inserted (the output o has 12 distinct tokens, asserted): the pointer
+    follows the draft while it matches and re-aligns, with the sampler's draft_ngram, only after a
+    difference."""
+    s = get_sampler("hf", long_policy, draft_tokens=2, draft_ngram=2)
+    o = s.sample(PROMPTS[1:2], n=1, max_new_tokens=12, seed=8).response_ids[0]
+    assert len(set(o)) == 12
+    x = _absent_token([o])
+    d = o[:5] + [x] + o[5:]  # d[i] = o[i] for i < 5, d[5] = x, d[i] = o[i - 1] after
+    seen = []
+    realign = sampling.realign_draft
+    monkeypatch.setattr(
+        sampling, "realign_draft", lambda draft, gen, miss, ngram=3: seen.append((len(gen), miss, ngram)) or realign(draft, gen, miss, ngram)
+    )
+    out = s.sample(PROMPTS[1:2], n=1, max_new_tokens=12, seed=8, drafts=[d])
+    assert out.response_ids[0] == o
+    # prefill: o0 (= d0, pointer 1). call 1 feeds d1 d2 = o1 o2: both confirmed, o3 drawn (= d3, pointer 4).
+    # call 2 feeds d4 d5 = o4 x: o4 confirmed, o5 differs from x -> re-align at miss 5: no bigram of
+    #   (o4, o5) in d -> 6 (a substitution guess). call 3 feeds d6 d7 = o5 o6: o6 differs from o5 ->
+    #   re-align at miss 6: the bigram (o5, o6) ends at 8. call 4 feeds d8 d9 = o7 o8: confirmed, o9
+    #   drawn (= d10, pointer 11). call 5 (room 2) feeds d11 = o10: confirmed, o11 ends the row.
+    assert seen == [(6, 5, 2), (7, 6, 2)]
+    st = s.last_stats
+    assert (st["model_calls"], st["row_forwards"], st["positions"]) == (6, 6, 1 + 3 + 3 + 3 + 3 + 2)
+    assert (st["draft_fed"], st["draft_accepted"]) == (2 + 2 + 2 + 2 + 1, 2 + 1 + 0 + 2 + 1)
 
 @pytest.mark.parametrize(
     "kw,match",
