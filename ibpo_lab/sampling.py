@@ -519,13 +519,11 @@ class HFSampler(_Sampler):
         # prefill each distinct prompt once, left-padded, then copy its KV cache to its n rows
         uniq = list(dict.fromkeys(rows))
         P = max(len(prompt_ids[u]) for u in uniq)
-        ids = torch.full((len(uniq), P), pad, dtype=torch.long)
-        attn = torch.zeros((len(uniq), P), dtype=torch.long)
-        for j, u in enumerate(uniq):
-            p = prompt_ids[u]
-            ids[j, P - len(p) :] = torch.tensor(p)
-            attn[j, P - len(p) :] = 1
-        ids, attn = ids.to(device), attn.to(device)
+        # every tensor is made on the policy's device, never on torch's default one (a notebook may
+        # have called torch.set_default_device)
+        lpad = [P - len(prompt_ids[u]) for u in uniq]
+        ids = torch.tensor([[pad] * n + list(prompt_ids[u]) for n, u in zip(lpad, uniq)], dtype=torch.long, device=device)
+        attn = torch.tensor([[0] * n + [1] * (P - n) for n in lpad], dtype=torch.long, device=device)
         accepts = _forward_kwargs(model)
         # transformers >= 5.2x calls the KV cache `cache`; older versions `past_key_values`
         cache_arg = "cache" if "cache" in accepts else "past_key_values"
@@ -611,15 +609,12 @@ class HFSampler(_Sampler):
                 m = 0 if d is None else max(0, min(self.draft_tokens, len(d) - ptr[b], room - 1))
                 fed.append(d[ptr[b] : ptr[b] + m] if m else [])
             W = 1 + max(len(f) for f in fed)
-            inp = torch.full((len(active), W), pad, dtype=torch.long)
-            new_attn = torch.zeros((len(active), W), dtype=torch.long)
-            for k, b in enumerate(active):
-                x = [responses[b][-1]] + fed[k]
-                inp[k, : len(x)] = torch.tensor(x)
-                new_attn[k, : len(x)] = 1
-            attn = torch.cat([attn, new_attn.to(device)], dim=1)
+            xs = [[responses[b][-1]] + fed[k] for k, b in enumerate(active)]  # right-padded to W
+            inp = torch.tensor([x + [pad] * (W - len(x)) for x in xs], dtype=torch.long, device=device)
+            new_attn = torch.tensor([[1] * len(x) + [0] * (W - len(x)) for x in xs], dtype=torch.long, device=device)
+            attn = torch.cat([attn, new_attn], dim=1)
             out = model(
-                input_ids=inp.to(device),
+                input_ids=inp,
                 attention_mask=attn,
                 position_ids=next_pos[:, None] + torch.arange(W, device=device)[None, :],
                 use_cache=True,

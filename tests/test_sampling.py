@@ -934,3 +934,30 @@ def test_smollm2_loads_offline_and_samples():
     _assert_logprobs_match(pol, b, 0.8, atol=2e-3)
     greedy = sample(pol, prompts[:1], n=1, max_new_tokens=3, temperature=0)
     assert "Paris" in greedy.responses[0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_the_token_step_makes_its_tensors_on_the_policys_device(policy, monkeypatch, temperature):
+    """A notebook may have called ``torch.set_default_device("cuda")`` with a CPU policy (or the
+    reverse): every tensor the token step makes must live on the policy's device, never on torch's
+    default one. On a CPU-only machine the "meta" device stands in for the other device: a tensor
+    made there cannot meet the policy's (no data, and a device mismatch), so the run raises."""
+    n, mx = 3, 24
+    ref = sample(policy, PROMPTS, n=n, max_new_tokens=mx, seed=1, temperature=temperature)
+    # edited drafts: accepted and rejected draft tokens, rows finishing at different steps
+    drafts = [_edit(ref.response_ids[i * n], k) for k, i in enumerate(range(len(PROMPTS)))]
+    kw = dict(max_new_tokens=mx, temperature=temperature)
+    want = _plain_and_drafted(policy, PROMPTS, n, drafts, 1, **kw)
+    assert want[3]["draft_accepted"] < want[3]["draft_fed"]  # some drafted columns were rejected
+    decode = HFSampler._decode_chunk
+
+    def under_another_default_device(self, *args, **kwargs):
+        with torch.device("meta"):
+            return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFSampler, "_decode_chunk", under_another_default_device)
+    got = _plain_and_drafted(policy, PROMPTS, n, drafts, 1, **kw)
+    _assert_same(want[0], got[0])
+    _assert_same(want[1], got[1])
+    counts = ("row_forwards", "model_calls", "positions", "draft_fed", "draft_accepted")
+    assert [{k: s[k] for k in counts} for s in got[2:]] == [{k: s[k] for k in counts} for s in want[2:]]
