@@ -279,7 +279,14 @@ def _draw(logits: Tensor, req: _Request, u: Tensor | None) -> tuple[Tensor, Tens
     Inverse-CDF sampling: the token whose cumulative-probability interval (in vocabulary order,
     float64) contains ``u``; an exact draw from the (top-p renormalised) distribution that needs one
     uniform per sampled token (not one per vocabulary entry, as the exponential race / Gumbel-max
-    draw does), so keying the noise by (seed, row, position) is cheap. temperature 0: argmax."""
+    draw does), so keying the noise by (seed, row, position) is cheap. temperature 0: argmax.
+    NaN logits (diverged weights, a float16 overflow) are an error: drawn, they would give the last
+    token with a NaN log-prob and poison the loss. ``-inf`` (a masked token) is fine."""
+    nan_rows = torch.isnan(logits).any(-1)
+    if bool(nan_rows.any()):
+        rows = nan_rows.nonzero().flatten().tolist()
+        raise ValueError(f"the policy returned NaN logits for {len(rows)} of {len(logits)} rows (first: {rows[:5]}); "
+                         "its weights or activations diverged (e.g. an overflow in float16)")
     if req.temperature == 0:
         logp = torch.log_softmax(logits, dim=-1)
         token = logp.argmax(-1)

@@ -961,3 +961,16 @@ def test_the_token_step_makes_its_tensors_on_the_policys_device(policy, monkeypa
     _assert_same(want[1], got[1])
     counts = ("row_forwards", "model_calls", "positions", "draft_fed", "draft_accepted")
     assert [{k: s[k] for k in counts} for s in got[2:]] == [{k: s[k] for k in counts} for s in want[2:]]
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_nan_logits_are_an_error_naming_the_rows(temperature, top_p):
+    nan = float("nan")
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, nan, 1.0], [nan, nan, nan], [-math.inf, 0.0, 0.0]])
+    with pytest.raises(ValueError) as e:
+        _draw(logits, _req(temperature, top_p), torch.full((4,), 0.5, dtype=torch.float64))
+    assert str(e.value) == ("the policy returned NaN logits for 2 of 4 rows (first: [1, 2]); its weights or "
+                            "activations diverged (e.g. an overflow in float16)")
+    # -inf is a masked token, not an error: rows 0 and 3 alone draw, and never the masked token
+    token, lp = _draw(logits[[0, 3]], _req(temperature, top_p), torch.tensor([0.01, 0.01], dtype=torch.float64))
+    assert token[1].item() != 0 and bool(torch.isfinite(lp).all())
