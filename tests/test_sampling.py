@@ -971,6 +971,11 @@ def test_nan_logits_are_an_error_naming_the_rows(temperature, top_p):
         _draw(logits, _req(temperature, top_p), torch.full((4,), 0.5, dtype=torch.float64))
     assert str(e.value) == ("the policy returned NaN logits for 2 of 4 rows (first: [1, 2]); its weights or "
                             "activations diverged (e.g. an overflow in float16)")
+    # the message names the first five rows of many
+    many = torch.zeros(9, 3)
+    many[1:, 2] = nan
+    with pytest.raises(ValueError, match=r"for 8 of 9 rows \(first: \[1, 2, 3, 4, 5\]\);"):
+        _draw(many, _req(temperature, top_p), torch.full((9,), 0.5, dtype=torch.float64))
     # -inf is a masked token, not an error: rows 0 and 3 alone draw, and never the masked token
     token, lp = _draw(logits[[0, 3]], _req(temperature, top_p), torch.tensor([0.01, 0.01], dtype=torch.float64))
     assert token[1].item() != 0 and bool(torch.isfinite(lp).all())
