@@ -301,6 +301,23 @@ def test_joint_reference_mode_one_prompt_with_all_references():
     assert prompts["separate"] == prompts["joint"]
 
 
+class DuckTask:
+    """A duck-typed task with only repair_prompt, solve_prompt and reward (no repair_prompt_joint,
+    no step_delimiter): what a user's own task class may offer."""
+
+    def __init__(self):
+        self.inner = PredTask(lambda r: "!" not in r)
+
+    def repair_prompt(self, ex, failed, reference):
+        return self.inner.repair_prompt(ex, failed, reference)
+
+    def solve_prompt(self, ex):
+        return self.inner.solve_prompt(ex)
+
+    def reward(self, ex, response):
+        return self.inner.reward(ex, response)
+
+
 def test_joint_uses_the_tasks_own_joint_prompt_and_rejects_splice():
     class JointTask(PredTask):
         def repair_prompt_joint(self, ex, failed, references):
@@ -312,21 +329,8 @@ def test_joint_uses_the_tasks_own_joint_prompt_and_rejects_splice():
     compare_and_correct(batch, exs, task, sm, CorrectConfig(num_references=2, reference_mode="joint"))
     assert parse_repair(sm.calls[0]["prompts"][0]) == ("ab!cd", "abXcd|abYcd")
     # a duck-typed task without repair_prompt_joint: its singular template with join_references
-    class Duck:
-        def __init__(self):
-            self.inner = PredTask(lambda r: "!" not in r)
-
-        def repair_prompt(self, ex, failed, reference):
-            return self.inner.repair_prompt(ex, failed, reference)
-
-        def solve_prompt(self, ex):
-            return self.inner.solve_prompt(ex)
-
-        def reward(self, ex, response):
-            return self.inner.reward(ex, response)
-
     sm = ScriptedSampler(lambda p, j: "abZcd")
-    compare_and_correct(batch, exs, Duck(), sm, CorrectConfig(num_references=2, reference_mode="joint"))
+    compare_and_correct(batch, exs, DuckTask(), sm, CorrectConfig(num_references=2, reference_mode="joint"))
     assert parse_repair(sm.calls[0]["prompts"][0]) == ("ab!cd", "Reference 1:\nabXcd\nReference 2:\nabYcd")
     with pytest.raises(ValueError, match="reference_mode"):
         CorrectConfig(operator="splice", reference_mode="joint")
@@ -1006,22 +1010,6 @@ class SemicolonSteps(PredTask):
     step_delimiter = "regex:;"
 
 
-class NoStepDelimiter:
-    """A duck-typed task without ``step_delimiter`` (steps then split at newlines)."""
-
-    def __init__(self):
-        self.inner = PredTask(lambda r: "!" not in r)
-
-    def repair_prompt(self, ex, failed, reference):
-        return self.inner.repair_prompt(ex, failed, reference)
-
-    def solve_prompt(self, ex):
-        return self.inner.solve_prompt(ex)
-
-    def reward(self, ex, response):
-        return self.inner.reward(ex, response)
-
-
 def test_repaired_batch_carries_steps_pad_id_and_zero_repair_success():
     task = SemicolonSteps(lambda r: "!" not in r)
     batch, exs = make_batch([["ab;!d;e", "ab;Xd;e"]], task)
@@ -1033,7 +1021,7 @@ def test_repaired_batch_carries_steps_pad_id_and_zero_repair_success():
     assert rep.pad_id == 7 and res.revisions.pad_id == 7
     assert rep.repair_success.tolist() == [0.0]  # repairs are correct trajectories: φ = 0
     # a task without step_delimiter: newline steps
-    duck = NoStepDelimiter()
+    duck = DuckTask()  # no step_delimiter: steps split at newlines
     batch, exs = make_batch([["ab\n!d", "ab\nXd"]], duck.inner)
     batch = batch.replace(step_spans=[[(0, 5)], [(0, 5)]])
     res = compare_and_correct(batch, exs, duck, ScriptedSampler(lambda p, j: "ab\nZd"), CorrectConfig(num_references=1))
